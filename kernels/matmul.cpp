@@ -1,0 +1,94 @@
+#include "kernels/matmul.hpp"
+
+#include <algorithm>
+
+namespace celer {
+namespace {
+
+// 64 rows of K <= 2048 f32 is at most 512 KiB: inside one core's L2 (1-2 MiB on current x86
+// servers) with room for the activation tiles streaming past it.
+constexpr int64_t kPanelRows = 64;
+// Decode steps have few rows: smaller panels let two threads share even a 768-row matrix evenly.
+constexpr int64_t kSmallPanelRows = 16;
+constexpr int64_t kSmallM = 16;
+
+}  // namespace
+
+void MatmulScratch::reserve(int n_threads, int64_t max_rows, int64_t max_cols) {
+  xq.resize(static_cast<size_t>(max_rows * max_cols));
+  xd.resize(static_cast<size_t>(max_rows * (max_cols / kQ8Block + 1)));
+  panels.resize(n_threads);
+  for (auto& p : panels) p.resize(static_cast<size_t>(kPanelRows * max_cols));
+}
+
+void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
+            const float* x, int64_t M, float* y) {
+  const int64_t K = w.cols;
+  const int64_t N = w.rows;
+  // Grown only if the caller did not reserve enough (tests); the engine reserves up front.
+  if (scratch.panels.size() < static_cast<size_t>(pool.size())) scratch.panels.resize(pool.size());
+  for (auto& p : scratch.panels)
+    if (p.size() < static_cast<size_t>(kPanelRows * K)) p.resize(kPanelRows * K);
+
+  if (w.type == TensorType::q8_0) {
+    if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
+    if (scratch.xd.size() < static_cast<size_t>(M * K / kQ8Block)) scratch.xd.resize(M * K / kQ8Block);
+    pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
+      for (int64_t m = m0; m < m1; ++m)
+        vk.quantize_act_q8(x + m * K, scratch.xq.data() + m * K, scratch.xd.data() + m * (K / kQ8Block), K);
+    });
+  }
+
+  const int64_t P = M >= kSmallM ? kPanelRows : kSmallPanelRows;
+  const int64_t n_panels = (N + P - 1) / P;
+  // Decode is memory-bound: each thread streams one contiguous run of rows, which the hardware
+  // prefetchers follow; panels handed out alternately would restart them every few KiB.
+  // Prefill is compute-bound: panels one at a time balance the threads.
+  const int64_t grain = M >= kSmallM ? 1 : (n_panels + pool.size() - 1) / pool.size();
+  pool.parallel_for(n_panels, grain, [&](int64_t p0, int64_t p1, int thread) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * P;
+      const int64_t rows = std::min(P, N - n0);
+      if (w.type == TensorType::q8_0) {
+        const auto* wb = reinterpret_cast<const BlockQ8_0*>(w.row(n0));
+        const int64_t ldw = K / kQ8Block;
+        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+          const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+          for (int64_t j = 0; j < rows; j += kTileN)
+            vk.gemm_q8_0(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt, wb + j * ldw, ldw,
+                         static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K, y + m0 * N + n0 + j, N);
+        }
+        continue;
+      }
+      const float* panel;
+      if (w.type == TensorType::f32) {
+        panel = reinterpret_cast<const float*>(w.row(n0));
+      } else {
+        float* buf = scratch.panels[thread].data();
+        for (int64_t r = 0; r < rows; ++r) row_to_f32(vk, w.type, w.row(n0 + r), buf + r * K, K);
+        panel = buf;
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        for (int64_t j = 0; j < rows; j += kTileN)
+          vk.gemm_f32(x + m0 * K, K, mt, panel + j * K, K, static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K,
+                      y + m0 * N + n0 + j, N);
+      }
+    }
+  });
+}
+
+void matmul_reference(const WeightMatrix& w, const float* x, int64_t M, float* y) {
+  const VecKernels& vk = vec_scalar();
+  std::vector<float> row(w.cols);
+  for (int64_t n = 0; n < w.rows; ++n) {
+    row_to_f32(vk, w.type, w.row(n), row.data(), w.cols);
+    for (int64_t m = 0; m < M; ++m) {
+      double sum = 0;
+      for (int64_t k = 0; k < w.cols; ++k) sum += static_cast<double>(row[k]) * x[m * w.cols + k];
+      y[m * w.rows + n] = static_cast<float>(sum);
+    }
+  }
+}
+
+}  // namespace celer

@@ -1,0 +1,57 @@
+// Vector kernels: the inner loops every op is built from, one implementation per instruction
+// set (scalar, AVX2+FMA+F16C, AVX-512+VNNI), picked once at run time. Each works on one row or
+// one small tile; the threading and cache blocking live in the ops that call them (matmul.cpp,
+// attention.cpp).
+//
+// The matmul tiles compute every output y[m][n] with its own accumulator, walking K in one fixed
+// order, whatever the tile's shape. So a row's result does not depend on how many rows share the
+// step or where the tile boundaries fall: a sequence gets bit-identical logits alone or batched.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/types.hpp"
+
+namespace celer {
+
+// Largest tile: kTileM activation rows x kTileN weight rows. 4 x 4 keeps 16 accumulators, 4
+// activation vectors and a weight vector in AVX-512's 32 registers.
+constexpr int kTileM = 4;
+constexpr int kTileN = 4;
+
+struct VecKernels {
+  const char* name;
+  // dot(a, b) of k floats.
+  float (*dot_f32)(const float* a, const float* b, int64_t k);
+  // y[i * ldy + j] = dot(x[i * ldx ...], w[j * ldw ...]) over k, for i < mt <= kTileM, j < nt <= kTileN.
+  void (*gemm_f32)(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
+                   int64_t ldy);
+  // The same against Q8_0 weight rows (ldw in blocks), with activations quantized by
+  // quantize_act_q8: int8 values xq (row stride ldx elements) and one f32 scale per 32 (xd, row
+  // stride ldx / 32). Integer dot products per block, scaled and summed in f32.
+  void (*gemm_q8_0)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+                    int64_t k, float* y, int64_t ldy);
+  // x (f32, k a multiple of 32) -> int8 q and a scale per 32 values: d = absmax / 127, q = round(x / d).
+  void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int64_t k);
+  // A row of n elements of the given type -> f32 (exact for f16 and bf16).
+  void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
+  void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);
+  void (*to_f32_q8_0)(const BlockQ8_0* src, float* dst, int64_t n);
+  // y += a * x
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+  // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
+  float (*exp_sum)(float* x, int64_t n, float max);
+  // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.
+  void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+};
+
+const VecKernels& vec_scalar();
+const VecKernels* vec_avx2();    // nullptr when not compiled in
+const VecKernels* vec_avx512();  // nullptr when not compiled in
+// The fastest set this CPU supports. CELER_SIMD=scalar|avx2|avx512 in the environment caps it.
+const VecKernels& vec_best();
+
+// Any row type -> f32 through `k`.
+void row_to_f32(const VecKernels& k, TensorType type, const void* src, float* dst, int64_t n);
+
+}  // namespace celer

@@ -1,0 +1,231 @@
+// AVX2 + FMA + F16C kernels (compiled with -mavx2 -mfma -mf16c, called only after cpu_features()
+// says the CPU has them). 8 floats per register; four independent accumulators hide the FMA
+// latency (4 cycles, 2 per cycle on Skylake-class cores).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/vec.hpp"
+
+namespace celer {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Four accumulators cover the FMA latency (4 cycles, 2 FMAs per cycle).
+float dot_f32(const float* a, const float* b, int64_t k) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), a3);
+  }
+  for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < k; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Masks for the last partial vector of a row: the first n lanes on.
+inline __m256i tail_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// An MT x NT tile (MT <= 2 so that 8 accumulators and the operands fit AVX2's 16 registers):
+// each output has one accumulator fed 8 products at a time in K order.
+template <int MT, int NT>
+void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  __m256 acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 8 <= k; e += 8) {
+    __m256 xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + e);
+    for (int j = 0; j < NT; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * ldw + e);
+      for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  if (e < k) {
+    const __m256i m = tail_mask(k - e);
+    __m256 xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = _mm256_maskload_ps(x + i * ldx + e, m);
+    for (int j = 0; j < NT; ++j) {
+      const __m256 wv = _mm256_maskload_ps(w + j * ldw + e, m);
+      for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+// Q8_0 tile, one block (32 values) per step. maddubs multiplies unsigned by signed bytes into
+// int16 pairs, so w's sign moves onto x and |w| is used (pairs stay below 2^15 since |q| <= 127);
+// madd with ones widens to int32. Exact int32 sums, scaled per block into an f32 accumulator.
+template <int MT, int NT>
+void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
+             int64_t ldy) {
+  const int64_t nb = k / kQ8Block;
+  const int64_t ldd = ldx / kQ8Block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * ldx + b * kQ8Block));
+    for (int j = 0; j < NT; ++j) {
+      const BlockQ8_0& wb = w[j * ldw + b];
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      const __m256 ws = _mm256_set1_ps(_cvtsh_ss(wb.d));
+      for (int i = 0; i < MT; ++i) {
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * ldd + b])), ws, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
+constexpr TileF32 kTilesF32[2][kTileN] = {{tile_f32<1, 1>, tile_f32<1, 2>, tile_f32<1, 3>, tile_f32<1, 4>},
+                                          {tile_f32<2, 1>, tile_f32<2, 2>, tile_f32<2, 3>, tile_f32<2, 4>}};
+constexpr TileQ8 kTilesQ8[2][kTileN] = {{tile_q8<1, 1>, tile_q8<1, 2>, tile_q8<1, 3>, tile_q8<1, 4>},
+                                        {tile_q8<2, 1>, tile_q8<2, 2>, tile_q8<2, 3>, tile_q8<2, 4>}};
+
+// Tiles of up to kTileM rows run as sub-tiles of two rows: every output is computed the same way
+// in either case.
+void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
+              int64_t ldy) {
+  for (int i = 0; i < mt; i += 2) kTilesF32[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+}
+
+void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+               int64_t k, float* y, int64_t ldy) {
+  for (int i = 0; i < mt; i += 2)
+    kTilesQ8[std::min(2, mt - i) - 1][nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w, ldw, k, y + i * ldy, ldy);
+}
+
+void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / kQ8Block; ++b) {
+    const float* xb = x + b * kQ8Block;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float a = _mm_cvtss_f32(m);
+    d[b] = a / 127.0f;
+    const __m256 id = _mm256_set1_ps(a != 0 ? 127.0f / a : 0.0f);
+    __m256i qi[4];
+    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // round to nearest even
+    // Pack 32 int32 -> 32 int8; packs work within 128-bit lanes, so fix the order afterwards.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQ8Block), p);
+  }
+}
+
+void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_f16(src + i));
+  for (; i < n; ++i) dst[i] = fp16_to_f32(src[i]);
+}
+
+void to_f32_bf16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_bf16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
+  for (int64_t b = 0; b < n / kQ8Block; ++b) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(src[b].d));
+    for (int j = 0; j < 4; ++j) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src[b].qs + 8 * j));
+      _mm256_storeu_ps(dst + b * kQ8Block + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+    }
+  }
+}
+
+void axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, and e^r by its Taylor polynomial
+// to r^6 (relative error below 2e-7 on that interval). ln 2 is split in two so n * ln2 is exact.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+float exp_sum(float* x, int64_t n, float max) {
+  const __m256 vmax = _mm256_set1_ps(max);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - max));
+  return sum;
+}
+
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vg = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), vg));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(vg, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace
+
+const VecKernels* vec_avx2() {
+  static const VecKernels k{"avx2",      dot_f32,     gemm_f32, gemm_q8_0, quantize_act_q8, to_f32_f16,
+                            to_f32_bf16, to_f32_q8_0, axpy,     exp_sum,   silu_mul};
+  return &k;
+}
+
+}  // namespace celer

@@ -1,0 +1,294 @@
+// Every kernel on every SIMD path this CPU has, against a plain double-precision reference, on
+// random data and odd sizes (tails of every length).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/attention.hpp"
+#include "kernels/cpu_features.hpp"
+#include "kernels/matmul.hpp"
+#include "kernels/ops.hpp"
+#include "kernels/vec.hpp"
+#include "runtime/gguf_writer.hpp"
+
+using namespace celer;
+
+namespace {
+
+std::vector<const VecKernels*> kernel_sets() {
+  std::vector<const VecKernels*> sets{&vec_scalar()};
+  if (cpu_features().avx2_fma && vec_avx2()) sets.push_back(vec_avx2());
+  if (cpu_features().avx512 && vec_avx512()) sets.push_back(vec_avx512());
+  return sets;
+}
+
+std::vector<float> random_vector(std::mt19937& rng, int64_t n, float scale = 1.0f) {
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+double dot_ref(const std::vector<float>& a, const std::vector<float>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+std::vector<float> decode(TensorType type, const std::vector<uint8_t>& bytes, int64_t n) {
+  std::vector<float> out(n);
+  row_to_f32(vec_scalar(), type, bytes.data(), out.data(), n);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("fp16 and bf16 conversions round-trip and round to nearest even", "[kernels]") {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue;  // NaNs
+    REQUIRE(f32_to_fp16(fp16_to_f32(static_cast<uint16_t>(h))) == h);
+  }
+  CHECK(fp16_to_f32(0x3c00) == 1.0f);
+  CHECK(fp16_to_f32(0xc000) == -2.0f);
+  CHECK(f32_to_fp16(65504.0f) == 0x7bff);
+  CHECK(f32_to_fp16(1e6f) == 0x7c00);
+  CHECK(bf16_to_f32(f32_to_bf16(1.5f)) == 1.5f);
+  CHECK(f32_to_bf16(1.0f + 1.0f / 256) == f32_to_bf16(1.0f));  // tie rounds to even
+}
+
+TEST_CASE("dot products and f32 tiles match the double reference on every path", "[kernels]") {
+  std::mt19937 rng(1);
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int64_t k : {1, 3, 15, 16, 17, 31, 33, 63, 64, 65, 100, 768, 1001}) {
+      INFO(vk->name << " k=" << k);
+      const auto a = random_vector(rng, k), b = random_vector(rng, k);
+      CHECK(vk->dot_f32(a.data(), b.data(), k) == Approx(dot_ref(a, b)).margin(1e-4));
+      // Every tile shape; rows at a stride larger than k, as in a real matrix.
+      const int64_t ld = k + 5;
+      const auto x = random_vector(rng, kTileM * ld), w = random_vector(rng, kTileN * ld);
+      for (int mt = 1; mt <= kTileM; ++mt)
+        for (int nt = 1; nt <= kTileN; ++nt) {
+          std::vector<float> y(mt * 7, -1.0f);
+          vk->gemm_f32(x.data(), ld, mt, w.data(), ld, nt, k, y.data(), 7);
+          for (int i = 0; i < mt; ++i)
+            for (int j = 0; j < 7; ++j) {
+              if (j >= nt) {
+                REQUIRE(y[i * 7 + j] == -1.0f);  // nothing written outside the tile
+                continue;
+              }
+              double ref = 0;
+              for (int64_t e = 0; e < k; ++e) ref += double(x[i * ld + e]) * w[j * ld + e];
+              REQUIRE(y[i * 7 + j] == Approx(ref).margin(1e-4));
+            }
+        }
+    }
+  }
+}
+
+TEST_CASE("Q8_0 activation quantization and integer tiles match the reference", "[kernels]") {
+  std::mt19937 rng(2);
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int64_t k : {32, 64, 96, 768, 2048, 2080}) {
+      INFO(vk->name << " k=" << k);
+      const int64_t nb = k / kQ8Block;
+      const auto x = random_vector(rng, kTileM * k, 3.0f);
+      std::vector<int8_t> xq(kTileM * k), xq_ref(kTileM * k);
+      std::vector<float> xd(kTileM * nb), xd_ref(kTileM * nb);
+      for (int i = 0; i < kTileM; ++i) {
+        vk->quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, k);
+        vec_scalar().quantize_act_q8(x.data() + i * k, xq_ref.data() + i * k, xd_ref.data() + i * nb, k);
+      }
+      for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::abs(xq[e] - xq_ref[e]) <= 1);
+      for (int64_t b = 0; b < kTileM * nb; ++b) REQUIRE(xd[b] == xd_ref[b]);
+      // Dequantized activations are within half a step of the originals.
+      for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::fabs(xq[e] * xd[e / kQ8Block] - x[e]) <= xd[e / kQ8Block] * 0.5001f);
+
+      std::vector<uint8_t> wbytes;
+      const auto wf = random_vector(rng, kTileN * k);
+      wbytes = encode_tensor(TensorType::q8_0, wf.data(), kTileN * k);
+      const auto* w = reinterpret_cast<const BlockQ8_0*>(wbytes.data());
+      for (int mt = 1; mt <= kTileM; ++mt)
+        for (int nt = 1; nt <= kTileN; ++nt) {
+          std::vector<float> y(mt * kTileN);
+          vk->gemm_q8_0(xq.data(), xd.data(), k, mt, w, nb, nt, k, y.data(), kTileN);
+          for (int i = 0; i < mt; ++i)
+            for (int j = 0; j < nt; ++j) {
+              // Exact integer block sums, scaled in double.
+              double ref = 0;
+              for (int64_t b = 0; b < nb; ++b) {
+                int64_t isum = 0;
+                for (int e = 0; e < kQ8Block; ++e) isum += int64_t{w[j * nb + b].qs[e]} * xq[i * k + b * kQ8Block + e];
+                ref += double(isum) * xd[i * nb + b] * fp16_to_f32(w[j * nb + b].d);
+              }
+              REQUIRE(y[i * kTileN + j] == Approx(ref).epsilon(1e-5).margin(1e-4));
+            }
+        }
+    }
+  }
+}
+
+TEST_CASE("row conversions, axpy, exp_sum and silu_mul match the reference", "[kernels]") {
+  std::mt19937 rng(3);
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int64_t n : {1, 7, 16, 17, 32, 45, 64, 100, 1000}) {
+      INFO(vk->name << " n=" << n);
+      const auto v = random_vector(rng, n, 4.0f);
+      for (TensorType t : {TensorType::f16, TensorType::bf16}) {
+        const auto bytes = encode_tensor(t, v.data(), n);
+        std::vector<float> out(n);
+        row_to_f32(*vk, t, bytes.data(), out.data(), n);
+        CHECK(out == decode(t, bytes, n));
+      }
+      if (n % kQ8Block == 0) {
+        const auto bytes = encode_tensor(TensorType::q8_0, v.data(), n);
+        std::vector<float> out(n);
+        row_to_f32(*vk, TensorType::q8_0, bytes.data(), out.data(), n);
+        CHECK(out == decode(TensorType::q8_0, bytes, n));
+      }
+      auto y = random_vector(rng, n);
+      auto y_ref = y;
+      vk->axpy(0.75f, v.data(), y.data(), n);
+      for (int64_t i = 0; i < n; ++i) CHECK(y[i] == Approx(y_ref[i] + 0.75 * v[i]).margin(1e-5));
+
+      auto e = v;
+      const float max = *std::max_element(v.begin(), v.end());
+      const float sum = vk->exp_sum(e.data(), n, max);
+      double sum_ref = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double r = std::exp(double(v[i]) - max);
+        sum_ref += r;
+        CHECK(e[i] == Approx(r).epsilon(1e-6).margin(1e-7));
+      }
+      CHECK(sum == Approx(sum_ref).epsilon(1e-6));
+
+      const auto u = random_vector(rng, n);
+      std::vector<float> s(n);
+      vk->silu_mul(v.data(), u.data(), s.data(), n);
+      for (int64_t i = 0; i < n; ++i) CHECK(s[i] == Approx(v[i] / (1 + std::exp(-double(v[i]))) * u[i]).epsilon(1e-5).margin(1e-6));
+    }
+  }
+}
+
+TEST_CASE("exp_sum stays finite and exact at the range limits", "[kernels]") {
+  for (const VecKernels* vk : kernel_sets()) {
+    std::vector<float> v{0.0f, -50.0f, -87.0f, -200.0f, -1e30f, 0.5f, -0.5f, -10.0f, 0.0f, 0.0f, 0.0f, 0.0f,
+                         0.0f, 0.0f, 0.0f, 0.0f, -3.0f};
+    auto e = v;
+    vk->exp_sum(e.data(), static_cast<int64_t>(e.size()), 0.5f);
+    for (size_t i = 0; i < v.size(); ++i) {
+      INFO(vk->name << " x=" << v[i]);
+      CHECK(std::isfinite(e[i]));
+      CHECK(e[i] == Approx(std::exp(double(v[i]) - 0.5)).epsilon(1e-6).margin(1e-30));
+    }
+  }
+}
+
+TEST_CASE("matmul matches the reference for every type, plan and shape", "[kernels]") {
+  std::mt19937 rng(4);
+  ThreadPool pool(2);
+  for (const VecKernels* vk : kernel_sets()) {
+    MatmulScratch scratch;
+    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
+      for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 5, 64}, {3, 37, 96}, {7, 300, 64},
+                             {8, 33, 128}, {19, 517, 96}, {64, 64, 256}, {5, 70, 172}}) {
+        if (K % block_elems(type) != 0) continue;
+        INFO(vk->name << " " << to_string(type) << " M=" << M << " N=" << N << " K=" << K);
+        const auto wf = random_vector(rng, N * K);
+        const auto bytes = encode_tensor(type, wf.data(), N * K);
+        const WeightMatrix w{type, bytes.data(), N, K};
+        const auto x = random_vector(rng, M * K);
+        std::vector<float> y(M * N), ref(M * N);
+        matmul(pool, *vk, scratch, w, x.data(), M, y.data());
+        matmul_reference(w, x.data(), M, ref.data());
+        // Q8_0 quantizes the activations too: half a step per value, random signs.
+        const double tol = type == TensorType::q8_0 ? 0.02 * std::sqrt(double(K)) : 1e-3;
+        for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(tol));
+      }
+    }
+  }
+}
+
+TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch", "[kernels]") {
+  std::mt19937 rng(8);
+  ThreadPool pool(2);
+  const int64_t N = 300, K = 192;
+  for (const VecKernels* vk : kernel_sets()) {
+    MatmulScratch scratch;
+    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
+      INFO(vk->name << " " << to_string(type));
+      const auto wf = random_vector(rng, N * K);
+      const auto bytes = encode_tensor(type, wf.data(), N * K);
+      const WeightMatrix w{type, bytes.data(), N, K};
+      const auto x = random_vector(rng, 40 * K);
+      std::vector<float> all(40 * N), one(N);
+      matmul(pool, *vk, scratch, w, x.data(), 40, all.data());  // the large-M plan
+      for (int64_t m : {0, 5, 17, 39}) {
+        matmul(pool, *vk, scratch, w, x.data() + m * K, 1, one.data());  // the decode plan
+        REQUIRE(std::equal(one.begin(), one.end(), all.begin() + m * N));
+      }
+    }
+  }
+}
+
+TEST_CASE("rmsnorm and rope match their definitions", "[kernels]") {
+  std::mt19937 rng(5);
+  const auto x = random_vector(rng, 77), w = random_vector(rng, 77);
+  for (const VecKernels* vk : kernel_sets()) {
+    std::vector<float> out(77);
+    rmsnorm(*vk, x.data(), w.data(), 1e-5f, 77, out.data());
+    double ms = 0;
+    for (float v : x) ms += double(v) * v;
+    ms /= 77;
+    for (int i = 0; i < 77; ++i) CHECK(out[i] == Approx(x[i] / std::sqrt(ms + 1e-5) * w[i]).epsilon(1e-5));
+  }
+  const int n_rot = 16;
+  std::vector<float> cs(n_rot);
+  rope_angles(37, n_rot, 10000.0f, cs.data());
+  for (RopeStyle style : {RopeStyle::normal, RopeStyle::neox}) {
+    auto v = random_vector(rng, 20);
+    auto r = v;
+    rope_apply(r.data(), n_rot, cs.data(), style);
+    for (int i = 0; i < n_rot / 2; ++i) {
+      const double theta = 37.0 * std::pow(10000.0, -2.0 * i / n_rot);
+      const int a = style == RopeStyle::normal ? 2 * i : i;
+      const int b = style == RopeStyle::normal ? 2 * i + 1 : i + n_rot / 2;
+      CHECK(r[a] == Approx(v[a] * std::cos(theta) - v[b] * std::sin(theta)).margin(1e-5));
+      CHECK(r[b] == Approx(v[a] * std::sin(theta) + v[b] * std::cos(theta)).margin(1e-5));
+    }
+    for (int i = n_rot; i < 20; ++i) CHECK(r[i] == v[i]);  // past n_rot: untouched
+  }
+}
+
+TEST_CASE("paged attention matches the reference across scattered blocks", "[kernels]") {
+  std::mt19937 rng(6);
+  const int bs = 16, n_kv = 2, hd = 24, n_blocks = 9;
+  auto k = random_vector(rng, int64_t{n_blocks} * n_kv * bs * hd);
+  auto v = random_vector(rng, int64_t{n_blocks} * n_kv * bs * hd);
+  KvLayerView kv{k.data(), v.data(), bs, n_kv, hd};
+  const std::vector<int32_t> table{7, 2, 8, 0, 5};  // out of order, as a real pool hands them out
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int32_t n_ctx : {1, 15, 16, 17, 40, 80}) {
+      INFO(vk->name << " n_ctx=" << n_ctx);
+      const auto q = random_vector(rng, hd, 2.0f);
+      std::vector<float> scores(n_ctx), out(hd), ref(hd);
+      attend(*vk, q.data(), kv, 1, table.data(), n_ctx, 0.2f, scores.data(), out.data());
+      attend_reference(q.data(), kv, 1, table.data(), n_ctx, 0.2f, ref.data());
+      for (int i = 0; i < hd; ++i) CHECK(out[i] == Approx(ref[i]).margin(1e-5));
+    }
+  }
+}
+
+TEST_CASE("the thread pool runs every index exactly once, many times over", "[kernels]") {
+  ThreadPool pool(3);
+  std::vector<int> hits(1000);
+  for (int round = 0; round < 200; ++round)
+    pool.parallel_for(1000, 7, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) ++hits[i];
+    });
+  for (int h : hits) REQUIRE(h == 200);
+  std::atomic<int> threads_seen{0};
+  pool.run([&](int) { threads_seen.fetch_add(1); });
+  CHECK(threads_seen.load() == 3);
+}
