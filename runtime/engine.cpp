@@ -1,0 +1,200 @@
+#include "runtime/engine.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/attention.hpp"
+#include "kernels/ops.hpp"
+#include "runtime/error.hpp"
+
+namespace celer {
+namespace {
+
+EngineOptions resolve(const Model& m, EngineOptions o) {
+  const ModelConfig& c = m.config();
+  if (o.n_threads < 1) o.n_threads = 1;
+  if (o.block_size < 1) throw Error(ErrorCode::invalid_argument, "block_size must be positive");
+  if (o.max_context <= 0) o.max_context = c.n_ctx_train;
+  if (o.max_batch_tokens < 1) throw Error(ErrorCode::invalid_argument, "max_batch_tokens must be positive");
+  if (o.max_seqs < 1) throw Error(ErrorCode::invalid_argument, "max_seqs must be positive");
+  if (o.n_kv_blocks <= 0) o.n_kv_blocks = (o.max_context + o.block_size - 1) / o.block_size * o.max_seqs;
+  return o;
+}
+
+void add_bias(float* y, const std::vector<float>& b, int64_t rows) {
+  if (b.empty()) return;
+  const int64_t n = static_cast<int64_t>(b.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] += b[i];
+}
+
+}  // namespace
+
+Engine::Engine(const Model& model, const EngineOptions& options)
+    : model_(model),
+      opt_(resolve(model, options)),
+      vk_(vec_best()),
+      pool_(opt_.n_threads),
+      kv_(model.config().n_layer, model.config().n_head_kv, model.config().head_dim, opt_.n_kv_blocks,
+          opt_.block_size) {
+  const ModelConfig& c = model.config();
+  const size_t T = opt_.max_batch_tokens;
+  const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
+  x_.resize(T * c.n_embd);
+  xn_.resize(T * c.n_embd);
+  tmp_.resize(T * c.n_embd);
+  q_.resize(T * q_dim);
+  att_.resize(T * q_dim);
+  k_.resize(T * kv_dim);
+  v_.resize(T * kv_dim);
+  gate_.resize(T * c.n_ff);
+  up_.resize(T * c.n_ff);
+  cos_sin_.resize(T * c.n_rot);
+  tok_seq_.resize(T);
+  tok_pos_.resize(T);
+  logit_rows_.reserve(opt_.max_seqs);
+  scores_.resize(opt_.n_threads);
+  for (auto& s : scores_) s.resize(opt_.max_context);
+  const int64_t max_cols = std::max<int64_t>({c.n_embd, c.n_ff, int64_t(q_dim)});
+  mm_.reserve(opt_.n_threads, T, max_cols);
+}
+
+void Engine::validate(std::span<const SequenceInput> batch) const {
+  if (batch.empty()) throw Error(ErrorCode::invalid_argument, "empty batch");
+  if (batch.size() > static_cast<size_t>(opt_.max_seqs))
+    throw Error(ErrorCode::invalid_argument, "batch of " + std::to_string(batch.size()) + " sequences exceeds max_seqs " +
+                                                 std::to_string(opt_.max_seqs));
+  int64_t total = 0;
+  const int bs = kv_.block_size();
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SequenceInput& in = batch[s];
+    if (in.tokens.empty()) throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + " has no new tokens");
+    total += static_cast<int64_t>(in.tokens.size());
+    const int64_t end = int64_t{in.n_past} + static_cast<int64_t>(in.tokens.size());
+    if (in.n_past < 0 || end > opt_.max_context)
+      throw Error(ErrorCode::context_overflow, "sequence " + std::to_string(s) + " would reach " + std::to_string(end) +
+                                                   " positions, past the context of " + std::to_string(opt_.max_context));
+    if (static_cast<int64_t>(in.block_table.size()) * bs < end)
+      throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + "'s block table covers " +
+                                                   std::to_string(in.block_table.size() * bs) + " positions, needs " +
+                                                   std::to_string(end));
+    for (int64_t j = 0; j < (end + bs - 1) / bs; ++j)
+      if (in.block_table[j] < 0 || in.block_table[j] >= kv_.n_blocks())
+        throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + " names KV block " +
+                                                     std::to_string(in.block_table[j]) + " of " +
+                                                     std::to_string(kv_.n_blocks()));
+    for (TokenId t : in.tokens)
+      if (t < 0 || t >= model_.config().n_vocab)
+        throw Error(ErrorCode::invalid_argument, "token id " + std::to_string(t) + " is outside the vocabulary of " +
+                                                     std::to_string(model_.config().n_vocab));
+  }
+  if (total > opt_.max_batch_tokens)
+    throw Error(ErrorCode::invalid_argument, "batch of " + std::to_string(total) + " tokens exceeds max_batch_tokens " +
+                                                 std::to_string(opt_.max_batch_tokens));
+}
+
+void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
+  validate(batch);
+  const ModelConfig& c = model_.config();
+  const int64_t d = c.n_embd;
+
+  // Token rows: sequence by sequence, in order.
+  int64_t T = 0;
+  logit_rows_.clear();
+  for (size_t s = 0; s < batch.size(); ++s) {
+    for (size_t i = 0; i < batch[s].tokens.size(); ++i, ++T) {
+      tok_seq_[T] = static_cast<int32_t>(s);
+      tok_pos_[T] = batch[s].n_past + static_cast<int32_t>(i);
+    }
+    if (batch[s].want_logits) logit_rows_.push_back(static_cast<int32_t>(T - 1));
+  }
+
+  pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const SequenceInput& in = batch[tok_seq_[t]];
+      const TokenId id = in.tokens[tok_pos_[t] - in.n_past];
+      row_to_f32(vk_, model_.token_embd().type, model_.token_embd().row(id), x_.data() + t * d, d);
+      rope_angles(tok_pos_[t], c.n_rot, c.rope_freq_base, cos_sin_.data() + t * c.n_rot);
+    }
+  });
+
+  for (int il = 0; il < c.n_layer; ++il) {
+    const LayerWeights& l = model_.layers()[il];
+    pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) rmsnorm(vk_, x_.data() + t * d, l.attn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
+    });
+    attention_layer(il, batch, T);
+    matmul(pool_, vk_, mm_, l.wo, att_.data(), T, tmp_.data());
+    pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* x = x_.data() + t * d;
+        const float* o = tmp_.data() + t * d;
+        for (int64_t i = 0; i < d; ++i) x[i] += o[i];
+        rmsnorm(vk_, x, l.ffn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
+      }
+    });
+    matmul(pool_, vk_, mm_, l.w_gate, xn_.data(), T, gate_.data());
+    matmul(pool_, vk_, mm_, l.w_up, xn_.data(), T, up_.data());
+    pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
+      vk_.silu_mul(gate_.data() + t0 * c.n_ff, up_.data() + t0 * c.n_ff, gate_.data() + t0 * c.n_ff, (t1 - t0) * c.n_ff);
+    });
+    matmul(pool_, vk_, mm_, l.w_down, gate_.data(), T, tmp_.data());
+    pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t i = t0 * d; i < t1 * d; ++i) x_[i] += tmp_[i];
+    });
+  }
+
+  // Only the rows whose logits are wanted go through the final norm and the output matrix.
+  const int64_t n_out = static_cast<int64_t>(logit_rows_.size());
+  if (n_out == 0) return;
+  for (int64_t r = 0; r < n_out; ++r)
+    rmsnorm(vk_, x_.data() + logit_rows_[r] * d, model_.output_norm().data(), c.rms_eps, d, xn_.data() + r * d);
+  matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits);
+}
+
+void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64_t T) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& l = model_.layers()[il];
+  const int hd = c.head_dim;
+  const int64_t q_dim = int64_t{c.n_head} * hd, kv_dim = int64_t{c.n_head_kv} * hd;
+  matmul(pool_, vk_, mm_, l.wq, xn_.data(), T, q_.data());
+  matmul(pool_, vk_, mm_, l.wk, xn_.data(), T, k_.data());
+  matmul(pool_, vk_, mm_, l.wv, xn_.data(), T, v_.data());
+  add_bias(q_.data(), l.bq, T);
+  add_bias(k_.data(), l.bk, T);
+  add_bias(v_.data(), l.bv, T);
+
+  // RoPE, then K and V of every new token into its sequence's blocks.
+  const KvLayerView& kv = kv_.layer(il);
+  const int bs = kv.block_size;
+  pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* cs = cos_sin_.data() + t * c.n_rot;
+      for (int h = 0; h < c.n_head; ++h) rope_apply(q_.data() + t * q_dim + h * hd, c.n_rot, cs, c.rope_style);
+      const int32_t pos = tok_pos_[t];
+      const int32_t block = batch[tok_seq_[t]].block_table[pos / bs];
+      for (int h = 0; h < c.n_head_kv; ++h) {
+        float* k = k_.data() + t * kv_dim + h * hd;
+        rope_apply(k, c.n_rot, cs, c.rope_style);
+        std::copy(k, k + hd, kv.k + kv.offset(block, h, pos % bs));
+        const float* v = v_.data() + t * kv_dim + h * hd;
+        std::copy(v, v + hd, kv.v + kv.offset(block, h, pos % bs));
+      }
+    }
+  });
+
+  // Each (token, head) attends causally to its sequence's positions up to its own.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int group = c.n_head / c.n_head_kv;
+  pool_.parallel_for(T * c.n_head, 4, [&](int64_t i0, int64_t i1, int thread) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / c.n_head;
+      const int h = static_cast<int>(i % c.n_head);
+      const SequenceInput& in = batch[tok_seq_[t]];
+      attend(vk_, q_.data() + t * q_dim + h * hd, kv, h / group, in.block_table.data(), tok_pos_[t] + 1, scale,
+             scores_[thread].data(), att_.data() + t * q_dim + h * hd);
+    }
+  });
+}
+
+}  // namespace celer

@@ -1,0 +1,70 @@
+// The model engine: one batched forward step over several sequences, each bringing some new
+// tokens (a prompt chunk in prefill, one sampled token in decode) on top of the positions it
+// already has in the paged KV cache. The caller (a CLI loop, later a shard actor) owns the
+// block tables; the engine owns the weights' views, the KV memory, the thread pool and every
+// scratch buffer, all sized at construction so a step allocates nothing.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/matmul.hpp"
+#include "kernels/thread_pool.hpp"
+#include "runtime/kv_cache.hpp"
+#include "runtime/model.hpp"
+
+namespace celer {
+
+struct EngineOptions {
+  int n_threads = 2;
+  int block_size = 16;
+  int32_t n_kv_blocks = 0;        // 0: enough for max_context positions of max_seqs sequences... see below
+  int32_t max_context = 0;        // longest sequence; 0: the model's trained context
+  int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
+  int32_t max_seqs = 16;          // most sequences in one step
+};
+
+// One sequence's share of a step.
+struct SequenceInput {
+  std::span<const TokenId> tokens;       // new tokens, at positions n_past, n_past + 1, ...
+  int32_t n_past = 0;                    // positions already computed into the KV cache
+  std::span<const int32_t> block_table;  // blocks covering at least n_past + tokens.size() positions
+  bool want_logits = true;               // logits of the last new token
+};
+
+class Engine {
+ public:
+  Engine(const Model& model, const EngineOptions& options);
+
+  const Model& model() const { return model_; }
+  const EngineOptions& options() const { return opt_; }
+  int32_t n_kv_blocks() const { return kv_.n_blocks(); }
+  int block_size() const { return kv_.block_size(); }
+  int32_t max_context() const { return opt_.max_context; }
+  const VecKernels& kernels() const { return vk_; }
+  ThreadPool& pool() { return pool_; }
+
+  // Runs one step. Writes one row of n_vocab logits per sequence that wants them, in order, to
+  // `logits` ([n_wanted, n_vocab]). Validates everything first: a bad token id, a missing block,
+  // a sequence past max_context or an oversized batch throws Error and leaves the cache untouched.
+  void forward(std::span<const SequenceInput> batch, float* logits);
+
+ private:
+  void validate(std::span<const SequenceInput> batch) const;
+  void attention_layer(int layer, std::span<const SequenceInput> batch, int64_t n_tokens);
+
+  const Model& model_;
+  EngineOptions opt_;
+  const VecKernels& vk_;
+  ThreadPool pool_;
+  MatmulScratch mm_;
+  KvCache kv_;
+  // Scratch, [max_batch_tokens, ...] each.
+  std::vector<float> x_, xn_, q_, k_, v_, att_, tmp_, gate_, up_, cos_sin_;
+  std::vector<int32_t> tok_seq_, tok_pos_;  // which sequence and position each token is
+  std::vector<int32_t> logit_rows_;         // token rows whose logits are wanted
+  std::vector<std::vector<float>> scores_;  // per thread: [max_context]
+};
+
+}  // namespace celer

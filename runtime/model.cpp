@@ -1,0 +1,161 @@
+#include "runtime/model.hpp"
+
+#include "runtime/error.hpp"
+
+namespace celer {
+namespace {
+
+std::string shape_string(const int64_t* ne, int n) {
+  std::string s = "[";
+  for (int i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(ne[i]);
+  return s + "]";
+}
+
+class Loader {
+ public:
+  explicit Loader(const GgufFile& f) : f_(f) {}
+
+  const GgufTensor& tensor(const std::string& name, std::initializer_list<int64_t> shape) const {
+    const GgufTensor* t = f_.find_tensor(name);
+    if (!t) throw Error(ErrorCode::invalid_file, f_.path() + ": missing tensor '" + name + "'");
+    check_shape(*t, shape);
+    return *t;
+  }
+  const GgufTensor* optional(const std::string& name, std::initializer_list<int64_t> shape) const {
+    const GgufTensor* t = f_.find_tensor(name);
+    if (t) check_shape(*t, shape);
+    return t;
+  }
+  WeightMatrix matrix(const std::string& name, int64_t cols, int64_t rows) const {
+    const GgufTensor& t = tensor(name, {cols, rows});
+    return WeightMatrix{t.type, t.data, rows, cols};
+  }
+  // Norm weights and biases are tiny: copy them to f32 whatever their stored type.
+  std::vector<float> vector(const GgufTensor& t) const {
+    std::vector<float> v(static_cast<size_t>(t.ne[0]));
+    row_to_f32(vec_scalar(), t.type, t.data, v.data(), t.ne[0]);
+    return v;
+  }
+  std::vector<float> vector(const std::string& name, int64_t n) const { return vector(tensor(name, {n})); }
+
+ private:
+  void check_shape(const GgufTensor& t, std::initializer_list<int64_t> shape) const {
+    const int n = static_cast<int>(shape.size());
+    bool ok = t.n_dims == n;
+    int i = 0;
+    for (int64_t want : shape) ok = ok && t.ne[i++] == want;
+    if (!ok)
+      throw Error(ErrorCode::invalid_file, f_.path() + ": tensor '" + t.name + "' has shape " +
+                                               shape_string(t.ne, t.n_dims) + " but the model's metadata needs " +
+                                               shape_string(shape.begin(), n));
+  }
+  const GgufFile& f_;
+};
+
+int positive(const GgufFile& f, const std::string& key, int64_t v) {
+  if (v <= 0 || v > (1 << 24))
+    throw Error(ErrorCode::invalid_file, f.path() + ": metadata '" + key + "' = " + std::to_string(v) + " is out of range");
+  return static_cast<int>(v);
+}
+
+ModelConfig read_config(const GgufFile& f) {
+  ModelConfig c;
+  c.arch_name = f.get_string("general.architecture");
+  if (c.arch_name == "llama") {
+    c.arch = Architecture::llama;
+    c.rope_style = RopeStyle::normal;
+  } else if (c.arch_name == "qwen2") {
+    c.arch = Architecture::qwen2;
+    c.rope_style = RopeStyle::neox;
+  } else {
+    throw Error(ErrorCode::unsupported,
+                f.path() + ": architecture '" + c.arch_name + "' is not supported (llama, qwen2 are)");
+  }
+  const std::string a = c.arch_name + ".";
+  auto get = [&](const std::string& key) { return positive(f, a + key, f.get_int(a + key)); };
+  auto get_or = [&](const std::string& key, int64_t d) { return positive(f, a + key, f.get_int(a + key, d)); };
+  c.n_embd = get("embedding_length");
+  c.n_layer = get("block_count");
+  c.n_ff = get("feed_forward_length");
+  c.n_head = get("attention.head_count");
+  c.n_head_kv = get_or("attention.head_count_kv", c.n_head);
+  c.n_ctx_train = get_or("context_length", 2048);
+  if (c.n_embd % c.n_head != 0 && !f.has(a + "attention.key_length"))
+    throw Error(ErrorCode::invalid_file, f.path() + ": embedding_length is not a multiple of head_count");
+  c.head_dim = get_or("attention.key_length", c.n_embd / c.n_head);
+  if (f.get_int(a + "attention.value_length", c.head_dim) != c.head_dim)
+    throw Error(ErrorCode::unsupported, f.path() + ": key and value head sizes differ");
+  if (c.n_head % c.n_head_kv != 0)
+    throw Error(ErrorCode::invalid_file, f.path() + ": head_count " + std::to_string(c.n_head) +
+                                             " is not a multiple of head_count_kv " + std::to_string(c.n_head_kv));
+  c.n_rot = get_or("rope.dimension_count", c.head_dim);
+  if (c.n_rot > c.head_dim || c.n_rot % 2 != 0)
+    throw Error(ErrorCode::invalid_file, f.path() + ": rope.dimension_count " + std::to_string(c.n_rot) +
+                                             " must be even and at most the head size " + std::to_string(c.head_dim));
+  c.rms_eps = static_cast<float>(f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_freq_base = static_cast<float>(f.get_float(a + "rope.freq_base", 10000.0));
+  if (!(c.rms_eps > 0) || !(c.rope_freq_base > 0))
+    throw Error(ErrorCode::invalid_file, f.path() + ": rms epsilon and rope.freq_base must be positive");
+  return c;
+}
+
+}  // namespace
+
+Model::Model(const std::string& path) : file_(std::make_unique<GgufFile>(path)) {
+  const GgufFile& f = *file_;
+  config_ = read_config(f);
+  tokenizer_ = std::make_unique<Tokenizer>(f);
+  name_ = f.get_string("general.name", path);
+  ModelConfig& c = config_;
+  Loader load(f);
+
+  const GgufTensor* embd = f.find_tensor("token_embd.weight");
+  if (!embd) throw Error(ErrorCode::invalid_file, path + ": missing tensor 'token_embd.weight'");
+  c.n_vocab = positive(f, "token_embd.weight rows", embd->n_dims == 2 ? embd->ne[1] : 0);
+  if (c.n_vocab != tokenizer_->n_vocab())
+    throw Error(ErrorCode::invalid_file, path + ": the tokenizer has " + std::to_string(tokenizer_->n_vocab()) +
+                                             " tokens but token_embd.weight has " + std::to_string(c.n_vocab) + " rows");
+  token_embd_ = load.matrix("token_embd.weight", c.n_embd, c.n_vocab);
+  output_norm_ = load.vector("output_norm.weight", c.n_embd);
+  // Models with tied embeddings (Qwen2 0.5B, TinyStories variants) have no output.weight.
+  output_ = load.optional("output.weight", {c.n_embd, c.n_vocab}) ? load.matrix("output.weight", c.n_embd, c.n_vocab)
+                                                                 : token_embd_;
+
+  const int64_t q_dim = int64_t{c.n_head} * c.head_dim;
+  const int64_t kv_dim = int64_t{c.n_head_kv} * c.head_dim;
+  layers_.resize(c.n_layer);
+  for (int i = 0; i < c.n_layer; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    LayerWeights& l = layers_[i];
+    l.attn_norm = load.vector(p + "attn_norm.weight", c.n_embd);
+    l.wq = load.matrix(p + "attn_q.weight", c.n_embd, q_dim);
+    l.wk = load.matrix(p + "attn_k.weight", c.n_embd, kv_dim);
+    l.wv = load.matrix(p + "attn_v.weight", c.n_embd, kv_dim);
+    l.wo = load.matrix(p + "attn_output.weight", q_dim, c.n_embd);
+    if (c.arch == Architecture::qwen2) {
+      l.bq = load.vector(p + "attn_q.bias", q_dim);
+      l.bk = load.vector(p + "attn_k.bias", kv_dim);
+      l.bv = load.vector(p + "attn_v.bias", kv_dim);
+    }
+    l.ffn_norm = load.vector(p + "ffn_norm.weight", c.n_embd);
+    l.w_gate = load.matrix(p + "ffn_gate.weight", c.n_embd, c.n_ff);
+    l.w_up = load.matrix(p + "ffn_up.weight", c.n_embd, c.n_ff);
+    l.w_down = load.matrix(p + "ffn_down.weight", c.n_ff, c.n_embd);
+  }
+}
+
+uint64_t Model::weight_bytes_per_token() const {
+  auto bytes = [](const WeightMatrix& w) { return static_cast<uint64_t>(row_bytes(w.type, w.cols)) * w.rows; };
+  uint64_t total = bytes(output_) + row_bytes(token_embd_.type, token_embd_.cols);
+  for (const LayerWeights& l : layers_)
+    total += bytes(l.wq) + bytes(l.wk) + bytes(l.wv) + bytes(l.wo) + bytes(l.w_gate) + bytes(l.w_up) + bytes(l.w_down);
+  return total;
+}
+
+uint64_t Model::n_params() const {
+  uint64_t n = 0;
+  for (const GgufTensor& t : file_->tensors()) n += static_cast<uint64_t>(t.n_elements());
+  return n;
+}
+
+}  // namespace celer

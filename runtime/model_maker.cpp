@@ -1,0 +1,107 @@
+#include "runtime/model_maker.hpp"
+
+#include <cmath>
+#include <vector>
+
+#include "runtime/error.hpp"
+#include "runtime/gguf.hpp"
+#include "runtime/gguf_writer.hpp"
+
+namespace celer {
+namespace {
+
+// splitmix64: fast, seedable, and good enough for weights nobody will train.
+class Random {
+ public:
+  explicit Random(uint64_t seed) : s_(seed) {}
+  uint64_t next() {
+    uint64_t z = (s_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [-a, a).
+  float uniform(float a) { return (static_cast<float>(next() >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * a; }
+
+ private:
+  uint64_t s_;
+};
+
+}  // namespace
+
+void make_model(const ModelSpec& s, const std::string& out_path) {
+  auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, "make-model: " + what); };
+  if (s.arch != "llama" && s.arch != "qwen2") bad("--arch must be llama or qwen2, not '" + s.arch + "'");
+  if (s.dim <= 0 || s.layers <= 0 || s.heads <= 0 || s.kv_heads <= 0 || s.ffn <= 0 || s.context <= 0)
+    bad("dimensions must be positive");
+  if (s.dim % s.heads != 0) bad("--dim must be a multiple of --heads");
+  if (s.heads % s.kv_heads != 0) bad("--heads must be a multiple of --kv-heads");
+  if ((s.dim / s.heads) % 2 != 0) bad("the head size (dim / heads) must be even for RoPE");
+  const int64_t blk = block_elems(s.type);
+  if (s.dim % blk != 0 || s.ffn % blk != 0)
+    bad(std::string("--dim and --ffn must be multiples of ") + std::to_string(blk) + " for " + to_string(s.type));
+
+  GgufFile vocab(s.vocab_path);
+  const int64_t n_vocab = static_cast<int64_t>(vocab.get_array("tokenizer.ggml.tokens", GgufType::string).array.size());
+  const int head_dim = s.dim / s.heads;
+
+  GgufWriter w;
+  const std::string a = s.arch + ".";
+  w.set_string("general.architecture", s.arch);
+  w.set_string("general.name", "celer-random-" + s.arch + "-" + std::to_string(s.dim) + "x" + std::to_string(s.layers));
+  // general.file_type as llama.cpp numbers it (its llama_ftype): 0 F32, 1 F16, 7 Q8_0, 32 BF16.
+  const uint32_t ftype = s.type == TensorType::f32 ? 0 : s.type == TensorType::f16 ? 1 : s.type == TensorType::q8_0 ? 7 : 32;
+  w.set_u32("general.file_type", ftype);
+  w.set_u32(a + "context_length", s.context);
+  w.set_u32(a + "embedding_length", s.dim);
+  w.set_u32(a + "block_count", s.layers);
+  w.set_u32(a + "feed_forward_length", s.ffn);
+  w.set_u32(a + "attention.head_count", s.heads);
+  w.set_u32(a + "attention.head_count_kv", s.kv_heads);
+  w.set_u32(a + "rope.dimension_count", head_dim);
+  w.set_f32(a + "rope.freq_base", s.arch == "qwen2" ? 1000000.0f : 10000.0f);
+  w.set_f32(a + "attention.layer_norm_rms_epsilon", 1e-5f);
+  for (const auto& [key, value] : vocab.metadata())
+    if (key.rfind("tokenizer.", 0) == 0) w.set(key, value);
+
+  Random rng(s.seed);
+  std::vector<float> buf;
+  // Weights ~ U(-a, a) with a = sqrt(3 / fan_in): unit-variance activations through each matrix,
+  // so the logits stay finite and the softmaxes non-degenerate at any depth.
+  auto matrix = [&](const std::string& name, int64_t cols, int64_t rows, TensorType type) {
+    buf.resize(static_cast<size_t>(cols * rows));
+    const float scale = std::sqrt(3.0f / static_cast<float>(cols));
+    for (float& v : buf) v = rng.uniform(scale);
+    w.add_tensor(name, type, {cols, rows}, encode_tensor(type, buf.data(), cols * rows));
+  };
+  auto vector = [&](const std::string& name, int64_t n, float center, float spread) {
+    buf.resize(n);
+    for (float& v : buf) v = center + rng.uniform(spread);
+    w.add_tensor(name, TensorType::f32, {n}, encode_tensor(TensorType::f32, buf.data(), n));
+  };
+
+  const int64_t q_dim = s.dim, kv_dim = int64_t{s.kv_heads} * head_dim;
+  matrix("token_embd.weight", s.dim, n_vocab, s.type);
+  vector("output_norm.weight", s.dim, 1.0f, 0.1f);
+  matrix("output.weight", s.dim, n_vocab, s.type);
+  for (int i = 0; i < s.layers; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    vector(p + "attn_norm.weight", s.dim, 1.0f, 0.1f);
+    matrix(p + "attn_q.weight", s.dim, q_dim, s.type);
+    matrix(p + "attn_k.weight", s.dim, kv_dim, s.type);
+    matrix(p + "attn_v.weight", s.dim, kv_dim, s.type);
+    if (s.arch == "qwen2") {
+      vector(p + "attn_q.bias", q_dim, 0.0f, 0.1f);
+      vector(p + "attn_k.bias", kv_dim, 0.0f, 0.1f);
+      vector(p + "attn_v.bias", kv_dim, 0.0f, 0.1f);
+    }
+    matrix(p + "attn_output.weight", q_dim, s.dim, s.type);
+    vector(p + "ffn_norm.weight", s.dim, 1.0f, 0.1f);
+    matrix(p + "ffn_gate.weight", s.dim, s.ffn, s.type);
+    matrix(p + "ffn_up.weight", s.dim, s.ffn, s.type);
+    matrix(p + "ffn_down.weight", s.ffn, s.dim, s.type);
+  }
+  w.write(out_path);
+}
+
+}  // namespace celer

@@ -1,0 +1,105 @@
+#include "runtime/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "runtime/error.hpp"
+
+namespace celer {
+
+void validate(const SamplingParams& p) {
+  auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, what); };
+  if (!(p.temperature >= 0) || !std::isfinite(p.temperature)) bad("temperature must be a finite number >= 0");
+  if (p.top_k < 0) bad("top_k must be >= 0 (0 turns it off)");
+  if (!(p.top_p > 0 && p.top_p <= 1)) bad("top_p must be in (0, 1]");
+  if (!(p.min_p >= 0 && p.min_p <= 1)) bad("min_p must be in [0, 1]");
+  if (!(p.repeat_penalty > 0) || !std::isfinite(p.repeat_penalty)) bad("repeat_penalty must be a finite number > 0");
+  if (p.repeat_last_n < 0) bad("repeat_last_n must be >= 0");
+}
+
+Sampler::Sampler(const SamplingParams& params, int32_t n_vocab) : params_(params), rng_(params.seed) {
+  validate(params);
+  candidates_.reserve(n_vocab);
+  recent_.reserve(params.repeat_last_n);
+}
+
+TokenId Sampler::sample(std::span<const float> logits, std::span<const TokenId> history) {
+  const int32_t n_vocab = static_cast<int32_t>(logits.size());
+  const SamplingParams& p = params_;
+
+  // The penalty touches only the last repeat_last_n distinct tokens, so apply it to a copy of
+  // just those logits instead of copying the whole row.
+  recent_.clear();
+  if (p.repeat_penalty != 1.0f && p.repeat_last_n > 0) {
+    const size_t from = history.size() > static_cast<size_t>(p.repeat_last_n) ? history.size() - p.repeat_last_n : 0;
+    for (size_t i = from; i < history.size(); ++i)
+      if (history[i] >= 0 && history[i] < n_vocab &&
+          std::find(recent_.begin(), recent_.end(), history[i]) == recent_.end())
+        recent_.push_back(history[i]);
+  }
+  auto logit = [&](TokenId id) {
+    float l = logits[id];
+    if (!recent_.empty() && std::find(recent_.begin(), recent_.end(), id) != recent_.end())
+      l = l > 0 ? l / p.repeat_penalty : l * p.repeat_penalty;
+    return l;
+  };
+
+  if (p.temperature == 0.0f) {  // greedy: the first maximum, as argmax does
+    TokenId best = 0;
+    float best_l = logit(0);
+    for (TokenId i = 1; i < n_vocab; ++i) {
+      const float l = recent_.empty() ? logits[i] : logit(i);
+      if (l > best_l) best_l = l, best = i;
+    }
+    return best;
+  }
+
+  candidates_.clear();
+  for (TokenId i = 0; i < n_vocab; ++i) candidates_.push_back({recent_.empty() ? logits[i] : logit(i), i});
+  auto by_logit = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+
+  // top-k: keep the k largest, sorted. Without top-k the whole row is sorted once.
+  size_t n = candidates_.size();
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {
+    n = p.top_k;
+    std::partial_sort(candidates_.begin(), candidates_.begin() + n, candidates_.end(), by_logit);
+  } else {
+    std::sort(candidates_.begin(), candidates_.end(), by_logit);
+  }
+
+  // Softmax at temperature 1 for the filters (as llama.cpp applies top-p and min-p before temperature).
+  const float max_l = candidates_[0].logit;
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(candidates_[i].logit - max_l));
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    for (size_t i = 0; i < n; ++i) {
+      cum += std::exp(static_cast<double>(candidates_[i].logit - max_l)) / sum;
+      if (cum >= p.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  if (p.min_p > 0.0f) {
+    // p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); the best token always stays.
+    const float threshold = max_l + std::log(p.min_p);
+    size_t keep = 1;
+    while (keep < n && candidates_[keep].logit >= threshold) ++keep;
+    n = keep;
+  }
+
+  // Temperature, then draw.
+  double total = 0;
+  for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(candidates_[i].logit - max_l) / p.temperature);
+  const double r = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  double acc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    acc += std::exp(static_cast<double>(candidates_[i].logit - max_l) / p.temperature);
+    if (r < acc) return candidates_[i].id;
+  }
+  return candidates_[n - 1].id;
+}
+
+}  // namespace celer

@@ -1,0 +1,50 @@
+// Token sampling for one sequence: repetition penalty, then top-k, top-p and min-p filtering,
+// then temperature, then a draw from the sequence's own random stream. Temperature 0 is greedy.
+// Every sequence owns its Sampler (and so its RNG): a given seed yields the same tokens whatever
+// else shares the batch.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "runtime/tokenizer.hpp"
+
+namespace celer {
+
+struct SamplingParams {
+  float temperature = 0.8f;    // 0: greedy
+  int32_t top_k = 40;          // 0: off
+  float top_p = 0.95f;         // 1: off
+  float min_p = 0.05f;         // 0: off
+  float repeat_penalty = 1.0f; // 1: off (llama.cpp's rule: positive logits / p, negative * p)
+  int32_t repeat_last_n = 64;  // tokens the penalty looks back over
+  uint64_t seed = 0;
+};
+
+// Checks ranges; throws Error(invalid_argument) naming the field.
+void validate(const SamplingParams& p);
+
+class Sampler {
+ public:
+  Sampler(const SamplingParams& params, int32_t n_vocab);
+
+  // Picks the next token from one row of logits. `history` is the sequence so far (prompt and
+  // generated), read for the repetition penalty. Allocates nothing after the first call.
+  TokenId sample(std::span<const float> logits, std::span<const TokenId> history);
+
+  const SamplingParams& params() const { return params_; }
+
+ private:
+  struct Candidate {
+    float logit;
+    TokenId id;
+  };
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<Candidate> candidates_;
+  std::vector<TokenId> recent_;
+};
+
+}  // namespace celer

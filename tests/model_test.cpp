@@ -1,0 +1,256 @@
+// The engine on real and random models: exact greedy tokens and logits of stories260K against an
+// independent implementation, batching that changes nothing, and weight types that agree.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "runtime/block_pool.hpp"
+#include "runtime/engine.hpp"
+#include "runtime/error.hpp"
+#include "runtime/generation.hpp"
+#include "runtime/model.hpp"
+#include "runtime/model_maker.hpp"
+#include "test_util.hpp"
+
+using namespace celer;
+
+namespace {
+
+const std::string kStories = std::string(CELER_TEST_DATA) + "/stories260K.gguf";
+
+struct Reference {
+  std::string prompt;
+  std::vector<TokenId> prompt_tokens, generated;
+  std::vector<std::vector<float>> logits;
+};
+
+std::vector<Reference> load_reference() {
+  std::ifstream in(std::string(CELER_TEST_DATA) + "/stories260K.reference.json");
+  REQUIRE(in.good());
+  const nlohmann::json j = nlohmann::json::parse(in);
+  std::vector<Reference> out;
+  for (const auto& r : j.at("results"))
+    out.push_back({r.at("prompt"), r.at("prompt_tokens"), r.at("generated_tokens"),
+                   r.at("logits_from_last_prompt_position")});
+  return out;
+}
+
+// Greedy decoding of several sequences in lock-step batches: each step carries every unfinished
+// sequence (the first step their whole prompts, of different lengths, later one token each), so
+// prefill and decode rows mix as soon as prompts are chunked below their length.
+std::vector<std::vector<TokenId>> greedy_batched(Engine& engine, const std::vector<std::vector<TokenId>>& prompts,
+                                                 int n_new, int prefill_chunk) {
+  const int32_t n_vocab = engine.model().config().n_vocab;
+  BlockPool pool(engine.n_kv_blocks());
+  const size_t S = prompts.size();
+  std::vector<std::vector<int32_t>> tables(S);
+  std::vector<std::vector<TokenId>> seq = prompts, out(S);
+  std::vector<int32_t> n_past(S, 0);
+  std::vector<float> logits(S * n_vocab);
+  for (;;) {
+    std::vector<SequenceInput> batch;
+    std::vector<size_t> who;
+    for (size_t s = 0; s < S; ++s) {
+      if (static_cast<int>(out[s].size()) == n_new) continue;
+      const int32_t pending = static_cast<int32_t>(seq[s].size()) - n_past[s];
+      const int32_t n = std::min(pending, prefill_chunk);
+      const int64_t need = (n_past[s] + n + engine.block_size() - 1) / engine.block_size() - tables[s].size();
+      if (need > 0) REQUIRE(pool.allocate(static_cast<int32_t>(need), tables[s]));
+      batch.push_back({std::span<const TokenId>(seq[s]).subspan(n_past[s], n), n_past[s], tables[s], n == pending});
+      who.push_back(s);
+    }
+    if (batch.empty()) break;
+    engine.forward(batch, logits.data());
+    size_t row = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const size_t s = who[i];
+      n_past[s] += static_cast<int32_t>(batch[i].tokens.size());
+      if (!batch[i].want_logits) continue;
+      const float* l = logits.data() + row++ * n_vocab;
+      const TokenId next = static_cast<TokenId>(std::max_element(l, l + n_vocab) - l);
+      out[s].push_back(next);
+      seq[s].push_back(next);
+    }
+  }
+  return out;
+}
+
+double cosine(const std::vector<float>& a, const std::vector<float>& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i) ab += double(a[i]) * b[i], aa += double(a[i]) * a[i], bb += double(b[i]) * b[i];
+  return ab / std::sqrt(aa * bb);
+}
+
+std::vector<float> last_logits(const std::string& path, const std::vector<TokenId>& tokens) {
+  Model m(path);
+  EngineOptions eo;
+  eo.max_context = 256;
+  eo.max_seqs = 1;
+  Engine e(m, eo);
+  BlockPool pool(e.n_kv_blocks());
+  std::vector<int32_t> table;
+  REQUIRE(pool.allocate(e.n_kv_blocks(), table));
+  std::vector<float> logits(m.config().n_vocab);
+  SequenceInput in{tokens, 0, table, true};
+  e.forward({&in, 1}, logits.data());
+  return logits;
+}
+
+}  // namespace
+
+TEST_CASE("stories260K: greedy tokens and logits match the reference exactly", "[model]") {
+  Model model(kStories);
+  CHECK(model.config().n_embd == 64);
+  CHECK(model.config().n_layer == 5);
+  CHECK(model.config().n_head == 8);
+  CHECK(model.config().n_head_kv == 4);
+  CHECK(model.config().n_vocab == 512);
+  EngineOptions eo;
+  eo.max_seqs = 1;
+  Engine engine(model, eo);
+  for (const Reference& ref : load_reference()) {
+    INFO("prompt: " << ref.prompt);
+    CHECK(model.tokenizer().encode(ref.prompt, true) == ref.prompt_tokens);
+
+    // Logits of the first positions: after the prompt, then after each of the first generated tokens.
+    BlockPool pool(engine.n_kv_blocks());
+    std::vector<int32_t> table;
+    REQUIRE(pool.allocate(8, table));
+    std::vector<float> logits(512);
+    std::vector<TokenId> seq = ref.prompt_tokens;
+    for (size_t row = 0; row < ref.logits.size(); ++row) {
+      const int32_t n_past = row == 0 ? 0 : static_cast<int32_t>(seq.size()) - 1;
+      SequenceInput in{std::span<const TokenId>(seq).subspan(n_past), n_past, table, true};
+      engine.forward({&in, 1}, logits.data());
+      for (int i = 0; i < 512; ++i) REQUIRE(logits[i] == Approx(ref.logits[row][i]).margin(1e-3));
+      seq.push_back(ref.generated[row]);
+    }
+
+    GenerateOptions go;
+    go.max_tokens = static_cast<int32_t>(ref.generated.size());
+    go.sampling.temperature = 0;
+    go.ignore_eos = true;
+    std::vector<TokenId> got;
+    generate(engine, ref.prompt_tokens, go, [&](TokenId t) {
+      got.push_back(t);
+      return true;
+    });
+    CHECK(got == ref.generated);
+  }
+}
+
+TEST_CASE("stories260K: the three prompts batched give the tokens each gives alone", "[model]") {
+  Model model(kStories);
+  EngineOptions eo;
+  eo.max_seqs = 3;
+  eo.max_context = 128;
+  Engine engine(model, eo);
+  std::vector<std::vector<TokenId>> prompts, alone;
+  for (const Reference& ref : load_reference()) prompts.push_back(ref.prompt_tokens);
+  for (const auto& p : prompts) alone.push_back(greedy_batched(engine, {p}, 40, 512)[0]);
+  const auto refs = load_reference();
+  for (size_t i = 0; i < refs.size(); ++i)
+    CHECK(std::vector<TokenId>(refs[i].generated.begin(), refs[i].generated.begin() + 40) == alone[i]);
+  // All three at once, whole prompts in one step, then mixed decode.
+  CHECK(greedy_batched(engine, prompts, 40, 512) == alone);
+  // Prompts chunked 2 tokens at a time: steps mix prefill chunks of some with decode of others.
+  CHECK(greedy_batched(engine, prompts, 40, 2) == alone);
+  // A long sequence next to short ones, crossing several blocks.
+  std::vector<TokenId> long_prompt = prompts[0];
+  for (int i = 0; i < 6; ++i) long_prompt.insert(long_prompt.end(), prompts[1].begin() + 1, prompts[1].end());
+  const auto long_alone = greedy_batched(engine, {long_prompt}, 30, 512)[0];
+  const auto mixed = greedy_batched(engine, {prompts[2], long_prompt, prompts[1]}, 30, 7);
+  CHECK(mixed[1] == long_alone);
+  CHECK(mixed[0] == std::vector<TokenId>(alone[2].begin(), alone[2].begin() + 30));
+}
+
+TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy", "[model]") {
+  TempDir dir;
+  const std::vector<TokenId> tokens{1, 15043, 3186, 29991, 306, 626, 263, 1243, 310, 278, 29871, 13, 450, 4996};
+  for (const std::string arch : {"llama", "qwen2"}) {
+    ModelSpec spec;
+    spec.arch = arch;
+    spec.dim = 128;
+    spec.layers = 2;
+    spec.heads = 4;
+    spec.kv_heads = 2;
+    spec.ffn = 256;
+    spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/ggml-vocab-llama-spm.gguf";
+    spec.seed = 7;
+    std::map<TensorType, std::vector<float>> logits;
+    for (TensorType t : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
+      spec.type = t;
+      const std::string path = dir.path() + "/" + arch + "-" + to_string(t) + ".gguf";
+      make_model(spec, path);
+      logits[t] = last_logits(path, tokens);
+    }
+    INFO(arch);
+    const double c16 = cosine(logits[TensorType::f32], logits[TensorType::f16]);
+    const double cb16 = cosine(logits[TensorType::f32], logits[TensorType::bf16]);
+    const double c8 = cosine(logits[TensorType::f32], logits[TensorType::q8_0]);
+    CHECK(c16 > 0.999);
+    CHECK(cb16 > 0.99);
+    CHECK(c8 > 0.99);
+    // Not trivially equal: the types really differ.
+    CHECK(logits[TensorType::f32] != logits[TensorType::q8_0]);
+  }
+}
+
+TEST_CASE("the engine rejects bad steps with a clear error and stays usable", "[model]") {
+  Model model(kStories);
+  EngineOptions eo;
+  eo.max_seqs = 2;
+  eo.max_context = 64;
+  eo.max_batch_tokens = 32;
+  Engine engine(model, eo);
+  std::vector<int32_t> table{0, 1, 2, 3};
+  std::vector<float> logits(2 * 512);
+  const std::vector<TokenId> ok{1, 403, 407};
+  auto step = [&](std::vector<TokenId> toks, int32_t n_past, std::vector<int32_t> tab) {
+    SequenceInput in{toks, n_past, tab, true};
+    engine.forward({&in, 1}, logits.data());
+  };
+  auto code_of = [&](auto&& f) -> ErrorCode {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.code();
+    }
+    FAIL("no error");
+    return ErrorCode::io;
+  };
+  CHECK(code_of([&] { step({1, 9999}, 0, table); }) == ErrorCode::invalid_argument);     // token outside the vocab
+  CHECK(code_of([&] { step({1, -1}, 0, table); }) == ErrorCode::invalid_argument);
+  CHECK(code_of([&] { step(ok, 62, {0, 1, 2, 3}); }) == ErrorCode::context_overflow);   // past the context
+  CHECK(code_of([&] { step(ok, 60, {0}); }) == ErrorCode::invalid_argument);             // table too short
+  CHECK(code_of([&] { step(ok, 0, {100000}); }) == ErrorCode::invalid_argument);         // unknown block
+  CHECK(code_of([&] { step(std::vector<TokenId>(33, 1), 0, table); }) == ErrorCode::invalid_argument);  // budget
+  CHECK(code_of([&] { step({}, 0, table); }) == ErrorCode::invalid_argument);
+  // Still correct afterwards.
+  step({1, 403, 407, 261, 378}, 0, table);
+  const auto refs = load_reference();
+  CHECK(std::max_element(logits.begin(), logits.begin() + 512) - logits.begin() == refs[0].generated[0]);
+}
+
+TEST_CASE("make-model refuses impossible shapes", "[model]") {
+  TempDir dir;
+  ModelSpec spec;
+  spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/ggml-vocab-llama-spm.gguf";
+  spec.dim = 100;
+  spec.heads = 3;
+  CHECK_THROWS_AS(make_model(spec, dir.path() + "/x.gguf"), Error);
+  spec.dim = 96;
+  spec.heads = 4;
+  spec.kv_heads = 3;
+  CHECK_THROWS_AS(make_model(spec, dir.path() + "/x.gguf"), Error);
+  spec.kv_heads = 4;
+  spec.type = TensorType::q8_0;
+  spec.ffn = 100;  // not a multiple of the Q8_0 block
+  CHECK_THROWS_AS(make_model(spec, dir.path() + "/x.gguf"), Error);
+  spec.arch = "gpt2";
+  CHECK_THROWS_AS(make_model(spec, dir.path() + "/x.gguf"), Error);
+}
