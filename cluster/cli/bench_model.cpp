@@ -1,0 +1,155 @@
+// celer bench-model: raw forward speed of a model, in the manner of llama-bench: prompt
+// processing (pp: one sequence of p tokens in one step) and text generation (tg: n steps of one
+// token each), mean ± standard deviation over repetitions. Generation is memory-bound, so its
+// line also gives the weight bytes streamed per second, beside the machine's copy bandwidth.
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cluster/cli/commands.hpp"
+#include "runtime/block_pool.hpp"
+#include "runtime/engine.hpp"
+#include "runtime/error.hpp"
+#include "runtime/model.hpp"
+
+namespace celer::cli {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct BenchArgs {
+  std::string model;
+  int p = 512;
+  int n = 128;
+  int reps = 5;
+  int threads = 0;
+  std::string json;
+};
+
+struct Summary {
+  double mean = 0, sd = 0;
+};
+
+Summary summarize(const std::vector<double>& v) {
+  Summary s;
+  for (double x : v) s.mean += x;
+  s.mean /= static_cast<double>(v.size());
+  for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
+  s.sd = v.size() > 1 ? std::sqrt(s.sd / static_cast<double>(v.size() - 1)) : 0.0;
+  return s;
+}
+
+// Copy bandwidth of this machine (read + write bytes / s) on a buffer far larger than any cache,
+// with as many threads as the benchmark uses.
+double copy_bandwidth_gbs(int threads) {
+  const size_t bytes = size_t{256} << 20;
+  std::vector<char> a(bytes, 1), b(bytes, 2);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = clock_type::now();
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t)
+      ts.emplace_back([&, t] {
+        const size_t chunk = bytes / threads;
+        std::memcpy(b.data() + t * chunk, a.data() + t * chunk, chunk);
+      });
+    for (auto& t : ts) t.join();
+    const double s = std::chrono::duration<double>(clock_type::now() - t0).count();
+    best = std::max(best, 2.0 * bytes / s / 1e9);
+  }
+  return best;
+}
+
+int run_bench(const BenchArgs& a) {
+  Model model(a.model);
+  const ModelConfig& c = model.config();
+  if (a.p < 1 || a.n < 1 || a.reps < 1) throw Error(ErrorCode::invalid_argument, "-p, -n and -r must be positive");
+  EngineOptions eo;
+  eo.n_threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  eo.max_context = std::max(a.p, a.n) + 1;
+  eo.max_batch_tokens = a.p;
+  eo.max_seqs = 1;
+  Engine engine(model, eo);
+  BlockPool pool(engine.n_kv_blocks());
+  std::vector<int32_t> table;
+  pool.allocate(engine.n_kv_blocks(), table);
+  std::vector<float> logits(c.n_vocab);
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<TokenId> any_token(0, c.n_vocab - 1);
+
+  auto run_pp = [&](int p) {
+    std::vector<TokenId> tokens(p);
+    for (auto& t : tokens) t = any_token(rng);
+    SequenceInput in{tokens, 0, table, true};
+    const auto t0 = clock_type::now();
+    engine.forward({&in, 1}, logits.data());
+    return std::chrono::duration<double>(clock_type::now() - t0).count();
+  };
+  auto run_tg = [&](int n) {
+    TokenId tok = any_token(rng);
+    const auto t0 = clock_type::now();
+    for (int i = 0; i < n; ++i) {
+      SequenceInput in{std::span<const TokenId>(&tok, 1), i, table, true};
+      engine.forward({&in, 1}, logits.data());
+      tok = static_cast<TokenId>((tok + 1) % c.n_vocab);
+    }
+    return std::chrono::duration<double>(clock_type::now() - t0).count();
+  };
+
+  run_pp(std::min(a.p, 32));  // warm-up: page in the weights, spin up the pool
+  run_tg(4);
+  std::vector<double> pp, tg;
+  for (int r = 0; r < a.reps; ++r) pp.push_back(a.p / run_pp(a.p));
+  for (int r = 0; r < a.reps; ++r) tg.push_back(a.n / run_tg(a.n));
+  const Summary spp = summarize(pp), stg = summarize(tg);
+  const double gb_per_token = static_cast<double>(model.weight_bytes_per_token()) / 1e9;
+  const double bw = copy_bandwidth_gbs(eo.n_threads);
+
+  const char* type = to_string(model.main_type());
+  std::printf("| model | type | params | threads | kernels | test | t/s | weight GB/s |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("| %s | %s | %.1fM | %d | %s | pp%d | %.1f ± %.1f | |\n", model.name().c_str(), type,
+              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.p, spp.mean, spp.sd);
+  std::printf("| %s | %s | %.1fM | %d | %s | tg%d | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
+              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, stg.mean, stg.sd, stg.mean * gb_per_token);
+  std::printf("machine copy bandwidth (memcpy, %d threads): %.1f GB/s\n", eo.n_threads, bw);
+
+  if (!a.json.empty()) {
+    nlohmann::json j = {
+        {"model", model.name()}, {"file", a.model}, {"type", type}, {"params", model.n_params()},
+        {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"repetitions", a.reps},
+        {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
+        {"tg", {{"tokens", a.n}, {"tokens_per_second_mean", stg.mean}, {"tokens_per_second_sd", stg.sd},
+                {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
+        {"weight_bytes_per_token", model.weight_bytes_per_token()},
+        {"copy_bandwidth_gb_per_second", bw}};
+    std::ofstream out(a.json);
+    if (!out) throw Error(ErrorCode::io, a.json + ": cannot write");
+    out << j.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+Command add_bench_model(CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  CLI::App* c = app.add_subcommand("bench-model", "Measure prompt processing and generation speed (like llama-bench)");
+  c->add_option("--model,-m", a->model, "GGUF model file")->required();
+  c->add_option("-p,--n-prompt", a->p, "Prompt tokens processed in one step");
+  c->add_option("-n,--n-gen", a->n, "Tokens generated one step at a time");
+  c->add_option("-r,--repetitions", a->reps, "Repetitions of each test");
+  c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
+  c->add_option("--json", a->json, "Also write the results as JSON to this file");
+  return [a] { return run_bench(*a); };
+}
+
+}  // namespace celer::cli
