@@ -1,5 +1,5 @@
 // Attention of one query head over a sequence's keys and values stored in a paged KV cache:
-// fixed-size blocks of positions, found through the sequence's block table.
+// blocks of kKvBlock positions, found through the sequence's block table.
 #pragma once
 
 #include <cstdint>
@@ -8,21 +8,34 @@
 
 namespace celer {
 
-// One layer's K or V memory: [n_blocks, n_kv_heads, block_size, head_dim] f32. Keeping a head's
-// positions of one block contiguous makes the inner loop stream block_size * head_dim floats.
+// Positions per KV block. 16 f32 scores are one AVX-512 register: a block's 16 keys are scored
+// by broadcasting q one dimension at a time against 16 contiguous key values (no horizontal sums).
+constexpr int kKvBlock = 16;
+
+// One layer's KV memory for n_kv_heads heads of head_dim:
+//   K: [n_blocks, n_kv_heads, head_dim, kKvBlock]  (transposed: a dimension's 16 slots contiguous)
+//   V: [n_blocks, n_kv_heads, kKvBlock, head_dim]  (a slot's vector contiguous)
 struct KvLayerView {
   float* k = nullptr;
   float* v = nullptr;
-  int block_size = 16;
   int n_kv_heads = 0;
   int head_dim = 0;
-  int64_t offset(int32_t block, int kv_head, int slot) const {
-    return ((static_cast<int64_t>(block) * n_kv_heads + kv_head) * block_size + slot) * head_dim;
+  int64_t block_offset(int32_t block, int kv_head) const {
+    return (static_cast<int64_t>(block) * n_kv_heads + kv_head) * kKvBlock * head_dim;
+  }
+  float& k_at(int32_t block, int kv_head, int slot, int dim) const {
+    return k[block_offset(block, kv_head) + static_cast<int64_t>(dim) * kKvBlock + slot];
+  }
+  float& v_at(int32_t block, int kv_head, int slot, int dim) const {
+    return v[block_offset(block, kv_head) + static_cast<int64_t>(slot) * head_dim + dim];
   }
 };
 
-// out = softmax(scale * q . K[0..n_ctx)) V for kv head `kv_head`; positions j live in block
-// block_table[j / block_size] at slot j % block_size. scores: scratch of n_ctx floats.
+// Stores one position's key and value vectors ([head_dim] each) into its block and slot.
+void kv_store(const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k, const float* v);
+
+// out = softmax(scale * q . K[0..n_ctx)) V for kv head `kv_head`; position j lives in block
+// block_table[j / kKvBlock] at slot j % kKvBlock. scores: scratch of n_ctx rounded up to kKvBlock.
 void attend(const VecKernels& vk, const float* q, const KvLayerView& kv, int kv_head, const int32_t* block_table,
             int32_t n_ctx, float scale, float* scores, float* out);
 

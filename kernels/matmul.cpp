@@ -14,9 +14,7 @@ constexpr int64_t kSmallM = 16;
 
 }  // namespace
 
-void MatmulScratch::reserve(int n_threads, int64_t max_rows, int64_t max_cols) {
-  xq.resize(static_cast<size_t>(max_rows * max_cols));
-  xd.resize(static_cast<size_t>(max_rows * (max_cols / kQ8Block + 1)));
+void MatmulScratch::reserve(int n_threads, int64_t max_cols) {
   panels.resize(n_threads);
   for (auto& p : panels) p.resize(static_cast<size_t>(kPanelRows * max_cols));
 }
@@ -30,15 +28,6 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
   for (auto& p : scratch.panels)
     if (p.size() < static_cast<size_t>(kPanelRows * K)) p.resize(kPanelRows * K);
 
-  if (w.type == TensorType::q8_0) {
-    if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
-    if (scratch.xd.size() < static_cast<size_t>(M * K / kQ8Block)) scratch.xd.resize(M * K / kQ8Block);
-    pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
-      for (int64_t m = m0; m < m1; ++m)
-        vk.quantize_act_q8(x + m * K, scratch.xq.data() + m * K, scratch.xd.data() + m * (K / kQ8Block), K);
-    });
-  }
-
   const int64_t P = M >= kSmallM ? kPanelRows : kSmallPanelRows;
   const int64_t n_panels = (N + P - 1) / P;
   // Decode is memory-bound: each thread streams one contiguous run of rows, which the hardware
@@ -49,17 +38,27 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P;
       const int64_t rows = std::min(P, N - n0);
-      if (w.type == TensorType::q8_0) {
-        const auto* wb = reinterpret_cast<const BlockQ8_0*>(w.row(n0));
-        const int64_t ldw = K / kQ8Block;
+      if (M < kSmallM && w.type != TensorType::f32) {
+        // Few rows: widen the weights in registers as they stream past.
         for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
           const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-          for (int64_t j = 0; j < rows; j += kTileN)
-            vk.gemm_q8_0(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt, wb + j * ldw, ldw,
-                         static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K, y + m0 * N + n0 + j, N);
+          for (int64_t j = 0; j < rows; j += kTileN) {
+            const int nt = static_cast<int>(std::min<int64_t>(kTileN, rows - j));
+            const uint8_t* wr = w.row(n0 + j);
+            float* yt = y + m0 * N + n0 + j;
+            switch (w.type) {
+              case TensorType::f16: vk.gemm_f16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
+              case TensorType::bf16: vk.gemm_bf16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
+              case TensorType::q8_0:
+                vk.gemm_q8_0(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
+                break;
+              case TensorType::f32: break;
+            }
+          }
         }
         continue;
       }
+      // Many rows: widen the panel once, then reuse it for every tile of x.
       const float* panel;
       if (w.type == TensorType::f32) {
         panel = reinterpret_cast<const float*>(w.row(n0));

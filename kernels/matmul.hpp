@@ -1,12 +1,13 @@
 // Matrix multiplication against a weight matrix in any supported type:
 //   y[m, n] = sum_k x[m, k] * w[n, k]        x: [M, K] f32, w: [N, K] (GGUF rows), y: [M, N] f32
 //
-// Plan: the N weight rows are cut into panels that threads take in turn. A panel (64 rows when
-// many activation rows share it, 16 for decode) stays in L2 while every 4-row tile of x, held
-// in L1, meets it 4 weight rows at a time (VecKernels::gemm_*). F16 and BF16 panels are first
-// expanded to f32 (exact); Q8_0 weights meet activations quantized to int8 once per call, with
-// integer dot products. Each output comes from one accumulator in one K order, so the result of
-// a row never depends on M or the panel split (batch invariance, see vec.hpp).
+// Plan: the N weight rows are cut into panels that threads take in turn. Prefill (many rows of
+// x): a panel of 64 weight rows is widened to f32 once (exactly) and stays in L2 while every
+// tile of kTileM rows of x, held in L1, meets it kTileN weight rows at a time
+// (VecKernels::gemm_f32). Decode (few rows): each thread streams one contiguous run of weight
+// rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0). Each output
+// comes from one accumulator in one K order, so the result of a row never depends on M or the
+// panel split (batch invariance, see vec.hpp).
 #pragma once
 
 #include <cstdint>
@@ -29,12 +30,10 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
 };
 
 // Scratch owned by whoever runs matmuls on a pool, sized once (reserve) so that a forward pass
-// never allocates: quantized activations and per-thread f32 panels.
+// never allocates: a widened weight panel per thread.
 class MatmulScratch {
  public:
-  void reserve(int n_threads, int64_t max_rows, int64_t max_cols);
-  std::vector<int8_t> xq;                  // [M, K]
-  std::vector<float> xd;                   // [M, K / 32]
+  void reserve(int n_threads, int64_t max_cols);
   std::vector<std::vector<float>> panels;  // per thread: [panel rows, K]
 };
 

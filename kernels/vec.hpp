@@ -16,7 +16,7 @@ namespace celer {
 
 // Largest tile: kTileM activation rows x kTileN weight rows. 4 x 4 keeps 16 accumulators, 4
 // activation vectors and a weight vector in AVX-512's 32 registers.
-constexpr int kTileM = 4;
+constexpr int kTileM = 6;
 constexpr int kTileN = 4;
 
 struct VecKernels {
@@ -26,19 +26,24 @@ struct VecKernels {
   // y[i * ldy + j] = dot(x[i * ldx ...], w[j * ldw ...]) over k, for i < mt <= kTileM, j < nt <= kTileN.
   void (*gemm_f32)(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
                    int64_t ldy);
-  // The same against Q8_0 weight rows (ldw in blocks), with activations quantized by
-  // quantize_act_q8: int8 values xq (row stride ldx elements) and one f32 scale per 32 (xd, row
-  // stride ldx / 32). Integer dot products per block, scaled and summed in f32.
-  void (*gemm_q8_0)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-                    int64_t k, float* y, int64_t ldy);
-  // x (f32, k a multiple of 32) -> int8 q and a scale per 32 values: d = absmax / 127, q = round(x / d).
-  void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int64_t k);
-  // A row of n elements of the given type -> f32 (exact for f16 and bf16).
+  // The same with f16, bf16 or Q8_0 weight rows (ldw in elements, or blocks for Q8_0), widened
+  // to f32 on load. The widening is exact, so these give bit for bit what gemm_f32 gives on the
+  // widened rows: decode reads the weights in place, prefill widens a panel once and reuses it.
+  void (*gemm_f16)(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+                   int64_t ldy);
+  void (*gemm_bf16)(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+                    int64_t ldy);
+  void (*gemm_q8_0)(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
+                    int64_t ldy);
+  // A row of n elements of the given type -> f32 (exactly).
   void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_q8_0)(const BlockQ8_0* src, float* dst, int64_t n);
-  // y += a * x
-  void (*axpy)(float a, const float* x, float* y, int64_t n);
+  // Attention over one KV block of 16 positions (see attention.hpp for the layouts):
+  // s[j] = scale * sum_d q[d] * kt[d][j] for the 16 slots j, kt: [hd][16].
+  void (*attn_scores)(const float* kt, const float* q, int hd, float scale, float* s);
+  // out[d] += sum_{j < n} p[j] * v[j][d], v: [16][hd], n <= 16.
+  void (*attn_accumulate)(const float* v, const float* p, int n, int hd, float* out);
   // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.

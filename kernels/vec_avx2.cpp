@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 
 #include "kernels/vec.hpp"
@@ -39,15 +40,37 @@ float dot_f32(const float* a, const float* b, int64_t k) {
   return sum;
 }
 
-// Masks for the last partial vector of a row: the first n lanes on.
-inline __m256i tail_mask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+// Weight rows in each type, widened to f32 as they are loaded (exactly, see vec.hpp);
+// load(row, e) returns elements e..e+7 of a row.
+struct F32Rows {
+  using T = float;
+  static __m256 load(const float* r, int64_t e) { return _mm256_loadu_ps(r + e); }
+};
+struct F16Rows {
+  using T = uint16_t;
+  static __m256 load(const uint16_t* r, int64_t e) { return load_f16(r + e); }
+};
+struct BF16Rows {
+  using T = uint16_t;
+  static __m256 load(const uint16_t* r, int64_t e) { return load_bf16(r + e); }
+};
+struct Q8Rows {  // K is a multiple of 32: never a tail
+  using T = BlockQ8_0;
+  static __m256 load(const BlockQ8_0* r, int64_t e) {
+    const BlockQ8_0& b = r[e / kQ8Block];
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b.qs + e % kQ8Block));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(b.d)));
+  }
+};
+
+template <typename Rows, int MT, int NT>
+void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t e, int64_t k, __m256 (&acc)[MT][NT]);
 
 // An MT x NT tile (MT <= 2 so that 8 accumulators and the operands fit AVX2's 16 registers):
-// each output has one accumulator fed 8 products at a time in K order.
-template <int MT, int NT>
-void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+// each output has one accumulator fed 8 products at a time in K order. The last partial vector
+// is copied to zero-padded buffers first, so every row type shares one tail path.
+template <typename Rows, int MT, int NT>
+void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m256 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -56,96 +79,63 @@ void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     __m256 xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * ldw + e);
+      const __m256 wv = Rows::load(w + j * ldw, e);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
-  if (e < k) {
-    const __m256i m = tail_mask(k - e);
-    __m256 xv[MT];
-    for (int i = 0; i < MT; ++i) xv[i] = _mm256_maskload_ps(x + i * ldx + e, m);
-    for (int j = 0; j < NT; ++j) {
-      const __m256 wv = _mm256_maskload_ps(w + j * ldw + e, m);
-      for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
+  if constexpr (!std::is_same_v<Rows, Q8Rows>) {
+    if (e < k) tail<Rows, MT, NT>(x, ldx, w, ldw, e, k, acc);
   }
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
 }
 
-// Q8_0 tile, one block (32 values) per step. maddubs multiplies unsigned by signed bytes into
-// int16 pairs, so w's sign moves onto x and |w| is used (pairs stay below 2^15 since |q| <= 127);
-// madd with ones widens to int32. Exact int32 sums, scaled per block into an f32 accumulator.
-template <int MT, int NT>
-void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
-             int64_t ldy) {
-  const int64_t nb = k / kQ8Block;
-  const int64_t ldd = ldx / kQ8Block;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MT];
-    for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * ldx + b * kQ8Block));
+// The last partial vector, through zero-padded copies, so that every row type shares it.
+template <typename Rows, int MT, int NT>
+void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t e, int64_t k, __m256 (&acc)[MT][NT]) {
+  {
+    alignas(32) float xt[MT][8] = {};
+    alignas(32) typename Rows::T wt[NT][8] = {};
+    for (int i = 0; i < MT; ++i)
+      for (int64_t t = e; t < k; ++t) xt[i][t - e] = x[i * ldx + t];
+    for (int j = 0; j < NT; ++j)
+      for (int64_t t = e; t < k; ++t) wt[j][t - e] = w[j * ldw + t];
     for (int j = 0; j < NT; ++j) {
-      const BlockQ8_0& wb = w[j * ldw + b];
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-      const __m256 ws = _mm256_set1_ps(_cvtsh_ss(wb.d));
-      for (int i = 0; i < MT; ++i) {
-        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)), ones);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * ldd + b])), ws, acc[i][j]);
-      }
+      const __m256 wv = Rows::load(wt[j], 0);
+      for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(_mm256_load_ps(xt[i]), wv, acc[i][j]);
     }
   }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
 }
 
-using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
-constexpr TileF32 kTilesF32[2][kTileN] = {{tile_f32<1, 1>, tile_f32<1, 2>, tile_f32<1, 3>, tile_f32<1, 4>},
-                                          {tile_f32<2, 1>, tile_f32<2, 2>, tile_f32<2, 3>, tile_f32<2, 4>}};
-constexpr TileQ8 kTilesQ8[2][kTileN] = {{tile_q8<1, 1>, tile_q8<1, 2>, tile_q8<1, 3>, tile_q8<1, 4>},
-                                        {tile_q8<2, 1>, tile_q8<2, 2>, tile_q8<2, 3>, tile_q8<2, 4>}};
+template <typename Rows>
+using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
+template <typename Rows>
+constexpr Tile<Rows> kTiles[2][kTileN] = {{tile<Rows, 1, 1>, tile<Rows, 1, 2>, tile<Rows, 1, 3>, tile<Rows, 1, 4>},
+                                          {tile<Rows, 2, 1>, tile<Rows, 2, 2>, tile<Rows, 2, 3>, tile<Rows, 2, 4>}};
 
 // Tiles of up to kTileM rows run as sub-tiles of two rows: every output is computed the same way
 // in either case.
+template <typename Rows>
+void gemm_rows(const float* x, int64_t ldx, int mt, const typename Rows::T* w, int64_t ldw, int nt, int64_t k,
+               float* y, int64_t ldy) {
+  for (int i = 0; i < mt; i += 2) kTiles<Rows>[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+}
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
-  for (int i = 0; i < mt; i += 2) kTilesF32[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  gemm_rows<F32Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+void gemm_f16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+              int64_t ldy) {
+  gemm_rows<F16Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+               int64_t ldy) {
+  gemm_rows<BF16Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
 }
 
-void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-               int64_t k, float* y, int64_t ldy) {
-  for (int i = 0; i < mt; i += 2)
-    kTilesQ8[std::min(2, mt - i) - 1][nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w, ldw, k, y + i * ldy, ldy);
-}
-
-void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
-  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  for (int64_t b = 0; b < k / kQ8Block; ++b) {
-    const float* xb = x + b * kQ8Block;
-    __m256 v[4];
-    __m256 amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(xb + 8 * j);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
-    }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float a = _mm_cvtss_f32(m);
-    d[b] = a / 127.0f;
-    const __m256 id = _mm256_set1_ps(a != 0 ? 127.0f / a : 0.0f);
-    __m256i qi[4];
-    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // round to nearest even
-    // Pack 32 int32 -> 32 int8; packs work within 128-bit lanes, so fix the order afterwards.
-    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQ8Block), p);
-  }
+void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
+               int64_t ldy) {
+  gemm_rows<Q8Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -170,11 +160,36 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+// Two partial sums over the dimensions (d mod 2) per half of the block.
+void attn_scores(const float* kt, const float* q, int hd, float scale, float* s) {
+  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+  int d = 0;
+  for (; d + 2 <= hd; d += 2) {
+    const __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
+    lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
+    hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
+    lo1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16), lo1);
+    hi1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16 + 8), hi1);
+  }
+  if (d < hd) {
+    const __m256 q0 = _mm256_set1_ps(q[d]);
+    lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
+    hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_add_ps(lo0, lo1), sc));
+  _mm256_storeu_ps(s + 8, _mm256_mul_ps(_mm256_add_ps(hi0, hi1), sc));
+}
+
+void attn_accumulate(const float* v, const float* p, int n, int hd, float* out) {
+  int d = 0;
+  for (; d + 8 <= hd; d += 8) {
+    __m256 acc = _mm256_loadu_ps(out + d);
+    for (int j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * hd + d), acc);
+    _mm256_storeu_ps(out + d, acc);
+  }
+  for (; d < hd; ++d)
+    for (int j = 0; j < n; ++j) out[d] += p[j] * v[j * hd + d];
 }
 
 // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, and e^r by its Taylor polynomial
@@ -223,8 +238,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",      dot_f32,     gemm_f32, gemm_q8_0, quantize_act_q8, to_f32_f16,
-                            to_f32_bf16, to_f32_q8_0, axpy,     exp_sum,   silu_mul};
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+                            to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }
 

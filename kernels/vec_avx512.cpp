@@ -2,6 +2,10 @@
 // cpu_features() says the CPU has them). 16 floats per register; tails use masked loads.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
+#include <utility>
+
 #include "kernels/vec.hpp"
 
 namespace celer {
@@ -36,10 +40,38 @@ float dot_f32(const float* a, const float* b, int64_t k) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// Weight rows in each type, widened to f32 as they are loaded; the widening is exact (a Q8_0
+// value d * q has at most 11 + 8 significant bits), so a tile on a row type gives bit for bit
+// what gemm_f32 gives on the widened row. load(row, e) returns elements e..e+15 of a row.
+struct F32Rows {
+  using T = float;
+  static __m512 load(const float* r, int64_t e) { return _mm512_loadu_ps(r + e); }
+  static __m512 load(const float* r, int64_t e, __mmask16 m) { return _mm512_maskz_loadu_ps(m, r + e); }
+  static const void* at(const float* r, int64_t e) { return r + e; }
+};
+struct F16Rows {
+  using T = uint16_t;
+  static __m512 load(const uint16_t* r, int64_t e) { return load_f16(r + e); }
+  static __m512 load(const uint16_t* r, int64_t e, __mmask16 m) { return load_f16_mask(r + e, m); }
+  static const void* at(const uint16_t* r, int64_t e) { return r + e; }
+};
+struct BF16Rows {
+  using T = uint16_t;
+  static __m512 load(const uint16_t* r, int64_t e) { return load_bf16(r + e); }
+  static __m512 load(const uint16_t* r, int64_t e, __mmask16 m) { return load_bf16_mask(r + e, m); }
+  static const void* at(const uint16_t* r, int64_t e) { return r + e; }
+};
+struct Q8Rows {
+  using T = BlockQ8_0;
+};
+
 // An MT x NT tile: each output has one accumulator fed 16 products at a time in K order; the
-// tile's independent accumulators (up to 16) keep both FMA units busy.
-template <int MT, int NT>
-void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+// tile's independent accumulators (up to 24) keep both FMA units busy. Each weight row is
+// prefetched at the same place in the next tile's rows (the matrix is read in row order): at
+// decode every weight comes once from DRAM, and the hardware prefetchers alone leave the cores
+// waiting.
+template <typename Rows, int MT, int NT>
+void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -48,7 +80,8 @@ void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     __m512 xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
-      const __m512 wv = _mm512_loadu_ps(w + j * ldw + e);
+      _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
+      const __m512 wv = Rows::load(w + j * ldw, e);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
@@ -57,7 +90,7 @@ void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     __m512 xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
-      const __m512 wv = _mm512_maskz_loadu_ps(m, w + j * ldw + e);
+      const __m512 wv = Rows::load(w + j * ldw, e, m);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
@@ -65,85 +98,66 @@ void tile_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     for (int j = 0; j < NT; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-// Q8_0 tile, two blocks (64 values) per step. VNNI's dpbusd multiplies unsigned by signed bytes
-// and sums groups of four into int32. The activations are made unsigned by adding 128 (a sign
-// bit flip), and the extra 128 * sum(w) is subtracted up front by starting each block's int32
-// sum at -128 * sum(w): one dpbusd per output per step. The int32 sums are exact; each block's is
-// scaled by its two scales and added to the output's f32 accumulator.
+// The Q8_0 tile walks whole blocks: one scale conversion per block and row, the same 16-wide
+// steps in K order as the generic tile (so still bit-identical to gemm_f32 on widened rows).
 template <int MT, int NT>
-void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
-             int64_t ldy) {
-  const int64_t nb = k / kQ8Block;
-  const int64_t ldd = ldx / kQ8Block;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i ones = _mm512_set1_epi8(1);
+void tile_q8(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 2) {
-    const bool pair = b + 1 < nb;
-    __m512i xu[MT];
-    __m512 xs[MT];
+  for (int64_t b = 0; b < k / kQ8Block; ++b) {
+    const int64_t e = b * kQ8Block;
+    __m512 x0[MT], x1[MT];
     for (int i = 0; i < MT; ++i) {
-      const int8_t* p = xq + i * ldx + b * kQ8Block;
-      const __m512i v = pair ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      xu[i] = _mm512_xor_si512(v, flip);
-      const float* d = xd + i * ldd + b;
-      xs[i] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(pair ? d[1] : 0.0f), 1);
+      x0[i] = _mm512_loadu_ps(x + i * ldx + e);
+      x1[i] = _mm512_loadu_ps(x + i * ldx + e + 16);
     }
     for (int j = 0; j < NT; ++j) {
-      const BlockQ8_0* wb = w + j * ldw + b;
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0].qs));
-      const __m512i wv = pair ? _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)), 1)
-                              : _mm512_zextsi256_si512(lo);
-      const __m512i bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv), 7));
-      const __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(wb[0].d)), _mm256_set1_ps(pair ? _cvtsh_ss(wb[1].d) : 0.0f), 1);
-      for (int i = 0; i < MT; ++i) {
-        const __m512i s = _mm512_dpbusd_epi32(bias, xu[i], wv);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xs[i]), ws, acc[i][j]);
-      }
+      const BlockQ8_0& blk = w[j * ldw + b];
+      _mm_prefetch(reinterpret_cast<const char*>(&blk + NT * ldw), _MM_HINT_T0);
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(blk.d));
+      const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs)))), d);
+      const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs + 16)))), d);
+      for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(x0[i], w0, acc[i][j]);
+      for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(x1[i], w1, acc[i][j]);
     }
   }
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+template <typename Rows>
+using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 
-using TileF32 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
-
-constexpr TileF32 kTilesF32[kTileM][kTileN] = {
-    {tile_f32<1, 1>, tile_f32<1, 2>, tile_f32<1, 3>, tile_f32<1, 4>},
-    {tile_f32<2, 1>, tile_f32<2, 2>, tile_f32<2, 3>, tile_f32<2, 4>},
-    {tile_f32<3, 1>, tile_f32<3, 2>, tile_f32<3, 3>, tile_f32<3, 4>},
-    {tile_f32<4, 1>, tile_f32<4, 2>, tile_f32<4, 3>, tile_f32<4, 4>}};
-constexpr TileQ8 kTilesQ8[kTileM][kTileN] = {
-    {tile_q8<1, 1>, tile_q8<1, 2>, tile_q8<1, 3>, tile_q8<1, 4>},
-    {tile_q8<2, 1>, tile_q8<2, 2>, tile_q8<2, 3>, tile_q8<2, 4>},
-    {tile_q8<3, 1>, tile_q8<3, 2>, tile_q8<3, 3>, tile_q8<3, 4>},
-    {tile_q8<4, 1>, tile_q8<4, 2>, tile_q8<4, 3>, tile_q8<4, 4>}};
+// Tables of every tile shape, [mt - 1][nt - 1].
+template <typename Rows, size_t... I>
+constexpr auto make_tiles(std::index_sequence<I...>) {
+  return std::array<Tile<Rows>, sizeof...(I)>{tile<Rows, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+}
+template <size_t... I>
+constexpr auto make_tiles_q8(std::index_sequence<I...>) {
+  return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+}
+template <typename Rows>
+constexpr auto kTiles = make_tiles<Rows>(std::make_index_sequence<kTileM * kTileN>());
+constexpr auto kTilesQ8 = make_tiles_q8(std::make_index_sequence<kTileM * kTileN>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
-  kTilesF32[mt - 1][nt - 1](x, ldx, w, ldw, k, y, ldy);
+  kTiles<F32Rows>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
+}
+void gemm_f16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+              int64_t ldy) {
+  kTiles<F16Rows>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
+}
+void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
+               int64_t ldy) {
+  kTiles<BF16Rows>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
 }
 
-void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-               int64_t k, float* y, int64_t ldy) {
-  kTilesQ8[mt - 1][nt - 1](xq, xd, ldx, w, ldw, k, y, ldy);
-}
-
-void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
-  for (int64_t b = 0; b < k / kQ8Block; ++b) {
-    const __m512 v0 = _mm512_loadu_ps(x + b * kQ8Block);
-    const __m512 v1 = _mm512_loadu_ps(x + b * kQ8Block + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    d[b] = amax / 127.0f;
-    const __m512 id = _mm512_set1_ps(amax != 0 ? 127.0f / amax : 0.0f);
-    // cvtps_epi32 rounds to nearest even, as the scalar path's nearbyint does.
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
-  }
+void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
+               int64_t ldy) {
+  kTilesQ8[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -168,13 +182,47 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m512 va = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  if (i < n) {
-    const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+// Four partial sums over the dimensions (d mod 4) keep four FMA chains in flight.
+void attn_scores(const float* kt, const float* q, int hd, float scale, float* s) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int d = 0;
+  for (; d + 4 <= hd; d += 4) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(kt + (d + 1) * 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 2]), _mm512_loadu_ps(kt + (d + 2) * 16), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 3]), _mm512_loadu_ps(kt + (d + 3) * 16), a3);
+  }
+  for (; d < hd; ++d) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), a0);
+  _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), _mm512_set1_ps(scale)));
+}
+
+// Up to 64 dimensions at a time held in registers across the block's positions, with even and
+// odd positions summed apart: eight independent FMA chains instead of one long one.
+void attn_accumulate(const float* v, const float* p, int n, int hd, float* out) {
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    const int chunks = std::min(4, (hd - d0 + 15) / 16);
+    __mmask16 m[4];
+    __m512 even[4], odd[4];
+    for (int c = 0; c < 4; ++c) {
+      const int d = d0 + 16 * c;
+      m[c] = c >= chunks ? __mmask16(0) : hd - d >= 16 ? __mmask16(0xffff) : tail_mask(hd - d);
+      even[c] = _mm512_maskz_loadu_ps(m[c], out + d);
+      odd[c] = _mm512_setzero_ps();
+    }
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const __m512 pe = _mm512_set1_ps(p[j]), po = _mm512_set1_ps(p[j + 1]);
+      for (int c = 0; c < chunks; ++c) {
+        even[c] = _mm512_fmadd_ps(pe, _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c), even[c]);
+        odd[c] = _mm512_fmadd_ps(po, _mm512_maskz_loadu_ps(m[c], v + (j + 1) * hd + d0 + 16 * c), odd[c]);
+      }
+    }
+    if (j < n) {
+      const __m512 pe = _mm512_set1_ps(p[j]);
+      for (int c = 0; c < chunks; ++c)
+        even[c] = _mm512_fmadd_ps(pe, _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c), even[c]);
+    }
+    for (int c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(out + d0 + 16 * c, m[c], _mm512_add_ps(even[c], odd[c]));
   }
 }
 
@@ -227,8 +275,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",    dot_f32,     gemm_f32, gemm_q8_0, quantize_act_q8, to_f32_f16,
-                            to_f32_bf16, to_f32_q8_0, axpy,     exp_sum,   silu_mul};
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+                            to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }
 

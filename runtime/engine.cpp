@@ -13,11 +13,10 @@ namespace {
 EngineOptions resolve(const Model& m, EngineOptions o) {
   const ModelConfig& c = m.config();
   if (o.n_threads < 1) o.n_threads = 1;
-  if (o.block_size < 1) throw Error(ErrorCode::invalid_argument, "block_size must be positive");
   if (o.max_context <= 0) o.max_context = c.n_ctx_train;
   if (o.max_batch_tokens < 1) throw Error(ErrorCode::invalid_argument, "max_batch_tokens must be positive");
   if (o.max_seqs < 1) throw Error(ErrorCode::invalid_argument, "max_seqs must be positive");
-  if (o.n_kv_blocks <= 0) o.n_kv_blocks = (o.max_context + o.block_size - 1) / o.block_size * o.max_seqs;
+  if (o.n_kv_blocks <= 0) o.n_kv_blocks = (o.max_context + kKvBlock - 1) / kKvBlock * o.max_seqs;
   return o;
 }
 
@@ -35,8 +34,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
       opt_(resolve(model, options)),
       vk_(vec_best()),
       pool_(opt_.n_threads),
-      kv_(model.config().n_layer, model.config().n_head_kv, model.config().head_dim, opt_.n_kv_blocks,
-          opt_.block_size) {
+      kv_(model.config().n_layer, model.config().n_head_kv, model.config().head_dim, opt_.n_kv_blocks) {
   const ModelConfig& c = model.config();
   const size_t T = opt_.max_batch_tokens;
   const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
@@ -54,9 +52,9 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   tok_pos_.resize(T);
   logit_rows_.reserve(opt_.max_seqs);
   scores_.resize(opt_.n_threads);
-  for (auto& s : scores_) s.resize(opt_.max_context);
+  for (auto& s : scores_) s.resize((opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock);
   const int64_t max_cols = std::max<int64_t>({c.n_embd, c.n_ff, int64_t(q_dim)});
-  mm_.reserve(opt_.n_threads, T, max_cols);
+  mm_.reserve(opt_.n_threads, max_cols);
 }
 
 void Engine::validate(std::span<const SequenceInput> batch) const {
@@ -65,7 +63,7 @@ void Engine::validate(std::span<const SequenceInput> batch) const {
     throw Error(ErrorCode::invalid_argument, "batch of " + std::to_string(batch.size()) + " sequences exceeds max_seqs " +
                                                  std::to_string(opt_.max_seqs));
   int64_t total = 0;
-  const int bs = kv_.block_size();
+  const int bs = kKvBlock;
   for (size_t s = 0; s < batch.size(); ++s) {
     const SequenceInput& in = batch[s];
     if (in.tokens.empty()) throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + " has no new tokens");
@@ -166,7 +164,7 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
 
   // RoPE, then K and V of every new token into its sequence's blocks.
   const KvLayerView& kv = kv_.layer(il);
-  const int bs = kv.block_size;
+  const int bs = kKvBlock;
   pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* cs = cos_sin_.data() + t * c.n_rot;
@@ -176,9 +174,7 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
       for (int h = 0; h < c.n_head_kv; ++h) {
         float* k = k_.data() + t * kv_dim + h * hd;
         rope_apply(k, c.n_rot, cs, c.rope_style);
-        std::copy(k, k + hd, kv.k + kv.offset(block, h, pos % bs));
-        const float* v = v_.data() + t * kv_dim + h * hd;
-        std::copy(v, v + hd, kv.v + kv.offset(block, h, pos % bs));
+        kv_store(kv, block, h, pos % bs, k, v_.data() + t * kv_dim + h * hd);
       }
     }
   });

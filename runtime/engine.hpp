@@ -18,8 +18,7 @@ namespace celer {
 
 struct EngineOptions {
   int n_threads = 2;
-  int block_size = 16;
-  int32_t n_kv_blocks = 0;        // 0: enough for max_context positions of max_seqs sequences... see below
+  int32_t n_kv_blocks = 0;        // 0: enough for max_seqs sequences of max_context positions
   int32_t max_context = 0;        // longest sequence; 0: the model's trained context
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
@@ -40,7 +39,7 @@ class Engine {
   const Model& model() const { return model_; }
   const EngineOptions& options() const { return opt_; }
   int32_t n_kv_blocks() const { return kv_.n_blocks(); }
-  int block_size() const { return kv_.block_size(); }
+  int block_size() const { return kKvBlock; }
   int32_t max_context() const { return opt_.max_context; }
   const VecKernels& kernels() const { return vk_; }
   ThreadPool& pool() { return pool_; }
@@ -64,7 +63,7 @@ class Engine {
   std::vector<float> x_, xn_, q_, k_, v_, att_, tmp_, gate_, up_, cos_sin_;
   std::vector<int32_t> tok_seq_, tok_pos_;  // which sequence and position each token is
   std::vector<int32_t> logit_rows_;         // token rows whose logits are wanted
-  std::vector<std::vector<float>> scores_;  // per thread: [max_context]
+  std::vector<std::vector<float>> scores_;  // per thread: [max_context rounded up to a block]
 };
 
 }  // namespace celer

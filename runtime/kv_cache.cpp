@@ -2,16 +2,14 @@
 
 namespace celer {
 
-KvCache::KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks, int block_size)
-    : n_blocks_(n_blocks), block_size_(block_size) {
-  const size_t per_tensor = static_cast<size_t>(n_blocks) * n_kv_heads * block_size * head_dim;
+KvCache::KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks) : n_blocks_(n_blocks) {
+  const size_t per_tensor = static_cast<size_t>(n_blocks) * n_kv_heads * kKvBlock * head_dim;
   storage_.assign(per_tensor * 2 * n_layer, 0.0f);
   layers_.resize(n_layer);
   for (int i = 0; i < n_layer; ++i) {
     KvLayerView& l = layers_[i];
     l.k = storage_.data() + per_tensor * (2 * i);
     l.v = storage_.data() + per_tensor * (2 * i + 1);
-    l.block_size = block_size;
     l.n_kv_heads = n_kv_heads;
     l.head_dim = head_dim;
   }

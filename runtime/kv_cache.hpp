@@ -1,5 +1,5 @@
 // The KV memory of one model replica (or one tensor-parallel shard): for every layer, K and V for
-// n_blocks blocks of block_size positions. Which block belongs to which sequence is not known
+// n_blocks blocks of kKvBlock positions. Which block belongs to which sequence is not known
 // here: the caller passes block tables (BlockPool hands the ids out).
 #pragma once
 
@@ -12,21 +12,19 @@ namespace celer {
 
 class KvCache {
  public:
-  KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks, int block_size);
+  KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks);
 
   int32_t n_blocks() const { return n_blocks_; }
-  int block_size() const { return block_size_; }
   const KvLayerView& layer(int i) const { return layers_[i]; }
   uint64_t bytes() const { return storage_.size() * sizeof(float); }
   // Bytes one block takes across all layers, K and V: what a memory budget divides by.
-  static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim, int block_size) {
-    return 2ull * n_layer * n_kv_heads * head_dim * block_size * sizeof(float);
+  static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim) {
+    return 2ull * n_layer * n_kv_heads * head_dim * kKvBlock * sizeof(float);
   }
 
  private:
   int32_t n_blocks_;
-  int block_size_;
-  std::vector<float> storage_;  // [n_layer][K|V][n_blocks, n_kv_heads, block_size, head_dim]
+  std::vector<float> storage_;  // [n_layer][K|V][n_blocks ...] in KvLayerView's layouts
   std::vector<KvLayerView> layers_;
 };
 
