@@ -15,21 +15,40 @@ void kv_store(const KvLayerView& kv, int32_t block, int kv_head, int slot, const
               sizeof(float) * kv.head_dim);
 }
 
-void attend(const VecKernels& vk, const float* q, const KvLayerView& kv, int kv_head, const int32_t* block_table,
-            int32_t n_ctx, float scale, float* scores, float* out) {
+void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, const KvLayerView& kv, int kv_head,
+            const int32_t* block_table, int32_t first_ctx, float scale, float* scores, int64_t scores_stride,
+            float* out, int64_t out_stride) {
   const int hd = kv.head_dim;
-  const int32_t n_blocks = (n_ctx + kKvBlock - 1) / kKvBlock;
-  // Scores of whole blocks; the slots past n_ctx in the last block are computed and ignored.
-  for (int32_t b = 0; b < n_blocks; ++b)
-    vk.attn_scores(kv.k + kv.block_offset(block_table[b], kv_head), q, hd, scale, scores + b * kKvBlock);
-  const float max = *std::max_element(scores, scores + n_ctx);
-  const float sum = vk.exp_sum(scores, n_ctx, max);
-  std::memset(out, 0, sizeof(float) * hd);
-  for (int32_t b = 0; b < n_blocks; ++b)
-    vk.attn_accumulate(kv.v + kv.block_offset(block_table[b], kv_head), scores + b * kKvBlock,
-                       std::min(kKvBlock, n_ctx - b * kKvBlock), hd, out);
-  const float inv = 1.0f / sum;
-  for (int d = 0; d < hd; ++d) out[d] *= inv;
+  const int32_t n_blocks = (first_ctx + nq - 1 + kKvBlock - 1) / kKvBlock;
+  const float* qs[kAttnRows];
+  float* ss[kAttnRows];
+  float* outs[kAttnRows];
+  for (int i = 0; i < nq; ++i) {
+    qs[i] = q + i * q_stride;
+    outs[i] = out + i * out_stride;
+  }
+
+  // Scores of whole blocks; slots past a query's context are set to weight 0 below.
+  for (int32_t b = 0; b < n_blocks; ++b) {
+    for (int i = 0; i < nq; ++i) ss[i] = scores + i * scores_stride + b * kKvBlock;
+    vk.attn_scores(kv.k + kv.block_offset(block_table[b], kv_head), qs, nq, hd, scale, ss);
+  }
+  float inv_sum[kAttnRows];
+  for (int i = 0; i < nq; ++i) {
+    float* s = scores + i * scores_stride;
+    const int32_t n = first_ctx + i;
+    const float max = *std::max_element(s, s + n);
+    inv_sum[i] = 1.0f / vk.exp_sum(s, n, max);
+    std::fill(s + n, s + n_blocks * kKvBlock, 0.0f);
+    std::memset(outs[i], 0, sizeof(float) * hd);
+  }
+  for (int32_t b = 0; b < n_blocks; ++b) {
+    const float* ps[kAttnRows];
+    for (int i = 0; i < nq; ++i) ps[i] = scores + i * scores_stride + b * kKvBlock;
+    vk.attn_accumulate(kv.v + kv.block_offset(block_table[b], kv_head), ps, nq, hd, outs);
+  }
+  for (int i = 0; i < nq; ++i)
+    for (int d = 0; d < hd; ++d) outs[i][d] *= inv_sum[i];
 }
 
 void attend_reference(const float* q, const KvLayerView& kv, int kv_head, const int32_t* block_table,

@@ -34,10 +34,15 @@ struct KvLayerView {
 // Stores one position's key and value vectors ([head_dim] each) into its block and slot.
 void kv_store(const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k, const float* v);
 
-// out = softmax(scale * q . K[0..n_ctx)) V for kv head `kv_head`; position j lives in block
-// block_table[j / kKvBlock] at slot j % kKvBlock. scores: scratch of n_ctx rounded up to kKvBlock.
-void attend(const VecKernels& vk, const float* q, const KvLayerView& kv, int kv_head, const int32_t* block_table,
-            int32_t n_ctx, float scale, float* scores, float* out);
+// Causal attention of nq <= kAttnRows consecutive query tokens of one sequence for one query
+// head: query i (q + i * q_stride) sits at position first_ctx - 1 + i and sees positions
+// [0, first_ctx + i); position j lives in block block_table[j / kKvBlock] at slot j % kKvBlock.
+//   out_i = softmax(scale * q_i . K) V        (out + i * out_stride)
+// scores: scratch of kAttnRows rows of scores_stride >= first_ctx + nq - 1 rounded up to kKvBlock.
+// A query's result does not depend on nq (the tile only shares the K and V loads).
+void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, const KvLayerView& kv, int kv_head,
+            const int32_t* block_table, int32_t first_ctx, float scale, float* scores, int64_t scores_stride,
+            float* out, int64_t out_stride);
 
 // Plain double-precision reference of the same.
 void attend_reference(const float* q, const KvLayerView& kv, int kv_head, const int32_t* block_table,

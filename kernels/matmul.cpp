@@ -38,7 +38,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P;
       const int64_t rows = std::min(P, N - n0);
-      if (M < kSmallM && w.type != TensorType::f32) {
+      if (M < kSmallM) {
         // Few rows: widen the weights in registers as they stream past.
         for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
           const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
@@ -52,21 +52,15 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
               case TensorType::q8_0:
                 vk.gemm_q8_0(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
                 break;
-              case TensorType::f32: break;
+              case TensorType::f32: vk.gemm_f32(x + m0 * K, K, mt, reinterpret_cast<const float*>(wr), K, nt, K, yt, N); break;
             }
           }
         }
         continue;
       }
       // Many rows: widen the panel once, then reuse it for every tile of x.
-      const float* panel;
-      if (w.type == TensorType::f32) {
-        panel = reinterpret_cast<const float*>(w.row(n0));
-      } else {
-        float* buf = scratch.panels[thread].data();
-        for (int64_t r = 0; r < rows; ++r) row_to_f32(vk, w.type, w.row(n0 + r), buf + r * K, K);
-        panel = buf;
-      }
+      float* panel = scratch.panels[thread].data();
+      row_to_f32(vk, w.type, w.row(n0), panel, rows * K);
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
         for (int64_t j = 0; j < rows; j += kTileN)

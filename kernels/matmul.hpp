@@ -2,7 +2,8 @@
 //   y[m, n] = sum_k x[m, k] * w[n, k]        x: [M, K] f32, w: [N, K] (GGUF rows), y: [M, N] f32
 //
 // Plan: the N weight rows are cut into panels that threads take in turn. Prefill (many rows of
-// x): a panel of 64 weight rows is widened to f32 once (exactly) and stays in L2 while every
+// x): a panel of 64 weight rows is widened to f32 once (exactly) into a cache-line-aligned
+// buffer (f32 rows are copied: GGUF aligns tensors to 32 bytes only) and stays in L2 while every
 // tile of kTileM rows of x, held in L1, meets it kTileN weight rows at a time
 // (VecKernels::gemm_f32). Decode (few rows): each thread streams one contiguous run of weight
 // rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0). Each output
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/aligned.hpp"
 #include "kernels/thread_pool.hpp"
 #include "kernels/types.hpp"
 #include "kernels/vec.hpp"
@@ -34,7 +36,7 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
 class MatmulScratch {
  public:
   void reserve(int n_threads, int64_t max_cols);
-  std::vector<std::vector<float>> panels;  // per thread: [panel rows, K]
+  std::vector<AlignedVector<float>> panels;  // per thread: [panel rows, K]
 };
 
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,

@@ -18,6 +18,8 @@ namespace celer {
 // activation vectors and a weight vector in AVX-512's 32 registers.
 constexpr int kTileM = 6;
 constexpr int kTileN = 4;
+// Queries attended together (they share each K and V block load).
+constexpr int kAttnRows = 4;
 
 struct VecKernels {
   const char* name;
@@ -39,11 +41,13 @@ struct VecKernels {
   void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_q8_0)(const BlockQ8_0* src, float* dst, int64_t n);
-  // Attention over one KV block of 16 positions (see attention.hpp for the layouts):
-  // s[j] = scale * sum_d q[d] * kt[d][j] for the 16 slots j, kt: [hd][16].
-  void (*attn_scores)(const float* kt, const float* q, int hd, float scale, float* s);
-  // out[d] += sum_{j < n} p[j] * v[j][d], v: [16][hd], n <= 16.
-  void (*attn_accumulate)(const float* v, const float* p, int n, int hd, float* out);
+  // Attention over one KV block of 16 positions (see attention.hpp for the layouts), for nq <=
+  // kAttnRows queries that share the block (consecutive tokens of one sequence, one head):
+  // s[i][j] = scale * sum_d q[i][d] * kt[d][j] for the 16 slots j, kt: [hd][16].
+  void (*attn_scores)(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s);
+  // out[i][d] += sum_j p[i][j] * v[j][d] over the 16 slots j, v: [16][hd]. A query's weights of
+  // slots it may not see are 0.
+  void (*attn_accumulate)(const float* v, const float* const* p, int nq, int hd, float* const* out);
   // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.

@@ -160,36 +160,43 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-// Two partial sums over the dimensions (d mod 2) per half of the block.
-void attn_scores(const float* kt, const float* q, int hd, float scale, float* s) {
-  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-  int d = 0;
-  for (; d + 2 <= hd; d += 2) {
-    const __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
-    lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
-    hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
-    lo1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16), lo1);
-    hi1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16 + 8), hi1);
+// Two partial sums over the dimensions (d mod 2) per half of the block, one query at a time.
+void attn_scores(const float* kt, const float* const* qs, int nq, int hd, float scale, float* const* ss) {
+  for (int i = 0; i < nq; ++i) {
+    const float* q = qs[i];
+    __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+    int d = 0;
+    for (; d + 2 <= hd; d += 2) {
+      const __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
+      lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
+      hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
+      lo1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16), lo1);
+      hi1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16 + 8), hi1);
+    }
+    if (d < hd) {
+      const __m256 q0 = _mm256_set1_ps(q[d]);
+      lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
+      hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(ss[i], _mm256_mul_ps(_mm256_add_ps(lo0, lo1), sc));
+    _mm256_storeu_ps(ss[i] + 8, _mm256_mul_ps(_mm256_add_ps(hi0, hi1), sc));
   }
-  if (d < hd) {
-    const __m256 q0 = _mm256_set1_ps(q[d]);
-    lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
-    hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
-  }
-  const __m256 sc = _mm256_set1_ps(scale);
-  _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_add_ps(lo0, lo1), sc));
-  _mm256_storeu_ps(s + 8, _mm256_mul_ps(_mm256_add_ps(hi0, hi1), sc));
 }
 
-void attn_accumulate(const float* v, const float* p, int n, int hd, float* out) {
-  int d = 0;
-  for (; d + 8 <= hd; d += 8) {
-    __m256 acc = _mm256_loadu_ps(out + d);
-    for (int j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * hd + d), acc);
-    _mm256_storeu_ps(out + d, acc);
+void attn_accumulate(const float* v, const float* const* ps, int nq, int hd, float* const* outs) {
+  for (int i = 0; i < nq; ++i) {
+    const float* p = ps[i];
+    float* out = outs[i];
+    int d = 0;
+    for (; d + 8 <= hd; d += 8) {
+      __m256 acc = _mm256_loadu_ps(out + d);
+      for (int j = 0; j < 16; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * hd + d), acc);
+      _mm256_storeu_ps(out + d, acc);
+    }
+    for (; d < hd; ++d)
+      for (int j = 0; j < 16; ++j) out[d] += p[j] * v[j * hd + d];
   }
-  for (; d < hd; ++d)
-    for (int j = 0; j < n; ++j) out[d] += p[j] * v[j * hd + d];
 }
 
 // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, and e^r by its Taylor polynomial

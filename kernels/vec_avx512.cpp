@@ -182,47 +182,72 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-// Four partial sums over the dimensions (d mod 4) keep four FMA chains in flight.
-void attn_scores(const float* kt, const float* q, int hd, float scale, float* s) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// NQ queries against one K block: four partial sums per query over the dimensions (d mod 4),
+// each K row loaded once for all queries. A query's arithmetic does not depend on NQ.
+template <int NQ>
+void scores_n(const float* kt, const float* const* q, int hd, float scale, float* const* s) {
+  __m512 a[NQ][4];
+  for (int i = 0; i < NQ; ++i)
+    for (int r = 0; r < 4; ++r) a[i][r] = _mm512_setzero_ps();
   int d = 0;
-  for (; d + 4 <= hd; d += 4) {
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(kt + (d + 1) * 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 2]), _mm512_loadu_ps(kt + (d + 2) * 16), a2);
-    a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 3]), _mm512_loadu_ps(kt + (d + 3) * 16), a3);
+  for (; d + 4 <= hd; d += 4)
+    for (int r = 0; r < 4; ++r) {
+      const __m512 k = _mm512_loadu_ps(kt + (d + r) * 16);
+      for (int i = 0; i < NQ; ++i) a[i][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + r]), k, a[i][r]);
+    }
+  for (; d < hd; ++d) {
+    const __m512 k = _mm512_loadu_ps(kt + d * 16);
+    for (int i = 0; i < NQ; ++i) a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, a[i][0]);
   }
-  for (; d < hd; ++d) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), a0);
-  _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), _mm512_set1_ps(scale)));
+  for (int i = 0; i < NQ; ++i)
+    _mm512_storeu_ps(s[i], _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3])),
+                                         _mm512_set1_ps(scale)));
 }
 
-// Up to 64 dimensions at a time held in registers across the block's positions, with even and
-// odd positions summed apart: eight independent FMA chains instead of one long one.
-void attn_accumulate(const float* v, const float* p, int n, int hd, float* out) {
-  for (int d0 = 0; d0 < hd; d0 += 64) {
-    const int chunks = std::min(4, (hd - d0 + 15) / 16);
-    __mmask16 m[4];
-    __m512 even[4], odd[4];
-    for (int c = 0; c < 4; ++c) {
+void attn_scores(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
+  switch (nq) {
+    case 1: scores_n<1>(kt, q, hd, scale, s); break;
+    case 2: scores_n<2>(kt, q, hd, scale, s); break;
+    case 3: scores_n<3>(kt, q, hd, scale, s); break;
+    default: scores_n<4>(kt, q, hd, scale, s); break;
+  }
+}
+
+// NQ queries' weighted sums of one V block: 32 dimensions at a time in registers, even and odd
+// slots summed apart (independent FMA chains), each V row loaded once for all queries.
+template <int NQ>
+void accumulate_n(const float* v, const float* const* p, int hd, float* const* out) {
+  for (int d0 = 0; d0 < hd; d0 += 32) {
+    __mmask16 m[2];
+    __m512 even[NQ][2], odd[NQ][2];
+    for (int c = 0; c < 2; ++c) {
       const int d = d0 + 16 * c;
-      m[c] = c >= chunks ? __mmask16(0) : hd - d >= 16 ? __mmask16(0xffff) : tail_mask(hd - d);
-      even[c] = _mm512_maskz_loadu_ps(m[c], out + d);
-      odd[c] = _mm512_setzero_ps();
-    }
-    int j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const __m512 pe = _mm512_set1_ps(p[j]), po = _mm512_set1_ps(p[j + 1]);
-      for (int c = 0; c < chunks; ++c) {
-        even[c] = _mm512_fmadd_ps(pe, _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c), even[c]);
-        odd[c] = _mm512_fmadd_ps(po, _mm512_maskz_loadu_ps(m[c], v + (j + 1) * hd + d0 + 16 * c), odd[c]);
+      m[c] = d >= hd ? __mmask16(0) : hd - d >= 16 ? __mmask16(0xffff) : tail_mask(hd - d);
+      for (int i = 0; i < NQ; ++i) {
+        even[i][c] = _mm512_maskz_loadu_ps(m[c], out[i] + d);
+        odd[i][c] = _mm512_setzero_ps();
       }
     }
-    if (j < n) {
-      const __m512 pe = _mm512_set1_ps(p[j]);
-      for (int c = 0; c < chunks; ++c)
-        even[c] = _mm512_fmadd_ps(pe, _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c), even[c]);
-    }
-    for (int c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(out + d0 + 16 * c, m[c], _mm512_add_ps(even[c], odd[c]));
+    for (int j = 0; j < 16; j += 2)
+      for (int c = 0; c < 2; ++c) {
+        const __m512 ve = _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c);
+        const __m512 vo = _mm512_maskz_loadu_ps(m[c], v + (j + 1) * hd + d0 + 16 * c);
+        for (int i = 0; i < NQ; ++i) {
+          even[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), ve, even[i][c]);
+          odd[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), vo, odd[i][c]);
+        }
+      }
+    for (int c = 0; c < 2; ++c)
+      for (int i = 0; i < NQ; ++i) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], _mm512_add_ps(even[i][c], odd[i][c]));
+  }
+}
+
+void attn_accumulate(const float* v, const float* const* p, int nq, int hd, float* const* out) {
+  switch (nq) {
+    case 1: accumulate_n<1>(v, p, hd, out); break;
+    case 2: accumulate_n<2>(v, p, hd, out); break;
+    case 3: accumulate_n<3>(v, p, hd, out); break;
+    default: accumulate_n<4>(v, p, hd, out); break;
   }
 }
 

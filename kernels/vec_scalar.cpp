@@ -68,16 +68,19 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-void attn_scores(const float* kt, const float* q, int hd, float scale, float* s) {
-  float acc[16] = {};
-  for (int d = 0; d < hd; ++d)
-    for (int j = 0; j < 16; ++j) acc[j] += q[d] * kt[d * 16 + j];
-  for (int j = 0; j < 16; ++j) s[j] = acc[j] * scale;
+void attn_scores(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
+  for (int i = 0; i < nq; ++i) {
+    float acc[16] = {};
+    for (int d = 0; d < hd; ++d)
+      for (int j = 0; j < 16; ++j) acc[j] += q[i][d] * kt[d * 16 + j];
+    for (int j = 0; j < 16; ++j) s[i][j] = acc[j] * scale;
+  }
 }
 
-void attn_accumulate(const float* v, const float* p, int n, int hd, float* out) {
-  for (int j = 0; j < n; ++j)
-    for (int d = 0; d < hd; ++d) out[d] += p[j] * v[j * hd + d];
+void attn_accumulate(const float* v, const float* const* p, int nq, int hd, float* const* out) {
+  for (int i = 0; i < nq; ++i)
+    for (int j = 0; j < 16; ++j)
+      for (int d = 0; d < hd; ++d) out[i][d] += p[i][j] * v[j * hd + d];
 }
 
 float exp_sum(float* x, int64_t n, float max) {

@@ -52,7 +52,9 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   tok_pos_.resize(T);
   logit_rows_.reserve(opt_.max_seqs);
   scores_.resize(opt_.n_threads);
-  for (auto& s : scores_) s.resize((opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock);
+  scores_stride_ = (opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock;
+  for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnRows) * scores_stride_);
+  tasks_.reserve(T);
   const int64_t max_cols = std::max<int64_t>({c.n_embd, c.n_ff, int64_t(q_dim)});
   mm_.reserve(opt_.n_threads, max_cols);
 }
@@ -179,16 +181,26 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
     }
   });
 
-  // Each (token, head) attends causally to its sequence's positions up to its own.
+  // Runs of up to kAttnRows consecutive tokens of one sequence attend together, head by head.
+  // tasks_ lists the runs: (first token row, count).
+  tasks_.clear();
+  for (int64_t t = 0; t < T;) {
+    int n = 1;
+    while (n < kAttnRows && t + n < T && tok_seq_[t + n] == tok_seq_[t]) ++n;
+    tasks_.push_back({static_cast<int32_t>(t), n});
+    t += n;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = c.n_head / c.n_head_kv;
-  pool_.parallel_for(T * c.n_head, 4, [&](int64_t i0, int64_t i1, int thread) {
+  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * c.n_head;
+  pool_.parallel_for(n_tasks, 2, [&](int64_t i0, int64_t i1, int thread) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / c.n_head;
+      const AttentionRun& run = tasks_[i / c.n_head];
       const int h = static_cast<int>(i % c.n_head);
-      const SequenceInput& in = batch[tok_seq_[t]];
-      attend(vk_, q_.data() + t * q_dim + h * hd, kv, h / group, in.block_table.data(), tok_pos_[t] + 1, scale,
-             scores_[thread].data(), att_.data() + t * q_dim + h * hd);
+      const SequenceInput& in = batch[tok_seq_[run.first]];
+      attend(vk_, q_.data() + run.first * q_dim + h * hd, q_dim, run.count, kv, h / group, in.block_table.data(),
+             tok_pos_[run.first] + 1, scale, scores_[thread].data(), scores_stride_,
+             att_.data() + run.first * q_dim + h * hd, q_dim);
     }
   });
 }

@@ -259,13 +259,20 @@ TEST_CASE("paged attention matches the reference across scattered blocks", "[ker
     kv_store(kv, 8, 1, 5, k1.data(), v1.data());
     for (int d = 0; d < hd; ++d) REQUIRE((kv.k_at(8, 1, 5, d) == k1[d] && kv.v_at(8, 1, 5, d) == v1[d]));
     for (const VecKernels* vk : kernel_sets()) {
-      for (int32_t n_ctx : {1, 15, 16, 17, 40, 80}) {
+      for (int32_t n_ctx : {1, 15, 16, 17, 40, 77}) {
         INFO(vk->name << " hd=" << hd << " n_ctx=" << n_ctx);
-        const auto q = random_vector(rng, hd, 2.0f);
-        std::vector<float> scores(80), out(hd), ref(hd);
-        attend(*vk, q.data(), kv, 1, table.data(), n_ctx, 0.2f, scores.data(), out.data());
-        attend_reference(q.data(), kv, 1, table.data(), n_ctx, 0.2f, ref.data());
-        for (int i = 0; i < hd; ++i) CHECK(out[i] == Approx(ref[i]).margin(1e-5));
+        // kAttnRows consecutive queries at positions n_ctx - 1, n_ctx, ...
+        const auto q = random_vector(rng, kAttnRows * hd, 2.0f);
+        const int64_t stride = 80;
+        std::vector<float> scores(kAttnRows * stride), out(kAttnRows * hd), ref(hd), alone(hd);
+        attend(*vk, q.data(), hd, kAttnRows, kv, 1, table.data(), n_ctx, 0.2f, scores.data(), stride, out.data(), hd);
+        for (int i = 0; i < kAttnRows; ++i) {
+          attend_reference(q.data() + i * hd, kv, 1, table.data(), n_ctx + i, 0.2f, ref.data());
+          for (int d = 0; d < hd; ++d) CHECK(out[i * hd + d] == Approx(ref[d]).margin(1e-5));
+          // The same query attended alone gives the same bits.
+          attend(*vk, q.data() + i * hd, hd, 1, kv, 1, table.data(), n_ctx + i, 0.2f, scores.data(), stride, alone.data(), hd);
+          for (int d = 0; d < hd; ++d) REQUIRE(alone[d] == out[i * hd + d]);
+        }
       }
     }
   }
