@@ -64,7 +64,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
         for (int64_t j = 0; j < rows; j += kTileN)
-          vk.gemm_f32(x + m0 * K, K, mt, panel + j * K, K, static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K,
+          vk.gemm_f32_cached(x + m0 * K, K, mt, panel + j * K, K, static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K,
                       y + m0 * N + n0 + j, N);
       }
     }

@@ -28,6 +28,9 @@ struct VecKernels {
   // y[i * ldy + j] = dot(x[i * ldx ...], w[j * ldw ...]) over k, for i < mt <= kTileM, j < nt <= kTileN.
   void (*gemm_f32)(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
                    int64_t ldy);
+  // gemm_f32 for weights already in cache (a widened panel): the same results, no prefetching.
+  void (*gemm_f32_cached)(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k,
+                          float* y, int64_t ldy);
   // The same with f16, bf16 or Q8_0 weight rows (ldw in elements, or blocks for Q8_0), widened
   // to f32 on load. The widening is exact, so these give bit for bit what gemm_f32 gives on the
   // widened rows: decode reads the weights in place, prefill widens a panel once and reuses it.

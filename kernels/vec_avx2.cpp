@@ -245,7 +245,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }

@@ -40,6 +40,29 @@ float dot_f32(const float* a, const float* b, int64_t k) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// Horizontal sums of four accumulators at once, stored to y[0..n) (n <= 4). Each vector is
+// summed in one fixed order whatever its neighbours (halves of 256, then of 128, then pairs,
+// as _mm512_reduce_add_ps does), so every tile shape gives the same bits; sharing the shuffles
+// between four vectors costs a third of four separate reductions.
+inline void reduce4_store(__m512 a, __m512 b, __m512 c, __m512 d, float* y, int n) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m512 w = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  const __m512 r = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+  const __m512 packed = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), r);
+  _mm_mask_storeu_ps(y, static_cast<__mmask8>((1u << n) - 1), _mm512_castps512_ps128(packed));
+}
+
+template <int MT, int NT>
+inline void store_tile(__m512 (&acc)[MT][NT], float* y, int64_t ldy) {
+  static_assert(NT <= 4, "reduce4_store handles four columns");
+  const __m512 z = _mm512_setzero_ps();
+  for (int i = 0; i < MT; ++i)
+    reduce4_store(acc[i][0], NT > 1 ? acc[i][NT > 1 ? 1 : 0] : z, NT > 2 ? acc[i][NT > 2 ? 2 : 0] : z,
+                  NT > 3 ? acc[i][NT > 3 ? 3 : 0] : z, y + i * ldy, NT);
+}
+
 // Weight rows in each type, widened to f32 as they are loaded; the widening is exact (a Q8_0
 // value d * q has at most 11 + 8 significant bits), so a tile on a row type gives bit for bit
 // what gemm_f32 gives on the widened row. load(row, e) returns elements e..e+15 of a row.
@@ -66,11 +89,11 @@ struct Q8Rows {
 };
 
 // An MT x NT tile: each output has one accumulator fed 16 products at a time in K order; the
-// tile's independent accumulators (up to 24) keep both FMA units busy. Each weight row is
-// prefetched at the same place in the next tile's rows (the matrix is read in row order): at
-// decode every weight comes once from DRAM, and the hardware prefetchers alone leave the cores
-// waiting.
-template <typename Rows, int MT, int NT>
+// tile's independent accumulators (up to 24) keep both FMA units busy. When the weights stream
+// from memory (decode), each row is prefetched at the same place in the next tile's rows (the
+// matrix is read in row order): the hardware prefetchers alone leave the cores waiting. A panel
+// already in L2 (prefill) is not prefetched: that would only push the activations out of L1.
+template <typename Rows, bool Prefetch, int MT, int NT>
 void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
@@ -80,7 +103,7 @@ void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
     __m512 xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
-      _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
+      if constexpr (Prefetch) _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
       const __m512 wv = Rows::load(w + j * ldw, e);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
     }
@@ -94,8 +117,7 @@ void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+  store_tile(acc, y, ldy);
 }
 
 // The Q8_0 tile walks whole blocks: one scale conversion per block and row, the same 16-wide
@@ -122,29 +144,32 @@ void tile_q8(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm512_fmadd_ps(x1[i], w1, acc[i][j]);
     }
   }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+  store_tile(acc, y, ldy);
 }
 
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 
 // Tables of every tile shape, [mt - 1][nt - 1].
-template <typename Rows, size_t... I>
+template <typename Rows, bool Prefetch, size_t... I>
 constexpr auto make_tiles(std::index_sequence<I...>) {
-  return std::array<Tile<Rows>, sizeof...(I)>{tile<Rows, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+  return std::array<Tile<Rows>, sizeof...(I)>{tile<Rows, Prefetch, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
 template <size_t... I>
 constexpr auto make_tiles_q8(std::index_sequence<I...>) {
   return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
-template <typename Rows>
-constexpr auto kTiles = make_tiles<Rows>(std::make_index_sequence<kTileM * kTileN>());
+template <typename Rows, bool Prefetch = true>
+constexpr auto kTiles = make_tiles<Rows, Prefetch>(std::make_index_sequence<kTileM * kTileN>());
 constexpr auto kTilesQ8 = make_tiles_q8(std::make_index_sequence<kTileM * kTileN>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
   kTiles<F32Rows>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
+}
+void gemm_f32_cached(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
+                     int64_t ldy) {
+  kTiles<F32Rows, false>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
 }
 void gemm_f16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -300,7 +325,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",   dot_f32,     gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }
