@@ -8,6 +8,16 @@
 
 namespace celer {
 
+const char* to_string(StopReason reason) {
+  switch (reason) {
+    case StopReason::max_tokens: return "max tokens reached";
+    case StopReason::end_of_generation: return "end of generation token";
+    case StopReason::context_full: return "context full";
+    case StopReason::caller: return "stopped by caller";
+  }
+  return "?";
+}
+
 GenerateStats generate(Engine& engine, std::span<const TokenId> prompt, const GenerateOptions& options,
                        const std::function<bool(TokenId)>& on_token) {
   using clock = std::chrono::steady_clock;
@@ -16,8 +26,10 @@ GenerateStats generate(Engine& engine, std::span<const TokenId> prompt, const Ge
   if (prompt.empty()) throw Error(ErrorCode::invalid_argument, "the prompt is empty");
   if (static_cast<int64_t>(prompt.size()) >= engine.max_context())
     throw Error(ErrorCode::context_overflow, "the prompt has " + std::to_string(prompt.size()) +
-                                                 " tokens; the context holds " + std::to_string(engine.max_context()));
-  const int32_t max_new = std::min<int32_t>(options.max_tokens, engine.max_context() - static_cast<int32_t>(prompt.size()));
+                                                 " tokens; the context holds " + std::to_string(engine.max_context()) +
+                                                 " (one more is needed for the first generated token)");
+  const int32_t room = engine.max_context() - static_cast<int32_t>(prompt.size());
+  const int32_t max_new = std::min<int32_t>(options.max_tokens, room);
 
   BlockPool pool(engine.n_kv_blocks());
   std::vector<int32_t> table;
@@ -57,7 +69,18 @@ GenerateStats generate(Engine& engine, std::span<const TokenId> prompt, const Ge
     history.push_back(next);
     ++stats.n_generated;
     const bool eog = !options.ignore_eos && model.tokenizer().is_end_of_generation(next);
-    if (!on_token(next) || eog || i + 1 == max_new) break;
+    if (!on_token(next)) {
+      stats.stop = StopReason::caller;
+      break;
+    }
+    if (eog) {
+      stats.stop = StopReason::end_of_generation;
+      break;
+    }
+    if (i + 1 == max_new) {
+      stats.stop = max_new < options.max_tokens ? StopReason::context_full : StopReason::max_tokens;
+      break;
+    }
     ensure_blocks(n_past + 1);
     SequenceInput in{std::span<const TokenId>(&history.back(), 1), n_past, table, true};
     engine.forward({&in, 1}, logits.data());

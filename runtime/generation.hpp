@@ -19,7 +19,11 @@ struct GenerateOptions {
   bool ignore_eos = false;
 };
 
+enum class StopReason { max_tokens, end_of_generation, context_full, caller };
+const char* to_string(StopReason reason);
+
 struct GenerateStats {
+  StopReason stop = StopReason::max_tokens;
   int32_t n_prompt = 0;
   int32_t n_generated = 0;
   double prompt_seconds = 0;  // prefill, up to and including the first sampled token (TTFT)

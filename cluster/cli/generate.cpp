@@ -1,10 +1,12 @@
 // celer generate: stream a completion of a prompt from a local model.
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <thread>
 
 #include "cluster/cli/commands.hpp"
 #include "runtime/engine.hpp"
+#include "runtime/error.hpp"
 #include "runtime/generation.hpp"
 #include "runtime/model.hpp"
 
@@ -26,12 +28,17 @@ int run_generate(const GenerateArgs& a) {
   Model model(a.model);
   EngineOptions eo;
   eo.n_threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  eo.max_context = a.context > 0 ? a.context : model.config().n_ctx_train;
+  // Like llama.cpp: at most 4096 positions unless asked, so a 128k-context model does not
+  // reserve gigabytes of KV memory for a short prompt.
+  eo.max_context = a.context > 0 ? a.context : std::min(model.config().n_ctx_train, 4096);
   eo.max_seqs = 1;
   Engine engine(model, eo);
 
   const Tokenizer& tok = model.tokenizer();
   const std::vector<TokenId> prompt = tok.encode(a.prompt, tok.add_bos_default(), true);
+  if (static_cast<int32_t>(prompt.size()) >= eo.max_context)
+    throw Error(ErrorCode::context_overflow, "the prompt has " + std::to_string(prompt.size()) + " tokens but the context holds " +
+                                                 std::to_string(eo.max_context) + " (see --context)");
   std::fputs(a.prompt.c_str(), stdout);
   std::fflush(stdout);
 
@@ -54,9 +61,9 @@ int run_generate(const GenerateArgs& a) {
   const double decode_tps = s.n_generated > 1 ? (s.n_generated - 1) / s.decode_seconds : 0.0;
   std::fprintf(stderr,
                "\n[celer] %s: prompt %d tokens, TTFT %.1f ms (%.1f tokens/s prefill), generated %d tokens, "
-               "%.1f tokens/s, %d threads, %s kernels\n",
+               "%.1f tokens/s, %d threads, %s kernels; stopped: %s\n",
                model.name().c_str(), s.n_prompt, s.prompt_seconds * 1e3, s.n_prompt / s.prompt_seconds,
-               s.n_generated, decode_tps, eo.n_threads, engine.kernels().name);
+               s.n_generated, decode_tps, eo.n_threads, engine.kernels().name, to_string(s.stop));
   return 0;
 }
 
