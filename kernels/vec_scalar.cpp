@@ -14,43 +14,39 @@ float dot_f32(const float* a, const float* b, int64_t k) {
   return sum;
 }
 
+// One tile for every weight type: element(row, e) widens element e of a weight row to f32.
+template <typename T, typename Element>
+void tile(const float* x, int64_t ldx, int mt, const T* w, int64_t ldw, int nt, int64_t k, float* y, int64_t ldy,
+          Element element) {
+  for (int i = 0; i < mt; ++i)
+    for (int j = 0; j < nt; ++j) {
+      float sum = 0;
+      for (int64_t e = 0; e < k; ++e) sum += x[i * ldx + e] * element(w + j * ldw, e);
+      y[i * ldy + j] = sum;
+    }
+}
+
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
-  for (int i = 0; i < mt; ++i)
-    for (int j = 0; j < nt; ++j) y[i * ldy + j] = dot_f32(x + i * ldx, w + j * ldw, k);
+  tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const float* r, int64_t e) { return r[e]; });
 }
 
 void gemm_f16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
-  for (int i = 0; i < mt; ++i)
-    for (int j = 0; j < nt; ++j) {
-      float sum = 0;
-      for (int64_t e = 0; e < k; ++e) sum += x[i * ldx + e] * fp16_to_f32(w[j * ldw + e]);
-      y[i * ldy + j] = sum;
-    }
+  tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const uint16_t* r, int64_t e) { return fp16_to_f32(r[e]); });
 }
 
 void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
                int64_t ldy) {
-  for (int i = 0; i < mt; ++i)
-    for (int j = 0; j < nt; ++j) {
-      float sum = 0;
-      for (int64_t e = 0; e < k; ++e) sum += x[i * ldx + e] * bf16_to_f32(w[j * ldw + e]);
-      y[i * ldy + j] = sum;
-    }
+  tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const uint16_t* r, int64_t e) { return bf16_to_f32(r[e]); });
 }
 
 void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
                int64_t ldy) {
-  for (int i = 0; i < mt; ++i)
-    for (int j = 0; j < nt; ++j) {
-      float sum = 0;
-      for (int64_t e = 0; e < k; ++e) {
-        const BlockQ8_0& b = w[j * ldw + e / kQ8Block];
-        sum += x[i * ldx + e] * (fp16_to_f32(b.d) * b.qs[e % kQ8Block]);
-      }
-      y[i * ldy + j] = sum;
-    }
+  tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const BlockQ8_0* r, int64_t e) {
+    const BlockQ8_0& b = r[e / kQ8Block];
+    return fp16_to_f32(b.d) * b.qs[e % kQ8Block];
+  });
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
