@@ -14,19 +14,34 @@ constexpr int64_t kSmallM = 16;
 
 }  // namespace
 
-void MatmulScratch::reserve(int n_threads, int64_t max_cols) {
+void MatmulScratch::reserve(int n_threads, int64_t max_rows, int64_t max_cols) {
+  xq.resize(static_cast<size_t>(max_rows * max_cols));
+  xd.resize(static_cast<size_t>(max_rows * max_cols / kQ8Block));
   panels.resize(n_threads);
   for (auto& p : panels) p.resize(static_cast<size_t>(kPanelRows * max_cols));
 }
 
+const char* to_string(Q8Activations mode) { return mode == Q8Activations::int8 ? "int8" : "f32"; }
+
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
-            const float* x, int64_t M, float* y) {
+            const float* x, int64_t M, float* y, Q8Activations q8) {
+  const bool int8 = w.type == TensorType::q8_0 && q8 == Q8Activations::int8;
   const int64_t K = w.cols;
   const int64_t N = w.rows;
   // Grown only if the caller did not reserve enough (tests); the engine reserves up front.
   if (scratch.panels.size() < static_cast<size_t>(pool.size())) scratch.panels.resize(pool.size());
+  if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
+  if (scratch.xd.size() < static_cast<size_t>(M * K / kQ8Block)) scratch.xd.resize(M * K / kQ8Block);
   for (auto& p : scratch.panels)
     if (p.size() < static_cast<size_t>(kPanelRows * K)) p.resize(kPanelRows * K);
+
+  // Quantized once per call, row by row: the same row gives the same bytes whatever M is.
+  if (int8) {
+    pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
+      for (int64_t m = m0; m < m1; ++m)
+        vk.quantize_act_q8(x + m * K, scratch.xq.data() + m * K, scratch.xd.data() + m * (K / kQ8Block), K);
+    });
+  }
 
   const int64_t P = M >= kSmallM ? kPanelRows : kSmallPanelRows;
   const int64_t n_panels = (N + P - 1) / P;
@@ -50,11 +65,28 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
               case TensorType::f16: vk.gemm_f16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
               case TensorType::bf16: vk.gemm_bf16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
               case TensorType::q8_0:
-                vk.gemm_q8_0(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
+                if (!int8) {
+                  vk.gemm_q8_0_widened(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
+                  break;
+                }
+                vk.gemm_q8_0(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt,
+                             reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
                 break;
               case TensorType::f32: vk.gemm_f32(x + m0 * K, K, mt, reinterpret_cast<const float*>(wr), K, nt, K, yt, N); break;
             }
           }
+        }
+        continue;
+      }
+      if (int8) {
+        // Many rows, Q8_0 with int8 activations: the panel's blocks (34 bytes per 32 weights) stay in L2 in place.
+        const auto* wb = reinterpret_cast<const BlockQ8_0*>(w.row(n0));
+        const int64_t ldw = K / kQ8Block;
+        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+          const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+          for (int64_t j = 0; j < rows; j += kTileN)
+            vk.gemm_q8_0_cached(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt, wb + j * ldw,
+                                ldw, static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K, y + m0 * N + n0 + j, N);
         }
         continue;
       }

@@ -6,7 +6,9 @@
 // buffer (f32 rows are copied: GGUF aligns tensors to 32 bytes only) and stays in L2 while every
 // tile of kTileM rows of x, held in L1, meets it kTileN weight rows at a time
 // (VecKernels::gemm_f32). Decode (few rows): each thread streams one contiguous run of weight
-// rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0). Each output
+// rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0_widened).
+// Q8_0 weights can instead meet activations quantized to int8 once per call, in int8 dot
+// products, in prefill and decode alike (Q8Activations::int8). Each output
 // comes from one accumulator in one K order, so the result of a row never depends on M or the
 // panel split (batch invariance, see vec.hpp).
 #pragma once
@@ -35,12 +37,21 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
 // never allocates: a widened weight panel per thread.
 class MatmulScratch {
  public:
-  void reserve(int n_threads, int64_t max_cols);
+  void reserve(int n_threads, int64_t max_rows, int64_t max_cols);
+  AlignedVector<int8_t> xq;                  // [M, K]: activations quantized for Q8_0 weights
+  AlignedVector<float> xd;                   // [M, K / 32]: their scales
   std::vector<AlignedVector<float>> panels;  // per thread: [panel rows, K]
 };
 
+// How Q8_0 weights meet the activations. Either way a row's result does not depend on the batch.
+enum class Q8Activations {
+  f32,   // weights widened exactly to f32, like F16: the fastest prefill here, the most accurate
+  int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic)
+};
+const char* to_string(Q8Activations mode);
+
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
-            const float* x, int64_t M, float* y);
+            const float* x, int64_t M, float* y, Q8Activations q8 = Q8Activations::f32);
 
 // The plain reference: weights expanded to f32, dot products in double, single-threaded.
 void matmul_reference(const WeightMatrix& w, const float* x, int64_t M, float* y);

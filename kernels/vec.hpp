@@ -31,15 +31,27 @@ struct VecKernels {
   // gemm_f32 for weights already in cache (a widened panel): the same results, no prefetching.
   void (*gemm_f32_cached)(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k,
                           float* y, int64_t ldy);
-  // The same with f16, bf16 or Q8_0 weight rows (ldw in elements, or blocks for Q8_0), widened
-  // to f32 on load. The widening is exact, so these give bit for bit what gemm_f32 gives on the
-  // widened rows: decode reads the weights in place, prefill widens a panel once and reuses it.
+  // The same with f16 or bf16 weight rows, widened to f32 on load. The widening is exact, so
+  // these give bit for bit what gemm_f32 gives on the widened rows: decode reads the weights in
+  // place, prefill widens a panel once and reuses it.
   void (*gemm_f16)(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
                    int64_t ldy);
   void (*gemm_bf16)(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
                     int64_t ldy);
-  void (*gemm_q8_0)(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
-                    int64_t ldy);
+  // Q8_0 weight rows (ldw in blocks) widened exactly to f32 on load (d * q fits an f32
+  // mantissa): bit for bit gemm_f32 on the widened rows, like gemm_f16.
+  void (*gemm_q8_0_widened)(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k,
+                            float* y, int64_t ldy);
+  // Q8_0 weight rows (ldw in blocks) against activations quantized by quantize_act_q8: int8
+  // values xq (row stride ldx) and one f32 scale per 32 (xd, row stride ldx / 32). Exact int32
+  // dot products per block, scaled by both scales into one f32 accumulator per output.
+  // The _cached form skips prefetching, for weight panels that stay in L2 (prefill).
+  void (*gemm_q8_0)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+                    int64_t k, float* y, int64_t ldy);
+  void (*gemm_q8_0_cached)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw,
+                           int nt, int64_t k, float* y, int64_t ldy);
+  // x (f32, k a multiple of 32) -> int8 q and a scale per 32: d = absmax / 127, q = round(x / d).
+  void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int64_t k);
   // A row of n elements of the given type -> f32 (exactly).
   void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);

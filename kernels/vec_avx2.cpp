@@ -107,6 +107,40 @@ void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
   }
 }
 
+// Q8_0 tile, one block (32 values) per step. maddubs multiplies unsigned by signed bytes into
+// int16 pairs, so w's sign moves onto x and |w| is used (pairs stay below 2^15 since |x| <= 127);
+// madd with ones widens to int32. Exact int32 sums, scaled per block into an f32 accumulator.
+template <int MT, int NT>
+void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
+             int64_t ldy) {
+  const int64_t nb = k / kQ8Block;
+  const int64_t ldd = ldx / kQ8Block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * ldx + b * kQ8Block));
+    for (int j = 0; j < NT; ++j) {
+      const BlockQ8_0& wb = w[j * ldw + b];
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
+      const __m256 ws = _mm256_set1_ps(_cvtsh_ss(wb.d));
+      for (int i = 0; i < MT; ++i) {
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * ldd + b])), ws, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
+constexpr TileQ8 kTilesQ8[2][kTileN] = {{tile_q8<1, 1>, tile_q8<1, 2>, tile_q8<1, 3>, tile_q8<1, 4>},
+                                        {tile_q8<2, 1>, tile_q8<2, 2>, tile_q8<2, 3>, tile_q8<2, 4>}};
+
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 template <typename Rows>
@@ -133,9 +167,40 @@ void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t l
   gemm_rows<BF16Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
 }
 
-void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
-               int64_t ldy) {
+void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k,
+                       float* y, int64_t ldy) {
   gemm_rows<Q8Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+
+void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+               int64_t k, float* y, int64_t ldy) {
+  for (int i = 0; i < mt; i += 2)
+    kTilesQ8[std::min(2, mt - i) - 1][nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w, ldw, k, y + i * ldy, ldy);
+}
+
+void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / kQ8Block; ++b) {
+    const float* xb = x + b * kQ8Block;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xb + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[j]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float a = _mm_cvtss_f32(m);
+    d[b] = a / 127.0f;
+    const __m256 id = _mm256_set1_ps(a != 0 ? 127.0f / a : 0.0f);
+    __m256i qi[4];
+    for (int j = 0; j < 4; ++j) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // round to nearest even
+    // Pack 32 int32 -> 32 int8; packs work within 128-bit lanes, so fix the order afterwards.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQ8Block), p);
+  }
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -245,7 +310,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }

@@ -78,16 +78,15 @@ struct F16Rows {
   static __m512 load(const uint16_t* r, int64_t e, __mmask16 m) { return load_f16_mask(r + e, m); }
   static const void* at(const uint16_t* r, int64_t e) { return r + e; }
 };
+struct Q8Rows {
+  using T = BlockQ8_0;
+};
 struct BF16Rows {
   using T = uint16_t;
   static __m512 load(const uint16_t* r, int64_t e) { return load_bf16(r + e); }
   static __m512 load(const uint16_t* r, int64_t e, __mmask16 m) { return load_bf16_mask(r + e, m); }
   static const void* at(const uint16_t* r, int64_t e) { return r + e; }
 };
-struct Q8Rows {
-  using T = BlockQ8_0;
-};
-
 // An MT x NT tile: each output has one accumulator fed 16 products at a time in K order; the
 // tile's independent accumulators (up to 24) keep both FMA units busy. When the weights stream
 // from memory (decode), each row is prefetched at the same place in the next tile's rows (the
@@ -123,7 +122,7 @@ void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
 // The Q8_0 tile walks whole blocks: one scale conversion per block and row, the same 16-wide
 // steps in K order as the generic tile (so still bit-identical to gemm_f32 on widened rows).
 template <int MT, int NT>
-void tile_q8(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+void tile_q8_widened(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -147,6 +146,52 @@ void tile_q8(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64
   store_tile(acc, y, ldy);
 }
 
+// Q8_0 tile (MT <= 4), two blocks (64 values) per step. VNNI's dpbusd multiplies unsigned by
+// signed bytes and sums groups of four into int32. The activations are made unsigned by adding
+// 128 (a sign-bit flip), and the extra 128 * sum(w) is taken off up front by starting each
+// block's int32 sum at -128 * sum(w): one dpbusd per output per step. The int32 sums are exact;
+// each block's is scaled by its two scales into the output's f32 accumulator.
+template <bool Prefetch, int MT, int NT>
+void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
+             int64_t ldy) {
+  const int64_t nb = k / kQ8Block;
+  const int64_t ldd = ldx / kQ8Block;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 2) {
+    const bool pair = b + 1 < nb;
+    __m512i xu[MT];
+    __m512 xs[MT];
+    for (int i = 0; i < MT; ++i) {
+      const int8_t* p = xq + i * ldx + b * kQ8Block;
+      const __m512i v = pair ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      xu[i] = _mm512_xor_si512(v, flip);
+      const float* d = xd + i * ldd + b;
+      xs[i] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(pair ? d[1] : 0.0f), 1);
+    }
+    for (int j = 0; j < NT; ++j) {
+      const BlockQ8_0* wb = w + j * ldw + b;
+      if constexpr (Prefetch) {  // the same blocks of the next tile's rows (see tile())
+        _mm_prefetch(reinterpret_cast<const char*>(wb + NT * ldw), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wb + NT * ldw + 1) + 4, _MM_HINT_T0);
+      }
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0].qs));
+      const __m512i wv = pair ? _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)), 1)
+                              : _mm512_zextsi256_si512(lo);
+      const __m512i bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv), 7));
+      const __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(wb[0].d)), _mm256_set1_ps(pair ? _cvtsh_ss(wb[1].d) : 0.0f), 1);
+      for (int i = 0; i < MT; ++i) {
+        const __m512i s = _mm512_dpbusd_epi32(bias, xu[i], wv);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xs[i]), ws, acc[i][j]);
+      }
+    }
+  }
+  store_tile(acc, y, ldy);
+}
+
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 
@@ -156,12 +201,20 @@ constexpr auto make_tiles(std::index_sequence<I...>) {
   return std::array<Tile<Rows>, sizeof...(I)>{tile<Rows, Prefetch, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
 template <size_t... I>
+constexpr auto make_tiles_q8_widened(std::index_sequence<I...>) {
+  return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8_widened<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+}
+using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
+constexpr int kTileMQ8 = 4;  // 16 accumulators + 4 activation and 4 scale registers fit; 6 rows spill
+template <bool Prefetch, size_t... I>
 constexpr auto make_tiles_q8(std::index_sequence<I...>) {
-  return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+  return std::array<TileQ8, sizeof...(I)>{tile_q8<Prefetch, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
 template <typename Rows, bool Prefetch = true>
 constexpr auto kTiles = make_tiles<Rows, Prefetch>(std::make_index_sequence<kTileM * kTileN>());
-constexpr auto kTilesQ8 = make_tiles_q8(std::make_index_sequence<kTileM * kTileN>());
+constexpr auto kTilesQ8Widened = make_tiles_q8_widened(std::make_index_sequence<kTileM * kTileN>());
+template <bool Prefetch>
+constexpr auto kTilesQ8 = make_tiles_q8<Prefetch>(std::make_index_sequence<kTileMQ8 * kTileN>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -180,9 +233,40 @@ void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t l
   kTiles<BF16Rows>[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
 }
 
-void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
-               int64_t ldy) {
-  kTilesQ8[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
+void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k,
+                       float* y, int64_t ldy) {
+  kTilesQ8Widened[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
+}
+
+// Tiles of up to kTileM rows run as sub-tiles of at most kTileMQ8: each output is computed the
+// same way in either case.
+template <bool Prefetch>
+void gemm_q8(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+             int64_t k, float* y, int64_t ldy) {
+  for (int i = 0; i < mt; i += kTileMQ8)
+    kTilesQ8<Prefetch>[(std::min(kTileMQ8, mt - i) - 1) * kTileN + nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w,
+                                                                          ldw, k, y + i * ldy, ldy);
+}
+void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+               int64_t k, float* y, int64_t ldy) {
+  gemm_q8<true>(xq, xd, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+void gemm_q8_0_cached(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+                      int64_t k, float* y, int64_t ldy) {
+  gemm_q8<false>(xq, xd, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+
+void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+  for (int64_t b = 0; b < k / kQ8Block; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * kQ8Block);
+    const __m512 v1 = _mm512_loadu_ps(x + b * kQ8Block + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    d[b] = amax / 127.0f;
+    const __m512 id = _mm512_set1_ps(amax != 0 ? 127.0f / amax : 0.0f);
+    // cvtps_epi32 rounds to nearest even, as the scalar path's nearbyint does.
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
+  }
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -325,7 +409,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0,
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0_cached, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }

@@ -41,12 +41,41 @@ void gemm_bf16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t l
   tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const uint16_t* r, int64_t e) { return bf16_to_f32(r[e]); });
 }
 
-void gemm_q8_0(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k, float* y,
-               int64_t ldy) {
+void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k,
+                       float* y, int64_t ldy) {
   tile(x, ldx, mt, w, ldw, nt, k, y, ldy, [](const BlockQ8_0* r, int64_t e) {
     const BlockQ8_0& b = r[e / kQ8Block];
     return fp16_to_f32(b.d) * b.qs[e % kQ8Block];
   });
+}
+
+void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
+               int64_t k, float* y, int64_t ldy) {
+  const int64_t nb = k / kQ8Block;
+  for (int i = 0; i < mt; ++i)
+    for (int j = 0; j < nt; ++j) {
+      const int8_t* xr = xq + i * ldx;
+      const float* dr = xd + i * (ldx / kQ8Block);
+      const BlockQ8_0* wr = w + j * ldw;
+      float sum = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t isum = 0;
+        for (int e = 0; e < kQ8Block; ++e) isum += int32_t{wr[b].qs[e]} * int32_t{xr[b * kQ8Block + e]};
+        sum += static_cast<float>(isum) * dr[b] * fp16_to_f32(wr[b].d);
+      }
+      y[i * ldy + j] = sum;
+    }
+}
+
+void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+  for (int64_t b = 0; b < k / kQ8Block; ++b) {
+    const float* xb = x + b * kQ8Block;
+    float amax = 0;
+    for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    d[b] = amax / 127.0f;
+    const float id = amax != 0 ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < kQ8Block; ++i) q[b * kQ8Block + i] = static_cast<int8_t>(std::nearbyint(xb[i] * id));
+  }
 }
 
 void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
@@ -92,7 +121,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels& vec_scalar() {
-  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0,
+  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return k;
 }

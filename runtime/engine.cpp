@@ -56,7 +56,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnRows) * scores_stride_);
   tasks_.reserve(T);
   const int64_t max_cols = std::max<int64_t>({c.n_embd, c.n_ff, int64_t(q_dim)});
-  mm_.reserve(opt_.n_threads, max_cols);
+  mm_.reserve(opt_.n_threads, T, max_cols);
 }
 
 void Engine::validate(std::span<const SequenceInput> batch) const {
@@ -124,7 +124,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
       for (int64_t t = t0; t < t1; ++t) rmsnorm(vk_, x_.data() + t * d, l.attn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
     });
     attention_layer(il, batch, T);
-    matmul(pool_, vk_, mm_, l.wo, att_.data(), T, tmp_.data());
+    matmul(pool_, vk_, mm_, l.wo, att_.data(), T, tmp_.data(), opt_.q8);
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) {
         float* x = x_.data() + t * d;
@@ -133,12 +133,12 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
         rmsnorm(vk_, x, l.ffn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
       }
     });
-    matmul(pool_, vk_, mm_, l.w_gate, xn_.data(), T, gate_.data());
-    matmul(pool_, vk_, mm_, l.w_up, xn_.data(), T, up_.data());
+    matmul(pool_, vk_, mm_, l.w_gate, xn_.data(), T, gate_.data(), opt_.q8);
+    matmul(pool_, vk_, mm_, l.w_up, xn_.data(), T, up_.data(), opt_.q8);
     pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
       vk_.silu_mul(gate_.data() + t0 * c.n_ff, up_.data() + t0 * c.n_ff, gate_.data() + t0 * c.n_ff, (t1 - t0) * c.n_ff);
     });
-    matmul(pool_, vk_, mm_, l.w_down, gate_.data(), T, tmp_.data());
+    matmul(pool_, vk_, mm_, l.w_down, gate_.data(), T, tmp_.data(), opt_.q8);
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t i = t0 * d; i < t1 * d; ++i) x_[i] += tmp_[i];
     });
@@ -149,7 +149,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   if (n_out == 0) return;
   for (int64_t r = 0; r < n_out; ++r)
     rmsnorm(vk_, x_.data() + logit_rows_[r] * d, model_.output_norm().data(), c.rms_eps, d, xn_.data() + r * d);
-  matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits);
+  matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits, opt_.q8);
 }
 
 void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64_t T) {
@@ -157,9 +157,9 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   const LayerWeights& l = model_.layers()[il];
   const int hd = c.head_dim;
   const int64_t q_dim = int64_t{c.n_head} * hd, kv_dim = int64_t{c.n_head_kv} * hd;
-  matmul(pool_, vk_, mm_, l.wq, xn_.data(), T, q_.data());
-  matmul(pool_, vk_, mm_, l.wk, xn_.data(), T, k_.data());
-  matmul(pool_, vk_, mm_, l.wv, xn_.data(), T, v_.data());
+  matmul(pool_, vk_, mm_, l.wq, xn_.data(), T, q_.data(), opt_.q8);
+  matmul(pool_, vk_, mm_, l.wk, xn_.data(), T, k_.data(), opt_.q8);
+  matmul(pool_, vk_, mm_, l.wv, xn_.data(), T, v_.data(), opt_.q8);
   add_bias(q_.data(), l.bq, T);
   add_bias(k_.data(), l.bk, T);
   add_bias(v_.data(), l.bv, T);

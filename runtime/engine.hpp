@@ -22,6 +22,7 @@ struct EngineOptions {
   int32_t max_context = 0;        // longest sequence; 0: the model's trained context
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
+  Q8Activations q8 = Q8Activations::f32;  // how Q8_0 weights meet activations (see matmul.hpp)
 };
 
 // One sequence's share of a step.

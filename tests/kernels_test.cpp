@@ -87,7 +87,7 @@ TEST_CASE("dot products and f32 tiles match the double reference on every path",
   }
 }
 
-TEST_CASE("f16, bf16 and Q8_0 tiles equal the f32 tile on the widened rows, bit for bit", "[kernels]") {
+TEST_CASE("f16, bf16 and widened Q8_0 tiles equal the f32 tile on the widened rows, bit for bit", "[kernels]") {
   std::mt19937 rng(2);
   for (const VecKernels* vk : kernel_sets()) {
     for (int64_t k : {32, 64, 96, 100, 768, 2080}) {
@@ -102,21 +102,57 @@ TEST_CASE("f16, bf16 and Q8_0 tiles equal the f32 tile on the widened rows, bit 
           for (int nt = 1; nt <= kTileN; ++nt) {
             std::vector<float> y(mt * kTileN), ref(mt * kTileN);
             vk->gemm_f32(x.data(), k, mt, widened.data(), k, nt, k, ref.data(), kTileN);
-            switch (type) {
-              case TensorType::f16:
-                vk->gemm_f16(x.data(), k, mt, reinterpret_cast<const uint16_t*>(bytes.data()), k, nt, k, y.data(), kTileN);
-                break;
-              case TensorType::bf16:
-                vk->gemm_bf16(x.data(), k, mt, reinterpret_cast<const uint16_t*>(bytes.data()), k, nt, k, y.data(), kTileN);
-                break;
-              default:
-                vk->gemm_q8_0(x.data(), k, mt, reinterpret_cast<const BlockQ8_0*>(bytes.data()), k / kQ8Block, nt, k,
-                              y.data(), kTileN);
-            }
+            const auto* w16 = reinterpret_cast<const uint16_t*>(bytes.data());
+            if (type == TensorType::f16) vk->gemm_f16(x.data(), k, mt, w16, k, nt, k, y.data(), kTileN);
+            else if (type == TensorType::bf16) vk->gemm_bf16(x.data(), k, mt, w16, k, nt, k, y.data(), kTileN);
+            else vk->gemm_q8_0_widened(x.data(), k, mt, reinterpret_cast<const BlockQ8_0*>(bytes.data()), k / kQ8Block, nt,
+                                       k, y.data(), kTileN);
             for (int i = 0; i < mt; ++i)
               for (int j = 0; j < nt; ++j) REQUIRE(y[i * kTileN + j] == ref[i * kTileN + j]);
           }
       }
+    }
+  }
+}
+
+TEST_CASE("Q8_0 activation quantization and integer tiles match the reference", "[kernels]") {
+  std::mt19937 rng(2);
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int64_t k : {32, 64, 96, 768, 2048, 2080}) {
+      INFO(vk->name << " k=" << k);
+      const int64_t nb = k / kQ8Block;
+      const auto x = random_vector(rng, kTileM * k, 3.0f);
+      std::vector<int8_t> xq(kTileM * k), xq_ref(kTileM * k);
+      std::vector<float> xd(kTileM * nb), xd_ref(kTileM * nb);
+      for (int i = 0; i < kTileM; ++i) {
+        vk->quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, k);
+        vec_scalar().quantize_act_q8(x.data() + i * k, xq_ref.data() + i * k, xd_ref.data() + i * nb, k);
+      }
+      for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::abs(xq[e] - xq_ref[e]) <= 1);
+      for (int64_t b = 0; b < kTileM * nb; ++b) REQUIRE(xd[b] == xd_ref[b]);
+      // Dequantized activations are within half a step of the originals.
+      for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::fabs(xq[e] * xd[e / kQ8Block] - x[e]) <= xd[e / kQ8Block] * 0.5001f);
+
+      const auto wf = random_vector(rng, kTileN * k);
+      const auto wbytes = encode_tensor(TensorType::q8_0, wf.data(), kTileN * k);
+      const auto* w = reinterpret_cast<const BlockQ8_0*>(wbytes.data());
+      for (int mt = 1; mt <= kTileM; ++mt)
+        for (int nt = 1; nt <= kTileN; ++nt)
+          for (auto gemm : {vk->gemm_q8_0, vk->gemm_q8_0_cached}) {
+            std::vector<float> y(mt * kTileN);
+            gemm(xq.data(), xd.data(), k, mt, w, nb, nt, k, y.data(), kTileN);
+            for (int i = 0; i < mt; ++i)
+              for (int j = 0; j < nt; ++j) {
+                // Exact integer block sums, scaled in double.
+                double ref = 0;
+                for (int64_t b = 0; b < nb; ++b) {
+                  int64_t isum = 0;
+                  for (int e = 0; e < kQ8Block; ++e) isum += int64_t{w[j * nb + b].qs[e]} * xq[i * k + b * kQ8Block + e];
+                  ref += double(isum) * xd[i * nb + b] * fp16_to_f32(w[j * nb + b].d);
+                }
+                REQUIRE(y[i * kTileN + j] == Approx(ref).epsilon(1e-5).margin(1e-4));
+              }
+          }
     }
   }
 }
@@ -187,9 +223,15 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
         const WeightMatrix w{type, bytes.data(), N, K};
         const auto x = random_vector(rng, M * K);
         std::vector<float> y(M * N), ref(M * N);
-        matmul(pool, *vk, scratch, w, x.data(), M, y.data());
         matmul_reference(w, x.data(), M, ref.data());
-        for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(1e-3));
+        for (Q8Activations q8 : {Q8Activations::f32, Q8Activations::int8}) {
+          INFO("q8 activations " << to_string(q8));
+          matmul(pool, *vk, scratch, w, x.data(), M, y.data(), q8);
+          // int8 activations: half a quantization step per value, random signs.
+          const bool int8 = type == TensorType::q8_0 && q8 == Q8Activations::int8;
+          const double tol = int8 ? 0.02 * std::sqrt(double(K)) : 1e-3;
+          for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(tol));
+        }
       }
     }
   }
@@ -208,10 +250,12 @@ TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch"
       const WeightMatrix w{type, bytes.data(), N, K};
       const auto x = random_vector(rng, 40 * K);
       std::vector<float> all(40 * N), one(N);
-      matmul(pool, *vk, scratch, w, x.data(), 40, all.data());  // the large-M plan
-      for (int64_t m : {0, 5, 17, 39}) {
-        matmul(pool, *vk, scratch, w, x.data() + m * K, 1, one.data());  // the decode plan
-        REQUIRE(std::equal(one.begin(), one.end(), all.begin() + m * N));
+      for (Q8Activations q8 : {Q8Activations::f32, Q8Activations::int8}) {
+        matmul(pool, *vk, scratch, w, x.data(), 40, all.data(), q8);  // the large-M plan
+        for (int64_t m : {0, 5, 17, 39}) {
+          matmul(pool, *vk, scratch, w, x.data() + m * K, 1, one.data(), q8);  // the decode plan
+          REQUIRE(std::equal(one.begin(), one.end(), all.begin() + m * N));
+        }
       }
     }
   }

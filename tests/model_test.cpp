@@ -85,9 +85,11 @@ double cosine(const std::vector<float>& a, const std::vector<float>& b) {
   return ab / std::sqrt(aa * bb);
 }
 
-std::vector<float> last_logits(const std::string& path, const std::vector<TokenId>& tokens) {
+std::vector<float> last_logits(const std::string& path, const std::vector<TokenId>& tokens,
+                               Q8Activations q8 = Q8Activations::f32) {
   Model m(path);
   EngineOptions eo;
+  eo.q8 = q8;
   eo.max_context = 256;
   eo.max_seqs = 1;
   Engine e(m, eo);
@@ -192,9 +194,12 @@ TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy",
     const double c16 = cosine(logits[TensorType::f32], logits[TensorType::f16]);
     const double cb16 = cosine(logits[TensorType::f32], logits[TensorType::bf16]);
     const double c8 = cosine(logits[TensorType::f32], logits[TensorType::q8_0]);
+    const double c8i = cosine(logits[TensorType::f32],
+                              last_logits(dir.path() + "/" + arch + "-q8_0.gguf", tokens, Q8Activations::int8));
     CHECK(c16 > 0.999);
     CHECK(cb16 > 0.99);
     CHECK(c8 > 0.99);
+    CHECK(c8i > 0.99);
     // Not trivially equal: the types really differ.
     CHECK(logits[TensorType::f32] != logits[TensorType::q8_0]);
   }

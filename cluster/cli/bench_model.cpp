@@ -32,6 +32,7 @@ struct BenchArgs {
   int reps = 5;
   int threads = 0;
   std::string json;
+  std::string q8 = "f32";
 };
 
 struct Summary {
@@ -77,6 +78,7 @@ int run_bench(const BenchArgs& a) {
   eo.max_context = std::max(a.p, a.n) + 1;
   eo.max_batch_tokens = a.p;
   eo.max_seqs = 1;
+  eo.q8 = parse_q8(a.q8);
   Engine engine(model, eo);
   BlockPool pool(engine.n_kv_blocks());
   std::vector<int32_t> table;
@@ -120,12 +122,13 @@ int run_bench(const BenchArgs& a) {
               model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.p, spp.mean, spp.sd);
   std::printf("| %s | %s | %.1fM | %d | %s | tg%d | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
               model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, stg.mean, stg.sd, stg.mean * gb_per_token);
+  if (model.main_type() == TensorType::q8_0) std::printf("Q8_0 activations: %s\n", to_string(eo.q8));
   std::printf("machine copy bandwidth (memcpy, %d threads): %.1f GB/s\n", eo.n_threads, bw);
 
   if (!a.json.empty()) {
     nlohmann::json j = {
         {"model", model.name()}, {"file", a.model}, {"type", type}, {"params", model.n_params()},
-        {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"repetitions", a.reps},
+        {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"q8_activations", to_string(eo.q8)}, {"repetitions", a.reps},
         {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
         {"tg", {{"tokens", a.n}, {"tokens_per_second_mean", stg.mean}, {"tokens_per_second_sd", stg.sd},
                 {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
@@ -149,6 +152,8 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("-r,--repetitions", a->reps, "Repetitions of each test");
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
+  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet f32 activations (widened weights) or int8 ones")
+      ->check(CLI::IsMember({"f32", "int8"}));
   return [a] { return run_bench(*a); };
 }
 

@@ -21,6 +21,7 @@ struct GenerateArgs {
   int threads = 0;
   int context = 0;
   bool ignore_eos = false;
+  std::string q8 = "f32";
 };
 
 int run_generate(const GenerateArgs& a) {
@@ -32,6 +33,7 @@ int run_generate(const GenerateArgs& a) {
   // reserve gigabytes of KV memory for a short prompt.
   eo.max_context = a.context > 0 ? a.context : std::min(model.config().n_ctx_train, 4096);
   eo.max_seqs = 1;
+  eo.q8 = parse_q8(a.q8);
   Engine engine(model, eo);
 
   const Tokenizer& tok = model.tokenizer();
@@ -85,6 +87,8 @@ Command add_generate(CLI::App& app) {
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--context,-c", a->context, "Context length (default: the model's)");
   c->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past end-of-sequence tokens");
+  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet f32 activations (widened weights) or int8 ones")
+      ->check(CLI::IsMember({"f32", "int8"}));
   return [a] { return run_generate(*a); };
 }
 
