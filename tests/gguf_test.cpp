@@ -59,6 +59,24 @@ TEST_CASE("reads the bundled models' metadata and tensors", "[gguf]") {
   CHECK(tiny.config().n_embd == 8);
 }
 
+TEST_CASE("version 2 files read like version 3", "[gguf]") {
+  // v2 and v3 share the layout (v3 only allows big-endian files, which carry no marker): the same
+  // bytes with version 2 must load to the same model.
+  TempDir dir;
+  std::vector<char> bytes = read_file(kData + "/stories260K.gguf");
+  const uint32_t v2 = 2;
+  std::memcpy(bytes.data() + 4, &v2, 4);
+  write_file(dir.path() + "/v2.gguf", bytes.data(), bytes.size());
+  GgufFile f(dir.path() + "/v2.gguf");
+  CHECK(f.version() == 2);
+  CHECK(f.tensors().size() == GgufFile(kData + "/stories260K.gguf").tensors().size());
+  CHECK(try_load(dir.path() + "/v2.gguf") == "ok");
+  const uint32_t v1 = 1;
+  std::memcpy(bytes.data() + 4, &v1, 4);
+  write_file(dir.path() + "/v1.gguf", bytes.data(), bytes.size());
+  CHECK_THAT(try_load(dir.path() + "/v1.gguf"), Catch::Contains("version 1"));
+}
+
 TEST_CASE("the writer round-trips every value type, alignment and tensor type", "[gguf]") {
   TempDir dir;
   const std::string path = dir.path() + "/all.gguf";

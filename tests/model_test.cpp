@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -12,6 +13,7 @@
 #include "runtime/engine.hpp"
 #include "runtime/error.hpp"
 #include "runtime/generation.hpp"
+#include "runtime/gguf_writer.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_maker.hpp"
 #include "test_util.hpp"
@@ -203,6 +205,42 @@ TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy",
     // Not trivially equal: the types really differ.
     CHECK(logits[TensorType::f32] != logits[TensorType::q8_0]);
   }
+}
+
+TEST_CASE("a model without output.weight uses its token embeddings (tied)", "[model]") {
+  // Rewrite stories260K (which has tied embeddings) with an explicit output.weight equal to
+  // token_embd times `scale`. Scaling by a power of two is exact, so the logits scale exactly.
+  TempDir dir;
+  GgufFile src(kStories);
+  const GgufTensor* embd = src.find_tensor("token_embd.weight");
+  REQUIRE(embd);
+  REQUIRE(embd->type == TensorType::f32);
+  auto rewrite = [&](const std::string& path, float scale) {
+    GgufWriter w;
+    for (const auto& [k, v] : src.metadata()) w.set(k, v);
+    for (const GgufTensor& t : src.tensors()) {
+      if (t.name == "output.weight") continue;
+      w.add_tensor(t.name, t.type, std::vector<int64_t>(t.ne, t.ne + t.n_dims), std::vector<uint8_t>(t.data, t.data + t.n_bytes));
+    }
+    if (scale != 0) {
+      std::vector<float> out(embd->n_elements());
+      std::memcpy(out.data(), embd->data, embd->n_bytes);
+      for (float& v : out) v *= scale;
+      w.add_tensor("output.weight", TensorType::f32, {embd->ne[0], embd->ne[1]},
+                   encode_tensor(TensorType::f32, out.data(), embd->n_elements()));
+    }
+    w.write(path);
+  };
+  rewrite(dir.path() + "/tied.gguf", 0);
+  rewrite(dir.path() + "/same.gguf", 1);
+  rewrite(dir.path() + "/double.gguf", 2);
+  const std::vector<TokenId> tokens{1, 403, 407, 261, 378};
+  const auto tied = last_logits(dir.path() + "/tied.gguf", tokens);
+  const Model tied_model(dir.path() + "/tied.gguf");
+  CHECK(tied_model.output().data == tied_model.token_embd().data);
+  CHECK(tied == last_logits(dir.path() + "/same.gguf", tokens));
+  const auto doubled = last_logits(dir.path() + "/double.gguf", tokens);
+  for (size_t i = 0; i < tied.size(); ++i) REQUIRE(doubled[i] == 2 * tied[i]);
 }
 
 TEST_CASE("the engine rejects bad steps with a clear error and stays usable", "[model]") {
