@@ -1,6 +1,7 @@
 #include "kernels/matmul.hpp"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace celer {
 namespace {
@@ -90,9 +91,14 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
         }
         continue;
       }
-      // Many rows: widen the panel once, then reuse it for every tile of x.
-      float* panel = scratch.panels[thread].data();
-      row_to_f32(vk, w.type, w.row(n0), panel, rows * K);
+      // Many rows: widen the panel once, then reuse it for every tile of x. F32 rows that are
+      // already cache-line aligned are used in place.
+      const float* panel = reinterpret_cast<const float*>(w.row(n0));
+      if (w.type != TensorType::f32 || reinterpret_cast<uintptr_t>(panel) % kCacheLine != 0 || (K * 4) % kCacheLine != 0) {
+        float* buf = scratch.panels[thread].data();
+        row_to_f32(vk, w.type, w.row(n0), buf, rows * K);
+        panel = buf;
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
         for (int64_t j = 0; j < rows; j += kTileN)
