@@ -61,7 +61,7 @@ GenerateStats generate(Engine& engine, std::span<const TokenId> prompt, const Ge
 
   auto t_first = clock::now();
   for (int32_t i = 0; i < max_new; ++i) {
-    const TokenId next = sampler.sample(logits, history);
+    const TokenId next = sampler.sample(logits, history, history.size());
     if (i == 0) {
       t_first = clock::now();
       stats.prompt_seconds = std::chrono::duration<double>(t_first - t0).count();

@@ -18,13 +18,28 @@ void validate(const SamplingParams& p) {
   if (p.repeat_last_n < 0) bad("repeat_last_n must be >= 0");
 }
 
-Sampler::Sampler(const SamplingParams& params, int32_t n_vocab) : params_(params), rng_(params.seed) {
+namespace {
+
+// A uniform draw in [0, 1) from (seed, position): two rounds of splitmix64's finalizer, 53 bits.
+double uniform_draw(uint64_t seed, uint64_t position) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (position + 1);
+  for (int round = 0; round < 2; ++round) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+  }
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+}  // namespace
+
+Sampler::Sampler(const SamplingParams& params, int32_t n_vocab) : params_(params) {
   validate(params);
   candidates_.reserve(n_vocab);
   recent_.reserve(params.repeat_last_n);
 }
 
-TokenId Sampler::sample(std::span<const float> logits, std::span<const TokenId> history) {
+TokenId Sampler::sample(std::span<const float> logits, std::span<const TokenId> history, uint64_t position) {
   const int32_t n_vocab = static_cast<int32_t>(logits.size());
   const SamplingParams& p = params_;
 
@@ -93,7 +108,7 @@ TokenId Sampler::sample(std::span<const float> logits, std::span<const TokenId> 
   // Temperature, then draw.
   double total = 0;
   for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(candidates_[i].logit - max_l) / p.temperature);
-  const double r = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  const double r = uniform_draw(p.seed, position) * total;
   double acc = 0;
   for (size_t i = 0; i < n; ++i) {
     acc += std::exp(static_cast<double>(candidates_[i].logit - max_l) / p.temperature);

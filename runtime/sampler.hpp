@@ -1,11 +1,12 @@
 // Token sampling for one sequence: repetition penalty, then top-k, top-p and min-p filtering,
-// then temperature, then a draw from the sequence's own random stream. Temperature 0 is greedy.
-// Every sequence owns its Sampler (and so its RNG): a given seed yields the same tokens whatever
-// else shares the batch.
+// then temperature, then a draw. Temperature 0 is greedy.
+// The draw for the token at position p is a pure function of (seed, p): no generator state
+// carries from one token to the next. So a given seed yields the same tokens whatever else
+// shares the batch, and a sequence recomputed after a preemption or a lost shard draws exactly
+// what it drew before.
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <span>
 #include <vector>
 
@@ -30,9 +31,10 @@ class Sampler {
  public:
   Sampler(const SamplingParams& params, int32_t n_vocab);
 
-  // Picks the next token from one row of logits. `history` is the sequence so far (prompt and
-  // generated), read for the repetition penalty. Allocates nothing after the first call.
-  TokenId sample(std::span<const float> logits, std::span<const TokenId> history);
+  // Picks the token at `position` from one row of logits. `history` is the sequence so far (or
+  // at least its last repeat_last_n tokens), read for the repetition penalty. Allocates nothing
+  // after the first call.
+  TokenId sample(std::span<const float> logits, std::span<const TokenId> history, uint64_t position);
 
   const SamplingParams& params() const { return params_; }
 
@@ -42,7 +44,6 @@ class Sampler {
     TokenId id;
   };
   SamplingParams params_;
-  std::mt19937_64 rng_;
   std::vector<Candidate> candidates_;
   std::vector<TokenId> recent_;
 };

@@ -35,7 +35,7 @@ std::vector<float> halving_logits(int n) {
 
 std::map<TokenId, int> histogram(Sampler& s, const std::vector<float>& logits, int draws) {
   std::map<TokenId, int> h;
-  for (int i = 0; i < draws; ++i) ++h[s.sample(logits, {})];
+  for (int i = 0; i < draws; ++i) ++h[s.sample(logits, {}, i)];
   return h;
 }
 
@@ -43,7 +43,7 @@ std::map<TokenId, int> histogram(Sampler& s, const std::vector<float>& logits, i
 
 TEST_CASE("greedy picks the first maximum", "[sampler]") {
   Sampler s(plain(0), 5);
-  CHECK(s.sample(std::vector<float>{0.1f, 3.0f, -1.0f, 3.0f, 2.9f}, {}) == 1);
+  CHECK(s.sample(std::vector<float>{0.1f, 3.0f, -1.0f, 3.0f, 2.9f}, {}, 0) == 1);
 }
 
 TEST_CASE("temperature sampling follows the distribution and the seed", "[sampler]") {
@@ -51,9 +51,9 @@ TEST_CASE("temperature sampling follows the distribution and the seed", "[sample
   Sampler a(plain(1.0f, 42), 8), b(plain(1.0f, 42), 8), c(plain(1.0f, 43), 8);
   std::vector<TokenId> ta, tb, tc;
   for (int i = 0; i < 200; ++i) {
-    ta.push_back(a.sample(logits, {}));
-    tb.push_back(b.sample(logits, {}));
-    tc.push_back(c.sample(logits, {}));
+    ta.push_back(a.sample(logits, {}, i));
+    tb.push_back(b.sample(logits, {}, i));
+    tc.push_back(c.sample(logits, {}, i));
   }
   CHECK(ta == tb);
   CHECK(ta != tc);
@@ -64,6 +64,14 @@ TEST_CASE("temperature sampling follows the distribution and the seed", "[sample
   // Low temperature sharpens: token 0 dominates.
   Sampler cold(plain(0.1f, 7), 8);
   CHECK(histogram(cold, logits, 2000).at(0) > 1990);
+}
+
+TEST_CASE("a draw depends only on the seed and the position", "[sampler]") {
+  const auto logits = halving_logits(8);
+  Sampler a(plain(1.0f, 9), 8), b(plain(1.0f, 9), 8);
+  for (int i = 0; i < 50; ++i) a.sample(logits, {}, 1000 + i);  // a has drawn before, b has not
+  for (uint64_t pos : {0u, 7u, 123u})
+    CHECK(a.sample(logits, {}, pos) == b.sample(logits, {}, pos));
 }
 
 TEST_CASE("top-k, top-p and min-p keep exactly the tokens they should", "[sampler]") {
@@ -91,15 +99,15 @@ TEST_CASE("top-k, top-p and min-p keep exactly the tokens they should", "[sample
 TEST_CASE("repetition penalty pushes recent tokens down", "[sampler]") {
   std::vector<float> logits{2.0f, 1.9f, -1.0f};
   Sampler greedy(plain(0), 3);
-  CHECK(greedy.sample(logits, std::vector<TokenId>{0}) == 0);
+  CHECK(greedy.sample(logits, std::vector<TokenId>{0}, 1) == 0);
   SamplingParams p = plain(0);
   p.repeat_penalty = 1.5f;
   Sampler penalised(p, 3);
-  CHECK(penalised.sample(logits, std::vector<TokenId>{0}) == 1);       // 2.0 / 1.5 < 1.9
-  CHECK(penalised.sample(logits, std::vector<TokenId>{0, 1}) == 0);    // both penalised: 1.33 > 1.27
+  CHECK(penalised.sample(logits, std::vector<TokenId>{0}, 1) == 1);       // 2.0 / 1.5 < 1.9
+  CHECK(penalised.sample(logits, std::vector<TokenId>{0, 1}, 2) == 0);    // both penalised: 1.33 > 1.27
   p.repeat_last_n = 1;
   Sampler short_window(p, 3);
-  CHECK(short_window.sample(logits, std::vector<TokenId>{0, 2}) == 0);  // token 0 is outside the window
+  CHECK(short_window.sample(logits, std::vector<TokenId>{0, 2}, 2) == 0);  // token 0 is outside the window
 }
 
 TEST_CASE("bad sampling parameters are named", "[sampler]") {
@@ -155,7 +163,7 @@ TEST_CASE("a seeded sequence samples the same tokens alone and in a batch", "[sa
       engine.forward(batch, logits.data());
       for (size_t s = 0; s < S; ++s) {
         n_past[s] = static_cast<int32_t>(seq[s].size());
-        const TokenId t = samplers[s].sample({logits.data() + s * V, static_cast<size_t>(V)}, seq[s]);
+        const TokenId t = samplers[s].sample({logits.data() + s * V, static_cast<size_t>(V)}, seq[s], seq[s].size());
         seq[s].push_back(t);
         out[s].push_back(t);
       }
