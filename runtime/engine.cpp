@@ -152,6 +152,13 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits, opt_.q8);
 }
 
+void Engine::copy_block(int32_t src, int32_t dst) {
+  if (src < 0 || dst < 0 || src >= kv_.n_blocks() || dst >= kv_.n_blocks())
+    throw Error(ErrorCode::invalid_argument, "block copy " + std::to_string(src) + " -> " + std::to_string(dst) +
+                                                 " names a block outside the cache of " + std::to_string(kv_.n_blocks()));
+  kv_.copy_block(src, dst);
+}
+
 void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64_t T) {
   const ModelConfig& c = model_.config();
   const LayerWeights& l = model_.layers()[il];

@@ -49,6 +49,8 @@ class Engine {
   // `logits` ([n_wanted, n_vocab]). Validates everything first: a bad token id, a missing block,
   // a sequence past max_context or an oversized batch throws Error and leaves the cache untouched.
   void forward(std::span<const SequenceInput> batch, float* logits);
+  // Copies every layer's K and V of one block into another (copy-on-write of a shared block).
+  void copy_block(int32_t src, int32_t dst);
 
  private:
   void validate(std::span<const SequenceInput> batch) const;

@@ -1,5 +1,7 @@
 #include "runtime/kv_cache.hpp"
 
+#include <algorithm>
+
 namespace celer {
 
 KvCache::KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks) : n_blocks_(n_blocks) {
@@ -12,6 +14,14 @@ KvCache::KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks) : 
     l.v = storage_.data() + per_tensor * (2 * i + 1);
     l.n_kv_heads = n_kv_heads;
     l.head_dim = head_dim;
+  }
+}
+
+void KvCache::copy_block(int32_t src, int32_t dst) {
+  for (const KvLayerView& l : layers_) {
+    const int64_t n = static_cast<int64_t>(l.n_kv_heads) * kKvBlock * l.head_dim;  // one block, all heads
+    std::copy_n(l.k + l.block_offset(src, 0), n, l.k + l.block_offset(dst, 0));
+    std::copy_n(l.v + l.block_offset(src, 0), n, l.v + l.block_offset(dst, 0));
   }
 }
 

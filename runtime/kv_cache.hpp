@@ -17,6 +17,7 @@ class KvCache {
   int32_t n_blocks() const { return n_blocks_; }
   const KvLayerView& layer(int i) const { return layers_[i]; }
   uint64_t bytes() const { return storage_.size() * sizeof(float); }
+  void copy_block(int32_t src, int32_t dst);  // every layer's K and V
   // Bytes one block takes across all layers, K and V: what a memory budget divides by.
   static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim) {
     return 2ull * n_layer * n_kv_heads * head_dim * kKvBlock * sizeof(float);

@@ -33,15 +33,17 @@ double uniform_draw(uint64_t seed, uint64_t position) {
 
 }  // namespace
 
+Sampler::Sampler(int32_t n_vocab) { candidates_.reserve(n_vocab); }
+
 Sampler::Sampler(const SamplingParams& params, int32_t n_vocab) : params_(params) {
   validate(params);
   candidates_.reserve(n_vocab);
   recent_.reserve(params.repeat_last_n);
 }
 
-TokenId Sampler::sample(std::span<const float> logits, std::span<const TokenId> history, uint64_t position) {
+TokenId Sampler::sample(const SamplingParams& p, std::span<const float> logits, std::span<const TokenId> history,
+                        uint64_t position) {
   const int32_t n_vocab = static_cast<int32_t>(logits.size());
-  const SamplingParams& p = params_;
 
   // The penalty touches only the last repeat_last_n distinct tokens, so apply it to a copy of
   // just those logits instead of copying the whole row.

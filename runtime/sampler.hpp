@@ -29,12 +29,18 @@ void validate(const SamplingParams& p);
 
 class Sampler {
  public:
-  Sampler(const SamplingParams& params, int32_t n_vocab);
+  explicit Sampler(int32_t n_vocab);  // scratch for one vocabulary; parameters come per call
+  Sampler(const SamplingParams& params, int32_t n_vocab);  // fixed parameters for sample(logits, ...)
 
   // Picks the token at `position` from one row of logits. `history` is the sequence so far (or
   // at least its last repeat_last_n tokens), read for the repetition penalty. Allocates nothing
   // after the first call.
-  TokenId sample(std::span<const float> logits, std::span<const TokenId> history, uint64_t position);
+  TokenId sample(std::span<const float> logits, std::span<const TokenId> history, uint64_t position) {
+    return sample(params_, logits, history, position);
+  }
+  // The same with parameters of this call (validated by the caller).
+  TokenId sample(const SamplingParams& params, std::span<const float> logits, std::span<const TokenId> history,
+                 uint64_t position);
 
   const SamplingParams& params() const { return params_; }
 

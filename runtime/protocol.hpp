@@ -1,0 +1,124 @@
+// The messages that cross actor boundaries, as plain structs. schema/celer.capnp defines their
+// wire form; schema/codec.* converts between the two and validates everything it reads. The
+// synchronous core (scheduler, block manager) works on these structs and never sees Cap'n Proto.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/sampler.hpp"
+#include "runtime/tokenizer.hpp"
+
+namespace celer {
+
+// Bumped whenever a message changes incompatibly; every message carries it.
+constexpr uint16_t kProtocolVersion = 1;
+
+using RequestId = uint64_t;
+
+enum class Priority : uint8_t { interactive = 0, normal = 1, batch = 2 };
+constexpr int kPriorityClasses = 3;
+
+enum class FinishReason : uint8_t {
+  stop = 0,       // an end-of-generation token or a stop string
+  length = 1,     // max_tokens reached
+  cancelled = 2,  // the client cancelled or went away
+};
+
+// Why a request failed. Each admission rejection has its own code so clients can tell them apart.
+enum class ErrorKind : uint8_t {
+  invalid_request = 0,   // a malformed or out-of-range field
+  queue_full = 1,        // admission: the bounded waiting queue is full
+  prompt_too_long = 2,   // admission: prompt + 1 exceeds the context
+  rate_limited = 3,      // admission: the tenant's token bucket is empty
+  deadline_exceeded = 4, // the request's deadline passed
+  internal = 5,          // a failure inside celer that retries could not hide
+  unavailable = 6,       // no replica can take requests now
+};
+const char* to_string(ErrorKind kind);
+
+struct GenerateRequest {
+  RequestId id = 0;
+  std::string prompt_text;            // tokenized by the replica when prompt_tokens is empty
+  std::vector<TokenId> prompt_tokens;
+  SamplingParams sampling;
+  int32_t max_tokens = 128;
+  std::vector<std::string> stop;      // stop strings
+  bool ignore_eos = false;
+  bool add_bos = true;                // when tokenizing prompt_text: prepend BOS if the model uses one
+  Priority priority = Priority::normal;
+  std::string tenant;                 // rate-limit bucket ("" = the default bucket)
+  std::string session_id;             // routing affinity for multi-turn sessions
+  int64_t deadline_ms = 0;            // 0: none; else milliseconds since the Unix epoch
+};
+
+struct TokenChunk {
+  RequestId id = 0;
+  int32_t first_index = 0;            // index in the output stream of tokens[0]
+  std::vector<TokenId> tokens;
+  std::string text;                   // the text these tokens complete (UTF-8 safe)
+};
+
+struct Finished {
+  RequestId id = 0;
+  FinishReason reason = FinishReason::stop;
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+  int32_t cached_tokens = 0;          // prompt tokens served from the prefix cache
+};
+
+struct ErrorReply {
+  RequestId id = 0;
+  ErrorKind kind = ErrorKind::internal;
+  std::string message;
+};
+
+struct Cancel {
+  RequestId id = 0;
+};
+
+// One sequence's part of a Step (see DESIGN.md §2 and STYLE.md rule 3).
+struct StepSequence {
+  RequestId id = 0;
+  std::vector<TokenId> tokens;        // new tokens to compute, at positions n_past...
+  int32_t n_past = 0;
+  std::vector<int32_t> block_table;   // covers n_past + tokens.size() positions
+  bool sample = false;                // sample a token after the last new one
+  SamplingParams sampling;            // when sample
+  std::vector<TokenId> recent;        // the tail of the sequence the repetition penalty looks at
+};
+
+struct BlockCopy {
+  int32_t src = 0;
+  int32_t dst = 0;
+};
+
+struct Step {
+  uint64_t step_id = 0;
+  std::vector<BlockCopy> copies;      // done before the forward pass (copy-on-write)
+  std::vector<StepSequence> sequences;
+};
+
+struct SampledToken {
+  RequestId id = 0;
+  TokenId token = 0;
+};
+
+struct StepResult {
+  uint64_t step_id = 0;
+  std::vector<SampledToken> tokens;   // one per StepSequence with sample = true, in order
+};
+
+struct ReplicaStats {
+  int32_t waiting[kPriorityClasses] = {};
+  int32_t running = 0;
+  int32_t kv_blocks_used = 0;
+  int32_t kv_blocks_free = 0;
+  uint64_t prefix_queries = 0;        // prompt tokens looked up in the prefix cache
+  uint64_t prefix_hits = 0;           // of which served from cached blocks
+  uint64_t response_cache_hits = 0;
+  uint64_t malformed_messages = 0;
+};
+
+}  // namespace celer

@@ -1,0 +1,268 @@
+#include "runtime/scheduler.hpp"
+
+#include <algorithm>
+#include <string>
+
+#include "runtime/error.hpp"
+
+namespace celer {
+
+const char* to_string(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::invalid_request: return "invalid_request";
+    case ErrorKind::queue_full: return "queue_full";
+    case ErrorKind::prompt_too_long: return "prompt_too_long";
+    case ErrorKind::rate_limited: return "rate_limited";
+    case ErrorKind::deadline_exceeded: return "deadline_exceeded";
+    case ErrorKind::internal: return "internal";
+    case ErrorKind::unavailable: return "unavailable";
+  }
+  return "?";
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_eog)
+    : config_(config), blocks_(blocks), is_eog_(std::move(is_eog)) {
+  if (config_.max_batch_size < 1 || config_.max_batch_tokens < 1 || config_.max_queue < 0 || config_.max_context < 2)
+    throw Error(ErrorCode::invalid_argument, "scheduler limits must be positive");
+}
+
+int32_t Scheduler::n_waiting() const {
+  int32_t n = 0;
+  for (const auto& q : waiting_) n += static_cast<int32_t>(q.size());
+  return n;
+}
+
+bool Scheduler::before(const Sequence& a, const Sequence& b) {
+  if (a.request.priority != b.request.priority) return a.request.priority < b.request.priority;
+  return a.arrival < b.arrival;
+}
+
+bool Scheduler::take_tokens(const std::string& tenant, double amount, int64_t now_ms) {
+  auto rate_it = config_.tenant_rates.find(tenant);
+  const RateLimit& rate = rate_it != config_.tenant_rates.end() ? rate_it->second : config_.default_rate;
+  if (rate.tokens_per_second <= 0) return true;
+  Bucket& b = buckets_[tenant];
+  if (!b.primed) {
+    b.tokens = rate.burst;
+    b.last_ms = now_ms;
+    b.primed = true;
+  }
+  b.tokens = std::min(rate.burst, b.tokens + std::max<int64_t>(0, now_ms - b.last_ms) * rate.tokens_per_second / 1000.0);
+  b.last_ms = now_ms;
+  if (b.tokens < amount) return false;
+  b.tokens -= amount;
+  return true;
+}
+
+std::optional<ErrorReply> Scheduler::admit(const GenerateRequest& request, int64_t now_ms) {
+  auto reject = [&](ErrorKind kind, const std::string& message) { return ErrorReply{request.id, kind, message}; };
+  if (seqs_.count(request.id)) return reject(ErrorKind::invalid_request, "request id " + std::to_string(request.id) + " is already in use");
+  const auto n_prompt = static_cast<int32_t>(request.prompt_tokens.size());
+  if (n_prompt == 0) return reject(ErrorKind::invalid_request, "the prompt is empty");
+  if (request.max_tokens < 1) return reject(ErrorKind::invalid_request, "max_tokens must be at least 1");
+  if (n_prompt + 1 > config_.max_context)
+    return reject(ErrorKind::prompt_too_long, "the prompt has " + std::to_string(n_prompt) + " tokens; the context holds " +
+                                                  std::to_string(config_.max_context) + " including at least one generated token");
+  if (request.deadline_ms != 0 && now_ms >= request.deadline_ms)
+    return reject(ErrorKind::deadline_exceeded, "the deadline passed before the request was admitted");
+  if (n_waiting() >= config_.max_queue)
+    return reject(ErrorKind::queue_full, "the waiting queue is full (" + std::to_string(config_.max_queue) + " requests)");
+  const int32_t max_tokens = std::min(request.max_tokens, config_.max_context - n_prompt);
+  if (!take_tokens(request.tenant, n_prompt + max_tokens, now_ms))
+    return reject(ErrorKind::rate_limited, "tenant '" + request.tenant + "' is over its token rate limit");
+
+  Sequence& s = seqs_[request.id];
+  s.request = request;
+  s.request.max_tokens = max_tokens;
+  s.tokens = std::move(s.request.prompt_tokens);
+  s.request.prompt_tokens.clear();
+  s.n_prompt = n_prompt;
+  s.arrival = next_arrival_++;
+  s.n_cached = -1;  // set on first start
+  waiting_[static_cast<int>(request.priority)].push_back(request.id);
+  return std::nullopt;
+}
+
+void Scheduler::cancel(RequestId id, FinishReason reason) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || it->second.cancelled) return;
+  it->second.cancelled = true;
+  it->second.cancel_reason = reason;
+}
+
+void Scheduler::remove(RequestId id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return;
+  auto& q = waiting_[static_cast<int>(it->second.request.priority)];
+  q.erase(std::remove(q.begin(), q.end(), id), q.end());
+  running_.erase(std::remove(running_.begin(), running_.end(), id), running_.end());
+  seqs_.erase(it);
+}
+
+void Scheduler::preempt(Sequence& s) {
+  blocks_.release(s.request.id);
+  s.started = false;
+  s.n_computed = 0;
+  if (s.running) {
+    s.running = false;
+    running_.erase(std::remove(running_.begin(), running_.end(), s.request.id), running_.end());
+    waiting_[static_cast<int>(s.request.priority)].push_front(s.request.id);
+    ++preemptions_;
+  }
+}
+
+void Scheduler::finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events) {
+  SchedulerEvent e;
+  e.kind = SchedulerEvent::Kind::finished;
+  e.id = s.request.id;
+  e.finished = Finished{s.request.id, reason, s.n_prompt, static_cast<int32_t>(s.tokens.size()) - s.n_prompt,
+                        std::max(0, s.n_cached)};
+  events.push_back(std::move(e));
+  blocks_.release(s.request.id);
+  remove(s.request.id);
+}
+
+void Scheduler::fail(Sequence& s, ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events) {
+  SchedulerEvent e;
+  e.kind = SchedulerEvent::Kind::error;
+  e.id = s.request.id;
+  e.error = ErrorReply{s.request.id, kind, message};
+  events.push_back(std::move(e));
+  blocks_.release(s.request.id);
+  remove(s.request.id);
+}
+
+Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
+  // Cancels and deadlines first: they free blocks for the others.
+  std::vector<RequestId> ids;
+  ids.reserve(seqs_.size());
+  for (const auto& [id, s] : seqs_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  for (RequestId id : ids) {
+    Sequence& s = seqs_.at(id);
+    if (s.cancelled) finish(s, s.cancel_reason, events);
+    else if (s.request.deadline_ms != 0 && now_ms >= s.request.deadline_ms)
+      fail(s, ErrorKind::deadline_exceeded, "the deadline passed after " + std::to_string(s.tokens.size() - s.n_prompt) +
+                                                " generated tokens", events);
+  }
+
+  // Candidates in order: per class, running (by arrival) then waiting (queue order).
+  std::vector<Sequence*> order;
+  for (int c = 0; c < kPriorityClasses; ++c) {
+    std::vector<Sequence*> run;
+    for (RequestId id : running_)
+      if (static_cast<int>(seqs_.at(id).request.priority) == c) run.push_back(&seqs_.at(id));
+    std::sort(run.begin(), run.end(), [](const Sequence* a, const Sequence* b) { return a->arrival < b->arrival; });
+    order.insert(order.end(), run.begin(), run.end());
+    for (RequestId id : waiting_[c]) order.push_back(&seqs_.at(id));
+  }
+
+  struct Chosen {
+    Sequence* seq;
+    int32_t n;
+  };
+  std::vector<Chosen> chosen;
+  std::vector<const Sequence*> preempted_now;
+  auto is_chosen = [&](const Sequence* s) {
+    return std::any_of(chosen.begin(), chosen.end(), [&](const Chosen& c) { return c.seq == s; });
+  };
+  auto was_preempted = [&](const Sequence* s) {
+    return std::find(preempted_now.begin(), preempted_now.end(), s) != preempted_now.end();
+  };
+  int32_t budget = config_.max_batch_tokens;
+  for (size_t k = 0; k < order.size(); ++k) {
+    Sequence& s = *order[k];
+    if (was_preempted(&s)) continue;
+    if (static_cast<int32_t>(chosen.size()) == config_.max_batch_size || budget == 0) break;
+    if (!s.started) {
+      s.n_computed = blocks_.begin(s.request.id, s.tokens);
+      if (s.n_cached < 0) s.n_cached = s.n_computed;
+      s.started = true;
+    }
+    const int32_t n = std::min<int32_t>(static_cast<int32_t>(s.tokens.size()) - s.n_computed, budget);
+    bool fits = blocks_.reserve(s.request.id, s.n_computed + n);
+    // Not enough blocks: preempt running sequences after this one in the order (a waiting
+    // sequence only takes from strictly lower classes), lowest first.
+    for (size_t v = order.size(); !fits && v-- > k + 1;) {
+      Sequence& victim = *order[v];
+      if (!victim.running || is_chosen(&victim) || was_preempted(&victim)) continue;
+      if (!s.running && victim.request.priority <= s.request.priority) continue;
+      preempt(victim);
+      preempted_now.push_back(&victim);
+      fits = blocks_.reserve(s.request.id, s.n_computed + n);
+    }
+    if (!fits) {
+      const bool was_running = s.running;
+      preempt(s);  // a running one recomputes later; a waiting one gives back its prefix blocks
+      preempted_now.push_back(&s);
+      if (!was_running) break;  // FCFS: nobody behind a waiting sequence jumps ahead of it
+      continue;
+    }
+    if (!s.running) {
+      auto& q = waiting_[static_cast<int>(s.request.priority)];
+      q.erase(std::remove(q.begin(), q.end(), s.request.id), q.end());
+      running_.push_back(s.request.id);
+      s.running = true;
+    }
+    chosen.push_back({&s, n});
+    budget -= n;
+  }
+
+  Step step;
+  if (chosen.empty()) return step;
+  step.step_id = next_step_++;
+  for (const Chosen& c : chosen) {
+    const Sequence& s = *c.seq;
+    StepSequence ss;
+    ss.id = s.request.id;
+    ss.tokens.assign(s.tokens.begin() + s.n_computed, s.tokens.begin() + s.n_computed + c.n);
+    ss.n_past = s.n_computed;
+    const auto& table = blocks_.table(s.request.id);
+    ss.block_table.assign(table.begin(), table.begin() + (s.n_computed + c.n + kKvBlock - 1) / kKvBlock);
+    ss.sample = s.n_computed + c.n == static_cast<int32_t>(s.tokens.size());
+    if (ss.sample) {
+      ss.sampling = s.request.sampling;
+      const size_t tail = std::min<size_t>(s.tokens.size(), static_cast<size_t>(std::max(0, s.request.sampling.repeat_last_n)));
+      ss.recent.assign(s.tokens.end() - static_cast<std::ptrdiff_t>(tail), s.tokens.end());
+    }
+    step.sequences.push_back(std::move(ss));
+  }
+  return step;
+}
+
+void Scheduler::update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events) {
+  for (const StepSequence& ss : step.sequences) {
+    auto it = seqs_.find(ss.id);
+    // Gone (finished) or preempted since the step was built: its results no longer apply.
+    if (it == seqs_.end() || !it->second.started || it->second.n_computed != ss.n_past) continue;
+    Sequence& s = it->second;
+    s.n_computed += static_cast<int32_t>(ss.tokens.size());
+    blocks_.commit(s.request.id, s.tokens, s.n_computed);
+  }
+  for (const SampledToken& st : result.tokens) {
+    auto it = seqs_.find(st.id);
+    if (it == seqs_.end() || !it->second.started) continue;
+    Sequence& s = it->second;
+    if (s.n_computed != static_cast<int32_t>(s.tokens.size())) continue;  // not a sampling point
+    s.tokens.push_back(st.token);
+    const int32_t completion = static_cast<int32_t>(s.tokens.size()) - s.n_prompt;
+    SchedulerEvent e;
+    e.kind = SchedulerEvent::Kind::token;
+    e.id = st.id;
+    e.token = st.token;
+    e.index = completion - 1;
+    events.push_back(e);
+    if (!s.request.ignore_eos && is_eog_ && is_eog_(st.token)) finish(s, FinishReason::stop, events);
+    else if (completion >= s.request.max_tokens) finish(s, FinishReason::length, events);
+  }
+}
+
+void Scheduler::reset_kv() {
+  const std::vector<RequestId> running = running_;
+  for (RequestId id : running) preempt(seqs_.at(id));
+  for (auto& [id, s] : seqs_)
+    if (s.started) preempt(s);
+  blocks_.forget_cached();
+}
+
+}  // namespace celer

@@ -1,0 +1,127 @@
+// The scheduling policy of one replica: iteration-level continuous batching with chunked
+// prefill, priority classes and admission control. Plain and synchronous: the scheduler actor
+// calls admit() and cancel() as messages arrive, and schedule() / update() once per model
+// iteration (STYLE.md rule 3: schedule() produces a Step, the shards run it, update() applies
+// the StepResult).
+//
+// Policy:
+// - Every sequence has tokens (prompt, then generated) and a count of computed ones; a step
+//   gives each chosen sequence the next tokens to compute, at most max_batch_tokens in all.
+//   Prefill and decode are the same path: a sequence in decode has one token left to compute.
+//   A sequence whose computed count reaches its token count samples the next token.
+// - Order: priority class (interactive, normal, batch), then arrival (FCFS); within a class
+//   running sequences before waiting ones. At most max_batch_size sequences per step.
+// - KV blocks: a sequence that cannot get its blocks preempts (by recompute) running sequences
+//   after it in that order; a waiting one only preempts strictly lower classes. A preempted
+//   sequence goes back to the front of its waiting queue, keeps its tokens, frees its blocks,
+//   and later recomputes its KV (the prefix cache usually still holds most of it). Since a draw
+//   depends only on (seed, position), it then produces exactly the tokens it would have.
+// - Admission (admit): rejected at once with its own ErrorKind when the prompt leaves no room
+//   in the context, the waiting queue is full, or the tenant's token bucket cannot pay for
+//   prompt + max_tokens. Deadlines are checked on admission and at every step.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "runtime/kv_block_manager.hpp"
+#include "runtime/protocol.hpp"
+
+namespace celer {
+
+struct RateLimit {
+  double tokens_per_second = 0;  // 0: unlimited
+  double burst = 0;              // bucket size in tokens
+};
+
+struct SchedulerConfig {
+  int32_t max_batch_size = 16;
+  int32_t max_batch_tokens = 512;
+  int32_t max_queue = 256;       // waiting sequences (all classes) before admission rejects
+  int32_t max_context = 2048;
+  RateLimit default_rate;        // tenants without their own entry
+  std::map<std::string, RateLimit> tenant_rates;
+};
+
+// What an update() or a schedule() produced for the request actors.
+struct SchedulerEvent {
+  enum class Kind { token, finished, error } kind = Kind::token;
+  RequestId id = 0;
+  TokenId token = 0;            // token: the token and its index in the output stream
+  int32_t index = 0;
+  Finished finished;            // finished: counts and reason
+  ErrorReply error;             // error
+};
+
+class Scheduler {
+ public:
+  // is_end_of_generation: the model's end-of-generation tokens (EOS, EOT, ...).
+  Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_end_of_generation);
+
+  // Admits a request whose prompt is tokenized. Returns nullopt, or the rejection.
+  std::optional<ErrorReply> admit(const GenerateRequest& request, int64_t now_ms);
+  // The sequence leaves at the next schedule() with a `finished` event of this reason (cancel,
+  // a stop string found by the request actor). Unknown ids are ignored (already finished).
+  void cancel(RequestId id, FinishReason reason = FinishReason::cancelled);
+
+  // The next step; `events` receives the finishes and errors it decided (cancels, deadlines).
+  // An empty step (no sequences) means there is nothing to run.
+  Step schedule(int64_t now_ms, std::vector<SchedulerEvent>& events);
+  // Applies a step's results: computed counts, prefix-cache commits, sampled tokens, finishes.
+  void update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events);
+  // Drops every sequence's KV (a shard was lost): all running sequences are preempted and will
+  // recompute. Their generated tokens are kept.
+  void reset_kv();
+
+  int32_t n_waiting(Priority p) const { return static_cast<int32_t>(waiting_[static_cast<int>(p)].size()); }
+  int32_t n_waiting() const;
+  int32_t n_running() const { return static_cast<int32_t>(running_.size()); }
+  bool idle() const { return seqs_.empty(); }
+  uint64_t n_preemptions() const { return preemptions_; }
+  const SchedulerConfig& config() const { return config_; }
+
+ private:
+  struct Sequence {
+    GenerateRequest request;      // sampling, limits, priority; prompt_tokens moved to tokens
+    std::vector<TokenId> tokens;  // prompt, then generated
+    int32_t n_prompt = 0;
+    int32_t n_computed = 0;
+    int32_t n_cached = 0;         // prompt tokens found in the prefix cache on first admission
+    uint64_t arrival = 0;
+    bool started = false;         // holds blocks in the block manager
+    bool running = false;
+    bool cancelled = false;
+    FinishReason cancel_reason = FinishReason::cancelled;
+  };
+  struct Bucket {
+    double tokens = 0;
+    int64_t last_ms = 0;
+    bool primed = false;
+  };
+
+  bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
+  void preempt(Sequence& s);
+  void finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events);
+  void fail(Sequence& s, ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events);
+  void remove(RequestId id);
+  // Order key: class, then arrival.
+  static bool before(const Sequence& a, const Sequence& b);
+
+  SchedulerConfig config_;
+  KvBlockManager& blocks_;
+  std::function<bool(TokenId)> is_eog_;
+  std::unordered_map<RequestId, Sequence> seqs_;
+  std::deque<RequestId> waiting_[kPriorityClasses];
+  std::vector<RequestId> running_;
+  std::map<std::string, Bucket> buckets_;
+  uint64_t next_arrival_ = 0;
+  uint64_t next_step_ = 1;
+  uint64_t preemptions_ = 0;
+};
+
+}  // namespace celer

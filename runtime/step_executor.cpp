@@ -1,0 +1,31 @@
+#include "runtime/step_executor.hpp"
+
+namespace celer {
+
+StepExecutor::StepExecutor(Engine& engine)
+    : engine_(engine),
+      sampler_(engine.model().config().n_vocab),
+      logits_(static_cast<size_t>(engine.options().max_seqs) * engine.model().config().n_vocab) {
+  inputs_.reserve(engine.options().max_seqs);
+}
+
+StepResult StepExecutor::run(const Step& step) {
+  StepResult result;
+  result.step_id = step.step_id;
+  if (step.sequences.empty()) return result;
+  for (const BlockCopy& c : step.copies) engine_.copy_block(c.src, c.dst);
+  inputs_.clear();
+  for (const StepSequence& s : step.sequences) inputs_.push_back({s.tokens, s.n_past, s.block_table, s.sample});
+  engine_.forward(inputs_, logits_.data());
+  const int32_t n_vocab = engine_.model().config().n_vocab;
+  size_t row = 0;
+  for (const StepSequence& s : step.sequences) {
+    if (!s.sample) continue;
+    const std::span<const float> logits(logits_.data() + row++ * n_vocab, static_cast<size_t>(n_vocab));
+    const uint64_t position = static_cast<uint64_t>(s.n_past) + s.tokens.size();
+    result.tokens.push_back({s.id, sampler_.sample(s.sampling, logits, s.recent, position)});
+  }
+  return result;
+}
+
+}  // namespace celer

@@ -1,0 +1,412 @@
+// The KV block manager, the scheduler, and both driving the real engine on stories260K: every
+// request gets exactly the tokens it gets alone, through continuous batching, chunked prefill,
+// prefix-cache hits, preemption under memory pressure and cancellation of its neighbours.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
+#include <random>
+
+#include "runtime/engine.hpp"
+#include "runtime/error.hpp"
+#include "runtime/generation.hpp"
+#include "runtime/kv_block_manager.hpp"
+#include "runtime/model.hpp"
+#include "runtime/response_cache.hpp"
+#include "runtime/scheduler.hpp"
+#include "runtime/step_executor.hpp"
+
+using namespace celer;
+
+namespace {
+
+std::vector<TokenId> seq_tokens(int n, int salt) {
+  std::vector<TokenId> t(n);
+  for (int i = 0; i < n; ++i) t[i] = 3 + (i * 7 + salt * 13) % 500;
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("block manager: prefix hits reuse full committed blocks and leave one token to compute", "[blocks]") {
+  KvBlockManager m(16, true);
+  const auto a = seq_tokens(40, 1);  // 2 full blocks + 8
+  CHECK(m.begin(1, a) == 0);
+  REQUIRE(m.reserve(1, 40));
+  CHECK(m.n_used() == 3);
+  m.commit(1, a, 40);
+  // Same first 32 tokens, different tail: both full blocks are found.
+  auto b = a;
+  b[35] = 999;
+  CHECK(m.begin(2, b) == 32);
+  CHECK(m.table(2)[0] == m.table(1)[0]);
+  CHECK(m.refcount(m.table(1)[0]) == 2);
+  // Exactly two full blocks: the last token must be computed, so only one block is reused.
+  std::vector<TokenId> c(a.begin(), a.begin() + 32);
+  CHECK(m.begin(3, c) == 16);
+  // A different first block: nothing, even if later blocks match.
+  auto d = a;
+  d[0] = 998;
+  CHECK(m.begin(4, d) == 0);
+  CHECK(m.check_invariants());
+  for (RequestId id : {1, 2, 3, 4}) m.release(id);
+  CHECK(m.n_free() == 16);
+  CHECK(m.check_invariants());
+  // Released but still cached: a new sequence finds them.
+  CHECK(m.begin(5, b) == 32);
+  CHECK(m.hit_tokens() == 32 + 16 + 32);
+}
+
+TEST_CASE("block manager: eviction takes a sequence's tail first, and evicted blocks are not found", "[blocks]") {
+  KvBlockManager m(4, true);
+  const auto a = seq_tokens(33, 1), b = seq_tokens(33, 2);
+  m.begin(1, a);
+  REQUIRE(m.reserve(1, 33));
+  m.commit(1, a, 33);
+  m.release(1);  // 3 blocks free, 2 of them cached
+  m.begin(2, b);
+  // Takes 3 blocks: the never-used one, then a's released blocks tail first (its partial block,
+  // then its second full block): a's first block survives.
+  REQUIRE(m.reserve(2, 33));
+  CHECK(m.evictions() == 1);
+  m.commit(2, b, 33);
+  m.release(2);
+  CHECK(m.begin(3, a) == 16);  // a's second block was evicted, its first was not
+  CHECK(m.begin(4, b) == 32);
+  CHECK(!m.reserve(3, 4 * 16 + 1));  // all or nothing
+  CHECK(m.check_invariants());
+}
+
+TEST_CASE("block manager: fork shares blocks and copy-on-write gives a private copy", "[blocks]") {
+  KvBlockManager m(8, true);
+  const auto a = seq_tokens(20, 1);
+  m.begin(1, a);
+  REQUIRE(m.reserve(1, 20));
+  m.fork(1, 2);
+  CHECK(m.refcount(m.table(1)[1]) == 2);
+  const auto copy = m.prepare_append(2, 20);  // position 20 is in the shared partial block 1
+  REQUIRE(copy.has_value());
+  CHECK(copy->src == m.table(1)[1]);
+  CHECK(copy->dst == m.table(2)[1]);
+  CHECK(m.table(1)[0] == m.table(2)[0]);  // the full block stays shared
+  CHECK(!m.prepare_append(1, 20).has_value());  // now private to 1
+  CHECK(m.check_invariants());
+}
+
+TEST_CASE("block manager: random workloads never leak or double-free", "[blocks]") {
+  std::mt19937 rng(3);
+  KvBlockManager m(64, true);
+  std::map<RequestId, std::vector<TokenId>> live;
+  RequestId next = 1;
+  for (int op = 0; op < 5000; ++op) {
+    const int kind = static_cast<int>(rng() % 4);
+    if (kind == 0 || live.empty()) {
+      auto t = seq_tokens(1 + static_cast<int>(rng() % 80), static_cast<int>(rng() % 5));
+      m.begin(next, t);
+      if (m.reserve(next, static_cast<int32_t>(t.size()))) {
+        m.commit(next, t, static_cast<int32_t>(t.size()));
+        live[next] = t;
+      } else {
+        m.release(next);
+      }
+      ++next;
+    } else if (kind == 1) {
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      m.release(it->first);
+      live.erase(it);
+    } else if (kind == 2) {
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      it->second.push_back(7);
+      if (m.reserve(it->first, static_cast<int32_t>(it->second.size())))
+        m.commit(it->first, it->second, static_cast<int32_t>(it->second.size()));
+      else
+        it->second.pop_back();
+    } else {
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      m.fork(it->first, next);
+      live[next++] = it->second;
+    }
+    REQUIRE(m.check_invariants());
+  }
+  for (auto& [id, t] : live) m.release(id);
+  CHECK(m.n_free() == 64);
+}
+
+TEST_CASE("admission: each rejection has its own error and harms nobody", "[scheduler]") {
+  KvBlockManager blocks(64, true);
+  SchedulerConfig cfg;
+  cfg.max_queue = 2;
+  cfg.max_context = 128;
+  cfg.tenant_rates["alice"] = RateLimit{100, 150};
+  Scheduler s(cfg, blocks, [](TokenId) { return false; });
+  auto req = [](RequestId id, int n, std::string tenant = "") {
+    GenerateRequest r;
+    r.id = id;
+    r.prompt_tokens = seq_tokens(n, static_cast<int>(id));
+    r.max_tokens = 10;
+    r.tenant = tenant;
+    return r;
+  };
+  CHECK(s.admit(req(1, 128), 0)->kind == ErrorKind::prompt_too_long);
+  CHECK(!s.admit(req(2, 10), 0));
+  CHECK(s.admit(req(2, 10), 0)->kind == ErrorKind::invalid_request);  // duplicate id
+  CHECK(!s.admit(req(3, 10, "alice"), 0));                            // 20 of alice's 150
+  CHECK(s.admit(req(4, 10), 0)->kind == ErrorKind::queue_full);
+  std::vector<SchedulerEvent> events;
+  Step step = s.schedule(0, events);  // both start running: the queue empties
+  CHECK(step.sequences.size() == 2);
+  CHECK(!s.admit(req(5, 60, "alice"), 0));  // 70 more: 90 of alice's 150 used
+  CHECK(s.admit(req(6, 55, "alice"), 0)->kind == ErrorKind::rate_limited);  // 65 > 60 left
+  CHECK(!s.admit(req(6, 10), 0));           // other tenants are unaffected
+  CHECK(s.admit(req(7, 50, "alice"), 1000)->kind == ErrorKind::queue_full);  // 5 and 6 wait
+  s.schedule(0, events);
+  CHECK(!s.admit(req(7, 50, "alice"), 1000));  // a second later alice's bucket has refilled
+  GenerateRequest late = req(8, 5);
+  late.deadline_ms = 10;
+  CHECK(s.admit(late, 20)->kind == ErrorKind::deadline_exceeded);
+}
+
+namespace {
+
+struct Harness {
+  explicit Harness(int32_t kv_blocks, int32_t batch_tokens = 64, int32_t batch_size = 8)
+      : model(std::string(CELER_TEST_DATA) + "/stories260K.gguf"),
+        engine(model, [&] {
+          EngineOptions eo;
+          eo.max_seqs = batch_size;
+          eo.max_batch_tokens = batch_tokens;
+          eo.max_context = 256;
+          eo.n_kv_blocks = kv_blocks;
+          return eo;
+        }()),
+        executor(engine),
+        blocks(kv_blocks, true),
+        scheduler(
+            [&] {
+              SchedulerConfig c;
+              c.max_batch_size = batch_size;
+              c.max_batch_tokens = batch_tokens;
+              c.max_context = 256;
+              c.max_queue = 1000;
+              return c;
+            }(),
+            blocks, [this](TokenId t) { return model.tokenizer().is_end_of_generation(t); }) {}
+
+  // Runs until idle; on_step may admit or cancel between iterations.
+  void run(const std::function<void(int step)>& on_step = nullptr) {
+    for (int i = 0; i < 10000; ++i) {
+      if (on_step) on_step(i);
+      std::vector<SchedulerEvent> ev;
+      Step step = scheduler.schedule(now, ev);
+      absorb(ev);
+      if (step.sequences.empty()) {
+        if (scheduler.idle()) return;
+        continue;
+      }
+      max_step_tokens = std::max<size_t>(max_step_tokens, [&] {
+        size_t n = 0;
+        for (auto& q : step.sequences) n += q.tokens.size();
+        return n;
+      }());
+      StepResult result = executor.run(step);
+      ev.clear();
+      scheduler.update(step, result, ev);
+      absorb(ev);
+      REQUIRE(blocks.check_invariants());
+    }
+    FAIL("did not finish");
+  }
+  void absorb(const std::vector<SchedulerEvent>& ev) {
+    for (const auto& e : ev) {
+      if (e.kind == SchedulerEvent::Kind::token) {
+        REQUIRE(e.index == static_cast<int32_t>(out[e.id].size()));  // no gap, no duplicate
+        out[e.id].push_back(e.token);
+      } else if (e.kind == SchedulerEvent::Kind::finished) {
+        finished[e.id] = e.finished;
+      } else {
+        errors[e.id] = e.error;
+      }
+    }
+  }
+
+  Model model;
+  Engine engine;
+  StepExecutor executor;
+  KvBlockManager blocks;
+  Scheduler scheduler;
+  int64_t now = 0;
+  size_t max_step_tokens = 0;
+  std::map<RequestId, std::vector<TokenId>> out;
+  std::map<RequestId, Finished> finished;
+  std::map<RequestId, ErrorReply> errors;
+};
+
+GenerateRequest story(RequestId id, const std::vector<TokenId>& prompt, int max_tokens, float temperature, uint64_t seed) {
+  GenerateRequest r;
+  r.id = id;
+  r.prompt_tokens = prompt;
+  r.max_tokens = max_tokens;
+  r.sampling.temperature = temperature;
+  r.sampling.top_k = 0;
+  r.sampling.top_p = 0.95f;
+  r.sampling.min_p = 0;
+  r.sampling.seed = seed;
+  r.ignore_eos = true;
+  return r;
+}
+
+std::vector<std::vector<TokenId>> prompts(const Model& m) {
+  std::vector<std::vector<TokenId>> p;
+  const std::string system = "Once upon a time, there was a little girl named Lily. She loved to play outside.";
+  for (const char* s : {"Once upon a time", "The dog", "Lily and Tom", "One day, a big bird", "Tim had a red ball"})
+    p.push_back(m.tokenizer().encode(s, true));
+  for (const char* s : {" She saw a cat.", " She had a ball.", " Her mom called her."})  // a shared 16+ token prefix
+    p.push_back(m.tokenizer().encode(system + s, true));
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("scheduler + engine: every request gets exactly its solo tokens under any mix", "[scheduler][model]") {
+  // Solo runs: one request at a time, plenty of memory.
+  Harness solo(64);
+  const auto ps = prompts(solo.model);
+  std::map<RequestId, std::vector<TokenId>> expected;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const bool greedy = i % 2 == 0;
+    REQUIRE(!solo.scheduler.admit(story(100 + i, ps[i], 40, greedy ? 0.0f : 0.9f, 7 + i), 0));
+    solo.run();
+    expected[100 + i] = solo.out[100 + i];
+    REQUIRE(expected[100 + i].size() == 40);
+  }
+  CHECK(solo.blocks.n_free() == 64);
+
+  SECTION("all at once, small token budget: chunked prefill mixes with decode") {
+    Harness h(64, 24, 8);
+    for (size_t i = 0; i < ps.size(); ++i)
+      REQUIRE(!h.scheduler.admit(story(100 + i, ps[i], 40, i % 2 == 0 ? 0.0f : 0.9f, 7 + i), 0));
+    h.run();
+    CHECK(h.out == expected);
+    CHECK(h.max_step_tokens <= 24);
+    CHECK(h.blocks.n_free() == 64);
+    // The three requests sharing the system prompt found it in the prefix cache (all but the first).
+    int hits = 0;
+    for (RequestId id : {105, 106, 107}) hits += h.finished.at(id).cached_tokens > 0;
+    CHECK(hits >= 2);
+  }
+  SECTION("staggered arrivals") {
+    Harness h(64, 64, 4);
+    h.run([&](int step) {
+      if (step < static_cast<int>(ps.size()) * 3 && step % 3 == 0) {
+        const size_t i = step / 3;
+        REQUIRE(!h.scheduler.admit(story(100 + i, ps[i], 40, i % 2 == 0 ? 0.0f : 0.9f, 7 + i), 0));
+      }
+    });
+    CHECK(h.out == expected);
+  }
+  SECTION("memory pressure: preemption by recompute changes no token") {
+    Harness h(12, 64, 8);  // 12 blocks of 16 for 8 sequences of up to ~65 positions
+    for (size_t i = 0; i < ps.size(); ++i)
+      REQUIRE(!h.scheduler.admit(story(100 + i, ps[i], 40, i % 2 == 0 ? 0.0f : 0.9f, 7 + i), 0));
+    h.run();
+    CHECK(h.scheduler.n_preemptions() > 0);
+    CHECK(h.out == expected);
+    CHECK(h.blocks.n_free() == 12);
+  }
+  SECTION("cancelling neighbours mid-stream") {
+    Harness h(64, 64, 8);
+    for (size_t i = 0; i < ps.size(); ++i)
+      REQUIRE(!h.scheduler.admit(story(100 + i, ps[i], 40, i % 2 == 0 ? 0.0f : 0.9f, 7 + i), 0));
+    h.run([&](int step) {
+      if (step == 10) {
+        h.scheduler.cancel(101);
+        h.scheduler.cancel(104);
+      }
+    });
+    CHECK(h.finished.at(101).reason == FinishReason::cancelled);
+    CHECK(h.out[101].size() < 40);
+    for (RequestId id : {100, 102, 103, 105, 106, 107}) CHECK(h.out[id] == expected[id]);
+    CHECK(h.blocks.n_free() == 64);
+  }
+  SECTION("a lost KV cache: everything recomputes and nothing changes") {
+    Harness h(64, 64, 8);
+    for (size_t i = 0; i < ps.size(); ++i)
+      REQUIRE(!h.scheduler.admit(story(100 + i, ps[i], 40, i % 2 == 0 ? 0.0f : 0.9f, 7 + i), 0));
+    h.run([&](int step) {
+      if (step == 15) h.scheduler.reset_kv();
+    });
+    CHECK(h.out == expected);
+  }
+}
+
+TEST_CASE("scheduler: higher classes go first and preempt lower ones for memory", "[scheduler][model]") {
+  Harness h(10, 64, 2);
+  const auto ps = prompts(h.model);
+  auto batch = story(1, ps[0], 30, 0.0f, 1);
+  batch.priority = Priority::batch;
+  auto normal = story(2, ps[1], 30, 0.0f, 1);
+  REQUIRE(!h.scheduler.admit(batch, 0));
+  REQUIRE(!h.scheduler.admit(normal, 0));
+  std::vector<SchedulerEvent> ev;
+  for (int i = 0; i < 5; ++i) {  // both run
+    Step step = h.scheduler.schedule(0, ev);
+    REQUIRE(step.sequences.size() == 2);
+    h.scheduler.update(step, h.executor.run(step), ev);
+  }
+  auto interactive = story(3, ps[2], 30, 0.0f, 1);
+  interactive.priority = Priority::interactive;
+  REQUIRE(!h.scheduler.admit(interactive, 0));
+  Step step = h.scheduler.schedule(0, ev);
+  // The batch size is 2: the interactive request and the normal one run, the batch one waits.
+  std::vector<RequestId> ids;
+  for (auto& s : step.sequences) ids.push_back(s.id);
+  CHECK(ids == std::vector<RequestId>{3, 2});
+  h.scheduler.update(step, h.executor.run(step), ev);
+  h.absorb(ev);
+  h.run();
+  for (RequestId id : {1, 2, 3}) CHECK(h.finished.at(id).completion_tokens == 30);
+}
+
+TEST_CASE("scheduler: deadlines end a request with its own error", "[scheduler][model]") {
+  Harness h(64);
+  const auto ps = prompts(h.model);
+  auto r = story(1, ps[0], 200, 0.0f, 1);
+  r.deadline_ms = 5;
+  REQUIRE(!h.scheduler.admit(r, 0));
+  REQUIRE(!h.scheduler.admit(story(2, ps[1], 20, 0.0f, 1), 0));
+  h.run([&](int step) { h.now = step; });
+  CHECK(h.errors.at(1).kind == ErrorKind::deadline_exceeded);
+  CHECK(h.finished.at(2).completion_tokens == 20);
+  CHECK(h.blocks.n_free() == 64);
+}
+
+TEST_CASE("response cache: exact keys, TTL and LRU bound", "[response_cache]") {
+  ResponseCache cache(2, 1000);
+  GenerateRequest a;
+  a.prompt_tokens = {1, 2, 3};
+  a.sampling.seed = 5;
+  GenerateRequest b = a;
+  b.sampling.seed = 6;  // another seed, another answer
+  GenerateRequest c = a;
+  c.stop = {"x"};
+  CHECK(!cache.lookup(a, 0));
+  cache.insert(a, {{7, 8}, FinishReason::length}, 0);
+  REQUIRE(cache.lookup(a, 10));
+  CHECK(cache.lookup(a, 10)->tokens == std::vector<TokenId>{7, 8});
+  CHECK(!cache.lookup(b, 10));
+  CHECK(!cache.lookup(c, 10));
+  CHECK(!cache.lookup(a, 1000));  // expired
+  cache.insert(a, {{1}, FinishReason::stop}, 2000);
+  cache.insert(b, {{2}, FinishReason::stop}, 2000);
+  cache.lookup(a, 2001);                             // a is now the most recent
+  cache.insert(c, {{3}, FinishReason::stop}, 2002);  // evicts b
+  CHECK(cache.lookup(a, 2003));
+  CHECK(!cache.lookup(b, 2003));
+  CHECK(cache.lookup(c, 2003));
+  cache.insert(b, {{9}, FinishReason::cancelled}, 2004);  // not an answer
+  CHECK(!cache.lookup(b, 2005));
+  CHECK(cache.hits() == 5);
+}
