@@ -1,0 +1,442 @@
+// Reading: each section is a table of its keys, in schema order, each with a handler that reads
+// one value into the struct. Walking the mapping's entries (rather than looking keys up) is what
+// finds unknown and repeated keys; the table's order is the list of valid keys an error shows.
+#include "runtime/config.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "runtime/error.hpp"
+
+namespace celer {
+namespace {
+
+using std::chrono::milliseconds;
+
+[[noreturn]] void fail_at(const std::string& source, const YAML::Mark& mark, const std::string& what) {
+  throw Error(ErrorCode::invalid_argument,
+              source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1) + ": " + what);
+}
+
+// A unit a number may carry, and what one of it is in the base unit (bytes, milliseconds).
+struct Unit {
+  const char* name;
+  uint64_t factor;
+};
+
+// Largest first: to_yaml writes a value in the first unit that holds it exactly.
+const std::vector<Unit> kSizeUnits = {
+    {"TiB", uint64_t{1} << 40},
+    {"TB", 1'000'000'000'000},
+    {"GiB", uint64_t{1} << 30},
+    {"GB", 1'000'000'000},
+    {"MiB", uint64_t{1} << 20},
+    {"MB", 1'000'000},
+    {"KiB", uint64_t{1} << 10},
+    {"KB", 1'000},
+    {"B", 1},
+};
+const std::vector<Unit> kDurationUnits = {{"h", 3'600'000}, {"m", 60'000}, {"s", 1'000}, {"ms", 1}};
+
+std::string unit_names(const std::vector<Unit>& units) {  // smallest first
+  std::string names;
+  for (auto u = units.rbegin(); u != units.rend(); ++u) names += (names.empty() ? "" : ", ") + std::string(u->name);
+  return names;
+}
+
+// "<digits>[ ]<unit>" or bare "<digits>" (in the base unit). Decimal only: yaml-cpp's own integer
+// conversion would read 010 as octal.
+bool parse_with_unit(const std::string& text, const std::vector<Unit>& units, uint64_t* out) {
+  const char* end = text.data() + text.size();
+  uint64_t n = 0;
+  auto [rest, ec] = std::from_chars(text.data(), end, n);
+  if (ec != std::errc() || rest == text.data()) return false;
+  while (rest != end && *rest == ' ') ++rest;
+  if (rest == end) {
+    *out = n;
+    return true;
+  }
+  for (const Unit& u : units) {
+    if (std::string_view(rest, end - rest) != u.name) continue;
+    if (n > UINT64_MAX / u.factor) return false;
+    *out = n * u.factor;
+    return true;
+  }
+  return false;
+}
+
+std::string format_with_unit(uint64_t value, const std::vector<Unit>& units) {
+  for (const Unit& u : units) {
+    if (value != 0 && value % u.factor == 0) return std::to_string(value / u.factor) + u.name;
+  }
+  return std::to_string(value);
+}
+
+const char* kind_of(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Map:
+      return "a mapping";
+    case YAML::NodeType::Sequence:
+      return "a list";
+    case YAML::NodeType::Null:
+      return "nothing";
+    default:
+      return "a scalar";
+  }
+}
+
+// A value under a key, with what its error messages need: the file, the key's dotted path
+// ("response_cache.ttl") and the key's position, which every error about the value points at.
+class Value {
+ public:
+  Value(const std::string& source, std::string path, const YAML::Mark& mark, YAML::Node node)
+      : source_(source), path_(std::move(path)), mark_(mark), node_(std::move(node)) {}
+
+  const std::string& path() const { return path_; }
+  const YAML::Mark& mark() const { return mark_; }
+
+  [[noreturn]] void fail(const std::string& what) const {
+    fail_at(source_, mark_, (path_.empty() ? "the config" : path_) + ": " + what);
+  }
+
+  // The entries of a mapping (a null value counts as an empty one), keys checked to be unique.
+  std::vector<std::pair<std::string, Value>> entries() const;
+
+  std::string string(bool allow_empty) const {
+    const std::string& s = scalar("a string");
+    if (s.empty() && !allow_empty) fail("must not be empty");
+    return s;
+  }
+
+  bool boolean() const {
+    bool b = false;
+    if (!YAML::convert<bool>::decode(node_, b)) fail("must be true or false, got " + shown());
+    return b;
+  }
+
+  int64_t integer(int64_t lo, int64_t hi) const {
+    const std::string& s = scalar("an integer");
+    int64_t v = 0;
+    auto [rest, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || rest != s.data() + s.size() || v < lo || v > hi) {
+      fail("must be an integer in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + shown());
+    }
+    return v;
+  }
+  int32_t count(int32_t lo, int32_t hi) const { return static_cast<int32_t>(integer(lo, hi)); }
+
+  double non_negative_number() const {
+    const std::string& s = scalar("a number");
+    double v = 0;
+    auto [rest, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || rest != s.data() + s.size() || !std::isfinite(v) || v < 0) {
+      fail("must be a number >= 0, got " + shown());
+    }
+    return v;
+  }
+
+  uint64_t positive_size() const {
+    uint64_t v = 0;
+    if (!parse_with_unit(scalar("a size"), kSizeUnits, &v) || v == 0) {
+      fail("must be a size above 0: an integer of bytes or a number with a unit (" + unit_names(kSizeUnits) +
+           "), e.g. 512MiB; got " + shown());
+    }
+    return v;
+  }
+
+  milliseconds duration(uint64_t min_ms) const {
+    uint64_t v = 0;
+    if (!parse_with_unit(scalar("a duration"), kDurationUnits, &v) || v < min_ms || v > uint64_t{INT64_MAX}) {
+      const std::string at_least = min_ms > 0 ? " of at least " + std::to_string(min_ms) + "ms" : "";
+      fail("must be a duration" + at_least + ": an integer of milliseconds or a number with a unit (" +
+           unit_names(kDurationUnits) + "), e.g. 250ms, 2s, 1m; got " + shown());
+    }
+    return milliseconds(static_cast<int64_t>(v));
+  }
+
+  template <class E>
+  E choice(const std::vector<std::pair<const char*, E>>& names) const {
+    const std::string& s = scalar("a name");
+    std::string allowed;
+    for (const auto& [name, e] : names) {
+      if (s == name) return e;
+      allowed += (allowed.empty() ? "" : ", ") + std::string(name);
+    }
+    fail("must be one of " + allowed + "; got " + shown());
+  }
+
+ private:
+  const std::string& scalar(const char* expected) const {
+    if (!node_.IsScalar()) fail(std::string("must be ") + expected + ", got " + kind_of(node_));
+    return node_.Scalar();
+  }
+  std::string shown() const { return node_.IsScalar() ? "'" + node_.Scalar() + "'" : kind_of(node_); }
+
+  const std::string& source_;  // parse_config's source_name, which outlives every Value
+  std::string path_;
+  YAML::Mark mark_;
+  YAML::Node node_;
+};
+
+std::vector<std::pair<std::string, Value>> Value::entries() const {
+  if (node_.IsNull()) return {};
+  if (!node_.IsMap()) fail(std::string("must be a mapping of keys, got ") + kind_of(node_));
+  std::vector<std::pair<std::string, Value>> out;
+  std::set<std::string> seen;
+  const std::string prefix = path_.empty() ? "" : path_ + ".";
+  for (const auto& entry : node_) {  // by value: yaml-cpp's iterators hand out temporaries
+    const YAML::Node& key = entry.first;
+    if (!key.IsScalar())
+      fail_at(source_, key.Mark(), "the keys of " + (path_.empty() ? "the config" : path_) + " must be names");
+    if (!seen.insert(key.Scalar()).second) fail_at(source_, key.Mark(), prefix + key.Scalar() + ": key given twice");
+    out.emplace_back(key.Scalar(), Value(source_, prefix + key.Scalar(), key.Mark(), entry.second));
+  }
+  return out;
+}
+
+using Fields = std::vector<std::pair<const char*, std::function<void(const Value&)>>>;
+
+// Hands each entry of `section` to its field's handler; a key with no field is an error listing
+// the valid ones.
+void read_fields(const Value& section, const Fields& fields) {
+  for (const auto& [key, value] : section.entries()) {
+    auto field = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return key == f.first; });
+    if (field != fields.end()) {
+      field->second(value);
+      continue;
+    }
+    std::string valid;
+    for (const auto& f : fields) valid += (valid.empty() ? "" : ", ") + std::string(f.first);
+    value.fail("unknown key; valid keys" + (section.path().empty() ? "" : " of " + section.path()) + ": " + valid);
+  }
+}
+
+// Names of enum values as the file writes them; reading and to_yaml share these tables.
+template <class E>
+using Names = std::vector<std::pair<const char*, E>>;
+
+const Names<std::optional<TensorType>> kDtypes = {
+    {"auto", std::nullopt},     {"f32", TensorType::f32},   {"f16", TensorType::f16},
+    {"bf16", TensorType::bf16}, {"q8_0", TensorType::q8_0},
+};
+const Names<Q8Activations> kQ8Activations = {{"f32", Q8Activations::f32}, {"int8", Q8Activations::int8}};
+const Names<Priority> kPriorities = {
+    {"interactive", Priority::interactive}, {"normal", Priority::normal}, {"batch", Priority::batch}};
+
+template <class E>
+const char* name_of(const Names<E>& names, E value) {
+  for (const auto& [name, e] : names) {
+    if (e == value) return name;
+  }
+  return "?";
+}
+
+void read_response_cache(const Value& v, ResponseCacheConfig& c) {
+  read_fields(v, {
+                     {"enabled", [&](const Value& x) { c.enabled = x.boolean(); }},
+                     {"max_entries", [&](const Value& x) { c.max_entries = x.count(1, 1 << 24); }},
+                     {"ttl", [&](const Value& x) { c.ttl = x.duration(0); }},
+                 });
+}
+
+RateLimit read_rate_limit(const Value& v) {
+  RateLimit r;
+  read_fields(v, {
+                     {"tokens_per_second", [&](const Value& x) { r.tokens_per_second = x.non_negative_number(); }},
+                     {"burst", [&](const Value& x) { r.burst = x.non_negative_number(); }},
+                 });
+  return r;
+}
+
+void read_rate_limits(const Value& v, RateLimitsConfig& c) {
+  auto read_tenants = [&](const Value& x) {
+    for (const auto& [name, limit] : x.entries()) {
+      if (name.empty()) limit.fail("a tenant name must not be empty");
+      c.tenants[name] = read_rate_limit(limit);
+    }
+  };
+  read_fields(v, {
+                     {"default", [&](const Value& x) { c.default_limit = read_rate_limit(x); }},
+                     {"tenants", read_tenants},
+                 });
+}
+
+template <class Endpoint>  // ListenConfig or HttpConfig
+void read_endpoint(const Value& v, Endpoint& e) {
+  read_fields(v, {
+                     {"host", [&](const Value& x) { e.host = x.string(false); }},
+                     {"port", [&](const Value& x) { e.port = static_cast<uint16_t>(x.integer(0, 65535)); }},
+                 });
+}
+
+void read_supervision(const Value& v, SupervisionConfig& c) {
+  read_fields(v, {
+                     {"max_restarts", [&](const Value& x) { c.max_restarts = x.count(0, 1'000'000); }},
+                     {"window", [&](const Value& x) { c.window = x.duration(1); }},
+                     {"backoff", [&](const Value& x) { c.backoff = x.duration(0); }},
+                 });
+}
+
+int32_t read_block_size(const Value& x) {
+  int32_t n = x.count(1, 1 << 20);
+  if (n != kConfigBlockSize) x.fail("must be 16, the only block size supported now; got " + std::to_string(n));
+  return n;
+}
+
+void read_config(const Value& root, ClusterConfig& c) {
+  std::optional<Value> memory, blocks;  // where each was given, to refuse both
+  auto read_memory = [&](const Value& x) {
+    c.kv_cache_memory = x.positive_size();
+    memory.emplace(x);
+  };
+  auto read_blocks = [&](const Value& x) {
+    c.kv_cache_blocks = x.integer(0, INT32_MAX);
+    blocks.emplace(x);
+  };
+  auto read_priorities = [&](const Value& x) {
+    read_fields(x, {{"default", [&](const Value& p) { c.default_priority = p.choice(kPriorities); }}});
+  };
+  read_fields(root, {
+                        {"model", [&](const Value& x) { c.model = x.string(true); }},
+                        {"dtype", [&](const Value& x) { c.dtype = x.choice(kDtypes); }},
+                        {"q8_activations", [&](const Value& x) { c.q8_activations = x.choice(kQ8Activations); }},
+                        {"tensor_parallel_size", [&](const Value& x) { c.tensor_parallel_size = x.count(1, 64); }},
+                        {"threads", [&](const Value& x) { c.threads = x.count(0, 4096); }},
+                        {"max_batch_size", [&](const Value& x) { c.max_batch_size = x.count(1, 4096); }},
+                        {"max_batch_tokens", [&](const Value& x) { c.max_batch_tokens = x.count(1, 1 << 20); }},
+                        {"max_context", [&](const Value& x) { c.max_context = x.count(0, 1 << 20); }},
+                        {"max_queue", [&](const Value& x) { c.max_queue = x.count(0, 1 << 20); }},
+                        {"block_size", [&](const Value& x) { c.block_size = read_block_size(x); }},
+                        {"kv_cache_memory", read_memory},
+                        {"kv_cache_blocks", read_blocks},
+                        {"enable_prefix_caching", [&](const Value& x) { c.enable_prefix_caching = x.boolean(); }},
+                        {"response_cache", [&](const Value& x) { read_response_cache(x, c.response_cache); }},
+                        {"priorities", read_priorities},
+                        {"rate_limits", [&](const Value& x) { read_rate_limits(x, c.rate_limits); }},
+                        {"deadline", [&](const Value& x) { c.deadline = x.duration(0); }},
+                        {"listen", [&](const Value& x) { read_endpoint(x, c.listen); }},
+                        {"http", [&](const Value& x) { read_endpoint(x, c.http.emplace()); }},
+                        {"supervision", [&](const Value& x) { read_supervision(x, c.supervision); }},
+                    });
+  if (memory && blocks) {
+    const Value& later = memory->mark().pos > blocks->mark().pos ? *memory : *blocks;
+    later.fail("kv_cache_memory and kv_cache_blocks are mutually exclusive: give one of them");
+  }
+}
+
+std::string number(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);  // the shortest form that reads back exactly
+  return std::string(buf, end);
+}
+
+std::string format_duration(milliseconds d) {
+  return format_with_unit(static_cast<uint64_t>(d.count()), kDurationUnits);
+}
+
+void emit_rate_limit(YAML::Emitter& out, const RateLimit& r) {
+  out << YAML::Flow << YAML::BeginMap;
+  out << YAML::Key << "tokens_per_second" << YAML::Value << number(r.tokens_per_second);
+  out << YAML::Key << "burst" << YAML::Value << number(r.burst);
+  out << YAML::EndMap;
+}
+
+template <class Endpoint>
+void emit_endpoint(YAML::Emitter& out, const char* key, const Endpoint& e) {
+  out << YAML::Key << key << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << e.host;
+  out << YAML::Key << "port" << YAML::Value << e.port;
+  out << YAML::EndMap;
+}
+
+// The sections after the top-level scalar keys.
+void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
+  out << YAML::Key << "response_cache" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "enabled" << YAML::Value << c.response_cache.enabled;
+  out << YAML::Key << "max_entries" << YAML::Value << c.response_cache.max_entries;
+  out << YAML::Key << "ttl" << YAML::Value << format_duration(c.response_cache.ttl);
+  out << YAML::EndMap;
+  out << YAML::Key << "priorities" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "default" << YAML::Value << name_of(kPriorities, c.default_priority) << YAML::EndMap;
+  out << YAML::Key << "rate_limits" << YAML::Value << YAML::BeginMap << YAML::Key << "default" << YAML::Value;
+  emit_rate_limit(out, c.rate_limits.default_limit);
+  out << YAML::Key << "tenants" << YAML::Value << YAML::BeginMap;
+  for (const auto& [name, limit] : c.rate_limits.tenants) {
+    out << YAML::Key << YAML::DoubleQuoted << name << YAML::Value;
+    emit_rate_limit(out, limit);
+  }
+  out << YAML::EndMap << YAML::EndMap;
+  out << YAML::Key << "deadline" << YAML::Value << format_duration(c.deadline);
+  emit_endpoint(out, "listen", c.listen);
+  if (c.http) emit_endpoint(out, "http", *c.http);
+  out << YAML::Key << "supervision" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "max_restarts" << YAML::Value << c.supervision.max_restarts;
+  out << YAML::Key << "window" << YAML::Value << format_duration(c.supervision.window);
+  out << YAML::Key << "backoff" << YAML::Value << format_duration(c.supervision.backoff);
+  out << YAML::EndMap;
+}
+
+}  // namespace
+
+ClusterConfig parse_config(const std::string& yaml_text, const std::string& source_name) {
+  std::vector<YAML::Node> documents;
+  try {
+    documents = YAML::LoadAll(yaml_text);
+  } catch (const YAML::Exception& e) {
+    fail_at(source_name, e.mark, "YAML syntax error: " + e.msg);
+  }
+  if (documents.size() > 1) fail_at(source_name, documents[1].Mark(), "a second YAML document; a config is one");
+  YAML::Node root = documents.empty() ? YAML::Node() : documents[0];
+  ClusterConfig config;
+  read_config(Value(source_name, "", root.Mark(), root), config);
+  return config;
+}
+
+ClusterConfig load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(ErrorCode::invalid_argument, path + ": cannot open config file: " + std::strerror(errno));
+  // fopen accepts a directory, and reading one yields nothing, which would pass as an empty config.
+  if (std::filesystem::is_directory(path)) throw Error(ErrorCode::invalid_argument, path + ": is a directory");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_config(text.str(), path);
+}
+
+std::string to_yaml(const ClusterConfig& c) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  out << YAML::Key << "model" << YAML::Value << YAML::DoubleQuoted << c.model;
+  out << YAML::Key << "dtype" << YAML::Value << name_of(kDtypes, c.dtype);
+  out << YAML::Key << "q8_activations" << YAML::Value << name_of(kQ8Activations, c.q8_activations);
+  out << YAML::Key << "tensor_parallel_size" << YAML::Value << c.tensor_parallel_size;
+  out << YAML::Key << "threads" << YAML::Value << c.threads;
+  out << YAML::Key << "max_batch_size" << YAML::Value << c.max_batch_size;
+  out << YAML::Key << "max_batch_tokens" << YAML::Value << c.max_batch_tokens;
+  out << YAML::Key << "max_context" << YAML::Value << c.max_context;
+  out << YAML::Key << "max_queue" << YAML::Value << c.max_queue;
+  out << YAML::Key << "block_size" << YAML::Value << c.block_size;
+  if (c.kv_cache_blocks > 0) {
+    out << YAML::Key << "kv_cache_blocks" << YAML::Value << c.kv_cache_blocks;
+  } else {
+    out << YAML::Key << "kv_cache_memory" << YAML::Value << format_with_unit(c.kv_cache_memory, kSizeUnits);
+  }
+  out << YAML::Key << "enable_prefix_caching" << YAML::Value << c.enable_prefix_caching;
+  emit_sections(out, c);
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace celer

@@ -1,0 +1,140 @@
+# The wire form of every message that crosses an actor boundary (DESIGN.md §4). Each struct
+# mirrors one in runtime/protocol.hpp field by field; schema/codec.* converts between the two and
+# validates what it reads. Defaults equal the C++ defaults, so a field a sender left unset (or a
+# struct pointer it left null) reads as the C++ struct's default.
+#
+# Changing a field incompatibly means bumping celer::kProtocolVersion; adding fields at the end
+# (new ordinals) stays compatible.
+@0xf54a582822fe934f;
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("celer::capnp_schema");
+
+enum Priority {
+  interactive @0;
+  normal @1;
+  batch @2;
+}
+
+enum FinishReason {
+  stop @0;
+  length @1;
+  cancelled @2;
+}
+
+enum ErrorKind {
+  invalidRequest @0;
+  queueFull @1;
+  promptTooLong @2;
+  rateLimited @3;
+  deadlineExceeded @4;
+  internal @5;
+  unavailable @6;
+}
+
+struct SamplingParams {
+  temperature @0 :Float32 = 0.8;
+  topK @1 :Int32 = 40;
+  topP @2 :Float32 = 0.95;
+  minP @3 :Float32 = 0.05;
+  repeatPenalty @4 :Float32 = 1.0;
+  repeatLastN @5 :Int32 = 64;
+  seed @6 :UInt64;
+}
+
+struct GenerateRequest {
+  id @0 :UInt64;
+  promptText @1 :Text;
+  promptTokens @2 :List(Int32);
+  sampling @3 :SamplingParams;
+  maxTokens @4 :Int32 = 128;
+  stop @5 :List(Text);
+  ignoreEos @6 :Bool;
+  addBos @7 :Bool = true;
+  priority @8 :Priority = normal;
+  tenant @9 :Text;
+  sessionId @10 :Text;
+  deadlineMs @11 :Int64;
+}
+
+struct TokenChunk {
+  id @0 :UInt64;
+  firstIndex @1 :Int32;
+  tokens @2 :List(Int32);
+  text @3 :Text;
+}
+
+struct Finished {
+  id @0 :UInt64;
+  reason @1 :FinishReason;
+  promptTokens @2 :Int32;
+  completionTokens @3 :Int32;
+  cachedTokens @4 :Int32;
+}
+
+struct ErrorReply {
+  id @0 :UInt64;
+  kind @1 :ErrorKind = internal;
+  message @2 :Text;
+}
+
+struct Cancel {
+  id @0 :UInt64;
+}
+
+struct StepSequence {
+  id @0 :UInt64;
+  tokens @1 :List(Int32);
+  nPast @2 :Int32;
+  blockTable @3 :List(Int32);
+  sample @4 :Bool;
+  sampling @5 :SamplingParams;
+  recent @6 :List(Int32);
+}
+
+struct BlockCopy {
+  src @0 :Int32;
+  dst @1 :Int32;
+}
+
+struct Step {
+  stepId @0 :UInt64;
+  copies @1 :List(BlockCopy);
+  sequences @2 :List(StepSequence);
+}
+
+struct SampledToken {
+  id @0 :UInt64;
+  token @1 :Int32;
+}
+
+struct StepResult {
+  stepId @0 :UInt64;
+  tokens @1 :List(SampledToken);
+}
+
+struct ReplicaStats {
+  waiting @0 :List(Int32);  # one count per Priority, exactly kPriorityClasses entries
+  running @1 :Int32;
+  kvBlocksUsed @2 :Int32;
+  kvBlocksFree @3 :Int32;
+  prefixQueries @4 :UInt64;
+  prefixHits @5 :UInt64;
+  responseCacheHits @6 :UInt64;
+  malformedMessages @7 :UInt64;
+}
+
+# The root of every message on the wire.
+struct Envelope {
+  version @0 :UInt16;  # must equal celer::kProtocolVersion
+  union {
+    generateRequest @1 :GenerateRequest;
+    tokenChunk @2 :TokenChunk;
+    finished @3 :Finished;
+    errorReply @4 :ErrorReply;
+    cancel @5 :Cancel;
+    step @6 :Step;
+    stepResult @7 :StepResult;
+    replicaStats @8 :ReplicaStats;
+  }
+}

@@ -1,0 +1,484 @@
+// Encoding is a direct copy of each struct into its Cap'n Proto builder. Decoding reads each
+// pointer exactly once (a getter follows a pointer and charges the traversal limit every time it
+// is called), checks every field as it copies it into the plain struct, and reports the first
+// failure as "<Message>.<field>: <why>". Checks throw celer::Error internally; decode() turns
+// that, and every kj::Exception Cap'n Proto raises on malformed framing, into an error value.
+#include "schema/codec.hpp"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/exception.h>
+#include <kj/io.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "runtime/error.hpp"
+#include "runtime/sampler.hpp"
+#include "schema/celer.capnp.h"
+
+namespace celer {
+namespace {
+
+namespace cs = capnp_schema;
+namespace lim = wire_limits;
+
+// Cap'n Proto list counts are 29 bits.
+constexpr size_t kMaxCapnpListElements = (size_t{1} << 29) - 1;
+
+// ---------------------------------------------------------------------------------------------
+// encode
+
+unsigned list_size(size_t n, const char* field) {
+  if (n > kMaxCapnpListElements)
+    throw Error(ErrorCode::invalid_argument, std::string("encode: ") + field + " has too many elements for Cap'n Proto");
+  return static_cast<unsigned>(n);
+}
+
+// std::string's buffer is NUL-terminated, as capnp::Text requires.
+capnp::Text::Reader text(const std::string& s) { return capnp::Text::Reader(s.data(), s.size()); }
+
+// Empty strings are left as null pointers (they read back as ""), saving a word each.
+template <class Setter>
+void put_text(const std::string& s, Setter set) {
+  if (!s.empty()) set(text(s));
+}
+
+void put_ints(capnp::List<int32_t>::Builder out, const std::vector<int32_t>& in) {
+  for (unsigned i = 0; i < in.size(); ++i) out.set(i, in[i]);
+}
+
+void put(cs::SamplingParams::Builder b, const SamplingParams& p) {
+  b.setTemperature(p.temperature);
+  b.setTopK(p.top_k);
+  b.setTopP(p.top_p);
+  b.setMinP(p.min_p);
+  b.setRepeatPenalty(p.repeat_penalty);
+  b.setRepeatLastN(p.repeat_last_n);
+  b.setSeed(p.seed);
+}
+
+void put(cs::GenerateRequest::Builder b, const GenerateRequest& m) {
+  b.setId(m.id);
+  put_text(m.prompt_text, [&](auto t) { b.setPromptText(t); });
+  put_ints(b.initPromptTokens(list_size(m.prompt_tokens.size(), "prompt_tokens")), m.prompt_tokens);
+  put(b.initSampling(), m.sampling);
+  b.setMaxTokens(m.max_tokens);
+  auto stop = b.initStop(list_size(m.stop.size(), "stop"));
+  for (unsigned i = 0; i < m.stop.size(); ++i) stop.set(i, text(m.stop[i]));
+  b.setIgnoreEos(m.ignore_eos);
+  b.setAddBos(m.add_bos);
+  b.setPriority(static_cast<cs::Priority>(static_cast<uint16_t>(m.priority)));
+  put_text(m.tenant, [&](auto t) { b.setTenant(t); });
+  put_text(m.session_id, [&](auto t) { b.setSessionId(t); });
+  b.setDeadlineMs(m.deadline_ms);
+}
+
+void put(cs::TokenChunk::Builder b, const TokenChunk& m) {
+  b.setId(m.id);
+  b.setFirstIndex(m.first_index);
+  put_ints(b.initTokens(list_size(m.tokens.size(), "tokens")), m.tokens);
+  put_text(m.text, [&](auto t) { b.setText(t); });
+}
+
+void put(cs::Finished::Builder b, const Finished& m) {
+  b.setId(m.id);
+  b.setReason(static_cast<cs::FinishReason>(static_cast<uint16_t>(m.reason)));
+  b.setPromptTokens(m.prompt_tokens);
+  b.setCompletionTokens(m.completion_tokens);
+  b.setCachedTokens(m.cached_tokens);
+}
+
+void put(cs::ErrorReply::Builder b, const ErrorReply& m) {
+  b.setId(m.id);
+  b.setKind(static_cast<cs::ErrorKind>(static_cast<uint16_t>(m.kind)));
+  put_text(m.message, [&](auto t) { b.setMessage(t); });
+}
+
+void put(cs::Cancel::Builder b, const Cancel& m) { b.setId(m.id); }
+
+void put(cs::StepSequence::Builder b, const StepSequence& s) {
+  b.setId(s.id);
+  put_ints(b.initTokens(list_size(s.tokens.size(), "tokens")), s.tokens);
+  b.setNPast(s.n_past);
+  put_ints(b.initBlockTable(list_size(s.block_table.size(), "block_table")), s.block_table);
+  b.setSample(s.sample);
+  put(b.initSampling(), s.sampling);
+  put_ints(b.initRecent(list_size(s.recent.size(), "recent")), s.recent);
+}
+
+void put(cs::Step::Builder b, const Step& m) {
+  b.setStepId(m.step_id);
+  auto copies = b.initCopies(list_size(m.copies.size(), "copies"));
+  for (unsigned i = 0; i < m.copies.size(); ++i) {
+    copies[i].setSrc(m.copies[i].src);
+    copies[i].setDst(m.copies[i].dst);
+  }
+  auto seqs = b.initSequences(list_size(m.sequences.size(), "sequences"));
+  for (unsigned i = 0; i < m.sequences.size(); ++i) put(seqs[i], m.sequences[i]);
+}
+
+void put(cs::StepResult::Builder b, const StepResult& m) {
+  b.setStepId(m.step_id);
+  auto tokens = b.initTokens(list_size(m.tokens.size(), "tokens"));
+  for (unsigned i = 0; i < m.tokens.size(); ++i) {
+    tokens[i].setId(m.tokens[i].id);
+    tokens[i].setToken(m.tokens[i].token);
+  }
+}
+
+void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
+  auto waiting = b.initWaiting(kPriorityClasses);
+  for (int i = 0; i < kPriorityClasses; ++i) waiting.set(i, m.waiting[i]);
+  b.setRunning(m.running);
+  b.setKvBlocksUsed(m.kv_blocks_used);
+  b.setKvBlocksFree(m.kv_blocks_free);
+  b.setPrefixQueries(m.prefix_queries);
+  b.setPrefixHits(m.prefix_hits);
+  b.setResponseCacheHits(m.response_cache_hits);
+  b.setMalformedMessages(m.malformed_messages);
+}
+
+struct PutInEnvelope {
+  cs::Envelope::Builder env;
+  void operator()(const GenerateRequest& m) { put(env.initGenerateRequest(), m); }
+  void operator()(const TokenChunk& m) { put(env.initTokenChunk(), m); }
+  void operator()(const Finished& m) { put(env.initFinished(), m); }
+  void operator()(const ErrorReply& m) { put(env.initErrorReply(), m); }
+  void operator()(const Cancel& m) { put(env.initCancel(), m); }
+  void operator()(const Step& m) { put(env.initStep(), m); }
+  void operator()(const StepResult& m) { put(env.initStepResult(), m); }
+  void operator()(const ReplicaStats& m) { put(env.initReplicaStats(), m); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// decode: checks
+
+// Where a field lives: a message ("GenerateRequest") or an element of a list in one
+// ("Step.sequences", 3). Formatted only when a check fails, so the happy path builds no strings.
+struct At {
+  const char* owner;
+  int64_t index = -1;
+
+  std::string path(const char* field, int64_t elem = -1) const {
+    std::string s = owner;
+    if (index >= 0) s += "[" + std::to_string(index) + "]";
+    s += ".";
+    s += field;
+    if (elem >= 0) s += "[" + std::to_string(elem) + "]";
+    return s;
+  }
+};
+
+[[noreturn]] void reject(const At& at, const char* field, const std::string& why, int64_t elem = -1) {
+  throw Error(ErrorCode::invalid_argument, at.path(field, elem) + ": " + why);
+}
+
+template <class T>
+T in_range(T v, T lo, T hi, const At& at, const char* field) {
+  if (v < lo || v > hi)
+    reject(at, field, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(v));
+  return v;
+}
+
+template <class T>
+T non_negative(T v, const At& at, const char* field) {
+  if (v < 0) reject(at, field, "must be >= 0, got " + std::to_string(v));
+  return v;
+}
+
+// Cap'n Proto hands out any 16-bit value for an enum field, including ones this build does not know.
+template <class Enum, class WireEnum>
+Enum read_enum(WireEnum w, int n_values, const At& at, const char* field) {
+  const auto raw = static_cast<uint16_t>(w);
+  if (raw >= n_values)
+    reject(at, field, "unknown value " + std::to_string(raw) + " (expected < " + std::to_string(n_values) + ")");
+  return static_cast<Enum>(raw);
+}
+
+std::string read_text(capnp::Text::Reader t, const At& at, const char* field, int64_t elem = -1) {
+  if (t.size() > lim::kMaxTextBytes)
+    reject(at, field, std::to_string(t.size()) + " bytes, more than " + std::to_string(lim::kMaxTextBytes), elem);
+  return std::string(t.cStr(), t.size());
+}
+
+void check_count(size_t n, size_t max, const At& at, const char* field) {
+  if (n > max) reject(at, field, std::to_string(n) + " entries, more than " + std::to_string(max));
+}
+
+// Token ids and block ids: at most `max` of them, each >= 0.
+std::vector<int32_t> read_ids(capnp::List<int32_t>::Reader list, size_t max, const At& at, const char* field) {
+  check_count(list.size(), max, at, field);
+  std::vector<int32_t> out(list.size());
+  for (unsigned i = 0; i < list.size(); ++i) {
+    const int32_t v = list[i];
+    if (v < 0) reject(at, field, "must be >= 0, got " + std::to_string(v), i);
+    out[i] = v;
+  }
+  return out;
+}
+
+SamplingParams read(cs::SamplingParams::Reader r, const At& at) {
+  SamplingParams p;
+  p.temperature = r.getTemperature();
+  p.top_k = r.getTopK();
+  p.top_p = r.getTopP();
+  p.min_p = r.getMinP();
+  p.repeat_penalty = r.getRepeatPenalty();
+  p.repeat_last_n = r.getRepeatLastN();
+  p.seed = r.getSeed();
+  // One rule set for every receiver: the sampler's own (its messages name the field).
+  try {
+    validate(p);
+  } catch (const Error& e) {
+    reject(at, "sampling", e.what());
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode: one function per message
+
+GenerateRequest read(cs::GenerateRequest::Reader r) {
+  const At at{"GenerateRequest"};
+  GenerateRequest m;
+  m.id = r.getId();
+  m.prompt_text = read_text(r.getPromptText(), at, "prompt_text");
+  m.prompt_tokens = read_ids(r.getPromptTokens(), lim::kMaxPromptTokens, at, "prompt_tokens");
+  m.sampling = read(r.getSampling(), at);
+  m.max_tokens = in_range(r.getMaxTokens(), 1, lim::kMaxMaxTokens, at, "max_tokens");
+  const auto stop = r.getStop();
+  check_count(stop.size(), lim::kMaxStopStrings, at, "stop");
+  m.stop.reserve(stop.size());
+  for (unsigned i = 0; i < stop.size(); ++i) m.stop.push_back(read_text(stop[i], at, "stop", i));
+  m.ignore_eos = r.getIgnoreEos();
+  m.add_bos = r.getAddBos();
+  m.priority = read_enum<Priority>(r.getPriority(), kPriorityClasses, at, "priority");
+  m.tenant = read_text(r.getTenant(), at, "tenant");
+  m.session_id = read_text(r.getSessionId(), at, "session_id");
+  m.deadline_ms = non_negative(r.getDeadlineMs(), at, "deadline_ms");
+  return m;
+}
+
+TokenChunk read(cs::TokenChunk::Reader r) {
+  const At at{"TokenChunk"};
+  TokenChunk m;
+  m.id = r.getId();
+  m.first_index = non_negative(r.getFirstIndex(), at, "first_index");
+  m.tokens = read_ids(r.getTokens(), lim::kMaxChunkTokens, at, "tokens");
+  m.text = read_text(r.getText(), at, "text");
+  return m;
+}
+
+Finished read(cs::Finished::Reader r) {
+  const At at{"Finished"};
+  Finished m;
+  m.id = r.getId();
+  m.reason = read_enum<FinishReason>(r.getReason(), static_cast<int>(FinishReason::cancelled) + 1, at, "reason");
+  m.prompt_tokens = non_negative(r.getPromptTokens(), at, "prompt_tokens");
+  m.completion_tokens = non_negative(r.getCompletionTokens(), at, "completion_tokens");
+  // Cached tokens are a part of the prompt.
+  m.cached_tokens = in_range(r.getCachedTokens(), 0, m.prompt_tokens, at, "cached_tokens");
+  return m;
+}
+
+ErrorReply read(cs::ErrorReply::Reader r) {
+  const At at{"ErrorReply"};
+  ErrorReply m;
+  m.id = r.getId();
+  m.kind = read_enum<ErrorKind>(r.getKind(), static_cast<int>(ErrorKind::unavailable) + 1, at, "kind");
+  m.message = read_text(r.getMessage(), at, "message");
+  return m;
+}
+
+Cancel read(cs::Cancel::Reader r) { return Cancel{r.getId()}; }
+
+StepSequence read(cs::StepSequence::Reader r, unsigned index) {
+  const At at{"Step.sequences", index};
+  StepSequence s;
+  s.id = r.getId();
+  s.tokens = read_ids(r.getTokens(), lim::kMaxSequenceTokens, at, "tokens");
+  if (s.tokens.empty()) reject(at, "tokens", "must not be empty (a sequence in a step computes at least one token)");
+  s.n_past = non_negative(r.getNPast(), at, "n_past");
+  // 64-bit sums: n_past near INT32_MAX must not wrap.
+  const int64_t positions = int64_t{s.n_past} + static_cast<int64_t>(s.tokens.size());
+  if (positions > lim::kMaxPositions)
+    reject(at, "n_past", "n_past + tokens = " + std::to_string(positions) + " positions, more than " +
+                             std::to_string(lim::kMaxPositions));
+  s.block_table = read_ids(r.getBlockTable(), lim::kMaxPositions / lim::kBlockTokens, at, "block_table");
+  const int64_t blocks_needed = (positions + lim::kBlockTokens - 1) / lim::kBlockTokens;
+  if (static_cast<int64_t>(s.block_table.size()) < blocks_needed)
+    reject(at, "block_table", std::to_string(s.block_table.size()) + " blocks cover fewer than the " +
+                                  std::to_string(positions) + " positions n_past + tokens (needs " +
+                                  std::to_string(blocks_needed) + ")");
+  s.sample = r.getSample();
+  // Checked even when sample is false: a sender that fills it with garbage is broken either way.
+  s.sampling = read(r.getSampling(), at);
+  s.recent = read_ids(r.getRecent(), lim::kMaxRecentTokens, at, "recent");
+  return s;
+}
+
+Step read(cs::Step::Reader r) {
+  const At at{"Step"};
+  Step m;
+  m.step_id = r.getStepId();
+  const auto copies = r.getCopies();
+  check_count(copies.size(), lim::kMaxStepCopies, at, "copies");
+  m.copies.resize(copies.size());
+  for (unsigned i = 0; i < copies.size(); ++i) {
+    const At copy_at{"Step.copies", i};
+    m.copies[i].src = non_negative(copies[i].getSrc(), copy_at, "src");
+    m.copies[i].dst = non_negative(copies[i].getDst(), copy_at, "dst");
+  }
+  const auto seqs = r.getSequences();
+  check_count(seqs.size(), lim::kMaxStepSequences, at, "sequences");
+  m.sequences.reserve(seqs.size());
+  for (unsigned i = 0; i < seqs.size(); ++i) m.sequences.push_back(read(seqs[i], i));
+  return m;
+}
+
+StepResult read(cs::StepResult::Reader r) {
+  const At at{"StepResult"};
+  StepResult m;
+  m.step_id = r.getStepId();
+  const auto tokens = r.getTokens();
+  check_count(tokens.size(), lim::kMaxSampledTokens, at, "tokens");
+  m.tokens.resize(tokens.size());
+  for (unsigned i = 0; i < tokens.size(); ++i) {
+    m.tokens[i].id = tokens[i].getId();
+    m.tokens[i].token = non_negative(tokens[i].getToken(), At{"StepResult.tokens", i}, "token");
+  }
+  return m;
+}
+
+ReplicaStats read(cs::ReplicaStats::Reader r) {
+  const At at{"ReplicaStats"};
+  ReplicaStats m;
+  const auto waiting = r.getWaiting();
+  if (waiting.size() != kPriorityClasses)
+    reject(at, "waiting", std::to_string(waiting.size()) + " entries, expected one per priority class (" +
+                              std::to_string(kPriorityClasses) + ")");
+  for (int i = 0; i < kPriorityClasses; ++i) {
+    m.waiting[i] = waiting[i];
+    if (m.waiting[i] < 0) reject(at, "waiting", "must be >= 0, got " + std::to_string(m.waiting[i]), i);
+  }
+  m.running = non_negative(r.getRunning(), at, "running");
+  m.kv_blocks_used = non_negative(r.getKvBlocksUsed(), at, "kv_blocks_used");
+  m.kv_blocks_free = non_negative(r.getKvBlocksFree(), at, "kv_blocks_free");
+  m.prefix_queries = r.getPrefixQueries();
+  m.prefix_hits = in_range<uint64_t>(r.getPrefixHits(), 0, m.prefix_queries, at, "prefix_hits");
+  m.response_cache_hits = r.getResponseCacheHits();
+  m.malformed_messages = r.getMalformedMessages();
+  return m;
+}
+
+Message read(cs::Envelope::Reader env) {
+  switch (env.which()) {
+    case cs::Envelope::GENERATE_REQUEST: return read(env.getGenerateRequest());
+    case cs::Envelope::TOKEN_CHUNK: return read(env.getTokenChunk());
+    case cs::Envelope::FINISHED: return read(env.getFinished());
+    case cs::Envelope::ERROR_REPLY: return read(env.getErrorReply());
+    case cs::Envelope::CANCEL: return read(env.getCancel());
+    case cs::Envelope::STEP: return read(env.getStep());
+    case cs::Envelope::STEP_RESULT: return read(env.getStepResult());
+    case cs::Envelope::REPLICA_STATS: return read(env.getReplicaStats());
+  }
+  throw Error(ErrorCode::invalid_argument,
+              "Envelope: unknown message kind " + std::to_string(static_cast<uint16_t>(env.which())));
+}
+
+DecodeResult failure(std::string why) { return DecodeResult{std::nullopt, std::move(why)}; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+WireMessage encode(const Message& m) {
+  try {
+    // The first segment is 1024 words (8 KiB): every message but long prompts and large steps
+    // fits in it, and a multi-segment message is still one flat buffer below.
+    capnp::MallocMessageBuilder builder;
+    auto env = builder.initRoot<cs::Envelope>();
+    env.setVersion(kProtocolVersion);
+    std::visit(PutInEnvelope{env}, m);
+
+    // Framing and segments written straight into the vector: one copy of the message.
+    const auto segments = builder.getSegmentsForOutput();
+    WireMessage out;
+    out.words.resize(capnp::computeSerializedSizeInWords(segments));
+    kj::ArrayOutputStream stream(
+        kj::arrayPtr(reinterpret_cast<kj::byte*>(out.words.data()), out.words.size() * sizeof(uint64_t)));
+    capnp::writeMessage(stream, segments);
+    return out;
+  } catch (const kj::Exception& e) {
+    throw Error(ErrorCode::invalid_argument,
+                std::string("encode ") + message_name(m) + ": " + e.getDescription().cStr());
+  }
+}
+
+DecodeResult decode(const uint64_t* words, size_t n_words) {
+  if (words == nullptr || n_words == 0) return failure("empty message");
+  // A uint64_t pointer cast from unaligned bytes: take the copying path.
+  if (reinterpret_cast<uintptr_t>(words) % alignof(uint64_t) != 0)
+    return decode_bytes(reinterpret_cast<const uint8_t*>(words), n_words * sizeof(uint64_t));
+  if (n_words > lim::kMaxMessageWords)
+    return failure("message of " + std::to_string(n_words) + " words is larger than 64 MiB");
+  try {
+    capnp::ReaderOptions options;
+    // Reading every object once costs at most the buffer's size; the 2x headroom tolerates a
+    // getter called twice, while pointers aliasing one object (an amplification attack: a small
+    // message that reads as a huge one) fail after at most twice the buffer.
+    options.traversalLimitInWords = std::min<uint64_t>(2 * uint64_t{n_words} + 16, lim::kMaxMessageWords);
+    options.nestingLimit = lim::kNestingLimit;
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(reinterpret_cast<const capnp::word*>(words), n_words),
+                                         options);
+    // One buffer holds exactly one message: trailing words mean a framing error upstream.
+    const auto trailing = reinterpret_cast<const capnp::word*>(words + n_words) - reader.getEnd();
+    if (trailing != 0) return failure(std::to_string(trailing) + " words after the end of the message");
+    const auto env = reader.getRoot<cs::Envelope>();
+    if (env.getVersion() != kProtocolVersion)
+      return failure("Envelope.version: " + std::to_string(env.getVersion()) + ", expected " +
+                     std::to_string(kProtocolVersion));
+    return DecodeResult{read(env), {}};
+  } catch (const Error& e) {
+    return failure(e.what());
+  } catch (const kj::Exception& e) {
+    return failure(std::string("malformed Cap'n Proto message: ") + e.getDescription().cStr());
+  } catch (const std::exception& e) {  // bad_alloc and the like
+    return failure(std::string("decode failed: ") + e.what());
+  }
+}
+
+DecodeResult decode(const WireMessage& m) { return decode(m.words.data(), m.words.size()); }
+
+DecodeResult decode_bytes(const uint8_t* data, size_t n_bytes) {
+  if (n_bytes % sizeof(uint64_t) != 0)
+    return failure("message length " + std::to_string(n_bytes) + " bytes is not a multiple of 8");
+  if (data == nullptr || n_bytes == 0) return failure("empty message");
+  const size_t n_words = n_bytes / sizeof(uint64_t);
+  if (reinterpret_cast<uintptr_t>(data) % alignof(uint64_t) == 0)
+    return decode(reinterpret_cast<const uint64_t*>(data), n_words);
+  // Cap'n Proto reads words in place and needs them aligned: copy, but only after the size check.
+  if (n_words > lim::kMaxMessageWords)
+    return failure("message of " + std::to_string(n_words) + " words is larger than 64 MiB");
+  std::vector<uint64_t> aligned;
+  try {
+    aligned.resize(n_words);
+  } catch (const std::exception& e) {
+    return failure(std::string("decode failed: ") + e.what());
+  }
+  std::memcpy(aligned.data(), data, n_bytes);
+  return decode(aligned.data(), n_words);
+}
+
+const char* message_name(const Message& m) {
+  // Indexed by the variant's alternatives, in order.
+  static constexpr const char* kNames[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
+                                           "Cancel",          "Step",       "StepResult", "ReplicaStats"};
+  static_assert(std::size(kNames) == std::variant_size_v<Message>);
+  return m.index() < std::size(kNames) ? kNames[m.index()] : "valueless";
+}
+
+}  // namespace celer
