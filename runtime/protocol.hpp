@@ -38,6 +38,13 @@ enum class ErrorKind : uint8_t {
 };
 const char* to_string(ErrorKind kind);
 
+// A tenant's token bucket: admission charges prompt + max_tokens tokens.
+struct RateLimit {
+  double tokens_per_second = 0;  // 0: unlimited
+  double burst = 0;              // bucket size in tokens; 0: one second's worth (tokens_per_second)
+  bool operator==(const RateLimit&) const = default;
+};
+
 struct GenerateRequest {
   RequestId id = 0;
   std::string prompt_text;            // tokenized by the replica when prompt_tokens is empty

@@ -41,13 +41,14 @@ bool Scheduler::take_tokens(const std::string& tenant, double amount, int64_t no
   auto rate_it = config_.tenant_rates.find(tenant);
   const RateLimit& rate = rate_it != config_.tenant_rates.end() ? rate_it->second : config_.default_rate;
   if (rate.tokens_per_second <= 0) return true;
+  const double burst = rate.burst > 0 ? rate.burst : rate.tokens_per_second;
   Bucket& b = buckets_[tenant];
   if (!b.primed) {
-    b.tokens = rate.burst;
+    b.tokens = burst;
     b.last_ms = now_ms;
     b.primed = true;
   }
-  b.tokens = std::min(rate.burst, b.tokens + std::max<int64_t>(0, now_ms - b.last_ms) * rate.tokens_per_second / 1000.0);
+  b.tokens = std::min(burst, b.tokens + std::max<int64_t>(0, now_ms - b.last_ms) * rate.tokens_per_second / 1000.0);
   b.last_ms = now_ms;
   if (b.tokens < amount) return false;
   b.tokens -= amount;
@@ -255,6 +256,13 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     if (!s.request.ignore_eos && is_eog_ && is_eog_(st.token)) finish(s, FinishReason::stop, events);
     else if (completion >= s.request.max_tokens) finish(s, FinishReason::length, events);
   }
+}
+
+void Scheduler::fail_all(ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events) {
+  std::vector<RequestId> ids;
+  for (const auto& [id, s] : seqs_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  for (RequestId id : ids) fail(seqs_.at(id), kind, message, events);
 }
 
 void Scheduler::reset_kv() {

@@ -34,11 +34,6 @@
 
 namespace celer {
 
-struct RateLimit {
-  double tokens_per_second = 0;  // 0: unlimited
-  double burst = 0;              // bucket size in tokens
-};
-
 struct SchedulerConfig {
   int32_t max_batch_size = 16;
   int32_t max_batch_tokens = 512;
@@ -77,6 +72,9 @@ class Scheduler {
   // Drops every sequence's KV (a shard was lost): all running sequences are preempted and will
   // recompute. Their generated tokens are kept.
   void reset_kv();
+  // Fails every request (waiting and running) with one error: what is left when retries cannot
+  // help.
+  void fail_all(ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events);
 
   int32_t n_waiting(Priority p) const { return static_cast<int32_t>(waiting_[static_cast<int>(p)].size()); }
   int32_t n_waiting() const;

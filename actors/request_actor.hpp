@@ -1,0 +1,42 @@
+// The request actor: one per request, the owner of its output stream. It receives the
+// scheduler's token events, detokenizes them incrementally (never half a UTF-8 character), finds
+// stop strings, and streams TokenChunks to the client; it passes the client's cancel on.
+// It counts what it has sent: a token index it has already sent (a recomputed step after a
+// failure) is dropped, so the client never sees a token twice or a gap.
+//
+// Messages in:  (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) from the scheduler
+//               (cancel_atom) from the client
+// Messages out: (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) to the client, with
+//               the client's request id; (cancel_atom, id, reason) to the scheduler.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "runtime/model.hpp"
+#include "runtime/protocol.hpp"
+
+namespace celer {
+
+struct RequestState {
+  caf::actor client;
+  caf::actor scheduler;
+  RequestId client_id = 0;  // the id the client chose
+  RequestId id = 0;         // the replica's id
+  std::shared_ptr<const Model> model;
+  std::unique_ptr<StreamDecoder> decoder;
+  std::vector<std::string> stop;
+  std::string tail;         // the last text sent, kept to find stop strings spanning chunks
+  int32_t sent = 0;         // tokens sent to the client
+  bool stopped = false;     // a stop string was found: later tokens are dropped
+  static inline const char* name = "celer.request";
+};
+
+caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
+                            RequestId client_id, RequestId id, std::shared_ptr<const Model> model,
+                            std::vector<std::string> stop);
+
+}  // namespace celer

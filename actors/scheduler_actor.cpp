@@ -1,0 +1,182 @@
+#include "actors/scheduler_actor.hpp"
+
+#include "actors/request_actor.hpp"
+#include "actors/wire.hpp"
+
+namespace celer {
+namespace {
+
+using Self = caf::stateful_actor<SchedulerActorState>;
+
+int64_t now_ms(Self* self) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
+}
+
+// Deadlines arrive as Unix milliseconds; the scheduler keeps time from the actor's start.
+int64_t to_local_ms(Self* self, int64_t unix_ms) {
+  if (unix_ms == 0) return 0;
+  const int64_t unix_now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                               std::chrono::system_clock::now().time_since_epoch()).count();
+  return std::max<int64_t>(1, now_ms(self) + (unix_ms - unix_now));
+}
+
+void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
+  auto& st = self->state;
+  for (const SchedulerEvent& e : events) {
+    auto it = st.requests.find(e.id);
+    if (it == st.requests.end()) continue;
+    switch (e.kind) {
+      case SchedulerEvent::Kind::token:
+        if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
+        self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}}));
+        break;
+      case SchedulerEvent::Kind::finished:
+        if (auto c = st.cacheable.find(e.id); c != st.cacheable.end()) {
+          st.responses->insert(c->second, {st.produced[e.id], e.finished.reason}, now_ms(self));
+          st.cacheable.erase(c);
+        }
+        st.produced.erase(e.id);
+        self->send(it->second, event_atom::value, encode(e.finished));
+        st.requests.erase(it);
+        break;
+      case SchedulerEvent::Kind::error:
+        st.cacheable.erase(e.id);
+        st.produced.erase(e.id);
+        self->send(it->second, event_atom::value, encode(e.error));
+        st.requests.erase(it);
+        break;
+    }
+  }
+}
+
+void run_step(Self* self) {
+  auto& st = self->state;
+  if (st.step_in_flight) return;
+  std::vector<SchedulerEvent> events;
+  if (st.step_failures > st.setup.max_step_failures) {
+    st.scheduler->fail_all(ErrorKind::internal, "the model shard failed " + std::to_string(st.step_failures) +
+                                                    " steps in a row", events);
+    st.step_failures = 0;
+  }
+  auto step = std::make_shared<Step>(st.scheduler->schedule(now_ms(self), events));
+  dispatch(self, events);
+  if (step->sequences.empty()) return;
+  st.step_in_flight = true;
+  self->request(st.shard, caf::infinite, step_atom::value, encode(*step))
+      .then(
+          [=](const WireMessage& reply) {
+            auto& s = self->state;
+            s.step_in_flight = false;
+            DecodeResult d = decode(reply);
+            std::vector<SchedulerEvent> ev;
+            if (d.message && std::holds_alternative<StepResult>(*d.message) &&
+                std::get<StepResult>(*d.message).step_id == step->step_id) {
+              s.step_failures = 0;
+              s.scheduler->update(*step, std::get<StepResult>(*d.message), ev);
+            } else {
+              // The shard refused the step or answered garbage: its KV can no longer be trusted.
+              ++s.malformed;
+              ++s.step_failures;
+              s.scheduler->reset_kv();
+            }
+            dispatch(self, ev);
+            self->send(self, kick_atom::value);
+          },
+          [=](const caf::error&) {
+            auto& s = self->state;
+            s.step_in_flight = false;
+            ++s.step_failures;
+            s.scheduler->reset_kv();
+            self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
+          });
+}
+
+}  // namespace
+
+caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor shard) {
+  auto& st = self->state;
+  st.setup = setup;
+  st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
+  auto model = setup.model;
+  st.scheduler = std::make_unique<Scheduler>(setup.scheduler, *st.blocks,
+                                             [model](TokenId t) { return model->tokenizer().is_end_of_generation(t); });
+  st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);
+  st.shard = shard;
+  self->monitor(shard);
+  self->set_down_handler([=](const caf::down_msg& dm) {
+    // Requests whose client is gone were cancelled by their request actors; a down shard is
+    // handled when its reply fails.
+    (void)dm;
+  });
+  return {
+      [=](generate_atom, const WireMessage& wm) {
+        auto& s = self->state;
+        auto client = caf::actor_cast<caf::actor>(self->current_sender());
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+          ++s.malformed;
+          if (client)
+            self->send(client, event_atom::value,
+                       encode(ErrorReply{0, ErrorKind::invalid_request,
+                                         d.message ? std::string("expected a GenerateRequest, got ") + message_name(*d.message)
+                                                   : d.error}));
+          return;
+        }
+        GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
+        const RequestId client_id = req.id;
+        req.id = s.next_id++;
+        const Tokenizer& tok = s.setup.model->tokenizer();
+        if (req.prompt_tokens.empty())
+          req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), false);
+        auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), client_id, req.id,
+                                   s.setup.model, req.stop);
+        for (TokenId t : req.prompt_tokens)
+          if (t < 0 || t >= tok.n_vocab()) {
+            self->send(request, event_atom::value,
+                       encode(ErrorReply{req.id, ErrorKind::invalid_request,
+                                         "prompt token " + std::to_string(t) + " is outside the vocabulary"}));
+            return;
+          }
+        req.deadline_ms = to_local_ms(self, req.deadline_ms);
+        const int64_t now = now_ms(self);
+        // A repeated identical request: replay the stored answer as its token stream.
+        if (auto answer = s.responses->lookup(req, now)) {
+          for (size_t i = 0; i < answer->tokens.size(); ++i)
+            self->send(request, event_atom::value, encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}}));
+          self->send(request, event_atom::value,
+                     encode(Finished{req.id, answer->reason, static_cast<int32_t>(req.prompt_tokens.size()),
+                                     static_cast<int32_t>(answer->tokens.size()), static_cast<int32_t>(req.prompt_tokens.size())}));
+          return;
+        }
+        const GenerateRequest copy = s.setup.response_cache_entries ? req : GenerateRequest{};
+        if (auto rejected = s.scheduler->admit(req, now)) {
+          self->send(request, event_atom::value, encode(*rejected));
+          return;
+        }
+        s.requests[req.id] = request;
+        if (s.setup.response_cache_entries) s.cacheable[req.id] = copy;
+        run_step(self);
+      },
+      [=](cancel_atom, RequestId id, uint8_t reason) {
+        self->state.scheduler->cancel(id, reason == static_cast<uint8_t>(FinishReason::stop) ? FinishReason::stop
+                                                                                             : FinishReason::cancelled);
+        run_step(self);
+      },
+      [=](kick_atom) { run_step(self); },
+      [=](stats_atom) -> WireMessage {
+        auto& s = self->state;
+        ReplicaStats r;
+        for (int c = 0; c < kPriorityClasses; ++c) r.waiting[c] = s.scheduler->n_waiting(static_cast<Priority>(c));
+        r.running = s.scheduler->n_running();
+        r.kv_blocks_used = s.blocks->n_used();
+        r.kv_blocks_free = s.blocks->n_free();
+        r.prefix_queries = s.blocks->queried_tokens();
+        r.prefix_hits = s.blocks->hit_tokens();
+        r.response_cache_hits = s.responses->hits();
+        r.malformed_messages = s.malformed;
+        return encode(r);
+      },
+  };
+}
+
+}  // namespace celer

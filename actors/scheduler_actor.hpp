@@ -1,0 +1,61 @@
+// The scheduler actor of a replica: admits requests, spawns a request actor for each, and runs
+// the iteration loop: one Step at a time to the shard, its StepResult back into the scheduler,
+// the resulting tokens and ends out to the request actors. The policy lives in
+// runtime/scheduler.hpp; this file only moves messages.
+//
+// Loop (one step in flight at most):
+//
+//   idle --(generate | cancel | result)--> kick --schedule()--> empty step: idle
+//                                                            \-> step to shard --> result --> kick
+//
+// A shard that fails (error reply, or its actor is down) loses the replica's KV: every running
+// sequence is re-queued and recomputes (Scheduler::reset_kv), with the same tokens; requests
+// only fail when a step fails again and again (retry budget).
+//
+// Messages: (generate_atom, WireMessage{GenerateRequest}) from a client (the sender gets the
+//           stream); (cancel_atom, id, reason) from a request actor; (stats_atom) -> WireMessage{ReplicaStats}.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <unordered_map>
+
+#include <caf/all.hpp>
+
+#include "runtime/kv_block_manager.hpp"
+#include "runtime/model.hpp"
+#include "runtime/response_cache.hpp"
+#include "runtime/scheduler.hpp"
+
+namespace celer {
+
+struct ReplicaSetup {
+  std::shared_ptr<const Model> model;
+  SchedulerConfig scheduler;
+  int32_t kv_blocks = 0;
+  bool prefix_caching = true;
+  size_t response_cache_entries = 0;  // 0: off
+  int64_t response_cache_ttl_ms = 60000;
+  int max_step_failures = 3;          // consecutive failed steps before the running requests fail
+};
+
+struct SchedulerActorState {
+  ReplicaSetup setup;
+  std::unique_ptr<KvBlockManager> blocks;
+  std::unique_ptr<Scheduler> scheduler;
+  std::unique_ptr<ResponseCache> responses;
+  caf::actor shard;
+  std::unordered_map<RequestId, caf::actor> requests;
+  std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
+  std::unordered_map<RequestId, std::vector<TokenId>> produced;
+  bool step_in_flight = false;
+  int step_failures = 0;
+  RequestId next_id = 1;
+  uint64_t malformed = 0;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  static inline const char* name = "celer.scheduler";
+};
+
+caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup, caf::actor shard);
+
+}  // namespace celer

@@ -1,0 +1,30 @@
+// What actors send each other: atoms naming the operation and a WireMessage (a Cap'n Proto
+// buffer, schema/codec.hpp) carrying the content. Registering WireMessage with CAF makes it
+// travel between nodes through the middleman as one block of words.
+#pragma once
+
+#include <caf/all.hpp>
+
+#include "schema/codec.hpp"
+
+namespace celer {
+
+using generate_atom = caf::atom_constant<caf::atom("generate")>;  // client -> scheduler: GenerateRequest
+using event_atom = caf::atom_constant<caf::atom("event")>;        // scheduler -> request -> client: chunks, ends
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;      // client -> request -> scheduler
+using step_atom = caf::atom_constant<caf::atom("step")>;          // scheduler -> shard: Step, reply StepResult
+using kick_atom = caf::atom_constant<caf::atom("kick")>;          // scheduler -> itself: build the next step
+using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> scheduler: ReplicaStats
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {
+  return f(caf::meta::type_name("celer.WireMessage"), x.words);
+}
+
+// Every type celer sends, registered on every node (a type missing on one end arrives there as
+// an unexpected message).
+inline void add_message_types(caf::actor_system_config& cfg) {
+  cfg.add_message_type<WireMessage>("celer.WireMessage");
+}
+
+}  // namespace celer

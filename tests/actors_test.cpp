@@ -1,0 +1,190 @@
+// The replica's actors in one process: a client (a scoped actor) streams requests through the
+// scheduler, request and shard actors and gets exactly the tokens of a solo run; malformed
+// messages are answered with errors; cancel and admission errors reach the client.
+#include <catch2/catch.hpp>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/scheduler_actor.hpp"
+#include "actors/shard_actor.hpp"
+#include "actors/wire.hpp"
+#include "runtime/generation.hpp"
+
+using namespace celer;
+
+namespace {
+
+struct Replica {
+  Replica() : sys(make_config()) {
+    model = std::make_shared<Model>(std::string(CELER_TEST_DATA) + "/stories260K.gguf");
+    EngineOptions eo;
+    eo.max_seqs = 8;
+    eo.max_batch_tokens = 64;
+    eo.max_context = 256;
+    eo.n_kv_blocks = 64;
+    eo.n_threads = 1;
+    shard = sys.spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(model), eo);
+    ReplicaSetup setup;
+    setup.model = model;
+    setup.scheduler.max_batch_size = 8;
+    setup.scheduler.max_batch_tokens = 64;
+    setup.scheduler.max_context = 256;
+    setup.scheduler.max_queue = 4;
+    setup.kv_blocks = 64;
+    setup.response_cache_entries = 16;
+    scheduler = sys.spawn(scheduler_actor, setup, shard);
+  }
+  ~Replica() {
+    caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+  }
+  static caf::actor_system_config& make_config() {
+    static caf::actor_system_config cfg;
+    static bool done = false;
+    if (!done) {
+      add_message_types(cfg);
+      cfg.set("scheduler.max-threads", 2);
+      done = true;
+    }
+    return cfg;
+  }
+
+  struct Outcome {
+    std::vector<TokenId> tokens;
+    std::string text;
+    std::optional<Finished> finished;
+    std::optional<ErrorReply> error;
+  };
+  // Sends the requests from one client and collects every stream until each has ended.
+  std::map<RequestId, Outcome> run(const std::vector<GenerateRequest>& reqs, RequestId cancel_id = 0) {
+    caf::scoped_actor client{sys};
+    for (const auto& r : reqs) client->send(scheduler, generate_atom::value, encode(r));
+    std::map<RequestId, Outcome> out;
+    size_t ended = 0;
+    while (ended < reqs.size()) {
+      client->receive(
+          [&](event_atom, const WireMessage& wm) {
+            DecodeResult d = decode(wm);
+            REQUIRE(d.message);
+            if (auto* c = std::get_if<TokenChunk>(&*d.message)) {
+              Outcome& o = out[c->id];
+              REQUIRE(c->first_index == static_cast<int32_t>(o.tokens.size()));
+              o.tokens.insert(o.tokens.end(), c->tokens.begin(), c->tokens.end());
+              o.text += c->text;
+              if (c->id == cancel_id && o.tokens.size() >= 5) client->send(caf::actor_cast<caf::actor>(client->current_sender()), cancel_atom::value);
+            } else if (auto* f = std::get_if<Finished>(&*d.message)) {
+              out[f->id].finished = *f;
+              ++ended;
+            } else if (auto* e = std::get_if<ErrorReply>(&*d.message)) {
+              out[e->id].error = *e;
+              ++ended;
+            }
+          },
+          caf::after(std::chrono::seconds(30)) >> [&] { FAIL("no answer within 30 s"); });
+    }
+    return out;
+  }
+
+  caf::actor_system sys;
+  std::shared_ptr<Model> model;
+  caf::actor shard, scheduler;
+};
+
+GenerateRequest text_request(RequestId id, const std::string& prompt, int n, float temperature = 0) {
+  GenerateRequest r;
+  r.id = id;
+  r.prompt_text = prompt;
+  r.max_tokens = n;
+  r.sampling.temperature = temperature;
+  r.sampling.seed = id;
+  r.ignore_eos = true;
+  return r;
+}
+
+std::vector<TokenId> solo(const Model& m, const GenerateRequest& r) {
+  EngineOptions eo;
+  eo.max_seqs = 1;
+  eo.max_context = 256;
+  Engine e(m, eo);
+  GenerateOptions go;
+  go.max_tokens = r.max_tokens;
+  go.sampling = r.sampling;
+  go.ignore_eos = true;
+  std::vector<TokenId> out;
+  generate(e, m.tokenizer().encode(r.prompt_text, true), go, [&](TokenId t) {
+    out.push_back(t);
+    return true;
+  });
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("actors: concurrent streams get their solo tokens and text", "[actors]") {
+  Replica r;
+  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 40), text_request(2, "The dog", 30, 0.8f),
+                                    text_request(3, "Lily and Tom", 35, 1.0f)};
+  auto out = r.run(reqs);
+  for (const auto& q : reqs) {
+    INFO("request " << q.id);
+    const auto expected = solo(*r.model, q);
+    CHECK(out[q.id].tokens == expected);
+    REQUIRE(out[q.id].finished);
+    CHECK(out[q.id].finished->reason == FinishReason::length);
+    CHECK(out[q.id].finished->completion_tokens == q.max_tokens);
+    std::string text;
+    StreamDecoder dec(r.model->tokenizer());
+    for (TokenId t : expected) text += dec.push(t);
+    CHECK(out[q.id].text == text + dec.flush());
+  }
+  // The same request again: answered from the response cache, the same stream.
+  auto again = r.run({reqs[0]});
+  CHECK(again[1].tokens == out[1].tokens);
+  caf::scoped_actor probe{r.sys};
+  probe->request(r.scheduler, std::chrono::seconds(5), stats_atom::value)
+      .receive([&](const WireMessage& wm) { CHECK(std::get<ReplicaStats>(*decode(wm).message).response_cache_hits == 1); },
+               [&](caf::error&) { FAIL("no stats"); });
+}
+
+TEST_CASE("actors: stop strings, cancel and admission errors reach the client", "[actors]") {
+  Replica r;
+  auto stop = text_request(1, "Once upon a time", 60);
+  stop.stop = {"Lily"};  // the greedy story names Lily early
+  auto cancel = text_request(2, "The dog", 200);
+  auto too_long = text_request(3, std::string(2000, 'a'), 10);
+  auto out = r.run({stop, cancel, too_long}, 2);
+  REQUIRE(out[1].finished);
+  CHECK(out[1].finished->reason == FinishReason::stop);
+  CHECK(out[1].text.find("Lily") == std::string::npos);
+  CHECK(out[1].tokens.size() < 60);
+  REQUIRE(out[2].finished);
+  CHECK(out[2].finished->reason == FinishReason::cancelled);
+  CHECK(out[2].tokens.size() < 200);
+  REQUIRE(out[3].error);
+  CHECK(out[3].error->kind == ErrorKind::prompt_too_long);
+}
+
+TEST_CASE("actors: malformed messages are refused with an error and harm nobody", "[actors]") {
+  Replica r;
+  caf::scoped_actor client{r.sys};
+  // Garbage words, a truncated message and a message of the wrong kind.
+  client->send(r.scheduler, generate_atom::value, WireMessage{{0xdeadbeefULL, 42, 7}});
+  WireMessage good = encode(text_request(1, "Once upon a time", 5));
+  WireMessage cut{std::vector<uint64_t>(good.words.begin(), good.words.begin() + good.words.size() / 2)};
+  client->send(r.scheduler, generate_atom::value, cut);
+  client->send(r.scheduler, generate_atom::value, encode(Cancel{5}));
+  for (int i = 0; i < 3; ++i)
+    client->receive([&](event_atom, const WireMessage& wm) {
+      auto d = decode(wm);
+      REQUIRE(d.message);
+      REQUIRE(std::holds_alternative<ErrorReply>(*d.message));
+      CHECK(std::get<ErrorReply>(*d.message).kind == ErrorKind::invalid_request);
+    });
+  // The shard refuses a bad step but keeps serving.
+  client->request(r.shard, std::chrono::seconds(5), step_atom::value, WireMessage{{1, 2, 3}})
+      .receive([&](const WireMessage& wm) { CHECK(std::holds_alternative<ErrorReply>(*decode(wm).message)); },
+               [&](caf::error&) { FAIL("shard did not answer"); });
+  auto out = r.run({text_request(7, "Once upon a time", 20)});
+  CHECK(out[7].tokens == solo(*r.model, text_request(7, "Once upon a time", 20)));
+}
