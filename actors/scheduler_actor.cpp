@@ -1,6 +1,7 @@
 #include "actors/scheduler_actor.hpp"
 
 #include "actors/request_actor.hpp"
+#include "actors/shard_actor.hpp"
 #include "actors/wire.hpp"
 
 namespace celer {
@@ -51,7 +52,7 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
 
 void run_step(Self* self) {
   auto& st = self->state;
-  if (st.step_in_flight) return;
+  if (st.step_in_flight || !st.shard_up) return;
   std::vector<SchedulerEvent> events;
   if (st.step_failures > st.setup.max_step_failures) {
     st.scheduler->fail_all(ErrorKind::internal, "the model shard failed " + std::to_string(st.step_failures) +
@@ -83,17 +84,27 @@ void run_step(Self* self) {
             self->send(self, kick_atom::value);
           },
           [=](const caf::error&) {
+            // The shard died with the step (its down message restarts it) or could not be
+            // reached: either way its KV is gone.
             auto& s = self->state;
             s.step_in_flight = false;
-            ++s.step_failures;
+            if (s.shard_up) ++s.step_failures;
             s.scheduler->reset_kv();
             self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
           });
 }
 
+void spawn_shard(Self* self) {
+  auto& st = self->state;
+  st.shard = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), st.setup.engine);
+  *st.shard_for_exit = st.shard;
+  st.shard_up = true;
+  self->monitor(st.shard);
+}
+
 }  // namespace
 
-caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor shard) {
+caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
   auto& st = self->state;
   st.setup = setup;
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
@@ -101,12 +112,29 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor shard) 
   st.scheduler = std::make_unique<Scheduler>(setup.scheduler, *st.blocks,
                                              [model](TokenId t) { return model->tokenizer().is_end_of_generation(t); });
   st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);
-  st.shard = shard;
-  self->monitor(shard);
+  spawn_shard(self);
   self->set_down_handler([=](const caf::down_msg& dm) {
-    // Requests whose client is gone were cancelled by their request actors; a down shard is
-    // handled when its reply fails.
-    (void)dm;
+    auto& s = self->state;
+    if (dm.source != s.shard.address()) return;
+    s.shard_up = false;
+    // The shard died: its KV is gone. Respawn it unless it keeps dying.
+    const auto now = std::chrono::steady_clock::now();
+    s.restarts.erase(std::remove_if(s.restarts.begin(), s.restarts.end(),
+                                    [&](auto t) { return now - t > s.setup.restart_window; }),
+                     s.restarts.end());
+    s.scheduler->reset_kv();
+    if (static_cast<int>(s.restarts.size()) >= s.setup.max_restarts) {
+      std::vector<SchedulerEvent> ev;
+      s.scheduler->fail_all(ErrorKind::unavailable, "the model shard failed " + std::to_string(s.restarts.size() + 1) +
+                                                        " times within the restart window", ev);
+      dispatch(self, ev);
+    }
+    s.restarts.push_back(now);
+    ++s.total_restarts;
+    self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
+  });
+  self->attach_functor([shard = st.shard_for_exit](const caf::error&) {
+    if (*shard) caf::anon_send_exit(*shard, caf::exit_reason::user_shutdown);
   });
   return {
       [=](generate_atom, const WireMessage& wm) {
@@ -137,8 +165,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor shard) 
                                          "prompt token " + std::to_string(t) + " is outside the vocabulary"}));
             return;
           }
-        req.deadline_ms = to_local_ms(self, req.deadline_ms);
         const int64_t now = now_ms(self);
+        req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms)
+                          : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
+                                                           : 0;
         // A repeated identical request: replay the stored answer as its token stream.
         if (auto answer = s.responses->lookup(req, now)) {
           for (size_t i = 0; i < answer->tokens.size(); ++i)
@@ -163,6 +193,12 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor shard) 
         run_step(self);
       },
       [=](kick_atom) { run_step(self); },
+      [=](shard_atom, bool respawn) {
+        if (!respawn) return;
+        spawn_shard(self);
+        run_step(self);
+      },
+      [=](shard_atom) { return self->state.shard; },
       [=](stats_atom) -> WireMessage {
         auto& s = self->state;
         ReplicaStats r;

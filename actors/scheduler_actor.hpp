@@ -8,12 +8,15 @@
 //   idle --(generate | cancel | result)--> kick --schedule()--> empty step: idle
 //                                                            \-> step to shard --> result --> kick
 //
-// A shard that fails (error reply, or its actor is down) loses the replica's KV: every running
-// sequence is re-queued and recomputes (Scheduler::reset_kv), with the same tokens; requests
-// only fail when a step fails again and again (retry budget).
+// The scheduler supervises its shard (one-for-one): it spawns it, monitors it, and respawns it
+// when it dies, up to max_restarts times within restart_window, after restart_backoff. A lost
+// shard loses the replica's KV: every running sequence is re-queued and recomputes
+// (Scheduler::reset_kv) with the same tokens; requests only fail when steps fail again and
+// again (max_step_failures) or the shard cannot be restarted.
 //
 // Messages: (generate_atom, WireMessage{GenerateRequest}) from a client (the sender gets the
-//           stream); (cancel_atom, id, reason) from a request actor; (stats_atom) -> WireMessage{ReplicaStats}.
+//           stream); (cancel_atom, id, reason) from a request actor; (stats_atom) -> WireMessage{ReplicaStats};
+//           (shard_atom) -> the current shard actor (for tests and fault injection).
 #pragma once
 
 #include <chrono>
@@ -22,6 +25,7 @@
 
 #include <caf/all.hpp>
 
+#include "runtime/engine.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/model.hpp"
 #include "runtime/response_cache.hpp"
@@ -31,12 +35,17 @@ namespace celer {
 
 struct ReplicaSetup {
   std::shared_ptr<const Model> model;
+  EngineOptions engine;               // the shard's engine
   SchedulerConfig scheduler;
   int32_t kv_blocks = 0;
   bool prefix_caching = true;
   size_t response_cache_entries = 0;  // 0: off
   int64_t response_cache_ttl_ms = 60000;
+  int64_t default_deadline_ms = 0;    // applied to requests without a deadline; 0: none
   int max_step_failures = 3;          // consecutive failed steps before the running requests fail
+  int max_restarts = 5;               // shard restarts allowed within restart_window
+  std::chrono::milliseconds restart_window{60000};
+  std::chrono::milliseconds restart_backoff{100};
 };
 
 struct SchedulerActorState {
@@ -45,17 +54,21 @@ struct SchedulerActorState {
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<ResponseCache> responses;
   caf::actor shard;
+  bool shard_up = false;
+  std::shared_ptr<caf::actor> shard_for_exit = std::make_shared<caf::actor>();  // stopped with the scheduler
   std::unordered_map<RequestId, caf::actor> requests;
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;
   bool step_in_flight = false;
   int step_failures = 0;
+  std::vector<std::chrono::steady_clock::time_point> restarts;  // within the window
+  uint64_t total_restarts = 0;
   RequestId next_id = 1;
   uint64_t malformed = 0;
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.scheduler";
 };
 
-caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup, caf::actor shard);
+caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup);
 
 }  // namespace celer

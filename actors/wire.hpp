@@ -15,6 +15,7 @@ using cancel_atom = caf::atom_constant<caf::atom("cancel")>;      // client -> r
 using step_atom = caf::atom_constant<caf::atom("step")>;          // scheduler -> shard: Step, reply StepResult
 using kick_atom = caf::atom_constant<caf::atom("kick")>;          // scheduler -> itself: build the next step
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> scheduler: ReplicaStats
+using shard_atom = caf::atom_constant<caf::atom("shard")>;        // anyone -> scheduler: the current shard actor
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {

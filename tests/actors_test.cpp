@@ -24,20 +24,24 @@ struct Replica {
     eo.max_context = 256;
     eo.n_kv_blocks = 64;
     eo.n_threads = 1;
-    shard = sys.spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(model), eo);
     ReplicaSetup setup;
     setup.model = model;
+    setup.engine = eo;
     setup.scheduler.max_batch_size = 8;
     setup.scheduler.max_batch_tokens = 64;
     setup.scheduler.max_context = 256;
     setup.scheduler.max_queue = 4;
     setup.kv_blocks = 64;
     setup.response_cache_entries = 16;
-    scheduler = sys.spawn(scheduler_actor, setup, shard);
+    scheduler = sys.spawn(scheduler_actor, setup);
   }
-  ~Replica() {
-    caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
-    caf::anon_send_exit(shard, caf::exit_reason::user_shutdown);
+  ~Replica() { caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown); }
+  caf::actor current_shard() {
+    caf::scoped_actor probe{sys};
+    caf::actor out;
+    probe->request(scheduler, std::chrono::seconds(5), shard_atom::value)
+        .receive([&](const caf::actor& a) { out = a; }, [&](caf::error&) { FAIL("no shard"); });
+    return out;
   }
   static caf::actor_system_config& make_config() {
     static caf::actor_system_config cfg;
@@ -88,7 +92,7 @@ struct Replica {
 
   caf::actor_system sys;
   std::shared_ptr<Model> model;
-  caf::actor shard, scheduler;
+  caf::actor scheduler;
 };
 
 GenerateRequest text_request(RequestId id, const std::string& prompt, int n, float temperature = 0) {
@@ -182,9 +186,46 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
       CHECK(std::get<ErrorReply>(*d.message).kind == ErrorKind::invalid_request);
     });
   // The shard refuses a bad step but keeps serving.
-  client->request(r.shard, std::chrono::seconds(5), step_atom::value, WireMessage{{1, 2, 3}})
+  client->request(r.current_shard(), std::chrono::seconds(5), step_atom::value, WireMessage{{1, 2, 3}})
       .receive([&](const WireMessage& wm) { CHECK(std::holds_alternative<ErrorReply>(*decode(wm).message)); },
                [&](caf::error&) { FAIL("shard did not answer"); });
   auto out = r.run({text_request(7, "Once upon a time", 20)});
   CHECK(out[7].tokens == solo(*r.model, text_request(7, "Once upon a time", 20)));
+}
+
+TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates none", "[actors][faults]") {
+  Replica r;
+  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 60), text_request(2, "The dog", 60, 0.9f),
+                                    text_request(3, "Lily and Tom", 60, 1.0f)};
+  caf::scoped_actor client{r.sys};
+  for (const auto& q : reqs) client->send(r.scheduler, generate_atom::value, encode(q));
+  std::map<RequestId, std::vector<TokenId>> got;
+  std::map<RequestId, FinishReason> ended;
+  int kills = 0;
+  while (ended.size() < reqs.size()) {
+    client->receive(
+        [&](event_atom, const WireMessage& wm) {
+          auto d = decode(wm);
+          REQUIRE(d.message);
+          if (auto* c = std::get_if<TokenChunk>(&*d.message)) {
+            REQUIRE(c->first_index == static_cast<int32_t>(got[c->id].size()));  // no gap, no duplicate
+            got[c->id].insert(got[c->id].end(), c->tokens.begin(), c->tokens.end());
+            // Kill the shard twice while streams are running.
+            if ((got[1].size() == 10 && kills == 0) || (got[1].size() == 35 && kills == 1)) {
+              caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
+              ++kills;
+            }
+          } else if (auto* f = std::get_if<Finished>(&*d.message)) {
+            ended[f->id] = f->reason;
+          } else {
+            FAIL("error: " << std::get<ErrorReply>(*d.message).message);
+          }
+        },
+        caf::after(std::chrono::seconds(30)) >> [&] { FAIL("stalled"); });
+  }
+  CHECK(kills == 2);
+  for (const auto& q : reqs) {
+    CHECK(ended[q.id] == FinishReason::length);
+    CHECK(got[q.id] == solo(*r.model, q));
+  }
 }

@@ -18,5 +18,6 @@ inline Q8Activations parse_q8(const std::string& s) { return s == "int8" ? Q8Act
 Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);
 Command add_bench_model(CLI::App& app);
+Command add_serve(CLI::App& app);
 
 }  // namespace celer::cli

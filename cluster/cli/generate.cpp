@@ -2,7 +2,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <string>
+#include <chrono>
 #include <thread>
+
+#include "celer/client.hpp"
 
 #include "cluster/cli/commands.hpp"
 #include "runtime/engine.hpp"
@@ -22,10 +25,56 @@ struct GenerateArgs {
   int context = 0;
   bool ignore_eos = false;
   std::string q8 = "f32";
+  std::string connect;  // HOST:PORT of a celer server; empty: run the model here
+  std::vector<std::string> stop;
 };
+
+int run_remote(const GenerateArgs& a) {
+  const auto colon = a.connect.rfind(':');
+  if (colon == std::string::npos)
+    throw Error(ErrorCode::invalid_argument, "--connect wants HOST:PORT, not '" + a.connect + "'");
+  const std::string host = a.connect.substr(0, colon);
+  int port = 0;
+  try {
+    port = std::stoi(a.connect.substr(colon + 1));
+  } catch (...) {
+    port = -1;
+  }
+  if (port <= 0 || port > 65535) throw Error(ErrorCode::invalid_argument, "--connect: bad port in '" + a.connect + "'");
+  auto connected = Client::connect(host, static_cast<uint16_t>(port));
+  if (auto* err = std::get_if<ClientError>(&connected)) throw Error(ErrorCode::io, err->message);
+  Client& client = *std::get<std::unique_ptr<Client>>(connected);
+  RequestOptions o;
+  o.sampling = a.sampling;
+  o.max_tokens = a.n;
+  o.ignore_eos = a.ignore_eos;
+  o.stop = a.stop;
+  std::fputs(a.prompt.c_str(), stdout);
+  std::fflush(stdout);
+  const auto t0 = std::chrono::steady_clock::now();
+  double ttft = 0;
+  GenerateOutcome out = client.generate(a.prompt, o, [&](const TokenChunk& c) {
+    if (ttft == 0) ttft = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fwrite(c.text.data(), 1, c.text.size(), stdout);
+    std::fflush(stdout);
+    return true;
+  });
+  std::fputc('\n', stdout);
+  if (auto* err = std::get_if<ClientError>(&out))
+    throw Error(ErrorCode::io, std::string("the server answered ") + to_string(err->kind) + ": " + err->message);
+  const Completion& c = std::get<Completion>(out);
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "\n[celer] %s: prompt %d tokens (%d from the prefix cache), TTFT %.1f ms, generated %d tokens, %.1f tokens/s; stopped: %s\n",
+               a.connect.c_str(), c.prompt_tokens, c.cached_tokens, ttft * 1e3, c.completion_tokens,
+               c.completion_tokens > 1 ? (c.completion_tokens - 1) / (total - ttft) : 0.0,
+               c.reason == FinishReason::length ? "max tokens reached" : c.reason == FinishReason::stop ? "stop" : "cancelled");
+  return 0;
+}
 
 int run_generate(const GenerateArgs& a) {
   validate(a.sampling);
+  if (!a.connect.empty()) return run_remote(a);
+  if (a.model.empty()) throw Error(ErrorCode::invalid_argument, "--model (or --connect) is required");
   Model model(a.model);
   EngineOptions eo;
   eo.n_threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -74,7 +123,9 @@ int run_generate(const GenerateArgs& a) {
 Command add_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   CLI::App* c = app.add_subcommand("generate", "Stream a completion of a prompt from a local GGUF model");
-  c->add_option("--model,-m", a->model, "GGUF model file")->required();
+  c->add_option("--model,-m", a->model, "GGUF model file (not with --connect)");
+  c->add_option("--connect", a->connect, "HOST:PORT of a running `celer serve`: generate there");
+  c->add_option("--stop", a->stop, "Stop string (repeatable)");
   c->add_option("--prompt,-p", a->prompt, "Prompt text")->required();
   c->add_option("-n,--max-tokens", a->n, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
   c->add_option("--temperature,--temp", a->sampling.temperature, "Sampling temperature; 0 is greedy");

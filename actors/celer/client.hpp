@@ -1,0 +1,100 @@
+// celer's client library: connect to a running celer (`celer serve`) over TCP, send requests,
+// receive their tokens as they are generated, cancel. Errors are values, never exceptions.
+//
+//   auto c = celer::Client::connect("127.0.0.1", 7411);
+//   if (auto* err = std::get_if<celer::ClientError>(&c)) { ... }
+//   auto& client = *std::get<std::unique_ptr<celer::Client>>(c);
+//   // Callback form: blocks until the request ends; return false from the callback to cancel.
+//   auto r = client.generate("Once upon a time", {}, [](const celer::TokenChunk& c) {
+//     std::cout << c.text << std::flush; return true; });
+//   // Iterator form:
+//   auto stream = client.stream("Once upon a time", {});
+//   while (auto chunk = stream.next()) std::cout << chunk->text;
+//   auto result = stream.result();
+//
+// A Client is thread-safe: several threads may run streams at once (each stream is used by one
+// thread). Streams must end before their Client. Link the CMake target celer::client.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "runtime/protocol.hpp"
+
+namespace celer {
+
+struct ClientError {
+  ErrorKind kind = ErrorKind::internal;
+  std::string message;
+};
+
+struct RequestOptions {
+  SamplingParams sampling;
+  int32_t max_tokens = 128;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  bool add_bos = true;         // for text prompts: prepend BOS when the model uses one
+  Priority priority = Priority::normal;
+  std::string tenant;
+  std::string session_id;
+  int64_t timeout_ms = 0;      // 0: none; else the request's deadline from now
+};
+
+struct Completion {
+  std::vector<TokenId> tokens;
+  std::string text;
+  FinishReason reason = FinishReason::stop;
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+  int32_t cached_tokens = 0;
+};
+
+using GenerateOutcome = std::variant<Completion, ClientError>;
+
+class Client {
+ public:
+  // Connects to a celer server; the error says why not (refused, unreachable, wrong service).
+  static std::variant<std::unique_ptr<Client>, ClientError> connect(const std::string& host, uint16_t port);
+  ~Client();
+
+  class Stream {
+   public:
+    Stream(Stream&&) noexcept;
+    Stream& operator=(Stream&&) noexcept;
+    ~Stream();  // cancels the request if it has not ended
+    // The next chunk of tokens and text; nullopt once the request has ended (see result()).
+    std::optional<TokenChunk> next();
+    void cancel();
+    // Valid once next() returned nullopt.
+    const GenerateOutcome& result() const;
+
+   private:
+    friend class Client;
+    struct Impl;
+    explicit Stream(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+  };
+
+  Stream stream(const std::string& prompt, const RequestOptions& options);
+  Stream stream_tokens(std::vector<TokenId> prompt, const RequestOptions& options);
+
+  // on_chunk (optional) sees each chunk as it arrives; returning false cancels the request.
+  GenerateOutcome generate(const std::string& prompt, const RequestOptions& options,
+                           const std::function<bool(const TokenChunk&)>& on_chunk = {});
+  GenerateOutcome generate_tokens(std::vector<TokenId> prompt, const RequestOptions& options,
+                                  const std::function<bool(const TokenChunk&)>& on_chunk = {});
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  Stream start(GenerateRequest request);
+  GenerateOutcome drain(Stream stream, const std::function<bool(const TokenChunk&)>& on_chunk);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace celer

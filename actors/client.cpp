@@ -1,0 +1,170 @@
+#include "celer/client.hpp"
+
+#include <atomic>
+#include <chrono>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/wire.hpp"
+
+namespace celer {
+namespace {
+
+// Nothing heard about a request for this long means the server is stuck: the stream ends
+// with an error instead of waiting forever.
+constexpr auto kIdleTimeout = std::chrono::minutes(10);
+
+int64_t unix_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+struct Client::Impl {
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::actor server;
+  std::atomic<RequestId> next_id{1};
+};
+
+struct Client::Stream::Impl {
+  std::unique_ptr<caf::scoped_actor> self;
+  caf::actor server;
+  caf::actor request;  // the request actor, known from its first message
+  bool cancel_pending = false;
+  bool ended = false;
+  Completion partial;
+  GenerateOutcome result;
+};
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::string& host, uint16_t port) {
+  auto impl = std::make_unique<Impl>();
+  impl->cfg.load<caf::io::middleman>();
+  add_message_types(impl->cfg);
+  impl->cfg.set("scheduler.max-threads", 2);
+  impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
+  auto server = impl->sys->middleman().remote_actor(host, port);
+  if (!server)
+    return ClientError{ErrorKind::unavailable,
+                       "cannot connect to celer at " + host + ":" + std::to_string(port) + ": " + impl->sys->render(server.error())};
+  impl->server = *server;
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Client::Stream::Stream(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::Stream::Stream(Stream&&) noexcept = default;
+Client::Stream& Client::Stream::operator=(Stream&&) noexcept = default;
+
+Client::Stream::~Stream() {
+  if (impl_ && !impl_->ended) cancel();
+}
+
+void Client::Stream::cancel() {
+  if (!impl_ || impl_->ended) return;
+  if (impl_->request) (*impl_->self)->send(impl_->request, cancel_atom::value);
+  else impl_->cancel_pending = true;
+}
+
+const GenerateOutcome& Client::Stream::result() const { return impl_->result; }
+
+std::optional<TokenChunk> Client::Stream::next() {
+  Impl& s = *impl_;
+  std::optional<TokenChunk> out;
+  while (!s.ended && !out) {
+    (*s.self)->receive(
+        [&](event_atom, const WireMessage& wm) {
+          if (!s.request) {
+            s.request = caf::actor_cast<caf::actor>((*s.self)->current_sender());
+            if (s.cancel_pending && s.request) (*s.self)->send(s.request, cancel_atom::value);
+          }
+          DecodeResult d = decode(wm);
+          if (!d.message) {
+            s.ended = true;
+            s.result = ClientError{ErrorKind::internal, "malformed reply from the server: " + d.error};
+          } else if (auto* chunk = std::get_if<TokenChunk>(&*d.message)) {
+            s.partial.tokens.insert(s.partial.tokens.end(), chunk->tokens.begin(), chunk->tokens.end());
+            s.partial.text += chunk->text;
+            out = std::move(*chunk);
+          } else if (auto* fin = std::get_if<Finished>(&*d.message)) {
+            s.ended = true;
+            s.partial.reason = fin->reason;
+            s.partial.prompt_tokens = fin->prompt_tokens;
+            s.partial.completion_tokens = fin->completion_tokens;
+            s.partial.cached_tokens = fin->cached_tokens;
+            s.result = std::move(s.partial);
+          } else if (auto* err = std::get_if<ErrorReply>(&*d.message)) {
+            s.ended = true;
+            s.result = ClientError{err->kind, err->message};
+          }
+        },
+        [&](caf::down_msg&) {
+          s.ended = true;
+          s.result = ClientError{ErrorKind::unavailable, "the connection to the server was lost"};
+        },
+        caf::after(kIdleTimeout) >> [&] {
+          s.ended = true;
+          s.result = ClientError{ErrorKind::unavailable, "no answer from the server for 10 minutes"};
+        });
+  }
+  return out;
+}
+
+Client::Stream Client::start(GenerateRequest request) {
+  auto s = std::make_unique<Stream::Impl>();
+  s->self = std::make_unique<caf::scoped_actor>(*impl_->sys);
+  s->server = impl_->server;
+  (*s->self)->monitor(s->server);
+  request.id = impl_->next_id.fetch_add(1);
+  (*s->self)->send(s->server, generate_atom::value, encode(request));
+  return Stream(std::move(s));
+}
+
+namespace {
+GenerateRequest make_request(const RequestOptions& o) {
+  GenerateRequest r;
+  r.sampling = o.sampling;
+  r.max_tokens = o.max_tokens;
+  r.stop = o.stop;
+  r.ignore_eos = o.ignore_eos;
+  r.add_bos = o.add_bos;
+  r.priority = o.priority;
+  r.tenant = o.tenant;
+  r.session_id = o.session_id;
+  r.deadline_ms = o.timeout_ms > 0 ? unix_ms() + o.timeout_ms : 0;
+  return r;
+}
+}  // namespace
+
+Client::Stream Client::stream(const std::string& prompt, const RequestOptions& options) {
+  GenerateRequest r = make_request(options);
+  r.prompt_text = prompt;
+  return start(std::move(r));
+}
+
+Client::Stream Client::stream_tokens(std::vector<TokenId> prompt, const RequestOptions& options) {
+  GenerateRequest r = make_request(options);
+  r.prompt_tokens = std::move(prompt);
+  return start(std::move(r));
+}
+
+GenerateOutcome Client::drain(Stream stream, const std::function<bool(const TokenChunk&)>& on_chunk) {
+  while (auto chunk = stream.next())
+    if (on_chunk && !on_chunk(*chunk)) stream.cancel();
+  return stream.result();
+}
+
+GenerateOutcome Client::generate(const std::string& prompt, const RequestOptions& options,
+                                 const std::function<bool(const TokenChunk&)>& on_chunk) {
+  return drain(stream(prompt, options), on_chunk);
+}
+
+GenerateOutcome Client::generate_tokens(std::vector<TokenId> prompt, const RequestOptions& options,
+                                        const std::function<bool(const TokenChunk&)>& on_chunk) {
+  return drain(stream_tokens(std::move(prompt), options), on_chunk);
+}
+
+}  // namespace celer

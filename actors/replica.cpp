@@ -1,0 +1,46 @@
+#include "actors/replica.hpp"
+
+#include <algorithm>
+#include <thread>
+
+#include "runtime/error.hpp"
+#include "runtime/kv_cache.hpp"
+
+namespace celer {
+
+ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> model) {
+  const ModelConfig& m = model->config();
+  ReplicaSetup s;
+  s.model = model;
+  const int32_t context = c.max_context > 0 ? c.max_context : std::min(m.n_ctx_train, 4096);
+  const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
+  int64_t blocks = c.kv_cache_blocks;
+  if (blocks <= 0) blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim));
+  s.kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, min_blocks, int64_t{1} << 30));
+
+  s.engine.n_threads = c.threads > 0 ? c.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  s.engine.max_context = context;
+  s.engine.max_batch_tokens = c.max_batch_tokens;
+  s.engine.max_seqs = c.max_batch_size;
+  s.engine.n_kv_blocks = s.kv_blocks;
+  s.engine.q8 = c.q8_activations;
+
+  s.scheduler.max_batch_size = c.max_batch_size;
+  s.scheduler.max_batch_tokens = c.max_batch_tokens;
+  s.scheduler.max_queue = c.max_queue;
+  s.scheduler.max_context = context;
+  s.scheduler.default_rate = c.rate_limits.default_limit;
+  s.scheduler.tenant_rates = c.rate_limits.tenants;
+  s.prefix_caching = c.enable_prefix_caching;
+  s.response_cache_entries = c.response_cache.enabled ? static_cast<size_t>(c.response_cache.max_entries) : 0;
+  s.response_cache_ttl_ms = c.response_cache.ttl.count();
+  s.default_deadline_ms = c.deadline.count();
+  s.max_restarts = c.supervision.max_restarts;
+  s.restart_window = c.supervision.window;
+  s.restart_backoff = c.supervision.backoff;
+  return s;
+}
+
+caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(scheduler_actor, setup); }
+
+}  // namespace celer

@@ -1,0 +1,20 @@
+// From a deployment config to a running replica: the scheduler actor (which spawns and
+// supervises its shard) with limits, memory and caches as the config says.
+#pragma once
+
+#include <memory>
+
+#include <caf/all.hpp>
+
+#include "actors/scheduler_actor.hpp"
+#include "runtime/config.hpp"
+
+namespace celer {
+
+// The model's context capped at 4096 unless max_context says otherwise; KV blocks from
+// kv_cache_blocks or kv_cache_memory, never fewer than one full-length sequence needs.
+ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
+
+caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup);
+
+}  // namespace celer

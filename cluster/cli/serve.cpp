@@ -1,0 +1,86 @@
+// celer serve: a one-process cluster (scheduler, request and shard actors of one replica on
+// CPU) that accepts client-library connections on a TCP port through CAF's middleman.
+#include <csignal>
+#include <cstdio>
+#include <string>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/replica.hpp"
+#include "actors/wire.hpp"
+#include "cluster/cli/commands.hpp"
+#include "runtime/error.hpp"
+
+namespace celer::cli {
+namespace {
+
+struct ServeArgs {
+  std::string config;
+  std::string model;
+  std::string host;
+  int port = -1;
+  bool print_config = false;
+};
+
+int run_serve(const ServeArgs& a) {
+  ClusterConfig config = a.config.empty() ? parse_config("{}", "defaults") : load_config(a.config);
+  if (!a.model.empty()) config.model = a.model;
+  if (config.model.empty()) config.model = CELER_DEFAULT_MODEL;
+  if (!a.host.empty()) config.listen.host = a.host;
+  if (a.port >= 0) config.listen.port = static_cast<uint16_t>(a.port);
+  if (a.print_config) {
+    std::fputs(to_yaml(config).c_str(), stdout);
+    return 0;
+  }
+  if (config.tensor_parallel_size != 1)
+    throw Error(ErrorCode::unsupported, "tensor_parallel_size " + std::to_string(config.tensor_parallel_size) +
+                                            ": this build serves tensor_parallel_size 1");
+
+  // Block the stop signals in every thread (CAF's threads inherit the mask) and wait for them here.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  auto model = std::make_shared<Model>(config.model);
+  const ReplicaSetup setup = replica_setup(config, model);
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  caf::actor replica = spawn_replica(sys, setup);
+  auto port = sys.middleman().publish(replica, config.listen.port, config.listen.host.c_str(), true);
+  if (!port) {
+    caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+    throw Error(ErrorCode::io, "cannot listen on " + config.listen.host + ":" + std::to_string(config.listen.port) +
+                                   ": " + sys.render(port.error()));
+  }
+  std::printf("celer: serving %s (%s) on %s:%u: %d KV blocks, batch %d sequences / %d tokens, context %d\n",
+              model->name().c_str(), config.model.c_str(), config.listen.host.c_str(), static_cast<unsigned>(*port),
+              setup.kv_blocks, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens, setup.scheduler.max_context);
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&stop, &sig);
+  std::printf("celer: stopping (%s)\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  static_cast<void>(sys.middleman().unpublish(replica, *port));
+  caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+  return 0;
+}
+
+}  // namespace
+
+Command add_serve(CLI::App& app) {
+  auto a = std::make_shared<ServeArgs>();
+  CLI::App* c = app.add_subcommand("serve", "Serve a model: one-process cluster listening for client connections");
+  c->add_option("--config", a->config, "Deployment config (YAML)");
+  c->add_option("--model,-m", a->model, "GGUF model file (overrides the config's model)");
+  c->add_option("--host", a->host, "Listen address (overrides listen.host)");
+  c->add_option("--port", a->port, "Listen port, 0 for any (overrides listen.port)")->check(CLI::Range(0, 65535));
+  c->add_flag("--print-config", a->print_config, "Print the effective config as YAML and exit");
+  return [a] { return run_serve(*a); };
+}
+
+}  // namespace celer::cli
