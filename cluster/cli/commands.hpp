@@ -19,5 +19,6 @@ Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);
 Command add_bench_model(CLI::App& app);
 Command add_serve(CLI::App& app);
+Command add_bench(CLI::App& app);
 
 }  // namespace celer::cli

@@ -98,14 +98,30 @@ int run_generate(const GenerateArgs& a) {
   go.sampling = a.sampling;
   go.ignore_eos = a.ignore_eos;
   StreamDecoder decoder(tok);
-  const GenerateStats s = generate(engine, prompt, go, [&](TokenId id) {
-    const std::string text = decoder.push(id);
-    std::fwrite(text.data(), 1, text.size(), stdout);
+  // Text is held back only as long as it could still be the start of a stop string.
+  std::string pending;
+  size_t reach = 0;
+  for (const auto& stop : a.stop) reach = std::max(reach, stop.size());
+  bool stopped = false;
+  auto out = [&](const std::string& text, bool final) {
+    pending += text;
+    size_t cut = std::string::npos;
+    for (const auto& stop : a.stop)
+      if (!stop.empty()) cut = std::min(cut, pending.find(stop));
+    if (cut != std::string::npos) {
+      pending.resize(cut);
+      stopped = true;
+    }
+    const size_t keep = stopped || final || reach == 0 ? 0 : std::min(pending.size(), reach - 1);
+    std::fwrite(pending.data(), 1, pending.size() - keep, stdout);
     std::fflush(stdout);
-    return true;
+    pending.erase(0, pending.size() - keep);
+  };
+  const GenerateStats s = generate(engine, prompt, go, [&](TokenId id) {
+    out(decoder.push(id), false);
+    return !stopped;
   });
-  const std::string rest = decoder.flush();
-  std::fwrite(rest.data(), 1, rest.size(), stdout);
+  if (!stopped) out(decoder.flush(), true);
   std::fputc('\n', stdout);
   std::fflush(stdout);
 
@@ -114,7 +130,7 @@ int run_generate(const GenerateArgs& a) {
                "\n[celer] %s: prompt %d tokens, TTFT %.1f ms (%.1f tokens/s prefill), generated %d tokens, "
                "%.1f tokens/s, %d threads, %s kernels; stopped: %s\n",
                model.name().c_str(), s.n_prompt, s.prompt_seconds * 1e3, s.n_prompt / s.prompt_seconds,
-               s.n_generated, decode_tps, eo.n_threads, engine.kernels().name, to_string(s.stop));
+               s.n_generated, decode_tps, eo.n_threads, engine.kernels().name, stopped ? "stop string" : to_string(s.stop));
   return 0;
 }
 
@@ -125,7 +141,7 @@ Command add_generate(CLI::App& app) {
   CLI::App* c = app.add_subcommand("generate", "Stream a completion of a prompt from a local GGUF model");
   c->add_option("--model,-m", a->model, "GGUF model file (not with --connect)");
   c->add_option("--connect", a->connect, "HOST:PORT of a running `celer serve`: generate there");
-  c->add_option("--stop", a->stop, "Stop string (repeatable)");
+  c->add_option("--stop", a->stop, "Stop string, not printed (repeatable)");
   c->add_option("--prompt,-p", a->prompt, "Prompt text")->required();
   c->add_option("-n,--max-tokens", a->n, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
   c->add_option("--temperature,--temp", a->sampling.temperature, "Sampling temperature; 0 is greedy");

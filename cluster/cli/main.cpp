@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   add(celer::cli::add_make_model);
   add(celer::cli::add_bench_model);
   add(celer::cli::add_serve);
+  add(celer::cli::add_bench);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)
