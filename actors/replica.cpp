@@ -18,7 +18,10 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   if (blocks <= 0) blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim));
   s.kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, min_blocks, int64_t{1} << 30));
 
-  s.engine.n_threads = c.threads > 0 ? c.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int tp = std::max(1, c.tensor_parallel_size);
+  s.engine.tp_size = tp;
+  s.engine.n_threads = c.threads > 0 ? c.threads
+                                     : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / tp);
   s.engine.max_context = context;
   s.engine.max_batch_tokens = c.max_batch_tokens;
   s.engine.max_seqs = c.max_batch_size;

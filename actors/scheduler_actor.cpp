@@ -63,7 +63,11 @@ void run_step(Self* self) {
   dispatch(self, events);
   if (step->sequences.empty()) return;
   st.step_in_flight = true;
-  self->request(st.shard, caf::infinite, step_atom::value, encode(*step))
+  const WireMessage wire = encode(*step);
+  // Ranks other than 0 only answer that they are done; a failing rank shows up as a down message.
+  for (size_t r = 1; r < st.ranks.size(); ++r)
+    self->request(st.ranks[r], caf::infinite, step_atom::value, wire).then([](const WireMessage&) {}, [](const caf::error&) {});
+  self->request(st.shard, caf::infinite, step_atom::value, wire)
       .then(
           [=](const WireMessage& reply) {
             auto& s = self->state;
@@ -94,12 +98,24 @@ void run_step(Self* self) {
           });
 }
 
+// Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group sharing one
+// all-reduce. They fail together: when one goes down the scheduler stops the others (whose
+// all-reduce was aborted) and respawns the group.
 void spawn_shard(Self* self) {
   auto& st = self->state;
-  st.shard = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), st.setup.engine);
-  *st.shard_for_exit = st.shard;
+  const int tp = std::max(1, st.setup.engine.tp_size);
+  auto group = tp > 1 ? std::make_shared<LocalAllReduceGroup>(tp) : nullptr;
+  st.ranks.clear();
+  for (int r = 0; r < tp; ++r) {
+    EngineOptions eo = st.setup.engine;
+    eo.tp_rank = r;
+    eo.tp_size = tp;
+    st.ranks.push_back(self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group));
+  }
+  st.shard = st.ranks[0];
+  *st.shard_for_exit = st.ranks;
   st.shard_up = true;
-  self->monitor(st.shard);
+  for (const caf::actor& r : st.ranks) self->monitor(r);
 }
 
 }  // namespace
@@ -115,8 +131,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
   spawn_shard(self);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
-    if (dm.source != s.shard.address()) return;
+    const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const caf::actor& r) { return dm.source == r.address(); });
+    if (!ours || !s.shard_up) return;  // not a shard, or its group is already being replaced
     s.shard_up = false;
+    for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
     // The shard died: its KV is gone. Respawn it unless it keeps dying.
     const auto now = std::chrono::steady_clock::now();
     s.restarts.erase(std::remove_if(s.restarts.begin(), s.restarts.end(),
@@ -133,8 +151,8 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
     ++s.total_restarts;
     self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
   });
-  self->attach_functor([shard = st.shard_for_exit](const caf::error&) {
-    if (*shard) caf::anon_send_exit(*shard, caf::exit_reason::user_shutdown);
+  self->attach_functor([ranks = st.shard_for_exit](const caf::error&) {
+    for (const caf::actor& r : *ranks) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
   });
   return {
       [=](generate_atom, const WireMessage& wm) {

@@ -53,9 +53,10 @@ struct SchedulerActorState {
   std::unique_ptr<KvBlockManager> blocks;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<ResponseCache> responses;
-  caf::actor shard;
+  caf::actor shard;                // rank 0: runs the step and samples
+  std::vector<caf::actor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
-  std::shared_ptr<caf::actor> shard_for_exit = std::make_shared<caf::actor>();  // stopped with the scheduler
+  std::shared_ptr<std::vector<caf::actor>> shard_for_exit = std::make_shared<std::vector<caf::actor>>();  // stopped with the scheduler
   std::unordered_map<RequestId, caf::actor> requests;
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;

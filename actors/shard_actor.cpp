@@ -6,11 +6,15 @@
 namespace celer {
 
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
-                          EngineOptions options) {
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group) {
+  if (group) options.all_reduce = &group->rank(options.tp_rank);
   self->state.engine = std::make_unique<Engine>(*model, options);
   self->state.executor = std::make_unique<StepExecutor>(*self->state.engine);
-  // The model must outlive the engine: keep it alive as long as this actor.
-  self->attach_functor([model] {});
+  // The model and the group must outlive the engine: keep them alive as long as this actor.
+  // A rank that exits aborts its group, so peers blocked in an all-reduce fail instead of hang.
+  self->attach_functor([model, group] {
+    if (group) group->abort();
+  });
   return {
       [=](step_atom, const WireMessage& wm) -> WireMessage {
         DecodeResult d = decode(wm);

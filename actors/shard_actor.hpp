@@ -12,6 +12,7 @@
 
 #include "runtime/engine.hpp"
 #include "runtime/step_executor.hpp"
+#include "runtime/tensor_parallel.hpp"
 
 namespace celer {
 
@@ -23,7 +24,9 @@ struct ShardState {
   static inline const char* name = "celer.shard";
 };
 
+// With options.tp_size > 1 the shard is one rank of a tensor-parallel group whose all-reduce is
+// `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever).
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
-                          EngineOptions options);
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group);
 
 }  // namespace celer

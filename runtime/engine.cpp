@@ -17,6 +17,18 @@ EngineOptions resolve(const Model& m, EngineOptions o) {
   if (o.max_batch_tokens < 1) throw Error(ErrorCode::invalid_argument, "max_batch_tokens must be positive");
   if (o.max_seqs < 1) throw Error(ErrorCode::invalid_argument, "max_seqs must be positive");
   if (o.n_kv_blocks <= 0) o.n_kv_blocks = (o.max_context + kKvBlock - 1) / kKvBlock * o.max_seqs;
+  if (o.tp_size < 1 || o.tp_rank < 0 || o.tp_rank >= o.tp_size)
+    throw Error(ErrorCode::invalid_argument, "tensor-parallel rank " + std::to_string(o.tp_rank) + " of size " +
+                                                 std::to_string(o.tp_size) + " is out of range");
+  if (o.tp_size > 1) {
+    if (!o.all_reduce)
+      throw Error(ErrorCode::invalid_argument,
+                  "tensor-parallel size " + std::to_string(o.tp_size) + " needs an all-reduce (EngineOptions::all_reduce)");
+    if (o.all_reduce->size() != o.tp_size || o.all_reduce->rank() != o.tp_rank)
+      throw Error(ErrorCode::invalid_argument, "the all-reduce handle is rank " + std::to_string(o.all_reduce->rank()) +
+                                                   " of " + std::to_string(o.all_reduce->size()) + ", the engine rank " +
+                                                   std::to_string(o.tp_rank) + " of " + std::to_string(o.tp_size));
+  }
   return o;
 }
 
@@ -32,12 +44,15 @@ void add_bias(float* y, const std::vector<float>& b, int64_t rows) {
 Engine::Engine(const Model& model, const EngineOptions& options)
     : model_(model),
       opt_(resolve(model, options)),
+      shard_(model, opt_.tp_rank, opt_.tp_size),
+      all_reduce_(opt_.tp_size > 1 ? opt_.all_reduce : nullptr),
       vk_(vec_best()),
       pool_(opt_.n_threads),
-      kv_(model.config().n_layer, model.config().n_head_kv, model.config().head_dim, opt_.n_kv_blocks) {
+      kv_(model.config().n_layer, shard_.n_head_kv(), model.config().head_dim, opt_.n_kv_blocks) {
   const ModelConfig& c = model.config();
   const size_t T = opt_.max_batch_tokens;
-  const size_t q_dim = size_t(c.n_head) * c.head_dim, kv_dim = size_t(c.n_head_kv) * c.head_dim;
+  const size_t q_dim = size_t(shard_.n_head()) * c.head_dim, kv_dim = size_t(shard_.n_head_kv()) * c.head_dim;
+  const int64_t n_ff = shard_.n_ff();
   x_.resize(T * c.n_embd);
   xn_.resize(T * c.n_embd);
   tmp_.resize(T * c.n_embd);
@@ -45,8 +60,8 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   att_.resize(T * q_dim);
   k_.resize(T * kv_dim);
   v_.resize(T * kv_dim);
-  gate_.resize(T * c.n_ff);
-  up_.resize(T * c.n_ff);
+  gate_.resize(T * n_ff);
+  up_.resize(T * n_ff);
   cos_sin_.resize(T * c.n_rot);
   tok_seq_.resize(T);
   tok_pos_.resize(T);
@@ -55,7 +70,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   scores_stride_ = (opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock;
   for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnRows) * scores_stride_);
   tasks_.reserve(T);
-  const int64_t max_cols = std::max<int64_t>({c.n_embd, c.n_ff, int64_t(q_dim)});
+  const int64_t max_cols = std::max<int64_t>({c.n_embd, n_ff, int64_t(q_dim)});
   mm_.reserve(opt_.n_threads, T, max_cols);
 }
 
@@ -97,6 +112,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   validate(batch);
   const ModelConfig& c = model_.config();
   const int64_t d = c.n_embd;
+  const int64_t n_ff = shard_.n_ff();
 
   // Token rows: sequence by sequence, in order.
   int64_t T = 0;
@@ -119,12 +135,13 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   });
 
   for (int il = 0; il < c.n_layer; ++il) {
-    const LayerWeights& l = model_.layers()[il];
+    const LayerWeights& l = shard_.layers()[il];
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) rmsnorm(vk_, x_.data() + t * d, l.attn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
     });
     attention_layer(il, batch, T);
     matmul(pool_, vk_, mm_, l.wo, att_.data(), T, tmp_.data(), opt_.q8);
+    if (all_reduce_) all_reduce_->sum(tmp_.data(), T * d);  // partial over this rank's heads
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) {
         float* x = x_.data() + t * d;
@@ -136,9 +153,10 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
     matmul(pool_, vk_, mm_, l.w_gate, xn_.data(), T, gate_.data(), opt_.q8);
     matmul(pool_, vk_, mm_, l.w_up, xn_.data(), T, up_.data(), opt_.q8);
     pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
-      vk_.silu_mul(gate_.data() + t0 * c.n_ff, up_.data() + t0 * c.n_ff, gate_.data() + t0 * c.n_ff, (t1 - t0) * c.n_ff);
+      vk_.silu_mul(gate_.data() + t0 * n_ff, up_.data() + t0 * n_ff, gate_.data() + t0 * n_ff, (t1 - t0) * n_ff);
     });
     matmul(pool_, vk_, mm_, l.w_down, gate_.data(), T, tmp_.data(), opt_.q8);
+    if (all_reduce_) all_reduce_->sum(tmp_.data(), T * d);  // partial over this rank's n_ff slice
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t i = t0 * d; i < t1 * d; ++i) x_[i] += tmp_[i];
     });
@@ -146,7 +164,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
 
   // Only the rows whose logits are wanted go through the final norm and the output matrix.
   const int64_t n_out = static_cast<int64_t>(logit_rows_.size());
-  if (n_out == 0) return;
+  if (n_out == 0 || logits == nullptr) return;
   for (int64_t r = 0; r < n_out; ++r)
     rmsnorm(vk_, x_.data() + logit_rows_[r] * d, model_.output_norm().data(), c.rms_eps, d, xn_.data() + r * d);
   matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits, opt_.q8);
@@ -161,9 +179,11 @@ void Engine::copy_block(int32_t src, int32_t dst) {
 
 void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64_t T) {
   const ModelConfig& c = model_.config();
-  const LayerWeights& l = model_.layers()[il];
+  const LayerWeights& l = shard_.layers()[il];
   const int hd = c.head_dim;
-  const int64_t q_dim = int64_t{c.n_head} * hd, kv_dim = int64_t{c.n_head_kv} * hd;
+  // This rank's heads: query head h (local) reads local KV head h / group, as globally.
+  const int n_head = shard_.n_head(), n_head_kv = shard_.n_head_kv();
+  const int64_t q_dim = int64_t{n_head} * hd, kv_dim = int64_t{n_head_kv} * hd;
   matmul(pool_, vk_, mm_, l.wq, xn_.data(), T, q_.data(), opt_.q8);
   matmul(pool_, vk_, mm_, l.wk, xn_.data(), T, k_.data(), opt_.q8);
   matmul(pool_, vk_, mm_, l.wv, xn_.data(), T, v_.data(), opt_.q8);
@@ -177,10 +197,10 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* cs = cos_sin_.data() + t * c.n_rot;
-      for (int h = 0; h < c.n_head; ++h) rope_apply(q_.data() + t * q_dim + h * hd, c.n_rot, cs, c.rope_style);
+      for (int h = 0; h < n_head; ++h) rope_apply(q_.data() + t * q_dim + h * hd, c.n_rot, cs, c.rope_style);
       const int32_t pos = tok_pos_[t];
       const int32_t block = batch[tok_seq_[t]].block_table[pos / bs];
-      for (int h = 0; h < c.n_head_kv; ++h) {
+      for (int h = 0; h < n_head_kv; ++h) {
         float* k = k_.data() + t * kv_dim + h * hd;
         rope_apply(k, c.n_rot, cs, c.rope_style);
         kv_store(kv, block, h, pos % bs, k, v_.data() + t * kv_dim + h * hd);
@@ -198,12 +218,12 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
     t += n;
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int group = c.n_head / c.n_head_kv;
-  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * c.n_head;
+  const int group = n_head / n_head_kv;
+  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * n_head;
   pool_.parallel_for(n_tasks, 2, [&](int64_t i0, int64_t i1, int thread) {
     for (int64_t i = i0; i < i1; ++i) {
-      const AttentionRun& run = tasks_[i / c.n_head];
-      const int h = static_cast<int>(i % c.n_head);
+      const AttentionRun& run = tasks_[i / n_head];
+      const int h = static_cast<int>(i % n_head);
       const SequenceInput& in = batch[tok_seq_[run.first]];
       attend(vk_, q_.data() + run.first * q_dim + h * hd, q_dim, run.count, kv, h / group, in.block_table.data(),
              tok_pos_[run.first] + 1, scale, scores_[thread].data(), scores_stride_,

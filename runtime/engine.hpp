@@ -3,6 +3,12 @@
 // already has in the paged KV cache. The caller (a CLI loop, later a shard actor) owns the
 // block tables; the engine owns the weights' views, the KV memory, the thread pool and every
 // scratch buffer, all sized at construction so a step allocates nothing.
+//
+// Tensor parallel (tensor_parallel.hpp): with tp_size > 1 the engine is one rank of a group. It
+// multiplies by its ModelShard's slices, keeps only its KV heads, and sums the partial outputs
+// of the attention output and FFN down projections with its peers through the injected
+// AllReduce. Every rank of a group must run forward() with the same batch, each on its own
+// thread, at the same time; they then produce the same logits bit for bit.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +19,7 @@
 #include "kernels/thread_pool.hpp"
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
+#include "runtime/tensor_parallel.hpp"
 
 namespace celer {
 
@@ -23,6 +30,12 @@ struct EngineOptions {
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
   Q8Activations q8 = Q8Activations::f32;  // how Q8_0 weights meet activations (see matmul.hpp)
+  // Tensor parallelism: this engine is rank tp_rank of tp_size. With tp_size > 1, all_reduce is
+  // required (rank and size must match it) and must outlive the engine. n_kv_blocks counts the
+  // same blocks on every rank; each rank's blocks hold only its KV heads.
+  int tp_rank = 0;
+  int tp_size = 1;
+  AllReduce* all_reduce = nullptr;
 };
 
 // One sequence's share of a step.
@@ -38,6 +51,7 @@ class Engine {
   Engine(const Model& model, const EngineOptions& options);
 
   const Model& model() const { return model_; }
+  const ModelShard& shard() const { return shard_; }  // this rank's weights (the model's with tp_size 1)
   const EngineOptions& options() const { return opt_; }
   int32_t n_kv_blocks() const { return kv_.n_blocks(); }
   int block_size() const { return kKvBlock; }
@@ -46,8 +60,10 @@ class Engine {
   ThreadPool& pool() { return pool_; }
 
   // Runs one step. Writes one row of n_vocab logits per sequence that wants them, in order, to
-  // `logits` ([n_wanted, n_vocab]). Validates everything first: a bad token id, a missing block,
-  // a sequence past max_context or an oversized batch throws Error and leaves the cache untouched.
+  // `logits` ([n_wanted, n_vocab]); with logits == nullptr the output matrix is skipped (a
+  // tensor-parallel rank whose logits nobody reads). Validates everything first: a bad token id,
+  // a missing block, a sequence past max_context or an oversized batch throws Error and leaves
+  // the cache untouched (on every rank alike, before any all-reduce).
   void forward(std::span<const SequenceInput> batch, float* logits);
   // Copies every layer's K and V of one block into another (copy-on-write of a shared block).
   void copy_block(int32_t src, int32_t dst);
@@ -58,11 +74,13 @@ class Engine {
 
   const Model& model_;
   EngineOptions opt_;
+  ModelShard shard_;
+  AllReduce* all_reduce_;  // nullptr with tp_size 1
   const VecKernels& vk_;
   ThreadPool pool_;
   MatmulScratch mm_;
   KvCache kv_;
-  // Scratch, [max_batch_tokens, ...] each.
+  // Scratch, [max_batch_tokens, ...] each; heads and n_ff are this rank's.
   AlignedVector<float> x_, xn_, q_, k_, v_, att_, tmp_, gate_, up_, cos_sin_;
   std::vector<int32_t> tok_seq_, tok_pos_;  // which sequence and position each token is
   std::vector<int32_t> logit_rows_;         // token rows whose logits are wanted

@@ -16,6 +16,12 @@ StepResult StepExecutor::run(const Step& step) {
   for (const BlockCopy& c : step.copies) engine_.copy_block(c.src, c.dst);
   inputs_.clear();
   for (const StepSequence& s : step.sequences) inputs_.push_back({s.tokens, s.n_past, s.block_table, s.sample});
+  // A tensor-parallel rank other than 0 computes its share (its all-reduces feed rank 0); rank 0
+  // alone produces logits and samples.
+  if (engine_.options().tp_rank != 0) {
+    engine_.forward(inputs_, nullptr);
+    return result;
+  }
   engine_.forward(inputs_, logits_.data());
   const int32_t n_vocab = engine_.model().config().n_vocab;
   size_t row = 0;

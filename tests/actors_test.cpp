@@ -16,7 +16,7 @@ using namespace celer;
 namespace {
 
 struct Replica {
-  Replica() : sys(make_config()) {
+  explicit Replica(int tp = 1) : sys(make_config()) {
     model = std::make_shared<Model>(std::string(CELER_TEST_DATA) + "/stories260K.gguf");
     EngineOptions eo;
     eo.max_seqs = 8;
@@ -24,6 +24,7 @@ struct Replica {
     eo.max_context = 256;
     eo.n_kv_blocks = 64;
     eo.n_threads = 1;
+    eo.tp_size = tp;
     ReplicaSetup setup;
     setup.model = model;
     setup.engine = eo;
@@ -228,4 +229,15 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
     CHECK(ended[q.id] == FinishReason::length);
     CHECK(got[q.id] == solo(*r.model, q));
   }
+}
+
+TEST_CASE("actors: a tensor-parallel replica (TP = 2) streams the tokens of TP = 1, and survives losing a rank", "[actors][tp]") {
+  Replica r(2);
+  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 40), text_request(2, "The dog", 30)};
+  auto out = r.run(reqs);
+  for (const auto& q : reqs) CHECK(out[q.id].tokens == solo(*r.model, q));
+  // Kill the group's rank 0 before a request: the group is respawned and the request completes.
+  caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
+  auto after = r.run({text_request(3, "Lily and Tom", 30)});
+  CHECK(after[3].tokens == solo(*r.model, text_request(3, "Lily and Tom", 30)));
 }

@@ -33,9 +33,6 @@ int run_serve(const ServeArgs& a) {
     std::fputs(to_yaml(config).c_str(), stdout);
     return 0;
   }
-  if (config.tensor_parallel_size != 1)
-    throw Error(ErrorCode::unsupported, "tensor_parallel_size " + std::to_string(config.tensor_parallel_size) +
-                                            ": this build serves tensor_parallel_size 1");
 
   // Block the stop signals in every thread (CAF's threads inherit the mask) and wait for them here.
   sigset_t stop;
