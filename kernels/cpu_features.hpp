@@ -10,4 +10,11 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 
+// One polite step of a spin-wait: PAUSE on x86 (the core lets a sibling run and saves power).
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
 }  // namespace celer

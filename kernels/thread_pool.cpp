@@ -1,17 +1,9 @@
 #include "kernels/thread_pool.hpp"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "kernels/cpu_features.hpp"
 
 namespace celer {
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
 
 // About 50 µs of spinning: long enough to span the gap between two ops of a forward pass,
 // short enough that an idle pool goes to sleep almost at once.

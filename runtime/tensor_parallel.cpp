@@ -7,18 +7,10 @@
 
 #include "runtime/error.hpp"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "kernels/cpu_features.hpp"
 
 namespace celer {
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  _mm_pause();
-#endif
-}
 
 // About 50 µs of spinning (as ThreadPool): ranks reach a barrier within microseconds of each
 // other in a forward pass, and a condition-variable wake costs tens of microseconds, more than a
