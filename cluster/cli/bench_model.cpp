@@ -14,6 +14,10 @@
 #include <thread>
 #include <vector>
 
+#include <caf/all.hpp>
+
+#include "actors/scheduler_actor.hpp"
+#include "actors/wire.hpp"
 #include "cluster/cli/commands.hpp"
 #include "runtime/block_pool.hpp"
 #include "runtime/engine.hpp"
@@ -33,7 +37,56 @@ struct BenchArgs {
   int threads = 0;
   std::string json;
   std::string q8 = "f32";
+  bool actors = false;
 };
+
+// Decode through the actor runtime in this process (scheduler, request and shard actors, Cap'n
+// Proto messages, a scoped actor as the client): seconds per generated token after the first,
+// best of `reps` runs of n tokens.
+double actor_seconds_per_token(std::shared_ptr<const Model> shared, const EngineOptions& eo, int n,
+                               int reps) {
+  caf::actor_system_config cfg;
+  add_message_types(cfg);
+  cfg.set("scheduler.policy", caf::atom("sharing"));
+  cfg.set("scheduler.max-threads", 2);
+  caf::actor_system sys{cfg};
+  ReplicaSetup setup;
+  setup.model = shared;
+  setup.engine = eo;
+  setup.engine.n_kv_blocks = 0;
+  setup.scheduler.max_batch_size = 1;
+  setup.scheduler.max_batch_tokens = eo.max_batch_tokens;
+  setup.scheduler.max_context = eo.max_context;
+  setup.kv_blocks = (eo.max_context + kKvBlock - 1) / kKvBlock;
+  setup.engine.n_kv_blocks = setup.kv_blocks;
+  caf::actor replica = sys.spawn(scheduler_actor, setup);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    caf::scoped_actor client{sys};
+    GenerateRequest req;
+    req.id = static_cast<RequestId>(r + 1);
+    req.prompt_tokens = {1, 2, 3, 4, 5, 6, 7, 8};
+    req.max_tokens = n;
+    req.ignore_eos = true;
+    req.sampling.temperature = 0;
+    client->send(replica, generate_atom::value, encode(req));
+    std::vector<clock_type::time_point> arrivals;
+    bool done = false;
+    while (!done)
+      client->receive([&](event_atom, const WireMessage& wm) {
+        const DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<TokenChunk>(*d.message)) {
+          done = true;
+          return;
+        }
+        for (size_t i = 0; i < std::get<TokenChunk>(*d.message).tokens.size(); ++i) arrivals.push_back(clock_type::now());
+      });
+    if (arrivals.size() > 1)
+      best = std::min(best, std::chrono::duration<double>(arrivals.back() - arrivals.front()).count() / (arrivals.size() - 1));
+  }
+  caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+  return best;
+}
 
 struct Summary {
   double mean = 0, sd = 0;
@@ -70,7 +123,8 @@ double copy_bandwidth_gbs(int threads) {
 }
 
 int run_bench(const BenchArgs& a) {
-  Model model(a.model);
+  const auto shared = std::make_shared<Model>(a.model);
+  const Model& model = *shared;
   const ModelConfig& c = model.config();
   if (a.p < 1 || a.n < 1 || a.reps < 1) throw Error(ErrorCode::invalid_argument, "-p, -n and -r must be positive");
   EngineOptions eo;
@@ -123,6 +177,16 @@ int run_bench(const BenchArgs& a) {
   std::printf("| %s | %s | %.1fM | %d | %s | tg%d | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
               model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, stg.mean, stg.sd, stg.mean * gb_per_token);
   if (model.main_type() == TensorType::q8_0) std::printf("Q8_0 activations: %s\n", to_string(eo.q8));
+  double overhead = 0;
+  if (a.actors) {
+    // The same decode in the same process through the actors; the best run of each is compared
+    // (noise only ever adds time).
+    const double direct = 1.0 / *std::max_element(tg.begin(), tg.end());
+    const double through = actor_seconds_per_token(shared, eo, a.n, a.reps);
+    overhead = through / direct - 1.0;
+    std::printf("decode through the actor runtime: %.3f ms/token vs %.3f ms/token direct: actor overhead %.1f%%\n",
+                through * 1e3, direct * 1e3, overhead * 100);
+  }
   std::printf("machine copy bandwidth (memcpy, %d threads): %.1f GB/s\n", eo.n_threads, bw);
 
   if (!a.json.empty()) {
@@ -134,6 +198,7 @@ int run_bench(const BenchArgs& a) {
                 {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
         {"weight_bytes_per_token", model.weight_bytes_per_token()},
         {"copy_bandwidth_gb_per_second", bw}};
+    if (a.actors) j["actor_overhead"] = overhead;
     std::ofstream out(a.json);
     if (!out) throw Error(ErrorCode::io, a.json + ": cannot write");
     out << j.dump(2) << "\n";
@@ -154,6 +219,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
   c->add_option("--q8-activations", a->q8, "Q8_0 weights meet f32 activations (widened weights) or int8 ones")
       ->check(CLI::IsMember({"f32", "int8"}));
+  c->add_flag("--actors", a->actors, "Also decode through the in-process actor runtime and report its overhead");
   return [a] { return run_bench(*a); };
 }
 
