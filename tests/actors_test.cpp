@@ -192,6 +192,25 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
                [&](caf::error&) { FAIL("shard did not answer"); });
   auto out = r.run({text_request(7, "Once upon a time", 20)});
   CHECK(out[7].tokens == solo(*r.model, text_request(7, "Once upon a time", 20)));
+
+  // A request actor fed garbage in the middle of its stream ignores it and finishes normally.
+  client->send(r.scheduler, generate_atom::value, encode(text_request(8, "Once upon a time", 20)));
+  std::vector<TokenId> got;
+  bool finished = false, poked = false;
+  while (!finished)
+    client->receive([&](event_atom, const WireMessage& wm) {
+      if (!poked) {
+        auto request_actor = caf::actor_cast<caf::actor>(client->current_sender());
+        client->send(request_actor, event_atom::value, WireMessage{{7, 7, 7}});
+        client->send(request_actor, event_atom::value, encode(Step{}));
+        poked = true;
+      }
+      auto d = decode(wm);
+      REQUIRE(d.message);
+      if (auto* c = std::get_if<TokenChunk>(&*d.message)) got.insert(got.end(), c->tokens.begin(), c->tokens.end());
+      finished = std::holds_alternative<Finished>(*d.message);
+    });
+  CHECK(got == out[7].tokens);
 }
 
 TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates none", "[actors][faults]") {
