@@ -66,7 +66,9 @@ std::optional<ErrorReply> Scheduler::admit(const GenerateRequest& request, int64
                                                   std::to_string(config_.max_context) + " including at least one generated token");
   if (request.deadline_ms != 0 && now_ms >= request.deadline_ms)
     return reject(ErrorKind::deadline_exceeded, "the deadline passed before the request was admitted");
-  if (n_waiting() >= config_.max_queue)
+  // Requests the batch can still take do not count as queued: max_queue 0 means "run now or
+  // refuse".
+  if (n_waiting() >= config_.max_queue && n_running() + n_waiting() >= config_.max_batch_size)
     return reject(ErrorKind::queue_full, "the waiting queue is full (" + std::to_string(config_.max_queue) + " requests)");
   const int32_t max_tokens = std::min(request.max_tokens, config_.max_context - n_prompt);
   if (!take_tokens(request.tenant, n_prompt + max_tokens, now_ms))

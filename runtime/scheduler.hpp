@@ -37,7 +37,7 @@ namespace celer {
 struct SchedulerConfig {
   int32_t max_batch_size = 16;
   int32_t max_batch_tokens = 512;
-  int32_t max_queue = 256;       // waiting sequences (all classes) before admission rejects
+  int32_t max_queue = 256;       // waiting sequences (all classes) beyond a full batch before admission rejects
   int32_t max_context = 2048;
   RateLimit default_rate;        // tenants without their own entry
   std::map<std::string, RateLimit> tenant_rates;

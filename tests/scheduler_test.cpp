@@ -139,6 +139,7 @@ TEST_CASE("admission: each rejection has its own error and harms nobody", "[sche
   KvBlockManager blocks(64, true);
   SchedulerConfig cfg;
   cfg.max_queue = 2;
+  cfg.max_batch_size = 2;
   cfg.max_context = 128;
   cfg.tenant_rates["alice"] = RateLimit{100, 150};
   Scheduler s(cfg, blocks, [](TokenId) { return false; });
@@ -160,9 +161,18 @@ TEST_CASE("admission: each rejection has its own error and harms nobody", "[sche
   CHECK(step.sequences.size() == 2);
   CHECK(!s.admit(req(5, 60, "alice"), 0));  // 70 more: 90 of alice's 150 used
   CHECK(s.admit(req(6, 55, "alice"), 0)->kind == ErrorKind::rate_limited);  // 65 > 60 left
-  CHECK(!s.admit(req(6, 10), 0));           // other tenants are unaffected
+  CHECK(!s.admit(req(6, 10), 0));           // other tenants are unaffected (the batch is full: 6 waits)
   CHECK(s.admit(req(7, 50, "alice"), 1000)->kind == ErrorKind::queue_full);  // 5 and 6 wait
-  s.schedule(0, events);
+  SchedulerConfig none = cfg;
+  none.max_queue = 0;  // no queue: run at once or refuse
+  KvBlockManager blocks0(64, true);
+  Scheduler s0(none, blocks0, [](TokenId) { return false; });
+  CHECK(!s0.admit(req(1, 10), 0));
+  CHECK(!s0.admit(req(2, 10), 0));
+  CHECK(s0.admit(req(3, 10), 0)->kind == ErrorKind::queue_full);
+  s.cancel(2);
+  s.cancel(3);
+  s.schedule(0, events);  // 2 and 3 leave, 5 and 6 start: the queue is empty again
   CHECK(!s.admit(req(7, 50, "alice"), 1000));  // a second later alice's bucket has refilled
   GenerateRequest late = req(8, 5);
   late.deadline_ms = 10;
