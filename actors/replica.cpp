@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <thread>
 
+#include "actors/supervisor_actor.hpp"
 #include "runtime/error.hpp"
 #include "runtime/kv_cache.hpp"
 
@@ -44,6 +45,6 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   return s;
 }
 
-caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(scheduler_actor, setup); }
+caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(supervisor_actor, setup); }
 
 }  // namespace celer

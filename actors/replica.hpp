@@ -1,5 +1,5 @@
-// From a deployment config to a running replica: the scheduler actor (which spawns and
-// supervises its shard) with limits, memory and caches as the config says.
+// From a deployment config to a running replica: its supervisor, which spawns the scheduler
+// (which spawns and supervises its shards), with limits, memory and caches as the config says.
 #pragma once
 
 #include <memory>

@@ -17,23 +17,52 @@ size_t stop_reach(const std::vector<std::string>& stop) {
 }  // namespace
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
-                            RequestId client_id, RequestId id, std::shared_ptr<const Model> model,
-                            std::vector<std::string> stop) {
+                            caf::actor supervisor, RequestId client_id, GenerateRequest request,
+                            std::shared_ptr<const Model> model) {
   auto& st = self->state;
   st.client = std::move(client);
   st.scheduler = std::move(scheduler);
+  st.supervisor = std::move(supervisor);
   st.client_id = client_id;
-  st.id = id;
+  st.id = request.id;
   st.model = std::move(model);
   st.decoder = std::make_unique<StreamDecoder>(st.model->tokenizer());
-  st.stop = std::move(stop);
-  // A client that goes away cancels its request.
+  st.stop = request.stop;
+  st.original = std::move(request);
+  // The scheduler's reference is the only one; when it dies the request must live on to resume.
+  // The actor holds itself until it quits (every path ends in quit(): finish, error, client gone).
+  st.keep_alive = caf::actor_cast<caf::actor>(self);
+  // A client that goes away cancels its request; a scheduler that dies hands it to its successor.
   self->monitor(st.client);
+  self->monitor(st.scheduler);
   self->set_down_handler([=](const caf::down_msg& dm) {
-    if (dm.source == self->state.client.address()) {
-      self->send(self->state.scheduler, cancel_atom::value, self->state.id, static_cast<uint8_t>(FinishReason::cancelled));
+    auto& s = self->state;
+    if (dm.source == s.client.address()) {
+      self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
       self->quit();
+      return;
     }
+    if (dm.source != s.scheduler.address()) return;
+    GenerateRequest rest = s.original;
+    rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
+    rest.prompt_text.clear();
+    rest.max_tokens = s.original.max_tokens - s.sent;
+    if (!s.supervisor || rest.max_tokens <= 0 || s.stopped) {
+      // Nothing to resume on (or nothing left to generate): end the stream here.
+      if (rest.max_tokens <= 0 || s.stopped) {
+        Finished fin{s.client_id, s.stopped ? FinishReason::stop : FinishReason::length,
+                     static_cast<int32_t>(s.original.prompt_tokens.size()), s.sent, 0};
+        self->send(s.client, event_atom::value, encode(fin));
+      } else {
+        self->send(s.client, event_atom::value,
+                   encode(ErrorReply{s.client_id, ErrorKind::unavailable, "the replica's scheduler stopped"}));
+      }
+      self->quit();
+      return;
+    }
+    s.base = s.sent;
+    // Names the scheduler that died: the supervisor may hear of its death after this message.
+    self->send(s.supervisor, resume_atom::value, encode(rest), s.scheduler);
   });
 
   // Sends text (and tokens) to the client, cutting at a stop string. Returns true at a stop.
@@ -71,10 +100,12 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
           std::vector<TokenId> fresh;
           std::string text;
           for (size_t i = 0; i < chunk->tokens.size(); ++i) {
-            if (chunk->first_index + static_cast<int32_t>(i) < s.sent + static_cast<int32_t>(fresh.size())) continue;
+            const int32_t index = s.base + chunk->first_index + static_cast<int32_t>(i);
+            if (index < s.sent + static_cast<int32_t>(fresh.size())) continue;  // already sent
             fresh.push_back(chunk->tokens[i]);
             text += s.decoder->push(chunk->tokens[i]);
           }
+          s.generated.insert(s.generated.end(), fresh.begin(), fresh.end());
           if (emit(std::move(fresh), std::move(text))) {
             s.stopped = true;
             self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::stop));
@@ -83,6 +114,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
           if (!s.stopped) emit({}, s.decoder->flush());
           Finished out = *fin;
           out.id = s.client_id;
+          out.prompt_tokens = static_cast<int32_t>(s.original.prompt_tokens.size());
           if (s.stopped) out.reason = FinishReason::stop;
           out.completion_tokens = s.sent;
           self->send(s.client, event_atom::value, encode(out));
@@ -93,6 +125,12 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
           self->send(s.client, event_atom::value, encode(out));
           self->quit();
         }
+      },
+      [=](resume_atom, const caf::actor& scheduler, RequestId id) {
+        auto& s = self->state;
+        s.scheduler = scheduler;
+        s.id = id;
+        self->monitor(scheduler);
       },
       [=](cancel_atom) {
         self->send(self->state.scheduler, cancel_atom::value, self->state.id,

@@ -4,7 +4,12 @@
 // It counts what it has sent: a token index it has already sent (a recomputed step after a
 // failure) is dropped, so the client never sees a token twice or a gap.
 //
+// If its scheduler dies, the request actor asks the replica's supervisor to resume it on the
+// new scheduler: the prompt followed by every token already sent, for the tokens still to come.
+// Sampling depends only on (seed, position), so the continuation produces the same tokens.
+//
 // Messages in:  (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) from the scheduler
+//               (resume_atom, scheduler, id) from a new scheduler that took the request over
 //               (cancel_atom) from the client
 // Messages out: (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) to the client, with
 //               the client's request id; (cancel_atom, id, reason) to the scheduler.
@@ -24,6 +29,10 @@ namespace celer {
 struct RequestState {
   caf::actor client;
   caf::actor scheduler;
+  caf::actor supervisor;    // asked to resume the request when the scheduler dies (may be null)
+  GenerateRequest original; // with its prompt tokens, for a resume
+  std::vector<TokenId> generated;  // every token sent
+  int32_t base = 0;         // the current scheduler's token index 0 is the stream's index `base`
   RequestId client_id = 0;  // the id the client chose
   RequestId id = 0;         // the replica's id
   std::shared_ptr<const Model> model;
@@ -32,11 +41,12 @@ struct RequestState {
   std::string tail;         // the last text sent, kept to find stop strings spanning chunks
   int32_t sent = 0;         // tokens sent to the client
   bool stopped = false;     // a stop string was found: later tokens are dropped
+  caf::actor keep_alive;    // itself: see request_actor()
   static inline const char* name = "celer.request";
 };
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
-                            RequestId client_id, RequestId id, std::shared_ptr<const Model> model,
-                            std::vector<std::string> stop);
+                            caf::actor supervisor, RequestId client_id, GenerateRequest request,
+                            std::shared_ptr<const Model> model);
 
 }  // namespace celer

@@ -118,11 +118,20 @@ void spawn_shard(Self* self) {
   for (const caf::actor& r : st.ranks) self->monitor(r);
 }
 
+// Checks a request's prompt against the vocabulary; the error to send back, if any.
+std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateRequest& req) {
+  for (TokenId t : req.prompt_tokens)
+    if (t < 0 || t >= tok.n_vocab())
+      return ErrorReply{req.id, ErrorKind::invalid_request, "prompt token " + std::to_string(t) + " is outside the vocabulary"};
+  return std::nullopt;
+}
+
 }  // namespace
 
-caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
+caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervisor) {
   auto& st = self->state;
   st.setup = setup;
+  st.supervisor = supervisor;
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
   auto model = setup.model;
   st.scheduler = std::make_unique<Scheduler>(setup.scheduler, *st.blocks,
@@ -174,15 +183,12 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
         const Tokenizer& tok = s.setup.model->tokenizer();
         if (req.prompt_tokens.empty())
           req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), false);
-        auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), client_id, req.id,
-                                   s.setup.model, req.stop);
-        for (TokenId t : req.prompt_tokens)
-          if (t < 0 || t >= tok.n_vocab()) {
-            self->send(request, event_atom::value,
-                       encode(ErrorReply{req.id, ErrorKind::invalid_request,
-                                         "prompt token " + std::to_string(t) + " is outside the vocabulary"}));
-            return;
-          }
+        auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), s.supervisor, client_id, req,
+                                   s.setup.model);
+        if (auto bad = check_prompt(tok, req)) {
+          self->send(request, event_atom::value, encode(*bad));
+          return;
+        }
         const int64_t now = now_ms(self);
         req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms)
                           : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
@@ -203,6 +209,29 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup) {
         }
         s.requests[req.id] = request;
         if (s.setup.response_cache_entries) s.cacheable[req.id] = copy;
+        run_step(self);
+      },
+      [=](resume_atom, const WireMessage& wm) {
+        auto& s = self->state;
+        auto request = caf::actor_cast<caf::actor>(self->current_sender());
+        DecodeResult d = decode(wm);
+        if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+          ++s.malformed;
+          return;
+        }
+        GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
+        req.id = s.next_id++;
+        const int64_t now = now_ms(self);
+        req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms) : 0;
+        std::optional<ErrorReply> refused = check_prompt(s.setup.model->tokenizer(), req);
+        if (!refused) refused = s.scheduler->admit(req, now);
+        if (refused) {
+          refused->id = req.id;
+          self->send(request, event_atom::value, encode(*refused));
+          return;
+        }
+        s.requests[req.id] = request;
+        self->send(request, resume_atom::value, caf::actor_cast<caf::actor>(self), req.id);
         run_step(self);
       },
       [=](cancel_atom, RequestId id, uint8_t reason) {

@@ -16,7 +16,9 @@
 //
 // Messages: (generate_atom, WireMessage{GenerateRequest}) from a client (the sender gets the
 //           stream); (cancel_atom, id, reason) from a request actor; (stats_atom) -> WireMessage{ReplicaStats};
-//           (shard_atom) -> the current shard actor (for tests and fault injection).
+//           (shard_atom) -> the current shard actor (for tests and fault injection);
+//           (resume_atom, WireMessage{GenerateRequest}) from a request actor whose scheduler died:
+//           the rest of its request (prompt + tokens sent), taken over by this scheduler.
 #pragma once
 
 #include <chrono>
@@ -53,6 +55,7 @@ struct SchedulerActorState {
   std::unique_ptr<KvBlockManager> blocks;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<ResponseCache> responses;
+  caf::actor supervisor;
   caf::actor shard;                // rank 0: runs the step and samples
   std::vector<caf::actor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
@@ -70,6 +73,8 @@ struct SchedulerActorState {
   static inline const char* name = "celer.scheduler";
 };
 
-caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup);
+// `supervisor` (may be null) is told to request actors, which ask it to resume their requests
+// when this scheduler dies.
+caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup, caf::actor supervisor);
 
 }  // namespace celer

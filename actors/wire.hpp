@@ -15,6 +15,8 @@ using cancel_atom = caf::atom_constant<caf::atom("cancel")>;      // client -> r
 using step_atom = caf::atom_constant<caf::atom("step")>;          // scheduler -> shard: Step, reply StepResult
 using kick_atom = caf::atom_constant<caf::atom("kick")>;          // scheduler -> itself: build the next step
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> scheduler: ReplicaStats
+using resume_atom = caf::atom_constant<caf::atom("resume")>;      // request <-> scheduler after a scheduler restart
+using sched_atom = caf::atom_constant<caf::atom("sched")>;        // anyone -> supervisor: the current scheduler
 using shard_atom = caf::atom_constant<caf::atom("shard")>;        // anyone -> scheduler: the current shard actor
 
 template <class Inspector>

@@ -8,6 +8,7 @@
 
 #include "actors/scheduler_actor.hpp"
 #include "actors/shard_actor.hpp"
+#include "actors/supervisor_actor.hpp"
 #include "actors/wire.hpp"
 #include "runtime/generation.hpp"
 
@@ -34,7 +35,7 @@ struct Replica {
     setup.scheduler.max_queue = 4;
     setup.kv_blocks = 64;
     setup.response_cache_entries = 16;
-    scheduler = sys.spawn(scheduler_actor, setup);
+    scheduler = sys.spawn(supervisor_actor, setup);  // the replica's entry point
   }
   ~Replica() { caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown); }
   caf::actor current_shard() {
@@ -259,4 +260,44 @@ TEST_CASE("actors: a tensor-parallel replica (TP = 2) streams the tokens of TP =
   caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
   auto after = r.run({text_request(3, "Lily and Tom", 30)});
   CHECK(after[3].tokens == solo(*r.model, text_request(3, "Lily and Tom", 30)));
+}
+
+TEST_CASE("actors: killing the scheduler mid-stream: the supervisor restarts it and every request resumes", "[actors][faults]") {
+  Replica r;
+  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 50), text_request(2, "The dog", 50, 0.9f),
+                                    text_request(3, "Lily and Tom", 50, 1.0f)};
+  caf::scoped_actor client{r.sys};
+  for (const auto& q : reqs) client->send(r.scheduler, generate_atom::value, encode(q));
+  std::map<RequestId, std::vector<TokenId>> got;
+  std::map<RequestId, Finished> ended;
+  bool killed = false;
+  while (ended.size() < reqs.size()) {
+    client->receive(
+        [&](event_atom, const WireMessage& wm) {
+          auto d = decode(wm);
+          REQUIRE(d.message);
+          if (auto* c = std::get_if<TokenChunk>(&*d.message)) {
+            REQUIRE(c->first_index == static_cast<int32_t>(got[c->id].size()));  // no gap, no duplicate
+            got[c->id].insert(got[c->id].end(), c->tokens.begin(), c->tokens.end());
+            if (got[1].size() == 12 && !killed) {
+              caf::scoped_actor probe{r.sys};
+              probe->request(r.scheduler, std::chrono::seconds(5), sched_atom::value)
+                  .receive([&](const caf::actor& s) { caf::anon_send_exit(s, caf::exit_reason::kill); },
+                           [&](caf::error&) { FAIL("no scheduler"); });
+              killed = true;
+            }
+          } else if (auto* f = std::get_if<Finished>(&*d.message)) {
+            ended[f->id] = *f;
+          } else {
+            FAIL("error: " << std::get<ErrorReply>(*d.message).message);
+          }
+        },
+        caf::after(std::chrono::seconds(30)) >> [&] { FAIL("stalled"); });
+  }
+  CHECK(killed);
+  for (const auto& q : reqs) {
+    CHECK(ended[q.id].reason == FinishReason::length);
+    CHECK(ended[q.id].completion_tokens == 50);
+    CHECK(got[q.id] == solo(*r.model, q));
+  }
 }

@@ -59,7 +59,7 @@ double actor_seconds_per_token(std::shared_ptr<const Model> shared, const Engine
   setup.scheduler.max_context = eo.max_context;
   setup.kv_blocks = (eo.max_context + kKvBlock - 1) / kKvBlock;
   setup.engine.n_kv_blocks = setup.kv_blocks;
-  caf::actor replica = sys.spawn(scheduler_actor, setup);
+  caf::actor replica = sys.spawn(scheduler_actor, setup, caf::actor{});
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
     caf::scoped_actor client{sys};

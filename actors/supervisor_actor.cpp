@@ -1,0 +1,78 @@
+#include "actors/supervisor_actor.hpp"
+
+#include <algorithm>
+
+#include "actors/wire.hpp"
+
+namespace celer {
+namespace {
+
+using Self = caf::stateful_actor<SupervisorState>;
+
+void spawn_scheduler(Self* self) {
+  auto& st = self->state;
+  st.scheduler = self->spawn(scheduler_actor, st.setup, caf::actor_cast<caf::actor>(self));
+  *st.scheduler_for_exit = st.scheduler;
+  st.up = true;
+  self->monitor(st.scheduler);
+  for (auto& p : st.pending) {
+    if (p.resume) caf::send_as(p.sender, st.scheduler, resume_atom::value, std::move(p.message));
+    else caf::send_as(p.sender, st.scheduler, generate_atom::value, std::move(p.message));
+  }
+  st.pending.clear();
+}
+
+// Forwards to the scheduler as if from the original sender, or keeps it for the next one.
+void forward(Self* self, bool resume, const WireMessage& wm) {
+  auto& st = self->state;
+  auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+  if (!st.up) {
+    st.pending.push_back({sender, resume, wm});
+    return;
+  }
+  if (resume) caf::send_as(sender, st.scheduler, resume_atom::value, wm);
+  else caf::send_as(sender, st.scheduler, generate_atom::value, wm);
+}
+
+}  // namespace
+
+caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
+  self->state.setup = std::move(setup);
+  spawn_scheduler(self);
+  self->set_down_handler([=](const caf::down_msg& dm) {
+    auto& st = self->state;
+    if (dm.source != st.scheduler.address()) return;
+    st.up = false;
+    const auto now = std::chrono::steady_clock::now();
+    st.restarts.erase(std::remove_if(st.restarts.begin(), st.restarts.end(),
+                                     [&](auto t) { return now - t > st.setup.restart_window; }),
+                      st.restarts.end());
+    if (static_cast<int>(st.restarts.size()) >= st.setup.max_restarts) {
+      self->quit(caf::make_error(caf::sec::runtime_error));  // clients see the replica go down
+      return;
+    }
+    st.restarts.push_back(now);
+    self->delayed_send(self, st.setup.restart_backoff, sched_atom::value, true);
+  });
+  // The scheduler (and through it the shards) stops with the supervisor.
+  self->attach_functor([scheduler = self->state.scheduler_for_exit](const caf::error&) {
+    if (*scheduler) caf::anon_send_exit(*scheduler, caf::exit_reason::user_shutdown);
+  });
+  return {
+      [=](generate_atom, const WireMessage& wm) { forward(self, false, wm); },
+      [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
+        // A request actor saw the scheduler die before this supervisor did: hold its request
+        // for the successor (the down message is on its way and starts the restart).
+        if (dead == self->state.scheduler) self->state.up = false;
+        forward(self, true, wm);
+      },
+      [=](sched_atom, bool respawn) {
+        if (respawn && !self->state.up) spawn_scheduler(self);
+      },
+      [=](sched_atom) { return self->state.scheduler; },
+      [=](stats_atom) { return self->delegate(self->state.scheduler, stats_atom::value); },
+      [=](shard_atom) { return self->delegate(self->state.scheduler, shard_atom::value); },
+  };
+}
+
+}  // namespace celer

@@ -1,0 +1,41 @@
+// The replica's supervisor: the actor clients talk to. It spawns the scheduler (which spawns
+// and supervises its shards), forwards requests to it, and when the scheduler dies respawns it
+// (up to max_restarts within restart_window, after restart_backoff). Request actors whose
+// scheduler died send their continuation here; it is delivered to the new scheduler as if sent
+// by the request actor itself, and buffered while the scheduler restarts.
+//
+// Messages: (generate_atom, WireMessage) -> the scheduler, sender kept; (resume_atom,
+//           WireMessage, dead scheduler) from a request actor -> the next scheduler, sender kept; (stats_atom) and (shard_atom) -> answered by the scheduler; (sched_atom) -> the
+//           current scheduler (for tests and fault injection).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "actors/scheduler_actor.hpp"
+#include "schema/codec.hpp"
+
+namespace celer {
+
+struct SupervisorState {
+  ReplicaSetup setup;
+  caf::actor scheduler;
+  bool up = false;
+  std::vector<std::chrono::steady_clock::time_point> restarts;
+  // Messages that arrived while the scheduler was restarting: (original sender, atom, content).
+  struct Pending {
+    caf::actor sender;
+    bool resume;
+    WireMessage message;
+  };
+  std::vector<Pending> pending;
+  std::shared_ptr<caf::actor> scheduler_for_exit = std::make_shared<caf::actor>();  // stopped with the supervisor
+  static inline const char* name = "celer.supervisor";
+};
+
+caf::behavior supervisor_actor(caf::stateful_actor<SupervisorState>* self, ReplicaSetup setup);
+
+}  // namespace celer
