@@ -3,6 +3,8 @@
 // messages are answered with errors; cancel and admission errors reach the client.
 #include <catch2/catch.hpp>
 
+#include <functional>
+
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
@@ -63,7 +65,9 @@ struct Replica {
     std::optional<ErrorReply> error;
   };
   // Sends the requests from one client and collects every stream until each has ended.
-  std::map<RequestId, Outcome> run(const std::vector<GenerateRequest>& reqs, RequestId cancel_id = 0) {
+  // on_chunk(id, tokens so far, client) runs after each chunk: tests cancel or kill from it.
+  using Hook = std::function<void(RequestId, size_t, caf::scoped_actor&)>;
+  std::map<RequestId, Outcome> run(const std::vector<GenerateRequest>& reqs, const Hook& on_chunk = {}) {
     caf::scoped_actor client{sys};
     for (const auto& r : reqs) client->send(scheduler, generate_atom::value, encode(r));
     std::map<RequestId, Outcome> out;
@@ -78,7 +82,7 @@ struct Replica {
               REQUIRE(c->first_index == static_cast<int32_t>(o.tokens.size()));
               o.tokens.insert(o.tokens.end(), c->tokens.begin(), c->tokens.end());
               o.text += c->text;
-              if (c->id == cancel_id && o.tokens.size() >= 5) client->send(caf::actor_cast<caf::actor>(client->current_sender()), cancel_atom::value);
+              if (on_chunk) on_chunk(c->id, o.tokens.size(), client);
             } else if (auto* f = std::get_if<Finished>(&*d.message)) {
               out[f->id].finished = *f;
               ++ended;
@@ -159,7 +163,13 @@ TEST_CASE("actors: stop strings, cancel and admission errors reach the client", 
   stop.stop = {"Lily"};  // the greedy story names Lily early
   auto cancel = text_request(2, "The dog", 200);
   auto too_long = text_request(3, std::string(2000, 'a'), 10);
-  auto out = r.run({stop, cancel, too_long}, 2);
+  bool cancelled = false;
+  auto out = r.run({stop, cancel, too_long}, [&](RequestId id, size_t n, caf::scoped_actor& client) {
+    if (id == 2 && n >= 5 && !cancelled) {
+      client->send(caf::actor_cast<caf::actor>(client->current_sender()), cancel_atom::value);
+      cancelled = true;
+    }
+  });
   REQUIRE(out[1].finished);
   CHECK(out[1].finished->reason == FinishReason::stop);
   CHECK(out[1].text.find("Lily") == std::string::npos);
@@ -218,36 +228,18 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
   Replica r;
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 60), text_request(2, "The dog", 60, 0.9f),
                                     text_request(3, "Lily and Tom", 60, 1.0f)};
-  caf::scoped_actor client{r.sys};
-  for (const auto& q : reqs) client->send(r.scheduler, generate_atom::value, encode(q));
-  std::map<RequestId, std::vector<TokenId>> got;
-  std::map<RequestId, FinishReason> ended;
   int kills = 0;
-  while (ended.size() < reqs.size()) {
-    client->receive(
-        [&](event_atom, const WireMessage& wm) {
-          auto d = decode(wm);
-          REQUIRE(d.message);
-          if (auto* c = std::get_if<TokenChunk>(&*d.message)) {
-            REQUIRE(c->first_index == static_cast<int32_t>(got[c->id].size()));  // no gap, no duplicate
-            got[c->id].insert(got[c->id].end(), c->tokens.begin(), c->tokens.end());
-            // Kill the shard twice while streams are running.
-            if ((got[1].size() == 10 && kills == 0) || (got[1].size() == 35 && kills == 1)) {
-              caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
-              ++kills;
-            }
-          } else if (auto* f = std::get_if<Finished>(&*d.message)) {
-            ended[f->id] = f->reason;
-          } else {
-            FAIL("error: " << std::get<ErrorReply>(*d.message).message);
-          }
-        },
-        caf::after(std::chrono::seconds(30)) >> [&] { FAIL("stalled"); });
-  }
+  auto out = r.run(reqs, [&](RequestId id, size_t n, caf::scoped_actor&) {
+    if (id == 1 && ((n == 10 && kills == 0) || (n == 35 && kills == 1))) {  // twice, while streams run
+      caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
+      ++kills;
+    }
+  });
   CHECK(kills == 2);
   for (const auto& q : reqs) {
-    CHECK(ended[q.id] == FinishReason::length);
-    CHECK(got[q.id] == solo(*r.model, q));
+    REQUIRE(out[q.id].finished);
+    CHECK(out[q.id].finished->reason == FinishReason::length);
+    CHECK(out[q.id].tokens == solo(*r.model, q));  // run() also checks there is no gap and no duplicate
   }
 }
 
@@ -266,38 +258,20 @@ TEST_CASE("actors: killing the scheduler mid-stream: the supervisor restarts it 
   Replica r;
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 50), text_request(2, "The dog", 50, 0.9f),
                                     text_request(3, "Lily and Tom", 50, 1.0f)};
-  caf::scoped_actor client{r.sys};
-  for (const auto& q : reqs) client->send(r.scheduler, generate_atom::value, encode(q));
-  std::map<RequestId, std::vector<TokenId>> got;
-  std::map<RequestId, Finished> ended;
   bool killed = false;
-  while (ended.size() < reqs.size()) {
-    client->receive(
-        [&](event_atom, const WireMessage& wm) {
-          auto d = decode(wm);
-          REQUIRE(d.message);
-          if (auto* c = std::get_if<TokenChunk>(&*d.message)) {
-            REQUIRE(c->first_index == static_cast<int32_t>(got[c->id].size()));  // no gap, no duplicate
-            got[c->id].insert(got[c->id].end(), c->tokens.begin(), c->tokens.end());
-            if (got[1].size() == 12 && !killed) {
-              caf::scoped_actor probe{r.sys};
-              probe->request(r.scheduler, std::chrono::seconds(5), sched_atom::value)
-                  .receive([&](const caf::actor& s) { caf::anon_send_exit(s, caf::exit_reason::kill); },
-                           [&](caf::error&) { FAIL("no scheduler"); });
-              killed = true;
-            }
-          } else if (auto* f = std::get_if<Finished>(&*d.message)) {
-            ended[f->id] = *f;
-          } else {
-            FAIL("error: " << std::get<ErrorReply>(*d.message).message);
-          }
-        },
-        caf::after(std::chrono::seconds(30)) >> [&] { FAIL("stalled"); });
-  }
+  auto out = r.run(reqs, [&](RequestId id, size_t n, caf::scoped_actor&) {
+    if (id != 1 || n != 12 || killed) return;
+    caf::scoped_actor probe{r.sys};
+    probe->request(r.scheduler, std::chrono::seconds(5), sched_atom::value)
+        .receive([&](const caf::actor& s) { caf::anon_send_exit(s, caf::exit_reason::kill); },
+                 [&](caf::error&) { FAIL("no scheduler"); });
+    killed = true;
+  });
   CHECK(killed);
   for (const auto& q : reqs) {
-    CHECK(ended[q.id].reason == FinishReason::length);
-    CHECK(ended[q.id].completion_tokens == 50);
-    CHECK(got[q.id] == solo(*r.model, q));
+    REQUIRE(out[q.id].finished);
+    CHECK(out[q.id].finished->reason == FinishReason::length);
+    CHECK(out[q.id].finished->completion_tokens == 50);
+    CHECK(out[q.id].tokens == solo(*r.model, q));
   }
 }
