@@ -69,6 +69,11 @@ int32_t KvBlockManager::take_free() {
     blk.indexed = false;
     ++evictions_;
   }
+  if (blk.partial > 0) {
+    auto it = partial_index_.find(blk.partial_parent);
+    if (it != partial_index_.end() && it->second == b) partial_index_.erase(it);
+    blk.partial = 0;
+  }
   blk.refs = 1;
   return b;
 }
@@ -89,7 +94,7 @@ const std::vector<int32_t>& KvBlockManager::table(RequestId id) const {
   return it->second.table;
 }
 
-int32_t KvBlockManager::begin(RequestId id, std::span<const TokenId> tokens) {
+int32_t KvBlockManager::begin(RequestId id, std::span<const TokenId> tokens, std::vector<BlockCopy>* copies) {
   if (seqs_.count(id)) throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(id) + " already exists");
   Sequence& s = seqs_[id];
   if (!prefix_caching_) return 0;
@@ -109,7 +114,30 @@ int32_t KvBlockManager::begin(RequestId id, std::span<const TokenId> tokens) {
   }
   s.n_committed_blocks = static_cast<int32_t>(s.table.size());
   s.last_hash = parent;
-  const int32_t covered = s.n_committed_blocks * kKvBlock;
+  int32_t covered = s.n_committed_blocks * kKvBlock;
+  // A partial block continuing this chain, whose tokens start the rest of the prompt (again
+  // leaving at least one token to compute): copy its KV into a fresh block of our own.
+  auto p = copies ? partial_index_.find(parent) : partial_index_.end();
+  if (p != partial_index_.end()) {
+    const int32_t b = p->second;
+    const int32_t m = blocks_[b].partial;
+    const auto rest = tokens.subspan(static_cast<size_t>(covered));
+    if (m < static_cast<int32_t>(rest.size()) &&
+        std::equal(rest.begin(), rest.begin() + m, block_tokens_.begin() + static_cast<size_t>(b) * kKvBlock)) {
+      ++blocks_[b].refs;  // pinned while a block is taken, so it cannot be the one evicted
+      if (blocks_[b].in_free) unlink_free(b);
+      const int32_t fresh = take_free();
+      unref(b);
+      if (fresh >= 0) {
+        s.table.push_back(fresh);
+        copies->push_back({b, fresh});
+        covered += m;
+      }
+    }
+  }
+  // Only the full blocks hold valid KV yet: the copy is made before the next forward pass, and
+  // commit() then counts its positions.
+  s.n_computed = s.n_committed_blocks * kKvBlock;
   hits_ += covered;
   return covered;
 }
@@ -143,11 +171,33 @@ void KvBlockManager::commit(RequestId id, std::span<const TokenId> tokens, int32
     s.last_hash = h;
     s.n_committed_blocks = i + 1;
   }
+  s.n_computed = std::max(s.n_computed, n_computed);
+  // Remember the tokens of the partial last block, to leave it findable when the sequence ends.
+  const int32_t tail = s.n_computed % kKvBlock;
+  const int32_t last = s.n_computed / kKvBlock;
+  if (tail > 0 && last < static_cast<int32_t>(s.table.size()) && last == s.n_committed_blocks) {
+    const int32_t b = s.table[last];
+    std::copy(tokens.begin() + static_cast<size_t>(last) * kKvBlock, tokens.begin() + s.n_computed,
+              block_tokens_.begin() + static_cast<size_t>(b) * kKvBlock);
+  }
 }
 
 void KvBlockManager::release(RequestId id) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) return;
+  // Leave the partial last block findable (it joins the free queue like the rest, evictable).
+  const Sequence& s = it->second;
+  const int32_t tail = s.n_computed % kKvBlock;
+  const int32_t last = s.n_computed / kKvBlock;
+  if (prefix_caching_ && tail > 0 && last < static_cast<int32_t>(s.table.size()) && last == s.n_committed_blocks) {
+    const int32_t b = s.table[last];
+    if (blocks_[b].refs == 1 && !blocks_[b].indexed) {
+      if (auto old = partial_index_.find(s.last_hash); old != partial_index_.end()) blocks_[old->second].partial = 0;
+      partial_index_[s.last_hash] = b;
+      blocks_[b].partial = tail;
+      blocks_[b].partial_parent = s.last_hash;
+    }
+  }
   // Tail first: the blocks of a sequence's end are the least likely to be shared, so they are
   // the first to be evicted.
   const std::vector<int32_t>& t = it->second.table;
@@ -157,8 +207,12 @@ void KvBlockManager::release(RequestId id) {
 
 void KvBlockManager::forget_cached() {
   if (!seqs_.empty()) throw Error(ErrorCode::invalid_argument, "forget_cached with live sequences");
-  for (Block& b : blocks_) b.indexed = false;
+  for (Block& b : blocks_) {
+    b.indexed = false;
+    b.partial = 0;
+  }
   index_.clear();
+  partial_index_.clear();
 }
 
 void KvBlockManager::fork(RequestId src, RequestId dst) {
@@ -197,6 +251,8 @@ bool KvBlockManager::check_invariants() const {
   }
   for (const auto& [h, b] : index_)
     if (!blocks_[b].indexed || blocks_[b].hash != h) return false;
+  for (const auto& [h, b] : partial_index_)
+    if (blocks_[b].partial <= 0 || blocks_[b].partial_parent != h) return false;
   return true;
 }
 

@@ -9,6 +9,9 @@
 // - A block whose last reference goes stays indexed but joins the free queue; the queue's order
 //   is eviction order (least recently released first, a sequence's tail before its head), and
 //   allocation takes from its front, dropping the block from the index then.
+// - A sequence that ends also leaves its partly filled last block findable (by its parent's hash
+//   and its tokens): a later prompt that continues it (the next turn of a conversation) gets a
+//   fresh block with a copy of that KV instead of computing those positions again.
 // - Copy-on-write: a forked sequence shares its parent's partly filled last block; before either
 //   writes into it, prepare_append() gives it a private copy and says which copy to make.
 // (vLLM v1's block pool and KV cache manager follow the same plan.)
@@ -36,10 +39,11 @@ class KvBlockManager {
   bool has(RequestId seq) const { return seqs_.count(seq) != 0; }
 
   // Starts a sequence (it must not exist) and attaches the longest run of its leading full
-  // blocks found in the prefix cache, taking a reference on each. At least one token is always
-  // left to compute (its logits are needed), so a prompt of exactly k full cached blocks reuses
-  // k - 1. Returns the number of tokens covered (a multiple of kKvBlock).
-  int32_t begin(RequestId seq, std::span<const TokenId> tokens);
+  // blocks found in the prefix cache, taking a reference on each, then a copy of a cached
+  // partial block that continues them (the copy to make before the next forward pass is added
+  // to `copies`). At least one token is always left to compute (its logits are needed).
+  // Returns the number of tokens covered.
+  int32_t begin(RequestId seq, std::span<const TokenId> tokens, std::vector<BlockCopy>* copies = nullptr);
 
   // Grows the sequence's table to cover n_positions positions. All or nothing: returns false and
   // changes nothing when too few blocks are free.
@@ -82,11 +86,14 @@ class KvBlockManager {
     uint64_t hash = 0;
     int32_t prev = -1, next = -1;  // free queue links
     bool in_free = false;
+    int32_t partial = 0;           // > 0: a findable partial block holding this many positions
+    uint64_t partial_parent = 0;   // the hash of the chain it continues (its key)
   };
   struct Sequence {
     std::vector<int32_t> table;
     int32_t n_committed_blocks = 0;  // leading full blocks already in the index (or reused from it)
     uint64_t last_hash = 0;          // hash of the last committed block (the chain's parent)
+    int32_t n_computed = 0;          // positions whose KV is computed (from commit)
   };
 
   uint64_t block_hash(uint64_t parent, std::span<const TokenId> tokens) const;
@@ -102,6 +109,7 @@ class KvBlockManager {
   std::vector<TokenId> block_tokens_;     // [n_blocks, kKvBlock]: the tokens of indexed blocks
   std::vector<uint64_t> block_parent_;    // the parent hash of indexed blocks
   std::unordered_map<uint64_t, int32_t> index_;
+  std::unordered_map<uint64_t, int32_t> partial_index_;  // parent hash -> partial block
   std::unordered_map<RequestId, Sequence> seqs_;
   int32_t free_head_ = -1, free_tail_ = -1, free_count_ = 0;
   uint64_t queried_ = 0, hits_ = 0, evictions_ = 0;

@@ -166,6 +166,7 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   };
   std::vector<Chosen> chosen;
   std::vector<const Sequence*> preempted_now;
+  std::vector<std::pair<RequestId, BlockCopy>> copies;  // prefix-cache copies of partial blocks
   auto is_chosen = [&](const Sequence* s) {
     return std::any_of(chosen.begin(), chosen.end(), [&](const Chosen& c) { return c.seq == s; });
   };
@@ -178,7 +179,9 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
     if (was_preempted(&s)) continue;
     if (static_cast<int32_t>(chosen.size()) == config_.max_batch_size || budget == 0) break;
     if (!s.started) {
-      s.n_computed = blocks_.begin(s.request.id, s.tokens);
+      std::vector<BlockCopy> mine;
+      s.n_computed = blocks_.begin(s.request.id, s.tokens, &mine);
+      for (const BlockCopy& c : mine) copies.push_back({s.request.id, c});
       if (s.n_cached < 0) s.n_cached = s.n_computed;
       s.started = true;
     }
@@ -214,6 +217,11 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   Step step;
   if (chosen.empty()) return step;
   step.step_id = next_step_++;
+  // Copies of sequences that run in this step; a sequence preempted after its begin() gave its
+  // copy's destination back.
+  for (const auto& [id, c] : copies)
+    if (std::any_of(chosen.begin(), chosen.end(), [&](const Chosen& ch) { return ch.seq->request.id == id; }))
+      step.copies.push_back(c);
   for (const Chosen& c : chosen) {
     const Sequence& s = *c.seq;
     StepSequence ss;

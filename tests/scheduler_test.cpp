@@ -420,3 +420,52 @@ TEST_CASE("response cache: exact keys, TTL and LRU bound", "[response_cache]") {
   CHECK(!cache.lookup(b, 2005));
   CHECK(cache.hits() == 5);
 }
+
+TEST_CASE("block manager: a finished sequence's partial last block is copied for a prompt that continues it", "[blocks]") {
+  KvBlockManager m(16, true);
+  const auto a = seq_tokens(29, 1);  // 1 full block + 13 positions
+  m.begin(1, a);
+  REQUIRE(m.reserve(1, 29));
+  m.commit(1, a, 29);
+  const int32_t partial = m.table(1)[1];
+  m.release(1);
+  auto b = a;
+  b.insert(b.end(), {7, 8, 9});
+  std::vector<BlockCopy> copies;
+  CHECK(m.begin(2, b, &copies) == 29);  // 16 shared + 13 copied
+  REQUIRE(copies.size() == 1);
+  CHECK(copies[0].src == partial);
+  CHECK(copies[0].dst == m.table(2)[1]);
+  CHECK(copies[0].dst != partial);
+  // A prompt that diverges inside the partial block finds only the full block.
+  auto c = a;
+  c[20] = 999;
+  copies.clear();
+  CHECK(m.begin(3, c, &copies) == 16);
+  CHECK(copies.empty());
+  // Nothing left to compute after the partial block: it is not used (the last token's logits
+  // are needed).
+  copies.clear();
+  CHECK(m.begin(4, a, &copies) == 16);
+  CHECK(m.check_invariants());
+}
+
+TEST_CASE("scheduler + engine: the next turn of a conversation reuses the last partial block with the same tokens", "[scheduler][model]") {
+  Harness h(64, 64, 4);
+  const auto ps = prompts(h.model);
+  REQUIRE(!h.scheduler.admit(story(1, ps[0], 24, 0.0f, 1), 0));  // 5 + 24 = 29 tokens, 28 computed
+  h.run();
+  std::vector<TokenId> turn2 = ps[0];
+  turn2.insert(turn2.end(), h.out[1].begin(), h.out[1].end());
+  const auto more = h.model.tokenizer().encode(" The end.", false);
+  turn2.insert(turn2.end(), more.begin(), more.end());
+  REQUIRE(!h.scheduler.admit(story(2, turn2, 20, 0.0f, 1), 0));
+  h.run();
+  CHECK(h.finished.at(2).cached_tokens == 28);  // 16 in a shared block, 12 copied from the partial one
+
+  Harness solo(64, 64, 4);
+  REQUIRE(!solo.scheduler.admit(story(2, turn2, 20, 0.0f, 1), 0));
+  solo.run();
+  CHECK(h.out[2] == solo.out[2]);
+  CHECK(solo.finished.at(2).cached_tokens == 0);
+}
