@@ -30,4 +30,14 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<WireMessage>("celer.WireMessage");
 }
 
+// A node that runs shards: celer's message types, and CAF's threads kept out of the way of the
+// shards' compute threads. The default work-stealing threads poll when idle; on a machine whose
+// cores the shards already fill, the sharing policy (threads sleep on one queue) is the quieter
+// neighbour. Two threads carry the actors: their work per step is microseconds.
+inline void configure_serving_node(caf::actor_system_config& cfg) {
+  add_message_types(cfg);
+  cfg.set("scheduler.policy", caf::atom("sharing"));
+  cfg.set("scheduler.max-threads", 2);
+}
+
 }  // namespace celer

@@ -7,19 +7,6 @@
 
 namespace celer {
 
-const char* to_string(ErrorKind kind) {
-  switch (kind) {
-    case ErrorKind::invalid_request: return "invalid_request";
-    case ErrorKind::queue_full: return "queue_full";
-    case ErrorKind::prompt_too_long: return "prompt_too_long";
-    case ErrorKind::rate_limited: return "rate_limited";
-    case ErrorKind::deadline_exceeded: return "deadline_exceeded";
-    case ErrorKind::internal: return "internal";
-    case ErrorKind::unavailable: return "unavailable";
-  }
-  return "?";
-}
-
 Scheduler::Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_eog)
     : config_(config), blocks_(blocks), is_eog_(std::move(is_eog)) {
   if (config_.max_batch_size < 1 || config_.max_batch_tokens < 1 || config_.max_queue < 0 || config_.max_context < 2)

@@ -46,14 +46,11 @@ struct BenchArgs {
 double actor_seconds_per_token(std::shared_ptr<const Model> shared, const EngineOptions& eo, int n,
                                int reps) {
   caf::actor_system_config cfg;
-  add_message_types(cfg);
-  cfg.set("scheduler.policy", caf::atom("sharing"));
-  cfg.set("scheduler.max-threads", 2);
+  configure_serving_node(cfg);
   caf::actor_system sys{cfg};
   ReplicaSetup setup;
   setup.model = shared;
   setup.engine = eo;
-  setup.engine.n_kv_blocks = 0;
   setup.scheduler.max_batch_size = 1;
   setup.scheduler.max_batch_tokens = eo.max_batch_tokens;
   setup.scheduler.max_context = eo.max_context;

@@ -45,12 +45,7 @@ int run_serve(const ServeArgs& a) {
   const ReplicaSetup setup = replica_setup(config, model);
   caf::actor_system_config cfg;
   cfg.load<caf::io::middleman>();
-  add_message_types(cfg);
-  // CAF's default work-stealing threads poll when idle; on a machine whose cores the shard's
-  // compute threads already fill, the sharing policy (threads sleep on one queue) is the
-  // quieter neighbour. Two threads carry the actors: their work per step is microseconds.
-  cfg.set("scheduler.policy", caf::atom("sharing"));
-  cfg.set("scheduler.max-threads", 2);
+  configure_serving_node(cfg);
   caf::actor_system sys{cfg};
   caf::actor replica = spawn_replica(sys, setup);
   auto port = sys.middleman().publish(replica, config.listen.port, config.listen.host.c_str(), true);

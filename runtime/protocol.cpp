@@ -1,0 +1,18 @@
+#include "runtime/protocol.hpp"
+
+namespace celer {
+
+const char* to_string(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::invalid_request: return "invalid_request";
+    case ErrorKind::queue_full: return "queue_full";
+    case ErrorKind::prompt_too_long: return "prompt_too_long";
+    case ErrorKind::rate_limited: return "rate_limited";
+    case ErrorKind::deadline_exceeded: return "deadline_exceeded";
+    case ErrorKind::internal: return "internal";
+    case ErrorKind::unavailable: return "unavailable";
+  }
+  return "?";
+}
+
+}  // namespace celer
