@@ -95,6 +95,7 @@ std::optional<TokenChunk> Client::Stream::next() {
             s.partial.prompt_tokens = fin->prompt_tokens;
             s.partial.completion_tokens = fin->completion_tokens;
             s.partial.cached_tokens = fin->cached_tokens;
+            s.partial.times = fin->times;
             s.result = std::move(s.partial);
           } else if (auto* err = std::get_if<ErrorReply>(&*d.message)) {
             s.ended = true;
@@ -135,6 +136,7 @@ GenerateRequest make_request(const RequestOptions& o) {
   r.tenant = o.tenant;
   r.session_id = o.session_id;
   r.deadline_ms = o.timeout_ms > 0 ? unix_ms() + o.timeout_ms : 0;
+  r.logprobs = o.logprobs;
   return r;
 }
 }  // namespace

@@ -18,7 +18,7 @@ size_t stop_reach(const std::vector<std::string>& stop) {
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
                             caf::actor supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const Model> model) {
+                            std::shared_ptr<const Model> model, int64_t received_us) {
   auto& st = self->state;
   st.client = std::move(client);
   st.scheduler = std::move(scheduler);
@@ -29,6 +29,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   st.decoder = std::make_unique<StreamDecoder>(st.model->tokenizer());
   st.stop = request.stop;
   st.original = std::move(request);
+  st.received_us = received_us;
   // The scheduler's reference is the only one; when it dies the request must live on to resume.
   // The actor holds itself until it quits (every path ends in quit(): finish, error, client gone).
   st.keep_alive = caf::actor_cast<caf::actor>(self);
@@ -51,7 +52,9 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
       // Nothing to resume on (or nothing left to generate): end the stream here.
       if (rest.max_tokens <= 0 || s.stopped) {
         Finished fin{s.client_id, s.stopped ? FinishReason::stop : FinishReason::length,
-                     static_cast<int32_t>(s.original.prompt_tokens.size()), s.sent, 0};
+                     static_cast<int32_t>(s.original.prompt_tokens.size()), s.sent, 0, {}};
+        fin.times.received_us = s.received_us;
+        fin.times.finished_us = unix_us();
         self->send(s.client, event_atom::value, encode(fin));
       } else {
         self->send(s.client, event_atom::value,
@@ -66,7 +69,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   });
 
   // Sends text (and tokens) to the client, cutting at a stop string. Returns true at a stop.
-  auto emit = [=](std::vector<TokenId> tokens, std::string text) {
+  auto emit = [=](std::vector<TokenId> tokens, std::string text, std::vector<TokenLogprob> logprobs) {
     auto& s = self->state;
     bool hit = false;
     if (!s.stop.empty() && !text.empty()) {
@@ -83,7 +86,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
       s.tail = joined.size() > keep ? joined.substr(joined.size() - keep) : joined;
     }
     if (!tokens.empty() || !text.empty()) {
-      TokenChunk chunk{s.client_id, s.sent, std::move(tokens), std::move(text)};
+      TokenChunk chunk{s.client_id, s.sent, std::move(tokens), std::move(text), std::move(logprobs)};
       s.sent += static_cast<int32_t>(chunk.tokens.size());
       self->send(s.client, event_atom::value, encode(chunk));
     }
@@ -98,21 +101,25 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
         if (auto* chunk = std::get_if<TokenChunk>(&*d.message)) {
           if (s.stopped) return;
           std::vector<TokenId> fresh;
+          std::vector<TokenLogprob> logprobs;
           std::string text;
           for (size_t i = 0; i < chunk->tokens.size(); ++i) {
             const int32_t index = s.base + chunk->first_index + static_cast<int32_t>(i);
             if (index < s.sent + static_cast<int32_t>(fresh.size())) continue;  // already sent
             fresh.push_back(chunk->tokens[i]);
+            if (!chunk->logprobs.empty()) logprobs.push_back(std::move(chunk->logprobs[i]));
             text += s.decoder->push(chunk->tokens[i]);
           }
           s.generated.insert(s.generated.end(), fresh.begin(), fresh.end());
-          if (emit(std::move(fresh), std::move(text))) {
+          if (emit(std::move(fresh), std::move(text), std::move(logprobs))) {
             s.stopped = true;
             self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::stop));
           }
         } else if (auto* fin = std::get_if<Finished>(&*d.message)) {
-          if (!s.stopped) emit({}, s.decoder->flush());
+          if (!s.stopped) emit({}, s.decoder->flush(), {});
           Finished out = *fin;
+          out.times.received_us = s.received_us;
+          out.times.finished_us = unix_us();
           out.id = s.client_id;
           out.prompt_tokens = static_cast<int32_t>(s.original.prompt_tokens.size());
           if (s.stopped) out.reason = FinishReason::stop;

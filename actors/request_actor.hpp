@@ -41,12 +41,13 @@ struct RequestState {
   std::string tail;         // the last text sent, kept to find stop strings spanning chunks
   int32_t sent = 0;         // tokens sent to the client
   bool stopped = false;     // a stop string was found: later tokens are dropped
+  int64_t received_us = 0;  // when the replica received the request (StageTimes::received_us)
   caf::actor keep_alive;    // itself: see request_actor()
   static inline const char* name = "celer.request";
 };
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
                             caf::actor supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const Model> model);
+                            std::shared_ptr<const Model> model, int64_t received_us);
 
 }  // namespace celer

@@ -29,7 +29,8 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
     switch (e.kind) {
       case SchedulerEvent::Kind::token:
         if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
-        self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}}));
+        if (e.has_logprob) self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}, {e.logprob}}));
+        else self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}, {}}));
         break;
       case SchedulerEvent::Kind::finished:
         if (auto c = st.cacheable.find(e.id); c != st.cacheable.end()) {
@@ -165,6 +166,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
   });
   return {
       [=](generate_atom, const WireMessage& wm) {
+        const int64_t received_us = unix_us();
         auto& s = self->state;
         auto client = caf::actor_cast<caf::actor>(self->current_sender());
         DecodeResult d = decode(wm);
@@ -184,7 +186,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         if (req.prompt_tokens.empty())
           req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), false);
         auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), s.supervisor, client_id, req,
-                                   s.setup.model);
+                                   s.setup.model, received_us);
         if (auto bad = check_prompt(tok, req)) {
           self->send(request, event_atom::value, encode(*bad));
           return;
@@ -194,21 +196,23 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
                           : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
                                                            : 0;
         // A repeated identical request: replay the stored answer as its token stream.
-        if (auto answer = s.responses->lookup(req, now)) {
+        // Stored answers hold tokens only: a request for logprobs always runs.
+        const bool cacheable = s.setup.response_cache_entries && req.logprobs < 0;
+        if (auto answer = cacheable ? s.responses->lookup(req, now) : std::nullopt) {
           for (size_t i = 0; i < answer->tokens.size(); ++i)
-            self->send(request, event_atom::value, encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}}));
+            self->send(request, event_atom::value, encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}, {}}));
           self->send(request, event_atom::value,
                      encode(Finished{req.id, answer->reason, static_cast<int32_t>(req.prompt_tokens.size()),
-                                     static_cast<int32_t>(answer->tokens.size()), static_cast<int32_t>(req.prompt_tokens.size())}));
+                                     static_cast<int32_t>(answer->tokens.size()), static_cast<int32_t>(req.prompt_tokens.size()), {}}));
           return;
         }
-        const GenerateRequest copy = s.setup.response_cache_entries ? req : GenerateRequest{};
+        const GenerateRequest copy = cacheable ? req : GenerateRequest{};
         if (auto rejected = s.scheduler->admit(req, now)) {
           self->send(request, event_atom::value, encode(*rejected));
           return;
         }
         s.requests[req.id] = request;
-        if (s.setup.response_cache_entries) s.cacheable[req.id] = copy;
+        if (cacheable) s.cacheable[req.id] = copy;
         run_step(self);
       },
       [=](resume_atom, const WireMessage& wm) {

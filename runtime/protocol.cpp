@@ -1,6 +1,13 @@
 #include "runtime/protocol.hpp"
 
+#include <chrono>
+
 namespace celer {
+
+int64_t unix_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 const char* to_string(ErrorKind kind) {
   switch (kind) {

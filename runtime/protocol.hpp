@@ -45,6 +45,33 @@ struct RateLimit {
   bool operator==(const RateLimit&) const = default;
 };
 
+// Each token's log-probability under the model (log-softmax of the raw logits, before any
+// sampling filter, as OpenAI and vLLM report it) and the k most likely alternatives.
+struct TokenLogprob {
+  TokenId token = 0;
+  float logprob = 0;
+  std::vector<TokenId> top_tokens;   // most likely first
+  std::vector<float> top_logprobs;   // same length as top_tokens
+  bool operator==(const TokenLogprob&) const = default;
+};
+constexpr int32_t kMaxTopLogprobs = 20;
+
+// When a request passed each stage, in microseconds since the Unix epoch (0: not reached). The
+// replica fills them; a front end (the HTTP gateway) adds its own receive and send times.
+struct StageTimes {
+  int64_t received_us = 0;       // the replica's request actor started
+  int64_t queued_us = 0;         // the scheduler admitted it to its waiting queue
+  int64_t admitted_us = 0;       // it first entered the running batch
+  int64_t prefill_done_us = 0;   // the last prompt token was computed
+  int64_t first_token_us = 0;    // the first output token was sampled
+  int64_t last_token_us = 0;     // the last output token was sampled
+  int64_t finished_us = 0;       // the request actor sent Finished
+  bool operator==(const StageTimes&) const = default;
+};
+
+// Microseconds since the Unix epoch (the clock of StageTimes and deadlines).
+int64_t unix_us();
+
 struct GenerateRequest {
   RequestId id = 0;
   std::string prompt_text;            // tokenized by the replica when prompt_tokens is empty
@@ -58,6 +85,7 @@ struct GenerateRequest {
   std::string tenant;                 // rate-limit bucket ("" = the default bucket)
   std::string session_id;             // routing affinity for multi-turn sessions
   int64_t deadline_ms = 0;            // 0: none; else milliseconds since the Unix epoch
+  int32_t logprobs = -1;              // -1: none; k in 0..kMaxTopLogprobs: each token's logprob and the k most likely
 };
 
 struct TokenChunk {
@@ -65,6 +93,7 @@ struct TokenChunk {
   int32_t first_index = 0;            // index in the output stream of tokens[0]
   std::vector<TokenId> tokens;
   std::string text;                   // the text these tokens complete (UTF-8 safe)
+  std::vector<TokenLogprob> logprobs; // one per token when the request asked for logprobs
 };
 
 struct Finished {
@@ -73,6 +102,7 @@ struct Finished {
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
   int32_t cached_tokens = 0;          // prompt tokens served from the prefix cache
+  StageTimes times;
 };
 
 struct ErrorReply {
@@ -94,6 +124,7 @@ struct StepSequence {
   bool sample = false;                // sample a token after the last new one
   SamplingParams sampling;            // when sample
   std::vector<TokenId> recent;        // the tail of the sequence the repetition penalty looks at
+  int32_t logprobs = -1;              // when sample: -1 none, else report the token's logprob and the k most likely
 };
 
 struct BlockCopy {
@@ -110,6 +141,8 @@ struct Step {
 struct SampledToken {
   RequestId id = 0;
   TokenId token = 0;
+  bool has_logprob = false;           // the sequence asked for logprobs
+  TokenLogprob logprob;
 };
 
 struct StepResult {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "runtime/error.hpp"
+#include "runtime/protocol.hpp"
 
 namespace celer {
 
@@ -117,6 +118,30 @@ TokenId Sampler::sample(const SamplingParams& p, std::span<const float> logits, 
     if (r < acc) return candidates_[i].id;
   }
   return candidates_[n - 1].id;
+}
+
+void Sampler::logprobs(std::span<const float> logits, TokenId token, int32_t k, TokenLogprob& out) {
+  // log p_i = l_i - (max + log sum_j exp(l_j - max)), in double so the sum of 10^5 terms keeps
+  // its precision.
+  float max_logit = logits[0];
+  for (float l : logits) max_logit = std::max(max_logit, l);
+  double sum = 0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l) - max_logit);
+  const double log_z = max_logit + std::log(sum);
+  out.token = token;
+  out.logprob = static_cast<float>(logits[token] - log_z);
+  out.top_tokens.clear();
+  out.top_logprobs.clear();
+  k = std::min<int32_t>(k, static_cast<int32_t>(logits.size()));
+  if (k <= 0) return;
+  candidates_.clear();
+  for (size_t i = 0; i < logits.size(); ++i) candidates_.push_back({logits[i], static_cast<TokenId>(i)});
+  auto more_likely = [](const Candidate& a, const Candidate& b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); };
+  std::partial_sort(candidates_.begin(), candidates_.begin() + k, candidates_.end(), more_likely);
+  for (int32_t i = 0; i < k; ++i) {
+    out.top_tokens.push_back(candidates_[i].id);
+    out.top_logprobs.push_back(static_cast<float>(candidates_[i].logit - log_z));
+  }
 }
 
 }  // namespace celer

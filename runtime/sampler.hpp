@@ -14,6 +14,8 @@
 
 namespace celer {
 
+struct TokenLogprob;  // runtime/protocol.hpp
+
 struct SamplingParams {
   float temperature = 0.8f;    // 0: greedy
   int32_t top_k = 40;          // 0: off
@@ -43,6 +45,10 @@ class Sampler {
                  uint64_t position);
 
   const SamplingParams& params() const { return params_; }
+
+  // `token`'s log-probability under the raw logits (log-softmax, before penalties and filters)
+  // and the k most likely tokens with theirs, most likely first (ties: lower id first).
+  void logprobs(std::span<const float> logits, TokenId token, int32_t k, TokenLogprob& out);
 
  private:
   struct Candidate {

@@ -69,6 +69,7 @@ std::optional<ErrorReply> Scheduler::admit(const GenerateRequest& request, int64
   s.n_prompt = n_prompt;
   s.arrival = next_arrival_++;
   s.n_cached = -1;  // set on first start
+  s.times.queued_us = unix_us();
   waiting_[static_cast<int>(request.priority)].push_back(request.id);
   return std::nullopt;
 }
@@ -106,7 +107,7 @@ void Scheduler::finish(Sequence& s, FinishReason reason, std::vector<SchedulerEv
   e.kind = SchedulerEvent::Kind::finished;
   e.id = s.request.id;
   e.finished = Finished{s.request.id, reason, s.n_prompt, static_cast<int32_t>(s.tokens.size()) - s.n_prompt,
-                        std::max(0, s.n_cached)};
+                        std::max(0, s.n_cached), s.times};
   events.push_back(std::move(e));
   blocks_.release(s.request.id);
   remove(s.request.id);
@@ -196,6 +197,7 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
       q.erase(std::remove(q.begin(), q.end(), s.request.id), q.end());
       running_.push_back(s.request.id);
       s.running = true;
+      if (s.times.admitted_us == 0) s.times.admitted_us = unix_us();
     }
     chosen.push_back({&s, n});
     budget -= n;
@@ -222,6 +224,7 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
       ss.sampling = s.request.sampling;
       const size_t tail = std::min<size_t>(s.tokens.size(), static_cast<size_t>(std::max(0, s.request.sampling.repeat_last_n)));
       ss.recent.assign(s.tokens.end() - static_cast<std::ptrdiff_t>(tail), s.tokens.end());
+      ss.logprobs = s.request.logprobs;
     }
     step.sequences.push_back(std::move(ss));
   }
@@ -229,6 +232,7 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
 }
 
 void Scheduler::update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events) {
+  const int64_t now_us = unix_us();
   for (const StepSequence& ss : step.sequences) {
     auto it = seqs_.find(ss.id);
     // Gone (finished) or preempted since the step was built: its results no longer apply.
@@ -236,6 +240,7 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     Sequence& s = it->second;
     s.n_computed += static_cast<int32_t>(ss.tokens.size());
     blocks_.commit(s.request.id, s.tokens, s.n_computed);
+    if (s.times.prefill_done_us == 0 && s.n_computed >= s.n_prompt) s.times.prefill_done_us = now_us;
   }
   for (const SampledToken& st : result.tokens) {
     auto it = seqs_.find(st.id);
@@ -249,7 +254,11 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     e.id = st.id;
     e.token = st.token;
     e.index = completion - 1;
-    events.push_back(e);
+    e.has_logprob = st.has_logprob;
+    if (st.has_logprob) e.logprob = st.logprob;
+    events.push_back(std::move(e));
+    if (s.times.first_token_us == 0) s.times.first_token_us = now_us;
+    s.times.last_token_us = now_us;
     if (!s.request.ignore_eos && is_eog_ && is_eog_(st.token)) finish(s, FinishReason::stop, events);
     else if (completion >= s.request.max_tokens) finish(s, FinishReason::length, events);
   }

@@ -49,6 +49,8 @@ struct SchedulerEvent {
   RequestId id = 0;
   TokenId token = 0;            // token: the token and its index in the output stream
   int32_t index = 0;
+  bool has_logprob = false;     // token: the request asked for logprobs
+  TokenLogprob logprob;
   Finished finished;            // finished: counts and reason
   ErrorReply error;             // error
 };
@@ -91,6 +93,7 @@ class Scheduler {
     int32_t n_computed = 0;
     int32_t n_cached = 0;         // prompt tokens found in the prefix cache on first admission
     uint64_t arrival = 0;
+    StageTimes times;             // queued, admitted, prefill done, first and last token
     bool started = false;         // holds blocks in the block manager
     bool running = false;
     bool cancelled = false;

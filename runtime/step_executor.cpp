@@ -29,7 +29,13 @@ StepResult StepExecutor::run(const Step& step) {
     if (!s.sample) continue;
     const std::span<const float> logits(logits_.data() + row++ * n_vocab, static_cast<size_t>(n_vocab));
     const uint64_t position = static_cast<uint64_t>(s.n_past) + s.tokens.size();
-    result.tokens.push_back({s.id, sampler_.sample(s.sampling, logits, s.recent, position)});
+    SampledToken& t = result.tokens.emplace_back();
+    t.id = s.id;
+    t.token = sampler_.sample(s.sampling, logits, s.recent, position);
+    if (s.logprobs >= 0) {
+      t.has_logprob = true;
+      sampler_.logprobs(logits, t.token, s.logprobs, t.logprob);
+    }
   }
   return result;
 }

@@ -55,6 +55,24 @@ struct GenerateRequest {
   tenant @9 :Text;
   sessionId @10 :Text;
   deadlineMs @11 :Int64;
+  logprobs @12 :Int32 = -1;
+}
+
+struct TokenLogprob {
+  token @0 :Int32;
+  logprob @1 :Float32;
+  topTokens @2 :List(Int32);
+  topLogprobs @3 :List(Float32);
+}
+
+struct StageTimes {
+  receivedUs @0 :Int64;
+  queuedUs @1 :Int64;
+  admittedUs @2 :Int64;
+  prefillDoneUs @3 :Int64;
+  firstTokenUs @4 :Int64;
+  lastTokenUs @5 :Int64;
+  finishedUs @6 :Int64;
 }
 
 struct TokenChunk {
@@ -62,6 +80,7 @@ struct TokenChunk {
   firstIndex @1 :Int32;
   tokens @2 :List(Int32);
   text @3 :Text;
+  logprobs @4 :List(TokenLogprob);
 }
 
 struct Finished {
@@ -70,6 +89,7 @@ struct Finished {
   promptTokens @2 :Int32;
   completionTokens @3 :Int32;
   cachedTokens @4 :Int32;
+  times @5 :StageTimes;
 }
 
 struct ErrorReply {
@@ -90,6 +110,7 @@ struct StepSequence {
   sample @4 :Bool;
   sampling @5 :SamplingParams;
   recent @6 :List(Int32);
+  logprobs @7 :Int32 = -1;
 }
 
 struct BlockCopy {
@@ -106,6 +127,8 @@ struct Step {
 struct SampledToken {
   id @0 :UInt64;
   token @1 :Int32;
+  hasLogprob @2 :Bool;
+  logprob @3 :TokenLogprob;
 }
 
 struct StepResult {

@@ -74,6 +74,25 @@ void put(cs::GenerateRequest::Builder b, const GenerateRequest& m) {
   put_text(m.tenant, [&](auto t) { b.setTenant(t); });
   put_text(m.session_id, [&](auto t) { b.setSessionId(t); });
   b.setDeadlineMs(m.deadline_ms);
+  b.setLogprobs(m.logprobs);
+}
+
+void put(cs::TokenLogprob::Builder b, const TokenLogprob& m) {
+  b.setToken(m.token);
+  b.setLogprob(m.logprob);
+  put_ints(b.initTopTokens(list_size(m.top_tokens.size(), "top_tokens")), m.top_tokens);
+  auto top = b.initTopLogprobs(list_size(m.top_logprobs.size(), "top_logprobs"));
+  for (unsigned i = 0; i < m.top_logprobs.size(); ++i) top.set(i, m.top_logprobs[i]);
+}
+
+void put(cs::StageTimes::Builder b, const StageTimes& t) {
+  b.setReceivedUs(t.received_us);
+  b.setQueuedUs(t.queued_us);
+  b.setAdmittedUs(t.admitted_us);
+  b.setPrefillDoneUs(t.prefill_done_us);
+  b.setFirstTokenUs(t.first_token_us);
+  b.setLastTokenUs(t.last_token_us);
+  b.setFinishedUs(t.finished_us);
 }
 
 void put(cs::TokenChunk::Builder b, const TokenChunk& m) {
@@ -81,6 +100,10 @@ void put(cs::TokenChunk::Builder b, const TokenChunk& m) {
   b.setFirstIndex(m.first_index);
   put_ints(b.initTokens(list_size(m.tokens.size(), "tokens")), m.tokens);
   put_text(m.text, [&](auto t) { b.setText(t); });
+  if (!m.logprobs.empty()) {
+    auto lp = b.initLogprobs(list_size(m.logprobs.size(), "logprobs"));
+    for (unsigned i = 0; i < m.logprobs.size(); ++i) put(lp[i], m.logprobs[i]);
+  }
 }
 
 void put(cs::Finished::Builder b, const Finished& m) {
@@ -89,6 +112,7 @@ void put(cs::Finished::Builder b, const Finished& m) {
   b.setPromptTokens(m.prompt_tokens);
   b.setCompletionTokens(m.completion_tokens);
   b.setCachedTokens(m.cached_tokens);
+  put(b.initTimes(), m.times);
 }
 
 void put(cs::ErrorReply::Builder b, const ErrorReply& m) {
@@ -107,6 +131,7 @@ void put(cs::StepSequence::Builder b, const StepSequence& s) {
   b.setSample(s.sample);
   put(b.initSampling(), s.sampling);
   put_ints(b.initRecent(list_size(s.recent.size(), "recent")), s.recent);
+  b.setLogprobs(s.logprobs);
 }
 
 void put(cs::Step::Builder b, const Step& m) {
@@ -126,6 +151,10 @@ void put(cs::StepResult::Builder b, const StepResult& m) {
   for (unsigned i = 0; i < m.tokens.size(); ++i) {
     tokens[i].setId(m.tokens[i].id);
     tokens[i].setToken(m.tokens[i].token);
+    if (m.tokens[i].has_logprob) {
+      tokens[i].setHasLogprob(true);
+      put(tokens[i].initLogprob(), m.tokens[i].logprob);
+    }
   }
 }
 
@@ -259,7 +288,41 @@ GenerateRequest read(cs::GenerateRequest::Reader r) {
   m.tenant = read_text(r.getTenant(), at, "tenant");
   m.session_id = read_text(r.getSessionId(), at, "session_id");
   m.deadline_ms = non_negative(r.getDeadlineMs(), at, "deadline_ms");
+  m.logprobs = in_range(r.getLogprobs(), -1, kMaxTopLogprobs, at, "logprobs");
   return m;
+}
+
+// A log-probability is <= 0 (the float rounding of a log-softmax may overshoot 0 slightly); NaN
+// fails the comparison too.
+float read_logprob(float v, const At& at, const char* field, int64_t elem = -1) {
+  if (!(v <= 1e-3f)) reject(at, field, "must be a log-probability (<= 0), got " + std::to_string(v), elem);
+  return v;
+}
+
+TokenLogprob read(cs::TokenLogprob::Reader r, const At& at) {
+  TokenLogprob m;
+  m.token = non_negative(r.getToken(), at, "token");
+  m.logprob = read_logprob(r.getLogprob(), at, "logprob");
+  m.top_tokens = read_ids(r.getTopTokens(), kMaxTopLogprobs, at, "top_tokens");
+  const auto top = r.getTopLogprobs();
+  if (top.size() != m.top_tokens.size())
+    reject(at, "top_logprobs", std::to_string(top.size()) + " entries for " + std::to_string(m.top_tokens.size()) +
+                                   " top_tokens");
+  m.top_logprobs.resize(top.size());
+  for (unsigned i = 0; i < top.size(); ++i) m.top_logprobs[i] = read_logprob(top[i], at, "top_logprobs", i);
+  return m;
+}
+
+StageTimes read(cs::StageTimes::Reader r, const At& at) {
+  StageTimes t;
+  t.received_us = non_negative(r.getReceivedUs(), at, "times.received_us");
+  t.queued_us = non_negative(r.getQueuedUs(), at, "times.queued_us");
+  t.admitted_us = non_negative(r.getAdmittedUs(), at, "times.admitted_us");
+  t.prefill_done_us = non_negative(r.getPrefillDoneUs(), at, "times.prefill_done_us");
+  t.first_token_us = non_negative(r.getFirstTokenUs(), at, "times.first_token_us");
+  t.last_token_us = non_negative(r.getLastTokenUs(), at, "times.last_token_us");
+  t.finished_us = non_negative(r.getFinishedUs(), at, "times.finished_us");
+  return t;
 }
 
 TokenChunk read(cs::TokenChunk::Reader r) {
@@ -269,6 +332,12 @@ TokenChunk read(cs::TokenChunk::Reader r) {
   m.first_index = non_negative(r.getFirstIndex(), at, "first_index");
   m.tokens = read_ids(r.getTokens(), lim::kMaxChunkTokens, at, "tokens");
   m.text = read_text(r.getText(), at, "text");
+  const auto lp = r.getLogprobs();
+  if (lp.size() != 0 && lp.size() != m.tokens.size())
+    reject(at, "logprobs", std::to_string(lp.size()) + " entries for " + std::to_string(m.tokens.size()) +
+                               " tokens (expected none or one per token)");
+  m.logprobs.reserve(lp.size());
+  for (unsigned i = 0; i < lp.size(); ++i) m.logprobs.push_back(read(lp[i], At{"TokenChunk.logprobs", i}));
   return m;
 }
 
@@ -281,6 +350,7 @@ Finished read(cs::Finished::Reader r) {
   m.completion_tokens = non_negative(r.getCompletionTokens(), at, "completion_tokens");
   // Cached tokens are a part of the prompt.
   m.cached_tokens = in_range(r.getCachedTokens(), 0, m.prompt_tokens, at, "cached_tokens");
+  m.times = read(r.getTimes(), at);
   return m;
 }
 
@@ -317,6 +387,7 @@ StepSequence read(cs::StepSequence::Reader r, unsigned index) {
   // Checked even when sample is false: a sender that fills it with garbage is broken either way.
   s.sampling = read(r.getSampling(), at);
   s.recent = read_ids(r.getRecent(), lim::kMaxRecentTokens, at, "recent");
+  s.logprobs = in_range(r.getLogprobs(), -1, kMaxTopLogprobs, at, "logprobs");
   return s;
 }
 
@@ -348,7 +419,10 @@ StepResult read(cs::StepResult::Reader r) {
   m.tokens.resize(tokens.size());
   for (unsigned i = 0; i < tokens.size(); ++i) {
     m.tokens[i].id = tokens[i].getId();
-    m.tokens[i].token = non_negative(tokens[i].getToken(), At{"StepResult.tokens", i}, "token");
+    const At token_at{"StepResult.tokens", i};
+    m.tokens[i].token = non_negative(tokens[i].getToken(), token_at, "token");
+    m.tokens[i].has_logprob = tokens[i].getHasLogprob();
+    if (m.tokens[i].has_logprob) m.tokens[i].logprob = read(tokens[i].getLogprob(), token_at);
   }
   return m;
 }

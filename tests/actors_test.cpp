@@ -61,6 +61,7 @@ struct Replica {
   struct Outcome {
     std::vector<TokenId> tokens;
     std::string text;
+    std::vector<TokenLogprob> logprobs;
     std::optional<Finished> finished;
     std::optional<ErrorReply> error;
   };
@@ -82,6 +83,7 @@ struct Replica {
               REQUIRE(c->first_index == static_cast<int32_t>(o.tokens.size()));
               o.tokens.insert(o.tokens.end(), c->tokens.begin(), c->tokens.end());
               o.text += c->text;
+              o.logprobs.insert(o.logprobs.end(), c->logprobs.begin(), c->logprobs.end());
               if (on_chunk) on_chunk(c->id, o.tokens.size(), client);
             } else if (auto* f = std::get_if<Finished>(&*d.message)) {
               out[f->id].finished = *f;
@@ -154,6 +156,45 @@ TEST_CASE("actors: concurrent streams get their solo tokens and text", "[actors]
   caf::scoped_actor probe{r.sys};
   probe->request(r.scheduler, std::chrono::seconds(5), stats_atom::value)
       .receive([&](const WireMessage& wm) { CHECK(std::get<ReplicaStats>(*decode(wm).message).response_cache_hits == 1); },
+               [&](caf::error&) { FAIL("no stats"); });
+}
+
+TEST_CASE("actors: logprobs and stage times reach the client", "[actors]") {
+  Replica r;
+  GenerateRequest q = text_request(1, "Once upon a time", 12);
+  q.logprobs = 3;
+  auto out = r.run({q});
+  const auto& o = out[1];
+  CHECK(o.tokens == solo(*r.model, q));
+  REQUIRE(o.logprobs.size() == o.tokens.size());
+  for (size_t i = 0; i < o.tokens.size(); ++i) {
+    INFO("token " << i);
+    const TokenLogprob& lp = o.logprobs[i];
+    CHECK(lp.token == o.tokens[i]);
+    CHECK(lp.logprob <= 0.0f);
+    REQUIRE(lp.top_tokens.size() == 3);
+    CHECK(lp.top_tokens[0] == o.tokens[i]);  // greedy: the sampled token is the most likely
+    CHECK(lp.top_logprobs[0] == lp.logprob);
+    CHECK(lp.top_logprobs[0] >= lp.top_logprobs[1]);
+    CHECK(lp.top_logprobs[1] >= lp.top_logprobs[2]);
+  }
+  REQUIRE(o.finished);
+  const StageTimes& t = o.finished->times;
+  CHECK(t.received_us > 0);
+  CHECK(t.received_us <= t.queued_us);
+  CHECK(t.queued_us <= t.admitted_us);
+  CHECK(t.admitted_us <= t.prefill_done_us);
+  CHECK(t.prefill_done_us <= t.first_token_us);
+  CHECK(t.first_token_us <= t.last_token_us);
+  CHECK(t.last_token_us <= t.finished_us);
+  // Stored answers carry no logprobs: the same request runs again (no response-cache hit) and
+  // gets the same numbers.
+  auto again = r.run({q});
+  CHECK(again[1].tokens == o.tokens);
+  CHECK(again[1].logprobs == o.logprobs);
+  caf::scoped_actor probe{r.sys};
+  probe->request(r.scheduler, std::chrono::seconds(5), stats_atom::value)
+      .receive([&](const WireMessage& wm) { CHECK(std::get<ReplicaStats>(*decode(wm).message).response_cache_hits == 0); },
                [&](caf::error&) { FAIL("no stats"); });
 }
 

@@ -10,6 +10,7 @@
 #include "runtime/engine.hpp"
 #include "runtime/error.hpp"
 #include "runtime/model.hpp"
+#include "runtime/protocol.hpp"
 #include "runtime/sampler.hpp"
 
 using namespace celer;
@@ -108,6 +109,29 @@ TEST_CASE("repetition penalty pushes recent tokens down", "[sampler]") {
   p.repeat_last_n = 1;
   Sampler short_window(p, 3);
   CHECK(short_window.sample(logits, std::vector<TokenId>{0, 2}, 2) == 0);  // token 0 is outside the window
+}
+
+TEST_CASE("logprobs are the log-softmax of the raw logits, top ones most likely first", "[sampler]") {
+  const std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
+  double z = 0;
+  for (float l : logits) z += std::exp(static_cast<double>(l));
+  auto expected = [&](int i) { return static_cast<float>(logits[i] - std::log(z)); };
+  Sampler sampler(static_cast<int32_t>(logits.size()));
+  TokenLogprob lp;
+  sampler.logprobs(logits, 4, 3, lp);
+  CHECK(lp.token == 4);
+  CHECK(lp.logprob == Approx(expected(4)).margin(1e-6));
+  REQUIRE(lp.top_tokens == std::vector<TokenId>{1, 3, 0});  // the tie 1/3 goes to the lower id
+  for (size_t i = 0; i < lp.top_tokens.size(); ++i) CHECK(lp.top_logprobs[i] == Approx(expected(lp.top_tokens[i])).margin(1e-6));
+  double total = 0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    sampler.logprobs(logits, static_cast<TokenId>(i), 0, lp);
+    CHECK(lp.top_tokens.empty());
+    total += std::exp(static_cast<double>(lp.logprob));
+  }
+  CHECK(total == Approx(1.0).margin(1e-6));
+  sampler.logprobs(logits, 0, 50, lp);  // k beyond the vocabulary: all of it
+  CHECK(lp.top_tokens.size() == logits.size());
 }
 
 TEST_CASE("bad sampling parameters are named", "[sampler]") {

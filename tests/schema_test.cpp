@@ -50,11 +50,18 @@ GenerateRequest sample_request() {
   m.tenant = "acme";
   m.session_id = "session-42";
   m.deadline_ms = 1700000000123;
+  m.logprobs = 5;
   return m;
 }
 
-TokenChunk sample_chunk() { return TokenChunk{77, 12, {5, 6, 7}, "abc"}; }
-Finished sample_finished() { return Finished{78, FinishReason::cancelled, 100, 20, 64}; }
+TokenChunk sample_chunk() {
+  return TokenChunk{77, 12, {5, 6, 7}, "abc",
+                    {TokenLogprob{5, -0.5f, {5, 9}, {-0.5f, -1.5f}}, TokenLogprob{6, -0.125f, {}, {}},
+                     TokenLogprob{7, -2.0f, {7}, {-2.0f}}}};
+}
+Finished sample_finished() {
+  return Finished{78, FinishReason::cancelled, 100, 20, 64, StageTimes{1, 2, 3, 4, 5, 6, 7}};
+}
 ErrorReply sample_error() { return ErrorReply{79, ErrorKind::rate_limited, "tenant acme is over its rate"}; }
 Cancel sample_cancel() { return Cancel{80}; }
 
@@ -89,7 +96,10 @@ Step decode_step(int n_sequences = 16) {
   return m;
 }
 
-StepResult sample_step_result() { return StepResult{0xabcdef0123ull, {{1, 42}, {2, 0}, {9, 31999}}}; }
+StepResult sample_step_result() {
+  return StepResult{0xabcdef0123ull,
+                    {{1, 42, false, {}}, {2, 0, true, TokenLogprob{0, -0.25f, {0, 3}, {-0.25f, -3.0f}}}, {9, 31999, false, {}}}};
+}
 
 ReplicaStats sample_stats() {
   ReplicaStats m;
@@ -136,6 +146,7 @@ void require_equal(const GenerateRequest& a, const GenerateRequest& b) {
   REQUIRE(a.tenant == b.tenant);
   REQUIRE(a.session_id == b.session_id);
   REQUIRE(a.deadline_ms == b.deadline_ms);
+  REQUIRE(a.logprobs == b.logprobs);
 }
 
 void require_equal(const TokenChunk& a, const TokenChunk& b) {
@@ -143,6 +154,7 @@ void require_equal(const TokenChunk& a, const TokenChunk& b) {
   REQUIRE(a.first_index == b.first_index);
   REQUIRE(a.tokens == b.tokens);
   REQUIRE(a.text == b.text);
+  REQUIRE(a.logprobs == b.logprobs);
 }
 
 void require_equal(const Finished& a, const Finished& b) {
@@ -151,6 +163,7 @@ void require_equal(const Finished& a, const Finished& b) {
   REQUIRE(a.prompt_tokens == b.prompt_tokens);
   REQUIRE(a.completion_tokens == b.completion_tokens);
   REQUIRE(a.cached_tokens == b.cached_tokens);
+  REQUIRE(a.times == b.times);
 }
 
 void require_equal(const ErrorReply& a, const ErrorReply& b) {
@@ -169,6 +182,7 @@ void require_equal(const StepSequence& a, const StepSequence& b) {
   REQUIRE(a.sample == b.sample);
   require_equal(a.sampling, b.sampling);
   REQUIRE(a.recent == b.recent);
+  REQUIRE(a.logprobs == b.logprobs);
 }
 
 void require_equal(const Step& a, const Step& b) {
@@ -188,6 +202,8 @@ void require_equal(const StepResult& a, const StepResult& b) {
   for (size_t i = 0; i < a.tokens.size(); ++i) {
     REQUIRE(a.tokens[i].id == b.tokens[i].id);
     REQUIRE(a.tokens[i].token == b.tokens[i].token);
+    REQUIRE(a.tokens[i].has_logprob == b.tokens[i].has_logprob);
+    REQUIRE(a.tokens[i].logprob == b.tokens[i].logprob);
   }
 }
 
@@ -352,6 +368,8 @@ TEST_CASE("GenerateRequest validation", "[schema]") {
   rejects(ok, [](M& m) { m.priority = static_cast<Priority>(3); }, "GenerateRequest.priority");
   rejects(ok, [](M& m) { m.priority = static_cast<Priority>(200); }, "GenerateRequest.priority");
   rejects(ok, [](M& m) { m.deadline_ms = -1; }, "GenerateRequest.deadline_ms");
+  rejects(ok, [](M& m) { m.logprobs = -2; }, "GenerateRequest.logprobs");
+  rejects(ok, [](M& m) { m.logprobs = kMaxTopLogprobs + 1; }, "GenerateRequest.logprobs");
   // SamplingParams per celer::validate(): the error names the sub-field too.
   rejects(ok, [](M& m) { m.sampling.temperature = -0.5f; }, "GenerateRequest.sampling: temperature");
   rejects(ok, [](M& m) { m.sampling.temperature = std::nanf(""); }, "GenerateRequest.sampling: temperature");
@@ -373,6 +391,13 @@ TEST_CASE("TokenChunk, Finished, ErrorReply validation", "[schema]") {
   rejects(chunk, [](TokenChunk& m) { m.tokens[1] = -7; }, "TokenChunk.tokens[1]");
   rejects(chunk, [](TokenChunk& m) { m.tokens.assign(lim::kMaxChunkTokens + 1, 0); }, "TokenChunk.tokens");
   rejects(chunk, [](TokenChunk& m) { m.text = kHugeText; }, "TokenChunk.text");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs.pop_back(); }, "TokenChunk.logprobs");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs[1].logprob = 0.5f; }, "TokenChunk.logprobs[1].logprob");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs[2].logprob = std::nanf(""); }, "TokenChunk.logprobs[2].logprob");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs[0].top_logprobs.pop_back(); }, "TokenChunk.logprobs[0].top_logprobs");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs[0].top_tokens[1] = -1; }, "TokenChunk.logprobs[0].top_tokens[1]");
+  rejects(chunk, [](TokenChunk& m) { m.logprobs[0].top_tokens.assign(kMaxTopLogprobs + 1, 1); m.logprobs[0].top_logprobs.assign(kMaxTopLogprobs + 1, -1.0f); },
+          "TokenChunk.logprobs[0].top_tokens");
 
   const Finished fin = sample_finished();
   rejects(fin, [](Finished& m) { m.reason = static_cast<FinishReason>(3); }, "Finished.reason");
@@ -380,6 +405,7 @@ TEST_CASE("TokenChunk, Finished, ErrorReply validation", "[schema]") {
   rejects(fin, [](Finished& m) { m.completion_tokens = -1; }, "Finished.completion_tokens");
   rejects(fin, [](Finished& m) { m.cached_tokens = -1; }, "Finished.cached_tokens");
   rejects(fin, [](Finished& m) { m.cached_tokens = m.prompt_tokens + 1; }, "Finished.cached_tokens");
+  rejects(fin, [](Finished& m) { m.times.first_token_us = -5; }, "Finished.times.first_token_us");
 
   const ErrorReply err = sample_error();
   rejects(err, [](ErrorReply& m) { m.kind = static_cast<ErrorKind>(7); }, "ErrorReply.kind");
@@ -413,7 +439,7 @@ TEST_CASE("Step validation", "[schema]") {
 TEST_CASE("StepResult and ReplicaStats validation", "[schema]") {
   const StepResult res = sample_step_result();
   rejects(res, [](StepResult& m) { m.tokens[2].token = -1; }, "StepResult.tokens[2].token");
-  rejects(res, [](StepResult& m) { m.tokens.assign(lim::kMaxSampledTokens + 1, SampledToken{1, 1}); }, "StepResult.tokens");
+  rejects(res, [](StepResult& m) { m.tokens.assign(lim::kMaxSampledTokens + 1, SampledToken{1, 1, false, {}}); }, "StepResult.tokens");
 
   const ReplicaStats st = sample_stats();
   rejects(st, [](ReplicaStats& m) { m.waiting[2] = -1; }, "ReplicaStats.waiting[2]");

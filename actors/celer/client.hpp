@@ -43,6 +43,7 @@ struct RequestOptions {
   std::string tenant;
   std::string session_id;
   int64_t timeout_ms = 0;      // 0: none; else the request's deadline from now
+  int32_t logprobs = -1;       // -1: none; k in 0..20: each token's logprob and the k most likely (TokenChunk::logprobs)
 };
 
 struct Completion {
@@ -52,6 +53,7 @@ struct Completion {
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
   int32_t cached_tokens = 0;
+  StageTimes times;            // when the request passed each stage on the server
 };
 
 using GenerateOutcome = std::variant<Completion, ClientError>;
