@@ -261,6 +261,8 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         r.prefix_hits = s.blocks->hit_tokens();
         r.response_cache_hits = s.responses->hits();
         r.malformed_messages = s.malformed;
+        r.preemptions = s.scheduler->n_preemptions();
+        r.shard_restarts = s.total_restarts;
         return encode(r);
       },
   };

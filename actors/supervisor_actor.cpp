@@ -52,6 +52,7 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
       return;
     }
     st.restarts.push_back(now);
+    ++st.total_restarts;
     self->delayed_send(self, st.setup.restart_backoff, sched_atom::value, true);
   });
   // The scheduler (and through it the shards) stops with the supervisor.
@@ -70,7 +71,28 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         if (respawn && !self->state.up) spawn_scheduler(self);
       },
       [=](sched_atom) { return self->state.scheduler; },
-      [=](stats_atom) { return self->delegate(self->state.scheduler, stats_atom::value); },
+      [=](stats_atom) {
+        // The scheduler's figures plus this supervisor's restart count.
+        auto rp = self->make_response_promise<WireMessage>();
+        if (!self->state.up) {
+          rp.deliver(caf::make_error(caf::sec::request_receiver_down));
+          return rp;
+        }
+        self->request(self->state.scheduler, std::chrono::seconds(5), stats_atom::value)
+            .then(
+                [=](const WireMessage& wm) mutable {
+                  DecodeResult d = decode(wm);
+                  if (!d.message || !std::holds_alternative<ReplicaStats>(*d.message)) {
+                    rp.deliver(caf::make_error(caf::sec::unexpected_response));
+                    return;
+                  }
+                  ReplicaStats stats = std::get<ReplicaStats>(*d.message);
+                  stats.scheduler_restarts = self->state.total_restarts;
+                  rp.deliver(encode(stats));
+                },
+                [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
+        return rp;
+      },
       [=](shard_atom) { return self->delegate(self->state.scheduler, shard_atom::value); },
   };
 }

@@ -25,6 +25,7 @@ struct SupervisorState {
   caf::actor scheduler;
   bool up = false;
   std::vector<std::chrono::steady_clock::time_point> restarts;
+  uint64_t total_restarts = 0;
   // Messages that arrived while the scheduler was restarting: (original sender, atom, content).
   struct Pending {
     caf::actor sender;

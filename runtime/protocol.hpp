@@ -159,6 +159,9 @@ struct ReplicaStats {
   uint64_t prefix_hits = 0;           // of which served from cached blocks
   uint64_t response_cache_hits = 0;
   uint64_t malformed_messages = 0;
+  uint64_t preemptions = 0;           // sequences sent back to the queue to free KV blocks
+  uint64_t shard_restarts = 0;        // shard actors respawned by the scheduler
+  uint64_t scheduler_restarts = 0;    // schedulers respawned by the replica's supervisor
 };
 
 }  // namespace celer

@@ -145,6 +145,9 @@ struct ReplicaStats {
   prefixHits @5 :UInt64;
   responseCacheHits @6 :UInt64;
   malformedMessages @7 :UInt64;
+  preemptions @8 :UInt64;
+  shardRestarts @9 :UInt64;
+  schedulerRestarts @10 :UInt64;
 }
 
 # The root of every message on the wire.

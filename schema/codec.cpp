@@ -167,6 +167,9 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setPrefixQueries(m.prefix_queries);
   b.setPrefixHits(m.prefix_hits);
   b.setResponseCacheHits(m.response_cache_hits);
+  b.setPreemptions(m.preemptions);
+  b.setShardRestarts(m.shard_restarts);
+  b.setSchedulerRestarts(m.scheduler_restarts);
   b.setMalformedMessages(m.malformed_messages);
 }
 
@@ -445,6 +448,9 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   m.prefix_hits = in_range<uint64_t>(r.getPrefixHits(), 0, m.prefix_queries, at, "prefix_hits");
   m.response_cache_hits = r.getResponseCacheHits();
   m.malformed_messages = r.getMalformedMessages();
+  m.preemptions = r.getPreemptions();
+  m.shard_restarts = r.getShardRestarts();
+  m.scheduler_restarts = r.getSchedulerRestarts();
   return m;
 }
 

@@ -47,6 +47,14 @@ struct Replica {
         .receive([&](const caf::actor& a) { out = a; }, [&](caf::error&) { FAIL("no shard"); });
     return out;
   }
+  ReplicaStats stats() {
+    caf::scoped_actor probe{sys};
+    ReplicaStats out;
+    probe->request(scheduler, std::chrono::seconds(5), stats_atom::value)
+        .receive([&](const WireMessage& wm) { out = std::get<ReplicaStats>(*decode(wm).message); },
+                 [&](caf::error&) { FAIL("no stats"); });
+    return out;
+  }
   static caf::actor_system_config& make_config() {
     static caf::actor_system_config cfg;
     static bool done = false;
@@ -282,6 +290,9 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
     CHECK(out[q.id].finished->reason == FinishReason::length);
     CHECK(out[q.id].tokens == solo(*r.model, q));  // run() also checks there is no gap and no duplicate
   }
+  const ReplicaStats stats = r.stats();
+  CHECK(stats.shard_restarts == 2);
+  CHECK(stats.scheduler_restarts == 0);
 }
 
 TEST_CASE("actors: a tensor-parallel replica (TP = 2) streams the tokens of TP = 1, and survives losing a rank", "[actors][tp]") {
@@ -315,4 +326,5 @@ TEST_CASE("actors: killing the scheduler mid-stream: the supervisor restarts it 
     CHECK(out[q.id].finished->completion_tokens == 50);
     CHECK(out[q.id].tokens == solo(*r.model, q));
   }
+  CHECK(r.stats().scheduler_restarts == 1);
 }

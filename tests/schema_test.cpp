@@ -113,6 +113,9 @@ ReplicaStats sample_stats() {
   m.prefix_hits = 7000;
   m.response_cache_hits = 12;
   m.malformed_messages = 2;
+  m.preemptions = 17;
+  m.shard_restarts = 3;
+  m.scheduler_restarts = 1;
   return m;
 }
 
@@ -216,6 +219,9 @@ void require_equal(const ReplicaStats& a, const ReplicaStats& b) {
   REQUIRE(a.prefix_hits == b.prefix_hits);
   REQUIRE(a.response_cache_hits == b.response_cache_hits);
   REQUIRE(a.malformed_messages == b.malformed_messages);
+  REQUIRE(a.preemptions == b.preemptions);
+  REQUIRE(a.shard_restarts == b.shard_restarts);
+  REQUIRE(a.scheduler_restarts == b.scheduler_restarts);
 }
 
 void require_equal(const Message& a, const Message& b) {

@@ -1,0 +1,151 @@
+#include "runtime/metrics.hpp"
+
+#include <cinttypes>
+#include <cstdio>
+
+namespace celer {
+namespace {
+
+// Latency buckets in seconds: 1 ms to 1 minute, roughly x2.5 apart (the range from an ITL on a
+// GPU to a long prompt's TTFT on a CPU).
+std::vector<double> latency_buckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60};
+}
+
+void append(std::string& out, const char* fmt, auto... args) {
+  char line[256];
+  const int n = std::snprintf(line, sizeof line, fmt, args...);
+  if (n > 0) out.append(line, std::min<size_t>(static_cast<size_t>(n), sizeof line - 1));
+}
+
+void header(std::string& out, const char* name, const char* type, const char* help) {
+  append(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+const char* outcome_label(int i) {
+  static constexpr const char* kLabels[] = {"stop", "length", "cancelled", "error"};
+  return kLabels[i];
+}
+
+}  // namespace
+
+Histogram::Histogram(std::vector<double> upper_bounds)
+    : bounds_(std::move(upper_bounds)), counts_(bounds_.size() + 1, 0) {}
+
+void Histogram::observe(double value) {
+  size_t i = 0;
+  while (i < bounds_.size() && value > bounds_[i]) ++i;
+  ++counts_[i];
+  ++count_;
+  sum_ += value;
+}
+
+void Histogram::render(std::string& out, const std::string& name) const {
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cumulative += counts_[i];
+    append(out, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name.c_str(), bounds_[i], cumulative);
+  }
+  append(out, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name.c_str(), count_);
+  append(out, "%s_sum %.6f\n%s_count %" PRIu64 "\n", name.c_str(), sum_, name.c_str(), count_);
+}
+
+ServingMetrics::ServingMetrics()
+    : ttft_(latency_buckets()),
+      itl_(latency_buckets()),
+      e2e_(latency_buckets()),
+      queue_wait_(latency_buckets()),
+      prefill_(latency_buckets()) {}
+
+void ServingMetrics::request_started() {
+  std::lock_guard lock(mu_);
+  ++active_;
+}
+
+void ServingMetrics::request_ended(RequestOutcome outcome, std::optional<ErrorKind> error) {
+  std::lock_guard lock(mu_);
+  if (active_ > 0) --active_;
+  ++outcomes_[static_cast<size_t>(outcome)];
+  if (error) ++errors_[*error];
+}
+
+void ServingMetrics::rejected_http(int status) {
+  std::lock_guard lock(mu_);
+  ++http_rejections_[status];
+}
+
+void ServingMetrics::observe_ttft(double seconds) {
+  std::lock_guard lock(mu_);
+  ttft_.observe(seconds);
+}
+
+void ServingMetrics::observe_itl(double seconds) {
+  std::lock_guard lock(mu_);
+  itl_.observe(seconds);
+}
+
+void ServingMetrics::observe_e2e(double seconds) {
+  std::lock_guard lock(mu_);
+  e2e_.observe(seconds);
+}
+
+void ServingMetrics::observe_stages(const StageTimes& t) {
+  std::lock_guard lock(mu_);
+  if (t.queued_us > 0 && t.admitted_us >= t.queued_us) queue_wait_.observe((t.admitted_us - t.queued_us) * 1e-6);
+  if (t.admitted_us > 0 && t.prefill_done_us >= t.admitted_us) prefill_.observe((t.prefill_done_us - t.admitted_us) * 1e-6);
+}
+
+std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) const {
+  std::string out;
+  out.reserve(8192);
+  {
+    std::lock_guard lock(mu_);
+    header(out, "celer_requests_total", "counter", "Requests that ended, by outcome (finish reason, or error).");
+    for (int i = 0; i < 4; ++i) append(out, "celer_requests_total{outcome=\"%s\"} %" PRIu64 "\n", outcome_label(i), outcomes_[i]);
+    header(out, "celer_request_errors_total", "counter", "Requests that ended with an error, by kind.");
+    for (const auto& [kind, n] : errors_) append(out, "celer_request_errors_total{kind=\"%s\"} %" PRIu64 "\n", to_string(kind), n);
+    header(out, "celer_http_rejections_total", "counter", "HTTP requests refused before reaching a replica, by status.");
+    for (const auto& [status, n] : http_rejections_) append(out, "celer_http_rejections_total{status=\"%d\"} %" PRIu64 "\n", status, n);
+    header(out, "celer_requests_active", "gauge", "Requests being served now.");
+    append(out, "celer_requests_active %" PRIu64 "\n", active_);
+    header(out, "celer_time_to_first_token_seconds", "histogram", "Time from receiving a request to sending its first token.");
+    ttft_.render(out, "celer_time_to_first_token_seconds");
+    header(out, "celer_inter_token_latency_seconds", "histogram", "Time between consecutive tokens sent to a client.");
+    itl_.render(out, "celer_inter_token_latency_seconds");
+    header(out, "celer_e2e_request_latency_seconds", "histogram", "Time from receiving a request to its end.");
+    e2e_.render(out, "celer_e2e_request_latency_seconds");
+    header(out, "celer_queue_wait_seconds", "histogram", "Time a request waited in the scheduler's queue before it first ran.");
+    queue_wait_.render(out, "celer_queue_wait_seconds");
+    header(out, "celer_prefill_seconds", "histogram", "Time from first running to the end of the prompt's prefill.");
+    prefill_.render(out, "celer_prefill_seconds");
+  }
+  header(out, "celer_replica_up", "gauge", "1 when the replica answered this scrape.");
+  append(out, "celer_replica_up %d\n", replica ? 1 : 0);
+  if (!replica) return out;
+  const ReplicaStats& r = *replica;
+  header(out, "celer_queue_depth", "gauge", "Requests waiting in the scheduler's queue, by priority class.");
+  static constexpr const char* kClasses[] = {"interactive", "normal", "batch"};
+  for (int c = 0; c < kPriorityClasses; ++c) append(out, "celer_queue_depth{priority=\"%s\"} %d\n", kClasses[c], r.waiting[c]);
+  header(out, "celer_running_sequences", "gauge", "Sequences in the running batch.");
+  append(out, "celer_running_sequences %d\n", r.running);
+  header(out, "celer_kv_blocks", "gauge", "KV-cache blocks by state (used: held by sequences or the prefix cache).");
+  append(out, "celer_kv_blocks{state=\"used\"} %d\nceler_kv_blocks{state=\"free\"} %d\n", r.kv_blocks_used, r.kv_blocks_free);
+  header(out, "celer_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.");
+  append(out, "celer_prefix_cache_queried_tokens_total %" PRIu64 "\n", r.prefix_queries);
+  header(out, "celer_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.");
+  append(out, "celer_prefix_cache_hit_tokens_total %" PRIu64 "\n", r.prefix_hits);
+  header(out, "celer_prefix_cache_hit_ratio", "gauge", "Share of looked-up prompt tokens served from the prefix cache.");
+  append(out, "celer_prefix_cache_hit_ratio %.6f\n", r.prefix_queries ? static_cast<double>(r.prefix_hits) / r.prefix_queries : 0.0);
+  header(out, "celer_response_cache_hits_total", "counter", "Requests answered from the response cache.");
+  append(out, "celer_response_cache_hits_total %" PRIu64 "\n", r.response_cache_hits);
+  header(out, "celer_preemptions_total", "counter", "Sequences preempted (recomputed later) to free KV blocks.");
+  append(out, "celer_preemptions_total %" PRIu64 "\n", r.preemptions);
+  header(out, "celer_malformed_messages_total", "counter", "Malformed messages the replica refused.");
+  append(out, "celer_malformed_messages_total %" PRIu64 "\n", r.malformed_messages);
+  header(out, "celer_actor_restarts_total", "counter", "Actors restarted by their supervisor, by kind.");
+  append(out, "celer_actor_restarts_total{actor=\"scheduler\"} %" PRIu64 "\nceler_actor_restarts_total{actor=\"shard\"} %" PRIu64 "\n",
+         r.scheduler_restarts, r.shard_restarts);
+  return out;
+}
+
+}  // namespace celer

@@ -1,0 +1,67 @@
+// What a serving node reports on /metrics, in Prometheus' text exposition format (version 0.0.4):
+// the front end's own counts and latency histograms, measured where the client sees them, next
+// to the replica's state (ReplicaStats: queues, batch, KV blocks, caches, restarts).
+//
+// ServingMetrics is shared by the threads that observe requests (the HTTP gateway's I/O thread,
+// its actor); every method takes one short lock. Histograms use fixed cumulative buckets, so an
+// observation is a few comparisons and no allocation.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/protocol.hpp"
+
+namespace celer {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);  // ascending; +Inf is implicit
+  void observe(double value);
+  // Appends the `name`_bucket{le="..."}, `name`_sum and `name`_count lines.
+  void render(std::string& out, const std::string& name) const;
+  uint64_t count() const { return count_; }
+  double sum() const { return sum_; }
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;  // per bucket, not cumulative; the last is +Inf
+  uint64_t count_ = 0;
+  double sum_ = 0;
+};
+
+// How a request ended, as counted by celer_requests_total{outcome=...}.
+enum class RequestOutcome : uint8_t { finished_stop, finished_length, cancelled, error };
+
+class ServingMetrics {
+ public:
+  ServingMetrics();
+
+  void request_started();
+  // An ended request: its outcome (and, for an error, its kind).
+  void request_ended(RequestOutcome outcome, std::optional<ErrorKind> error = std::nullopt);
+  void rejected_http(int status);  // a request refused before it reached a replica (bad JSON, ...)
+  void observe_ttft(double seconds);
+  void observe_itl(double seconds);
+  void observe_e2e(double seconds);
+  void observe_stages(const StageTimes& t);  // queue wait and prefill time on the replica
+
+  // The whole exposition; `replica` is absent when the replica did not answer (then
+  // celer_replica_up is 0 and its gauges are left out).
+  std::string render(const std::optional<ReplicaStats>& replica) const;
+
+ private:
+  mutable std::mutex mu_;
+  uint64_t active_ = 0;
+  std::array<uint64_t, 4> outcomes_{};
+  std::map<ErrorKind, uint64_t> errors_;
+  std::map<int, uint64_t> http_rejections_;
+  Histogram ttft_, itl_, e2e_, queue_wait_, prefill_;
+};
+
+}  // namespace celer
