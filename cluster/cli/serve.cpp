@@ -1,5 +1,7 @@
 // celer serve: a one-process cluster (scheduler, request and shard actors of one replica on
-// CPU) that accepts client-library connections on a TCP port through CAF's middleman.
+// CPU) that accepts client-library connections on a TCP port through CAF's middleman, and, when
+// the config has an `http:` section or --http-port is given, OpenAI-compatible HTTP requests
+// through the gateway (actors/gateway.hpp, docs/http.md).
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -7,6 +9,7 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "actors/gateway.hpp"
 #include "actors/replica.hpp"
 #include "actors/wire.hpp"
 #include "cluster/cli/commands.hpp"
@@ -20,6 +23,10 @@ struct ServeArgs {
   std::string model;
   std::string host;
   int port = -1;
+  std::string http_host;
+  int http_port = -1;
+  int64_t http_request_timeout_ms = 30'000;
+  int64_t http_idle_timeout_ms = 120'000;
   bool print_config = false;
 };
 
@@ -29,6 +36,11 @@ int run_serve(const ServeArgs& a) {
   if (config.model.empty()) config.model = CELER_DEFAULT_MODEL;
   if (!a.host.empty()) config.listen.host = a.host;
   if (a.port >= 0) config.listen.port = static_cast<uint16_t>(a.port);
+  if (a.http_port >= 0 || !a.http_host.empty()) {
+    HttpConfig& http = config.http ? *config.http : config.http.emplace();
+    if (a.http_port >= 0) http.port = static_cast<uint16_t>(a.http_port);
+    if (!a.http_host.empty()) http.host = a.http_host;
+  }
   if (a.print_config) {
     std::fputs(to_yaml(config).c_str(), stdout);
     return 0;
@@ -59,9 +71,31 @@ int run_serve(const ServeArgs& a) {
               setup.kv_blocks, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens, setup.scheduler.max_context);
   std::fflush(stdout);
 
+  std::unique_ptr<Gateway> gateway;
+  if (config.http) {
+    GatewayOptions go;
+    go.http.host = config.http->host;
+    go.http.port = config.http->port;
+    go.http.request_timeout = std::chrono::milliseconds(a.http_request_timeout_ms);
+    go.http.idle_timeout = std::chrono::milliseconds(a.http_idle_timeout_ms);
+    gateway = std::make_unique<Gateway>(sys, replica, model, config.model, setup.scheduler.max_context, go);
+    uint16_t http_port = 0;
+    try {
+      http_port = gateway->start();
+    } catch (...) {
+      static_cast<void>(sys.middleman().unpublish(replica, *port));
+      caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+      throw;
+    }
+    std::printf("celer: http on %s:%u (model id '%s')\n", config.http->host.c_str(), static_cast<unsigned>(http_port),
+                gateway->model_id().c_str());
+    std::fflush(stdout);
+  }
+
   int sig = 0;
   sigwait(&stop, &sig);
   std::printf("celer: stopping (%s)\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  if (gateway) gateway->stop();  // no new requests; the I/O thread is joined
   static_cast<void>(sys.middleman().unpublish(replica, *port));
   caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
   return 0;
@@ -76,6 +110,15 @@ Command add_serve(CLI::App& app) {
   c->add_option("--model,-m", a->model, "GGUF model file (overrides the config's model)");
   c->add_option("--host", a->host, "Listen address (overrides listen.host)");
   c->add_option("--port", a->port, "Listen port, 0 for any (overrides listen.port)")->check(CLI::Range(0, 65535));
+  c->add_option("--http-host", a->http_host, "HTTP gateway address (overrides http.host; turns the gateway on)");
+  c->add_option("--http-port", a->http_port, "HTTP gateway port, 0 for any (overrides http.port; turns the gateway on)")
+      ->check(CLI::Range(0, 65535));
+  c->add_option("--http-request-timeout", a->http_request_timeout_ms,
+                "Milliseconds a begun HTTP request has to arrive whole (slow clients are closed)")
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
+  c->add_option("--http-idle-timeout", a->http_idle_timeout_ms,
+                "Milliseconds an idle keep-alive HTTP connection is kept")
+      ->check(CLI::Range(int64_t{1}, int64_t{86'400'000}));
   c->add_flag("--print-config", a->print_config, "Print the effective config as YAML and exit");
   return [a] { return run_serve(*a); };
 }

@@ -1,0 +1,378 @@
+#include "actors/gateway.hpp"
+
+#include <chrono>
+#include <algorithm>
+#include <filesystem>
+#include <random>
+
+#include "runtime/chat_template.hpp"
+#include "runtime/error.hpp"
+#include "runtime/openai_api.hpp"
+
+namespace celer {
+
+using openai::ApiError;
+using openai::Endpoint;
+
+namespace {
+
+constexpr const char* kJson = "application/json";
+
+int64_t unix_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+// "cmpl-" / "chatcmpl-" and 24 hex digits.
+std::string response_id(Endpoint e, std::mt19937_64& rng) {
+  static const char* hex = "0123456789abcdef";
+  std::string id = e == Endpoint::chat ? "chatcmpl-" : "cmpl-";
+  for (int i = 0; i < 24; ++i) id += hex[rng() & 15];
+  return id;
+}
+
+}  // namespace
+
+struct Gateway::Impl {
+  caf::actor_system& sys;
+  caf::actor replica;
+  std::shared_ptr<const Model> model;
+  int32_t max_context;
+  GatewayOptions options;
+  std::vector<std::string> model_ids;  // accepted in "model"; [0] is advertised
+  ChatFormat chat_format = ChatFormat::fallback;
+  int64_t created = unix_seconds();
+  GatewayCounters counters;
+  caf::actor actor;
+  std::unique_ptr<HttpServer> server;
+  std::function<void(std::function<void()>)> post;  // to the I/O thread; safe after stop
+  uint64_t next_job = 1;                            // I/O thread only
+  std::mt19937_64 rng{std::random_device{}()};      // I/O thread only: seeds, response ids
+
+  Impl(caf::actor_system& s, caf::actor r, std::shared_ptr<const Model> m, int32_t ctx, GatewayOptions o)
+      : sys(s), replica(std::move(r)), model(std::move(m)), max_context(ctx), options(std::move(o)) {}
+
+  void reply(HttpExchange& ex, int status, const std::string& type, std::string body) {
+    ++counters.responses_by_class[std::min(status / 100, 5)];
+    ex.respond(status, type, std::move(body));
+  }
+  void reply_error(HttpExchange& ex, const ApiError& e) { reply(ex, e.status, kJson, openai::error_body(e)); }
+
+  void handle(HttpRequest req, const std::shared_ptr<HttpExchange>& ex);
+  void generate(Endpoint endpoint, const std::string& body, const std::shared_ptr<HttpExchange>& ex);
+  std::variant<std::vector<GenerateRequest>, ApiError> build_requests(const openai::ApiRequest& r);
+  void health(const std::shared_ptr<HttpExchange>& ex);
+};
+
+namespace {
+
+// One HTTP generation request on the I/O side: collects the events of its n choices and writes
+// them as one response or as SSE chunks. The actor calls deliver() on its thread; everything
+// else runs on the I/O thread.
+//
+// Streams send their header only with the first event, so an error that comes before any
+// token (a rejection at admission) is still answered with its HTTP status and error JSON.
+class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<OpenAIJob> {
+ public:
+  OpenAIJob(Gateway::Impl* gw, std::shared_ptr<HttpExchange> ex, openai::ResponseMeta meta, const openai::ApiRequest& r)
+      : gw_(gw), post_(gw->post), exchange_(std::move(ex)), meta_(std::move(meta)), stream_(r.stream),
+        include_usage_(r.include_usage), logprobs_(r.logprobs) {}
+
+  void begin(size_t n) {
+    choices_.resize(n);
+    std::weak_ptr<OpenAIJob> weak = shared_from_this();
+    exchange_->on_gone([weak] {
+      if (auto job = weak.lock()) job->client_gone();
+    });
+    ++gw_->counters.active_requests;
+    ++gw_->counters.generation_requests;
+  }
+
+  void deliver(size_t choice, Message event) override {
+    post_([self = shared_from_this(), choice, event = std::move(event)]() mutable { self->on_event(choice, std::move(event)); });
+  }
+
+ private:
+  struct ChoiceState {
+    openai::Choice c;
+    bool ended = false;
+    bool role_sent = false;
+    int64_t text_offset = 0;
+  };
+
+  void on_event(size_t i, Message event) {
+    if (done_ || i >= choices_.size()) return;
+    if (auto* chunk = std::get_if<TokenChunk>(&event)) return on_chunk(choices_[i], static_cast<int>(i), *chunk);
+    if (auto* fin = std::get_if<Finished>(&event)) return on_finished(choices_[i], static_cast<int>(i), *fin);
+    if (auto* err = std::get_if<ErrorReply>(&event)) {
+      ++gw_->counters.choices_failed[std::min<size_t>(static_cast<size_t>(err->kind), 6)];
+      ApiError e = openai::error_from(err->kind, err->message);
+      if (err->kind == ErrorKind::prompt_too_long) e.param = meta_.endpoint == Endpoint::chat ? "messages" : "prompt";
+      fail(e);
+    }
+  }
+
+  std::vector<openai::LogprobEntry> entries(const TokenChunk& chunk) const {
+    std::vector<openai::LogprobEntry> out;
+    if (logprobs_ < 0) return out;
+    const Tokenizer& tok = gw_->model->tokenizer();
+    auto piece = [&](TokenId id) {
+      try {
+        return tok.token_to_piece(id);
+      } catch (const Error&) {
+        return std::string();
+      }
+    };
+    for (const TokenLogprob& lp : chunk.logprobs) {
+      openai::LogprobEntry e{piece(lp.token), lp.logprob, {}};
+      for (size_t k = 0; k < lp.top_tokens.size() && k < lp.top_logprobs.size(); ++k)
+        e.top.emplace_back(piece(lp.top_tokens[k]), lp.top_logprobs[k]);
+      out.push_back(std::move(e));
+    }
+    return out;
+  }
+
+  void on_chunk(ChoiceState& cs, int index, const TokenChunk& chunk) {
+    auto lps = entries(chunk);
+    cs.c.text += chunk.text;
+    cs.c.with_logprobs = logprobs_ >= 0;
+    if (!stream_) {
+      cs.c.logprobs.insert(cs.c.logprobs.end(), lps.begin(), lps.end());
+      return;
+    }
+    open_stream(cs, index);
+    if (chunk.text.empty() && lps.empty()) return;  // half a UTF-8 character: it comes with the next token
+    exchange_->write(openai::sse_content_chunk(meta_, index, chunk.text, logprobs_ >= 0, lps, cs.text_offset));
+    cs.text_offset += static_cast<int64_t>(chunk.text.size());
+  }
+
+  void on_finished(ChoiceState& cs, int index, const Finished& fin) {
+    cs.ended = true;
+    cs.c.reason = fin.reason;
+    ++gw_->counters.choices_finished;
+    // The prompt is the same for every choice: counted once, from the first choice to end.
+    if (!usage_set_) {
+      usage_.prompt_tokens = fin.prompt_tokens;
+      usage_.cached_tokens = fin.cached_tokens;
+      usage_set_ = true;
+    }
+    usage_.completion_tokens += fin.completion_tokens;
+    if (stream_) {
+      open_stream(cs, index);
+      exchange_->write(openai::sse_finish_chunk(meta_, index, fin.reason));
+    }
+    if (++n_ended_ == choices_.size()) complete();
+  }
+
+  // The SSE header with the first event; chat's role chunk before a choice's first content.
+  void open_stream(ChoiceState& cs, int index) {
+    if (!headers_sent_) {
+      headers_sent_ = true;
+      ++gw_->counters.responses_by_class[2];
+      ++gw_->counters.active_streams;
+      exchange_->start_stream(200, "text/event-stream");
+    }
+    if (meta_.endpoint == Endpoint::chat && !cs.role_sent) {
+      cs.role_sent = true;
+      exchange_->write(openai::sse_role_chunk(meta_, index));
+    }
+  }
+
+  void complete() {
+    if (stream_) {
+      if (include_usage_) exchange_->write(openai::sse_usage_chunk(meta_, usage_));
+      exchange_->write(openai::sse_done_event());
+      exchange_->end();
+    } else {
+      std::vector<openai::Choice> out;
+      for (auto& cs : choices_) out.push_back(std::move(cs.c));
+      gw_->reply(*exchange_, 200, kJson, openai::response_body(meta_, out, usage_));
+    }
+    close();
+  }
+
+  // One choice failed: the request fails (the other choices are cancelled).
+  void fail(const ApiError& e) {
+    if (n_ended_ + 1 < choices_.size()) caf::anon_send(gw_->actor, gw_cancel_atom::value, key);
+    if (!headers_sent_) {
+      gw_->reply_error(*exchange_, e);
+    } else {
+      exchange_->write(openai::sse_error_event(e));
+      exchange_->write(openai::sse_done_event());
+      exchange_->end();
+    }
+    close();
+  }
+
+  void client_gone() {
+    if (done_) return;
+    ++gw_->counters.client_disconnects;
+    caf::anon_send(gw_->actor, gw_cancel_atom::value, key);
+    close();
+  }
+
+  void close() {
+    if (done_) return;
+    done_ = true;
+    --gw_->counters.active_requests;
+    if (headers_sent_) --gw_->counters.active_streams;
+    exchange_.reset();  // its session may go; later events are dropped
+  }
+
+  Gateway::Impl* gw_;  // used on the I/O thread only, which stops before the gateway goes
+  std::function<void(std::function<void()>)> post_;
+  std::shared_ptr<HttpExchange> exchange_;
+  openai::ResponseMeta meta_;
+  bool stream_;
+  bool include_usage_;
+  int32_t logprobs_;
+  std::vector<ChoiceState> choices_;
+  size_t n_ended_ = 0;
+  openai::Usage usage_;
+  bool usage_set_ = false;
+  bool headers_sent_ = false;
+  bool done_ = false;
+};
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+}  // namespace
+
+void Gateway::Impl::handle(HttpRequest req, const std::shared_ptr<HttpExchange>& ex) {
+  ++counters.http_requests;
+  auto only = [&](const char* method) {
+    if (req.method == method) return true;
+    reply_error(*ex, ApiError{405, "method " + req.method + " is not allowed on " + req.path + " (use " + method + ")",
+                              "invalid_request_error", "", "method_not_allowed"});
+    return false;
+  };
+  if (req.path == "/v1/completions") {
+    if (only("POST")) generate(Endpoint::completions, req.body, ex);
+  } else if (req.path == "/v1/chat/completions") {
+    if (only("POST")) generate(Endpoint::chat, req.body, ex);
+  } else if (req.path == "/v1/models") {
+    if (only("GET")) reply(*ex, 200, kJson, openai::models_body({model_ids[0]}, created, max_context));
+  } else if (req.path.rfind("/v1/models/", 0) == 0) {
+    if (!only("GET")) return;
+    if (contains(model_ids, req.path.substr(11)))
+      reply(*ex, 200, kJson, openai::models_body({model_ids[0]}, created, max_context));
+    else
+      reply_error(*ex, ApiError{404, "the model '" + req.path.substr(11) + "' does not exist", "invalid_request_error",
+                                "model", "model_not_found"});
+  } else if (req.path == "/health") {
+    if (only("GET")) health(ex);
+  } else if (req.path == "/metrics") {
+    if (only("GET"))
+      reply(*ex, 200, "text/plain; version=0.0.4; charset=utf-8", options.metrics_text ? options.metrics_text() : "");
+  } else {
+    reply_error(*ex, ApiError{404, "no route " + req.method + " " + req.path, "invalid_request_error", "", "not_found"});
+  }
+}
+
+void Gateway::Impl::health(const std::shared_ptr<HttpExchange>& ex) {
+  auto cb = std::make_shared<std::function<void(bool)>>([this, post = post, ex](bool ok) {
+    post([this, ex, ok] {
+      reply(*ex, ok ? 200 : 503, kJson, ok ? R"({"status":"ok"})" : R"({"status":"unavailable"})");
+    });
+  });
+  caf::anon_send(actor, health_atom::value, HealthCallback(cb));
+}
+
+// From a validated API request to the n GenerateRequests of its choices.
+std::variant<std::vector<GenerateRequest>, ApiError> Gateway::Impl::build_requests(const openai::ApiRequest& r) {
+  GenerateRequest g = r.generate;
+  const Tokenizer& tok = model->tokenizer();
+  if (r.endpoint == Endpoint::chat) {
+    // The template's special tokens are written out in the text: parse_special makes them tokens.
+    g.prompt_tokens = tok.encode(render_chat(chat_format, r.messages), tok.add_bos_default(), true);
+    for (auto& s : chat_stop_strings(chat_format))
+      if (!contains(g.stop, s) && g.stop.size() < wire_limits::kMaxStopStrings) g.stop.push_back(s);
+  } else if (r.prompt_is_tokens) {
+    for (TokenId t : r.prompt_tokens)
+      if (t < 0 || t >= tok.n_vocab())
+        return ApiError{400, "prompt token " + std::to_string(t) + " is outside the vocabulary (" + std::to_string(tok.n_vocab()) + ")",
+                        "invalid_request_error", "prompt", ""};
+    g.prompt_tokens = r.prompt_tokens;
+  } else {
+    g.prompt_text = r.prompt_text;  // the replica tokenizes it
+  }
+  if (g.max_tokens <= 0) g.max_tokens = openai::default_max_tokens(r.endpoint);
+  // The replica's decoder is the judge of every field and size: ask it here, so a request it
+  // would refuse without an id to answer gets a 400 now instead of no answer.
+  try {
+    DecodeResult d = decode(encode(g));
+    if (!d.message) return openai::invalid_request("the request is out of bounds: " + d.error);
+  } catch (const Error& e) {
+    return openai::invalid_request(std::string("the request is out of bounds: ") + e.what());
+  }
+  std::vector<GenerateRequest> out(static_cast<size_t>(r.n), g);
+  for (int i = 0; i < r.n; ++i)
+    out[static_cast<size_t>(i)].sampling.seed = r.seed_given ? g.sampling.seed + static_cast<uint64_t>(i) : rng();
+  return out;
+}
+
+void Gateway::Impl::generate(Endpoint endpoint, const std::string& body, const std::shared_ptr<HttpExchange>& ex) {
+  auto parsed = openai::parse_request(endpoint, body);
+  if (auto* e = std::get_if<ApiError>(&parsed)) return reply_error(*ex, *e);
+  const openai::ApiRequest& r = std::get<openai::ApiRequest>(parsed);
+  if (!r.model.empty() && !contains(model_ids, r.model))
+    return reply_error(*ex, ApiError{404, "the model '" + r.model + "' does not exist; this server serves '" + model_ids[0] + "'",
+                                     "invalid_request_error", "model", "model_not_found"});
+  auto built = build_requests(r);
+  if (auto* e = std::get_if<ApiError>(&built)) return reply_error(*ex, *e);
+  auto job = std::make_shared<OpenAIJob>(this, ex, openai::ResponseMeta{endpoint, response_id(endpoint, rng), unix_seconds(), model_ids[0]}, r);
+  job->key = next_job++;
+  job->requests = std::move(std::get<std::vector<GenerateRequest>>(built));
+  job->begin(job->requests.size());
+  caf::anon_send(actor, gw_start_atom::value, GatewayJobPtr(job));
+}
+
+Gateway::Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const Model> model, std::string model_path,
+                 int32_t max_context, GatewayOptions options)
+    : impl_(std::make_unique<Impl>(sys, std::move(replica), std::move(model), max_context, std::move(options))) {
+  Impl& g = *impl_;
+  // The id clients name: general.name when the file has one, else the file's stem. Both, and
+  // the path itself, are accepted.
+  const std::string stem = std::filesystem::path(model_path).stem().string();
+  const std::string& name = g.model->name();
+  g.model_ids.push_back(name.empty() || name == model_path ? stem : name);
+  for (const std::string& id : {stem, name, model_path})
+    if (!id.empty() && !contains(g.model_ids, id)) g.model_ids.push_back(id);
+  g.chat_format = detect_chat_format(g.model->file().get_string("tokenizer.chat_template", ""));
+}
+
+Gateway::~Gateway() { stop(); }
+
+uint16_t Gateway::start() {
+  Impl& g = *impl_;
+  g.actor = g.sys.spawn(gateway_actor, g.replica, g.options.actor);
+  g.server = std::make_unique<HttpServer>(
+      g.options.http, [&g](HttpRequest req, std::shared_ptr<HttpExchange> ex) { g.handle(std::move(req), ex); },
+      [&g](int status, const std::string& message) {
+        ++g.counters.http_requests;
+        ++g.counters.responses_by_class[std::min(status / 100, 5)];
+        const char* code = status == 413 ? "request_too_large" : status == 431 ? "header_too_large" : "invalid_http";
+        return std::make_pair(std::string(kJson), openai::error_body(ApiError{status, message, "invalid_request_error", "", code}));
+      });
+  g.post = g.server->poster();
+  try {
+    return g.server->start();
+  } catch (...) {
+    caf::anon_send_exit(g.actor, caf::exit_reason::user_shutdown);
+    throw;
+  }
+}
+
+void Gateway::stop() {
+  Impl& g = *impl_;
+  if (g.server) g.server->stop();
+  if (g.actor) caf::anon_send_exit(g.actor, caf::exit_reason::user_shutdown);
+  g.actor = nullptr;
+}
+
+const GatewayCounters& Gateway::counters() const { return impl_->counters; }
+size_t Gateway::open_connections() const { return impl_->server ? impl_->server->open_connections() : 0; }
+const std::string& Gateway::model_id() const { return impl_->model_ids[0]; }
+
+}  // namespace celer
