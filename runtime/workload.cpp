@@ -215,6 +215,7 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
   Summary s;
   s.duration_s = duration_s;
   std::vector<double> ttft, tpot, itl, e2el;
+  std::vector<double> stage[std::size(kStageNames)];
   // Every turn index that was sent has an entry, even one whose turns all failed (mean 0).
   int32_t turns = 0;
   for (const RequestRecord& r : records) turns = std::max(turns, r.turn + 1);
@@ -232,6 +233,15 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
     s.cached_tokens += r.cached_tokens;
     const double e2e = r.end_s - r.send_s;
     e2el.push_back(e2e);
+    const StageTimes& t = r.times;
+    if (t.received_us > 0 && t.finished_us >= t.received_us && t.admitted_us >= t.queued_us &&
+        t.prefill_done_us >= t.admitted_us && t.first_token_us >= t.prefill_done_us && t.last_token_us >= t.first_token_us) {
+      const double server = (t.finished_us - t.received_us) * 1e-6;
+      const double spans[] = {(t.admitted_us - t.queued_us) * 1e-6,       (t.prefill_done_us - t.admitted_us) * 1e-6,
+                              (t.first_token_us - t.prefill_done_us) * 1e-6, (t.last_token_us - t.first_token_us) * 1e-6,
+                              server,                                       std::max(0.0, e2e - server)};
+      for (size_t k = 0; k < std::size(kStageNames); ++k) stage[k].push_back(spans[k]);
+    }
     if (r.token_times_s.empty()) continue;
     const double first = r.token_times_s.front() - r.send_s;
     ttft.push_back(first);
@@ -253,6 +263,8 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
   s.tpot = distribution_ms(tpot);
   s.itl = distribution_ms(itl);
   s.e2el = distribution_ms(e2el);
+  if (!stage[0].empty())
+    for (size_t k = 0; k < std::size(kStageNames); ++k) s.stages.emplace_back(kStageNames[k], distribution_ms(stage[k]));
   for (size_t t = 0; t < turn_sum.size(); ++t)
     s.mean_ttft_ms_by_turn.push_back(turn_count[t] ? turn_sum[t] / static_cast<double>(turn_count[t]) * 1e3 : 0.0);
   return s;

@@ -115,6 +115,7 @@ struct RequestRecord {
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
   int32_t cached_tokens = 0;
+  StageTimes times;  // the server's stage times, when it reported them (all 0 otherwise)
 };
 
 // The q-th percentile (q in [0, 100]) by linear interpolation between closest ranks, like
@@ -148,7 +149,20 @@ struct Summary {
   Distribution itl;                          // gaps between consecutive token arrivals, all requests pooled
   Distribution e2el;                         // end-to-end latency
   std::vector<double> mean_ttft_ms_by_turn;  // multi-turn: [turns]; empty otherwise
+  // Where the end-to-end latency went, from the server's stage times (requests that reported
+  // them): name and distribution, in the order a request passes them (see kStageNames).
+  std::vector<std::pair<std::string, Distribution>> stages;
 };
+
+// The stages of the latency breakdown, each a difference of two StageTimes (or of the
+// client's end-to-end latency and the server's span):
+//   queue       queued -> admitted (waiting for a place in the batch)
+//   prefill     admitted -> prefill done (the prompt's forward passes, chunked)
+//   first_token prefill done -> first token sampled
+//   decode      first -> last token sampled
+//   server      received -> finished on the replica
+//   outside     the client's end-to-end latency minus `server`: transport, gateway, client
+inline constexpr const char* kStageNames[] = {"queue", "prefill", "first_token", "decode", "server", "outside"};
 
 // Metrics over the completed records; failed ones only count in `failed` and `failures`.
 Summary summarize(const std::vector<RequestRecord>& records, double duration_s);

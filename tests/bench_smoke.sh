@@ -47,6 +47,9 @@ if len(sys.argv) > 3 and not r["prefix_cache_hit_rate"] > float(sys.argv[3]):
     errors.append(f"prefix cache hit rate {r['prefix_cache_hit_rate']} is not above {sys.argv[3]}")
 if r["completed"] and not r["mean_ttft_ms"] > 0: errors.append("no TTFT measured")
 if r["total_output_tokens"] <= 0: errors.append("no output tokens")
+stages = r.get("stages", {})
+if r["completed"] and not (stages.get("mean_server_ms", 0) > 0 and stages.get("mean_decode_ms", -1) >= 0):
+    errors.append(f"no latency breakdown by stage: {stages}")
 if errors:
     print(f"{path}: " + "; ".join(errors), file=sys.stderr)
     sys.exit(1)

@@ -317,6 +317,30 @@ TEST_CASE("summary: latencies, throughput, hit rate, failures, per-turn TTFT", "
     CHECK(m.mean_ttft_ms_by_turn[2] == Approx(30));
   }
 
+  SECTION("latency by stage from the server's stage times") {
+    CHECK(s.stages.empty());  // no request reported stage times
+    std::vector<RequestRecord> timed = {done(0.0, {0.1}, 0.5, 10, 0), done(0.0, {0.1}, 0.5, 10, 0)};
+    // received 1.000 s, queued +1 ms, admitted +11 ms, prefill done +61 ms, first token +62 ms,
+    // last token +362 ms, finished +400 ms (in microseconds since the epoch).
+    timed[0].times = StageTimes{1'000'000, 1'001'000, 1'011'000, 1'061'000, 1'062'000, 1'362'000, 1'400'000};
+    timed[1].times = timed[0].times;
+    timed[1].times.admitted_us += 20'000;  // 20 ms more in the queue, 20 ms less of prefill
+    const Summary st = summarize(timed, 1.0);
+    REQUIRE(st.stages.size() == 6);
+    auto stage = [&](const char* name) {
+      for (const auto& [n, d] : st.stages)
+        if (n == name) return d;
+      FAIL("no stage " << name);
+      return Distribution{};
+    };
+    CHECK(stage("queue").mean == Approx(20));
+    CHECK(stage("prefill").mean == Approx(40));
+    CHECK(stage("first_token").mean == Approx(1));
+    CHECK(stage("decode").mean == Approx(300));
+    CHECK(stage("server").mean == Approx(400));
+    CHECK(stage("outside").mean == Approx(100));  // 500 ms end to end, 400 on the server
+  }
+
   SECTION("nothing completed") {
     const Summary none = summarize({failed}, 1.0);
     CHECK(none.completed == 0);

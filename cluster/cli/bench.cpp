@@ -132,6 +132,7 @@ struct Runner {
     rec.prompt_tokens = c.prompt_tokens;
     rec.completion_tokens = c.completion_tokens;
     rec.cached_tokens = c.cached_tokens;
+    rec.times = c.times;
     output = c.tokens;
     return rec;
   }
@@ -218,6 +219,11 @@ void print_summary(const BenchArgs& a, double rate, const wl::Summary& s,
     for (size_t t = 0; t < s.mean_ttft_ms_by_turn.size(); ++t)
       std::printf("%-40s %.2f\n", ("Turn " + std::to_string(t + 1) + " (ms):").c_str(), s.mean_ttft_ms_by_turn[t]);
   }
+  if (!s.stages.empty()) {
+    std::printf("%s\n", "-------Latency by Stage (mean / p50 / p99 ms)-----");
+    for (const auto& [name, d] : s.stages)
+      std::printf("%-40s %.2f / %.2f / %.2f\n", (name + ":").c_str(), d.mean, d.p50, d.p99);
+  }
   std::printf("%s\n", "==================================================");
   std::fflush(stdout);
 }
@@ -277,6 +283,7 @@ nlohmann::json to_json(const BenchArgs& a, double rate, const wl::Summary& s,
   add_distribution(j, "itl", s.itl);
   add_distribution(j, "e2el", s.e2el);
   if (!s.mean_ttft_ms_by_turn.empty()) j["mean_ttft_ms_by_turn"] = s.mean_ttft_ms_by_turn;
+  for (const auto& [name, d] : s.stages) add_distribution(j["stages"], name, d);
   nlohmann::json requests = nlohmann::json::array();
   for (const auto& job : records)
     for (const wl::RequestRecord& r : job) {
