@@ -1,8 +1,10 @@
 #include "actors/scheduler_actor.hpp"
 
+#include "actors/cache_actor.hpp"
 #include "actors/request_actor.hpp"
 #include "actors/shard_actor.hpp"
 #include "actors/wire.hpp"
+#include "runtime/error.hpp"
 
 namespace celer {
 namespace {
@@ -34,7 +36,9 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
         break;
       case SchedulerEvent::Kind::finished:
         if (auto c = st.cacheable.find(e.id); c != st.cacheable.end()) {
-          st.responses->insert(c->second, {st.produced[e.id], e.finished.reason}, now_ms(self));
+          if (st.cache_up && e.finished.reason != FinishReason::cancelled)
+            self->send(st.cache, store_atom::value,
+                       encode(CachedResponse{std::move(c->second), true, std::move(st.produced[e.id]), e.finished.reason}));
           st.cacheable.erase(c);
         }
         st.produced.erase(e.id);
@@ -51,18 +55,11 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
   }
 }
 
-void run_step(Self* self) {
+void run_step(Self* self);
+
+// Sends the step to the shard group and applies its result.
+void send_step(Self* self, std::shared_ptr<Step> step) {
   auto& st = self->state;
-  if (st.step_in_flight || !st.shard_up) return;
-  std::vector<SchedulerEvent> events;
-  if (st.step_failures > st.setup.max_step_failures) {
-    st.scheduler->fail_all(ErrorKind::internal, "the model shard failed " + std::to_string(st.step_failures) +
-                                                    " steps in a row", events);
-    st.step_failures = 0;
-  }
-  auto step = std::make_shared<Step>(st.scheduler->schedule(now_ms(self), events));
-  dispatch(self, events);
-  if (step->sequences.empty()) return;
   st.step_in_flight = true;
   const WireMessage wire = encode(*step);
   // Ranks other than 0 only answer that they are done; a failing rank shows up as a down message.
@@ -86,7 +83,7 @@ void run_step(Self* self) {
               s.scheduler->reset_kv();
             }
             dispatch(self, ev);
-            self->send(self, kick_atom::value);
+            run_step(self);
           },
           [=](const caf::error&) {
             // The shard died with the step (its down message restarts it) or could not be
@@ -97,6 +94,98 @@ void run_step(Self* self) {
             s.scheduler->reset_kv();
             self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
           });
+}
+
+// One iteration: the block request to the cache, its plan back into the scheduler, the step to
+// the shards. At most one plan or step is in flight; a kick that arrives meanwhile is kept.
+void run_step(Self* self) {
+  auto& st = self->state;
+  if (st.step_in_flight || st.plan_in_flight || !st.shard_up || !st.cache_up) {
+    st.kick_pending = true;
+    return;
+  }
+  st.kick_pending = false;
+  std::vector<SchedulerEvent> events;
+  if (st.step_failures > st.setup.max_step_failures) {
+    st.scheduler->fail_all(ErrorKind::internal, "the model shard failed " + std::to_string(st.step_failures) +
+                                                    " steps in a row", events);
+    st.step_failures = 0;
+  }
+  BlockPlanRequest request = st.scheduler->prepare(now_ms(self), events);
+  dispatch(self, events);
+  if (!Scheduler::needs_plan(request)) return;
+  const uint64_t plan_id = request.plan_id;
+  st.plan_in_flight = true;
+  self->request(st.cache, std::chrono::seconds(10), plan_atom::value, encode(request))
+      .then(
+          [=](const WireMessage& reply) {
+            auto& s = self->state;
+            s.plan_in_flight = false;
+            DecodeResult d = decode(reply);
+            if (!d.message || !std::holds_alternative<BlockPlan>(*d.message) ||
+                std::get<BlockPlan>(*d.message).plan_id != plan_id) {
+              // The cache refused the request or answered garbage: start the KV over.
+              ++s.malformed;
+              s.scheduler->reset_kv();
+              self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
+              return;
+            }
+            const BlockPlan& plan = std::get<BlockPlan>(*d.message);
+            s.kv_blocks_used = plan.kv_blocks_used;
+            s.kv_blocks_free = plan.kv_blocks_free;
+            s.prefix_queries = plan.prefix_queries;
+            s.prefix_hits = plan.prefix_hits;
+            std::shared_ptr<Step> step;
+            try {
+              step = std::make_shared<Step>(s.scheduler->apply(plan));
+            } catch (const Error&) {
+              ++s.malformed;
+              s.scheduler->reset_kv();
+              self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
+              return;
+            }
+            if (!step->sequences.empty()) send_step(self, std::move(step));
+            else if (s.kick_pending) run_step(self);
+          },
+          [=](const caf::error&) {
+            // The cache died (its down message restarts it) or did not answer: its block table
+            // is gone or unknown.
+            auto& s = self->state;
+            s.plan_in_flight = false;
+            s.scheduler->reset_kv();
+            self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
+          });
+}
+
+void spawn_cache(Self* self) {
+  auto& st = self->state;
+  CacheSetup cs;
+  cs.kv_blocks = st.setup.kv_blocks;
+  cs.prefix_caching = st.setup.prefix_caching;
+  cs.response_cache_entries = st.setup.response_cache_entries;
+  cs.response_cache_ttl_ms = st.setup.response_cache_ttl_ms;
+  st.cache = self->spawn(cache_actor, cs);
+  *st.cache_for_exit = st.cache;
+  st.cache_up = true;
+  st.kv_blocks_used = 0;
+  st.kv_blocks_free = st.setup.kv_blocks;
+  self->monitor(st.cache);
+}
+
+// Counts a dead child's restart; when it died max_restarts times within the window the requests
+// fail, since nothing can serve them for now (the child is still respawned, for new requests).
+void count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, const char* what) {
+  auto& s = self->state;
+  const auto now = std::chrono::steady_clock::now();
+  restarts.erase(std::remove_if(restarts.begin(), restarts.end(), [&](auto t) { return now - t > s.setup.restart_window; }),
+                 restarts.end());
+  if (static_cast<int>(restarts.size()) >= s.setup.max_restarts) {
+    std::vector<SchedulerEvent> ev;
+    s.scheduler->fail_all(ErrorKind::unavailable, std::string("the ") + what + " failed " + std::to_string(restarts.size() + 1) +
+                                                      " times within the restart window", ev);
+    dispatch(self, ev);
+  }
+  restarts.push_back(now);
 }
 
 // Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group sharing one
@@ -119,6 +208,20 @@ void spawn_shard(Self* self) {
   for (const caf::actor& r : st.ranks) self->monitor(r);
 }
 
+// Admits a tokenized request (or tells its request actor why not) and starts an iteration.
+// `cacheable`: its answer goes to the response cache when it finishes.
+void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cacheable) {
+  auto& s = self->state;
+  const GenerateRequest copy = cacheable ? req : GenerateRequest{};
+  if (auto rejected = s.scheduler->admit(req, now_ms(self))) {
+    self->send(request, event_atom::value, encode(*rejected));
+    return;
+  }
+  s.requests[req.id] = request;
+  if (cacheable) s.cacheable[req.id] = copy;
+  run_step(self);
+}
+
 // Checks a request's prompt against the vocabulary; the error to send back, if any.
 std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateRequest& req) {
   for (TokenId t : req.prompt_tokens)
@@ -133,36 +236,36 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
   auto& st = self->state;
   st.setup = setup;
   st.supervisor = supervisor;
-  st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
   auto model = setup.model;
-  st.scheduler = std::make_unique<Scheduler>(setup.scheduler, *st.blocks,
+  st.scheduler = std::make_unique<Scheduler>(setup.scheduler,
                                              [model](TokenId t) { return model->tokenizer().is_end_of_generation(t); });
-  st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);
+  spawn_cache(self);
   spawn_shard(self);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
+    if (dm.source == s.cache.address()) {
+      // The cache died: the block tables and cached prefixes are gone (the KV memory in the
+      // shards is intact but unaddressed). Every sequence recomputes on the new cache.
+      s.cache_up = false;
+      s.scheduler->reset_kv();
+      count_restart(self, s.cache_restarts, "cache");
+      ++s.total_cache_restarts;
+      self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
+      return;
+    }
     const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const caf::actor& r) { return dm.source == r.address(); });
     if (!ours || !s.shard_up) return;  // not a shard, or its group is already being replaced
     s.shard_up = false;
     for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
-    // The shard died: its KV is gone. Respawn it unless it keeps dying.
-    const auto now = std::chrono::steady_clock::now();
-    s.restarts.erase(std::remove_if(s.restarts.begin(), s.restarts.end(),
-                                    [&](auto t) { return now - t > s.setup.restart_window; }),
-                     s.restarts.end());
+    // The shard died: its KV is gone.
     s.scheduler->reset_kv();
-    if (static_cast<int>(s.restarts.size()) >= s.setup.max_restarts) {
-      std::vector<SchedulerEvent> ev;
-      s.scheduler->fail_all(ErrorKind::unavailable, "the model shard failed " + std::to_string(s.restarts.size() + 1) +
-                                                        " times within the restart window", ev);
-      dispatch(self, ev);
-    }
-    s.restarts.push_back(now);
+    count_restart(self, s.restarts, "model shard");
     ++s.total_restarts;
     self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
   });
-  self->attach_functor([ranks = st.shard_for_exit](const caf::error&) {
+  self->attach_functor([ranks = st.shard_for_exit, cache = st.cache_for_exit](const caf::error&) {
     for (const caf::actor& r : *ranks) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
+    if (*cache) caf::anon_send_exit(*cache, caf::exit_reason::user_shutdown);
   });
   return {
       [=](generate_atom, const WireMessage& wm) {
@@ -198,22 +301,31 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         // A repeated identical request: replay the stored answer as its token stream.
         // Stored answers hold tokens only: a request for logprobs always runs.
         const bool cacheable = s.setup.response_cache_entries && req.logprobs < 0;
-        if (auto answer = cacheable ? s.responses->lookup(req, now) : std::nullopt) {
-          for (size_t i = 0; i < answer->tokens.size(); ++i)
-            self->send(request, event_atom::value, encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}, {}}));
-          self->send(request, event_atom::value,
-                     encode(Finished{req.id, answer->reason, static_cast<int32_t>(req.prompt_tokens.size()),
-                                     static_cast<int32_t>(answer->tokens.size()), static_cast<int32_t>(req.prompt_tokens.size()), {}}));
+        if (!cacheable || !s.cache_up) {
+          admit(self, std::move(req), request, false);
           return;
         }
-        const GenerateRequest copy = cacheable ? req : GenerateRequest{};
-        if (auto rejected = s.scheduler->admit(req, now)) {
-          self->send(request, event_atom::value, encode(*rejected));
-          return;
-        }
-        s.requests[req.id] = request;
-        if (cacheable) s.cacheable[req.id] = copy;
-        run_step(self);
+        // Asked once per request, before admission: a hit is replayed without touching the model.
+        const CachedResponse query{req, false, {}, FinishReason::stop};
+        self->request(s.cache, std::chrono::seconds(5), lookup_atom::value, encode(query))
+            .then(
+                [=](const WireMessage& reply) mutable {
+                  DecodeResult d = decode(reply);
+                  const CachedResponse* answer = d.message ? std::get_if<CachedResponse>(&*d.message) : nullptr;
+                  if (!answer || !answer->found) {
+                    admit(self, std::move(req), request, true);
+                    return;
+                  }
+                  ++self->state.response_cache_hits;
+                  for (size_t i = 0; i < answer->tokens.size(); ++i)
+                    self->send(request, event_atom::value,
+                               encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}, {}}));
+                  const auto n_prompt = static_cast<int32_t>(req.prompt_tokens.size());
+                  self->send(request, event_atom::value,
+                             encode(Finished{req.id, answer->reason, n_prompt, static_cast<int32_t>(answer->tokens.size()),
+                                             n_prompt, {}}));
+                },
+                [=](const caf::error&) mutable { admit(self, std::move(req), request, false); });
       },
       [=](resume_atom, const WireMessage& wm) {
         auto& s = self->state;
@@ -250,16 +362,23 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         run_step(self);
       },
       [=](shard_atom) { return self->state.shard; },
+      [=](cache_atom, bool respawn) {
+        if (!respawn) return;
+        spawn_cache(self);
+        run_step(self);
+      },
+      [=](cache_atom) { return self->state.cache; },
       [=](stats_atom) -> WireMessage {
         auto& s = self->state;
         ReplicaStats r;
         for (int c = 0; c < kPriorityClasses; ++c) r.waiting[c] = s.scheduler->n_waiting(static_cast<Priority>(c));
         r.running = s.scheduler->n_running();
-        r.kv_blocks_used = s.blocks->n_used();
-        r.kv_blocks_free = s.blocks->n_free();
-        r.prefix_queries = s.blocks->queried_tokens();
-        r.prefix_hits = s.blocks->hit_tokens();
-        r.response_cache_hits = s.responses->hits();
+        r.kv_blocks_used = s.kv_blocks_used;
+        r.kv_blocks_free = s.kv_blocks_free;
+        r.prefix_queries = s.prefix_queries;
+        r.prefix_hits = s.prefix_hits;
+        r.response_cache_hits = s.response_cache_hits;
+        r.cache_restarts = s.total_cache_restarts;
         r.malformed_messages = s.malformed;
         r.preemptions = s.scheduler->n_preemptions();
         r.shard_restarts = s.total_restarts;

@@ -1,22 +1,23 @@
 // The scheduler actor of a replica: admits requests, spawns a request actor for each, and runs
-// the iteration loop: one Step at a time to the shard, its StepResult back into the scheduler,
-// the resulting tokens and ends out to the request actors. The policy lives in
-// runtime/scheduler.hpp; this file only moves messages.
+// the iteration loop: the block request to the cache actor, its plan into a Step, the Step to
+// the shard, its StepResult back into the scheduler, the resulting tokens and ends out to the
+// request actors. The policy lives in runtime/scheduler.hpp; this file only moves messages.
 //
-// Loop (one step in flight at most):
+// Loop (one plan or step in flight at most):
 //
-//   idle --(generate | cancel | result)--> kick --schedule()--> empty step: idle
-//                                                            \-> step to shard --> result --> kick
+//   idle --(generate | cancel | result)--> prepare() --> plan request to cache --> apply(plan)
+//        --> empty step: idle | step to shard --> result: update() --> next iteration
 //
-// The scheduler supervises its shard (one-for-one): it spawns it, monitors it, and respawns it
-// when it dies, up to max_restarts times within restart_window, after restart_backoff. A lost
-// shard loses the replica's KV: every running sequence is re-queued and recomputes
+// The scheduler supervises its cache and its shard (one-for-one): it spawns them, monitors them,
+// and respawns one that dies, after restart_backoff (a child that dies max_restarts times within
+// restart_window fails the requests in flight). A lost shard loses the replica's KV and a lost
+// cache its block tables: either way every running sequence is re-queued and recomputes
 // (Scheduler::reset_kv) with the same tokens; requests only fail when steps fail again and
-// again (max_step_failures) or the shard cannot be restarted.
+// again (max_step_failures) or a child keeps dying.
 //
 // Messages: (generate_atom, WireMessage{GenerateRequest}) from a client (the sender gets the
 //           stream); (cancel_atom, id, reason) from a request actor; (stats_atom) -> WireMessage{ReplicaStats};
-//           (shard_atom) -> the current shard actor (for tests and fault injection);
+//           (shard_atom) / (cache_atom) -> the current shard / cache actor (for tests and fault injection);
 //           (resume_atom, WireMessage{GenerateRequest}) from a request actor whose scheduler died:
 //           the rest of its request (prompt + tokens sent), taken over by this scheduler.
 #pragma once
@@ -52,10 +53,19 @@ struct ReplicaSetup {
 
 struct SchedulerActorState {
   ReplicaSetup setup;
-  std::unique_ptr<KvBlockManager> blocks;
   std::unique_ptr<Scheduler> scheduler;
-  std::unique_ptr<ResponseCache> responses;
   caf::actor supervisor;
+  caf::actor cache;                // the replica's block table, prefix and response caches
+  bool cache_up = false;
+  std::shared_ptr<caf::actor> cache_for_exit = std::make_shared<caf::actor>();  // stopped with the scheduler
+  std::vector<std::chrono::steady_clock::time_point> cache_restarts;  // within the window
+  uint64_t total_cache_restarts = 0;
+  // The cache's figures as of its last plan (for stats).
+  int32_t kv_blocks_used = 0;
+  int32_t kv_blocks_free = 0;
+  uint64_t prefix_queries = 0;
+  uint64_t prefix_hits = 0;
+  uint64_t response_cache_hits = 0;
   caf::actor shard;                // rank 0: runs the step and samples
   std::vector<caf::actor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
@@ -64,6 +74,8 @@ struct SchedulerActorState {
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;
   bool step_in_flight = false;
+  bool plan_in_flight = false;     // a BlockPlanRequest awaits the cache's answer
+  bool kick_pending = false;       // something changed while a plan or step was in flight
   int step_failures = 0;
   std::vector<std::chrono::steady_clock::time_point> restarts;  // within the window
   uint64_t total_restarts = 0;

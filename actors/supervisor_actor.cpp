@@ -94,6 +94,7 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         return rp;
       },
       [=](shard_atom) { return self->delegate(self->state.scheduler, shard_atom::value); },
+      [=](cache_atom) { return self->delegate(self->state.scheduler, cache_atom::value); },
   };
 }
 

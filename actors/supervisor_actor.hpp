@@ -5,7 +5,7 @@
 // by the request actor itself, and buffered while the scheduler restarts.
 //
 // Messages: (generate_atom, WireMessage) -> the scheduler, sender kept; (resume_atom,
-//           WireMessage, dead scheduler) from a request actor -> the next scheduler, sender kept; (stats_atom) and (shard_atom) -> answered by the scheduler; (sched_atom) -> the
+//           WireMessage, dead scheduler) from a request actor -> the next scheduler, sender kept; (stats_atom), (shard_atom) and (cache_atom) -> answered by the scheduler; (sched_atom) -> the
 //           current scheduler (for tests and fault injection).
 #pragma once
 

@@ -18,6 +18,10 @@ using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> s
 using resume_atom = caf::atom_constant<caf::atom("resume")>;      // request <-> scheduler after a scheduler restart
 using sched_atom = caf::atom_constant<caf::atom("sched")>;        // anyone -> supervisor: the current scheduler
 using shard_atom = caf::atom_constant<caf::atom("shard")>;        // anyone -> scheduler: the current shard actor
+using cache_atom = caf::atom_constant<caf::atom("cache")>;        // anyone -> scheduler: the current cache actor
+using plan_atom = caf::atom_constant<caf::atom("plan")>;          // scheduler -> cache: BlockPlanRequest, reply BlockPlan
+using lookup_atom = caf::atom_constant<caf::atom("lookup")>;      // scheduler -> cache: response-cache lookup
+using store_atom = caf::atom_constant<caf::atom("store")>;        // scheduler -> cache: response-cache insert
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {

@@ -150,6 +150,63 @@ struct StepResult {
   std::vector<SampledToken> tokens;   // one per StepSequence with sample = true, in order
 };
 
+// Scheduler -> cache, once per step (DESIGN.md §2: block reservation is batched). First what
+// happened since the previous plan, in this order: a reset, computed positions, ended
+// sequences; then the step's candidates, in the scheduler's order (per priority class: running
+// by arrival, then waiting in queue order). The cache answers with a BlockPlan.
+struct BlockCommit {
+  RequestId id = 0;
+  int32_t n_computed = 0;             // positions [0, n_computed) now hold their KV
+};
+
+struct BlockCandidate {
+  RequestId id = 0;
+  std::vector<TokenId> new_tokens;    // the sequence's tokens the cache has not been sent yet
+  int32_t n_tokens = 0;               // the sequence's tokens in all (prompt + generated)
+  bool started = false;               // holds blocks (n_computed is then its computed positions)
+  int32_t n_computed = 0;
+  bool running = false;
+  Priority priority = Priority::normal;
+};
+
+struct BlockPlanRequest {
+  uint64_t plan_id = 0;
+  bool reset = false;                 // the KV memory was lost: drop every table and cached block
+  std::vector<BlockCommit> commits;
+  std::vector<RequestId> ended;       // finished or failed: free the blocks, forget the tokens
+  std::vector<BlockCandidate> candidates;
+  int32_t max_batch_tokens = 0;       // the step's token budget
+  int32_t max_batch_size = 0;         // sequences per step
+};
+
+// Cache -> scheduler: the step's sequences with their blocks, and who lost theirs.
+struct PlannedSequence {
+  RequestId id = 0;
+  int32_t n_computed = 0;             // positions already computed (a prefix-cache hit when it just started)
+  int32_t n_new = 0;                  // tokens to compute in this step
+  std::vector<int32_t> block_table;   // covers n_computed + n_new positions
+};
+
+struct BlockPlan {
+  uint64_t plan_id = 0;
+  std::vector<PlannedSequence> chosen;
+  std::vector<RequestId> preempted;   // in the order their blocks were taken back
+  std::vector<BlockCopy> copies;      // partial-block copies for chosen sequences, before the step
+  int32_t kv_blocks_used = 0;         // the cache's state after the plan, for stats
+  int32_t kv_blocks_free = 0;
+  uint64_t prefix_queries = 0;
+  uint64_t prefix_hits = 0;
+};
+
+// A response-cache entry, scheduler <-> cache: a lookup sends the request (found = false); the
+// answer and an insert carry the stored tokens and finish reason.
+struct CachedResponse {
+  GenerateRequest request;            // tokenized: the key is the prompt tokens and parameters
+  bool found = false;
+  std::vector<TokenId> tokens;
+  FinishReason reason = FinishReason::stop;
+};
+
 struct ReplicaStats {
   int32_t waiting[kPriorityClasses] = {};
   int32_t running = 0;
@@ -162,6 +219,7 @@ struct ReplicaStats {
   uint64_t preemptions = 0;           // sequences sent back to the queue to free KV blocks
   uint64_t shard_restarts = 0;        // shard actors respawned by the scheduler
   uint64_t scheduler_restarts = 0;    // schedulers respawned by the replica's supervisor
+  uint64_t cache_restarts = 0;        // cache actors respawned by the scheduler
 };
 
 }  // namespace celer

@@ -1,16 +1,22 @@
 #include "runtime/scheduler.hpp"
 
 #include <algorithm>
+#include <utility>
 #include <string>
 
 #include "runtime/error.hpp"
 
 namespace celer {
 
-Scheduler::Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_eog)
-    : config_(config), blocks_(blocks), is_eog_(std::move(is_eog)) {
+Scheduler::Scheduler(const SchedulerConfig& config, std::function<bool(TokenId)> is_eog)
+    : config_(config), is_eog_(std::move(is_eog)) {
   if (config_.max_batch_size < 1 || config_.max_batch_tokens < 1 || config_.max_queue < 0 || config_.max_context < 2)
     throw Error(ErrorCode::invalid_argument, "scheduler limits must be positive");
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_eog)
+    : Scheduler(config, std::move(is_eog)) {
+  planner_ = std::make_unique<BlockPlanner>(blocks);
 }
 
 int32_t Scheduler::n_waiting() const {
@@ -91,7 +97,6 @@ void Scheduler::remove(RequestId id) {
 }
 
 void Scheduler::preempt(Sequence& s) {
-  blocks_.release(s.request.id);
   s.started = false;
   s.n_computed = 0;
   if (s.running) {
@@ -109,7 +114,7 @@ void Scheduler::finish(Sequence& s, FinishReason reason, std::vector<SchedulerEv
   e.finished = Finished{s.request.id, reason, s.n_prompt, static_cast<int32_t>(s.tokens.size()) - s.n_prompt,
                         std::max(0, s.n_cached), s.times};
   events.push_back(std::move(e));
-  blocks_.release(s.request.id);
+  if (s.n_sent > 0) ended_.push_back(s.request.id);
   remove(s.request.id);
 }
 
@@ -119,11 +124,11 @@ void Scheduler::fail(Sequence& s, ErrorKind kind, const std::string& message, st
   e.id = s.request.id;
   e.error = ErrorReply{s.request.id, kind, message};
   events.push_back(std::move(e));
-  blocks_.release(s.request.id);
+  if (s.n_sent > 0) ended_.push_back(s.request.id);
   remove(s.request.id);
 }
 
-Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
+BlockPlanRequest Scheduler::prepare(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   // Cancels and deadlines first: they free blocks for the others.
   std::vector<RequestId> ids;
   ids.reserve(seqs_.size());
@@ -137,89 +142,76 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
                                                 " generated tokens", events);
   }
 
-  // Candidates in order: per class, running (by arrival) then waiting (queue order).
-  std::vector<Sequence*> order;
+  BlockPlanRequest r;
+  r.plan_id = next_plan_++;
+  r.reset = std::exchange(reset_pending_, false);
+  r.commits = std::move(commits_);
+  r.ended = std::move(ended_);
+  commits_.clear();
+  ended_.clear();
+  r.max_batch_tokens = config_.max_batch_tokens;
+  r.max_batch_size = config_.max_batch_size;
+  // Candidates in order: per class, running (by arrival) then waiting (queue order). Every
+  // running one (a possible victim), but no more waiting ones than a step can take: the walk
+  // stops at the first waiting sequence that does not fit.
+  int32_t waiting_left = config_.max_batch_size;
+  auto add = [&](Sequence& s) {
+    BlockCandidate& c = r.candidates.emplace_back();
+    c.id = s.request.id;
+    c.new_tokens.assign(s.tokens.begin() + s.n_sent, s.tokens.end());
+    s.n_sent = static_cast<int32_t>(s.tokens.size());
+    c.n_tokens = s.n_sent;
+    c.started = s.started;
+    c.n_computed = s.n_computed;
+    c.running = s.running;
+    c.priority = s.request.priority;
+  };
   for (int c = 0; c < kPriorityClasses; ++c) {
     std::vector<Sequence*> run;
     for (RequestId id : running_)
       if (static_cast<int>(seqs_.at(id).request.priority) == c) run.push_back(&seqs_.at(id));
     std::sort(run.begin(), run.end(), [](const Sequence* a, const Sequence* b) { return a->arrival < b->arrival; });
-    order.insert(order.end(), run.begin(), run.end());
-    for (RequestId id : waiting_[c]) order.push_back(&seqs_.at(id));
+    for (Sequence* s : run) add(*s);
+    for (RequestId id : waiting_[c]) {
+      if (waiting_left-- <= 0) break;
+      add(seqs_.at(id));
+    }
   }
+  return r;
+}
 
-  struct Chosen {
-    Sequence* seq;
-    int32_t n;
-  };
-  std::vector<Chosen> chosen;
-  std::vector<const Sequence*> preempted_now;
-  std::vector<std::pair<RequestId, BlockCopy>> copies;  // prefix-cache copies of partial blocks
-  auto is_chosen = [&](const Sequence* s) {
-    return std::any_of(chosen.begin(), chosen.end(), [&](const Chosen& c) { return c.seq == s; });
-  };
-  auto was_preempted = [&](const Sequence* s) {
-    return std::find(preempted_now.begin(), preempted_now.end(), s) != preempted_now.end();
-  };
-  int32_t budget = config_.max_batch_tokens;
-  for (size_t k = 0; k < order.size(); ++k) {
-    Sequence& s = *order[k];
-    if (was_preempted(&s)) continue;
-    if (static_cast<int32_t>(chosen.size()) == config_.max_batch_size || budget == 0) break;
-    if (!s.started) {
-      std::vector<BlockCopy> mine;
-      s.n_computed = blocks_.begin(s.request.id, s.tokens, &mine);
-      for (const BlockCopy& c : mine) copies.push_back({s.request.id, c});
-      if (s.n_cached < 0) s.n_cached = s.n_computed;
-      s.started = true;
-    }
-    const int32_t n = std::min<int32_t>(static_cast<int32_t>(s.tokens.size()) - s.n_computed, budget);
-    bool fits = blocks_.reserve(s.request.id, s.n_computed + n);
-    // Not enough blocks: preempt running sequences after this one in the order (a waiting
-    // sequence only takes from strictly lower classes), lowest first.
-    for (size_t v = order.size(); !fits && v-- > k + 1;) {
-      Sequence& victim = *order[v];
-      if (!victim.running || is_chosen(&victim) || was_preempted(&victim)) continue;
-      if (!s.running && victim.request.priority <= s.request.priority) continue;
-      preempt(victim);
-      preempted_now.push_back(&victim);
-      fits = blocks_.reserve(s.request.id, s.n_computed + n);
-    }
-    if (!fits) {
-      const bool was_running = s.running;
-      preempt(s);  // a running one recomputes later; a waiting one gives back its prefix blocks
-      preempted_now.push_back(&s);
-      if (!was_running) break;  // FCFS: nobody behind a waiting sequence jumps ahead of it
-      continue;
-    }
+Step Scheduler::apply(const BlockPlan& plan) {
+  for (RequestId id : plan.preempted) {
+    auto it = seqs_.find(id);
+    if (it != seqs_.end()) preempt(it->second);
+  }
+  Step step;
+  if (plan.chosen.empty()) return step;
+  step.step_id = next_step_++;
+  step.copies = plan.copies;
+  const int64_t now_us = unix_us();
+  for (const PlannedSequence& p : plan.chosen) {
+    auto it = seqs_.find(p.id);
+    if (it == seqs_.end()) throw Error(ErrorCode::invalid_argument, "block plan names unknown sequence " + std::to_string(p.id));
+    Sequence& s = it->second;
+    if (p.n_computed + p.n_new > static_cast<int32_t>(s.tokens.size()))
+      throw Error(ErrorCode::invalid_argument, "block plan runs sequence " + std::to_string(p.id) + " past its tokens");
+    s.started = true;
+    s.n_computed = p.n_computed;
+    if (s.n_cached < 0) s.n_cached = s.n_computed;
     if (!s.running) {
       auto& q = waiting_[static_cast<int>(s.request.priority)];
       q.erase(std::remove(q.begin(), q.end(), s.request.id), q.end());
       running_.push_back(s.request.id);
       s.running = true;
-      if (s.times.admitted_us == 0) s.times.admitted_us = unix_us();
+      if (s.times.admitted_us == 0) s.times.admitted_us = now_us;
     }
-    chosen.push_back({&s, n});
-    budget -= n;
-  }
-
-  Step step;
-  if (chosen.empty()) return step;
-  step.step_id = next_step_++;
-  // Copies of sequences that run in this step; a sequence preempted after its begin() gave its
-  // copy's destination back.
-  for (const auto& [id, c] : copies)
-    if (std::any_of(chosen.begin(), chosen.end(), [&](const Chosen& ch) { return ch.seq->request.id == id; }))
-      step.copies.push_back(c);
-  for (const Chosen& c : chosen) {
-    const Sequence& s = *c.seq;
     StepSequence ss;
     ss.id = s.request.id;
-    ss.tokens.assign(s.tokens.begin() + s.n_computed, s.tokens.begin() + s.n_computed + c.n);
+    ss.tokens.assign(s.tokens.begin() + s.n_computed, s.tokens.begin() + s.n_computed + p.n_new);
     ss.n_past = s.n_computed;
-    const auto& table = blocks_.table(s.request.id);
-    ss.block_table.assign(table.begin(), table.begin() + (s.n_computed + c.n + kKvBlock - 1) / kKvBlock);
-    ss.sample = s.n_computed + c.n == static_cast<int32_t>(s.tokens.size());
+    ss.block_table = p.block_table;
+    ss.sample = s.n_computed + p.n_new == static_cast<int32_t>(s.tokens.size());
     if (ss.sample) {
       ss.sampling = s.request.sampling;
       const size_t tail = std::min<size_t>(s.tokens.size(), static_cast<size_t>(std::max(0, s.request.sampling.repeat_last_n)));
@@ -231,6 +223,11 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   return step;
 }
 
+Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
+  if (!planner_) throw Error(ErrorCode::invalid_argument, "Scheduler::schedule needs a block manager (see prepare/apply)");
+  return apply(planner_->plan(prepare(now_ms, events)));
+}
+
 void Scheduler::update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events) {
   const int64_t now_us = unix_us();
   for (const StepSequence& ss : step.sequences) {
@@ -239,7 +236,7 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     if (it == seqs_.end() || !it->second.started || it->second.n_computed != ss.n_past) continue;
     Sequence& s = it->second;
     s.n_computed += static_cast<int32_t>(ss.tokens.size());
-    blocks_.commit(s.request.id, s.tokens, s.n_computed);
+    commits_.push_back({s.request.id, s.n_computed});
     if (s.times.prefill_done_us == 0 && s.n_computed >= s.n_prompt) s.times.prefill_done_us = now_us;
   }
   for (const SampledToken& st : result.tokens) {
@@ -274,9 +271,13 @@ void Scheduler::fail_all(ErrorKind kind, const std::string& message, std::vector
 void Scheduler::reset_kv() {
   const std::vector<RequestId> running = running_;
   for (RequestId id : running) preempt(seqs_.at(id));
-  for (auto& [id, s] : seqs_)
+  for (auto& [id, s] : seqs_) {
     if (s.started) preempt(s);
-  blocks_.forget_cached();
+    s.n_sent = 0;  // the cache starts over: every token is sent again
+  }
+  commits_.clear();
+  ended_.clear();
+  reset_pending_ = true;
 }
 
 }  // namespace celer

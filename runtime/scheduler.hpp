@@ -1,8 +1,11 @@
 // The scheduling policy of one replica: iteration-level continuous batching with chunked
 // prefill, priority classes and admission control. Plain and synchronous: the scheduler actor
-// calls admit() and cancel() as messages arrive, and schedule() / update() once per model
-// iteration (STYLE.md rule 3: schedule() produces a Step, the shards run it, update() applies
-// the StepResult).
+// calls admit() and cancel() as messages arrive, and once per model iteration prepare() (the
+// block request for the cache), apply() (the cache's BlockPlan -> the Step) and, after the
+// shards ran it, update() (STYLE.md rule 3). The KV blocks belong to the cache (BlockPlanner,
+// runtime/block_planner.hpp): the scheduler never touches them, it tells the cache what
+// happened and asks for the next step's blocks in one message. schedule() runs the three steps
+// against a local planner, for single-threaded use (tests, tools).
 //
 // Policy:
 // - Every sequence has tokens (prompt, then generated) and a count of computed ones; a step
@@ -29,6 +32,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "runtime/block_planner.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/protocol.hpp"
 
@@ -57,7 +61,10 @@ struct SchedulerEvent {
 
 class Scheduler {
  public:
-  // is_end_of_generation: the model's end-of-generation tokens (EOS, EOT, ...).
+  // is_end_of_generation: the model's end-of-generation tokens (EOS, EOT, ...). Without a block
+  // manager, the caller carries prepare()'s requests to a planner elsewhere (the cache actor);
+  // with one, schedule() plans against it here.
+  explicit Scheduler(const SchedulerConfig& config, std::function<bool(TokenId)> is_end_of_generation);
   Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_end_of_generation);
 
   // Admits a request whose prompt is tokenized. Returns nullopt, or the rejection.
@@ -66,13 +73,23 @@ class Scheduler {
   // a stop string found by the request actor). Unknown ids are ignored (already finished).
   void cancel(RequestId id, FinishReason reason = FinishReason::cancelled);
 
-  // The next step; `events` receives the finishes and errors it decided (cancels, deadlines).
-  // An empty step (no sequences) means there is nothing to run.
+  // The next step's block request: what the cache must learn (commits, ended sequences, a
+  // reset) and the candidates in order; `events` receives the finishes and errors decided here
+  // (cancels, deadlines). needs_plan() says whether the request carries anything at all.
+  BlockPlanRequest prepare(int64_t now_ms, std::vector<SchedulerEvent>& events);
+  static bool needs_plan(const BlockPlanRequest& r) {
+    return r.reset || !r.commits.empty() || !r.ended.empty() || !r.candidates.empty();
+  }
+  // Applies the cache's plan (preemptions, started sequences) and builds the step. An empty step
+  // (no sequences) means there is nothing to run.
+  Step apply(const BlockPlan& plan);
+  // prepare + plan against the local block manager + apply (the two-argument constructor only).
   Step schedule(int64_t now_ms, std::vector<SchedulerEvent>& events);
   // Applies a step's results: computed counts, prefix-cache commits, sampled tokens, finishes.
   void update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events);
-  // Drops every sequence's KV (a shard was lost): all running sequences are preempted and will
-  // recompute. Their generated tokens are kept.
+  // Drops every sequence's KV (a shard or the cache was lost): all running sequences are
+  // preempted and will recompute, and the next block request tells the cache to start over.
+  // Their generated tokens are kept.
   void reset_kv();
   // Fails every request (waiting and running) with one error: what is left when retries cannot
   // help.
@@ -94,6 +111,7 @@ class Scheduler {
     int32_t n_cached = 0;         // prompt tokens found in the prefix cache on first admission
     uint64_t arrival = 0;
     StageTimes times;             // queued, admitted, prefill done, first and last token
+    int32_t n_sent = 0;           // tokens the cache has been sent (BlockCandidate::new_tokens)
     bool started = false;         // holds blocks in the block manager
     bool running = false;
     bool cancelled = false;
@@ -106,7 +124,7 @@ class Scheduler {
   };
 
   bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
-  void preempt(Sequence& s);
+  void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
   void finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events);
   void fail(Sequence& s, ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events);
   void remove(RequestId id);
@@ -114,7 +132,12 @@ class Scheduler {
   static bool before(const Sequence& a, const Sequence& b);
 
   SchedulerConfig config_;
-  KvBlockManager& blocks_;
+  std::unique_ptr<BlockPlanner> planner_;  // schedule()'s local planner, when given blocks
+  // What the cache must learn with the next block request.
+  bool reset_pending_ = false;
+  std::vector<BlockCommit> commits_;
+  std::vector<RequestId> ended_;
+  uint64_t next_plan_ = 1;
   std::function<bool(TokenId)> is_eog_;
   std::unordered_map<RequestId, Sequence> seqs_;
   std::deque<RequestId> waiting_[kPriorityClasses];

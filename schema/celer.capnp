@@ -148,6 +148,57 @@ struct ReplicaStats {
   preemptions @8 :UInt64;
   shardRestarts @9 :UInt64;
   schedulerRestarts @10 :UInt64;
+  cacheRestarts @11 :UInt64;
+}
+
+struct BlockCommit {
+  id @0 :UInt64;
+  nComputed @1 :Int32;
+}
+
+struct BlockCandidate {
+  id @0 :UInt64;
+  newTokens @1 :List(Int32);
+  nTokens @2 :Int32;
+  started @3 :Bool;
+  nComputed @4 :Int32;
+  running @5 :Bool;
+  priority @6 :Priority = normal;
+}
+
+struct BlockPlanRequest {
+  planId @0 :UInt64;
+  reset @1 :Bool;
+  commits @2 :List(BlockCommit);
+  ended @3 :List(UInt64);
+  candidates @4 :List(BlockCandidate);
+  maxBatchTokens @5 :Int32;
+  maxBatchSize @6 :Int32;
+}
+
+struct PlannedSequence {
+  id @0 :UInt64;
+  nComputed @1 :Int32;
+  nNew @2 :Int32;
+  blockTable @3 :List(Int32);
+}
+
+struct BlockPlan {
+  planId @0 :UInt64;
+  chosen @1 :List(PlannedSequence);
+  preempted @2 :List(UInt64);
+  copies @3 :List(BlockCopy);
+  kvBlocksUsed @4 :Int32;
+  kvBlocksFree @5 :Int32;
+  prefixQueries @6 :UInt64;
+  prefixHits @7 :UInt64;
+}
+
+struct CachedResponse {
+  request @0 :GenerateRequest;
+  found @1 :Bool;
+  tokens @2 :List(Int32);
+  reason @3 :FinishReason;
 }
 
 # The root of every message on the wire.
@@ -162,5 +213,8 @@ struct Envelope {
     step @6 :Step;
     stepResult @7 :StepResult;
     replicaStats @8 :ReplicaStats;
+    blockPlanRequest @9 :BlockPlanRequest;
+    blockPlan @10 :BlockPlan;
+    cachedResponse @11 :CachedResponse;
   }
 }

@@ -170,7 +170,65 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setPreemptions(m.preemptions);
   b.setShardRestarts(m.shard_restarts);
   b.setSchedulerRestarts(m.scheduler_restarts);
+  b.setCacheRestarts(m.cache_restarts);
   b.setMalformedMessages(m.malformed_messages);
+}
+
+void put_ids(capnp::List<uint64_t>::Builder out, const std::vector<RequestId>& in) {
+  for (unsigned i = 0; i < in.size(); ++i) out.set(i, in[i]);
+}
+
+void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
+  b.setPlanId(m.plan_id);
+  b.setReset(m.reset);
+  auto commits = b.initCommits(list_size(m.commits.size(), "commits"));
+  for (unsigned i = 0; i < m.commits.size(); ++i) {
+    commits[i].setId(m.commits[i].id);
+    commits[i].setNComputed(m.commits[i].n_computed);
+  }
+  put_ids(b.initEnded(list_size(m.ended.size(), "ended")), m.ended);
+  auto cands = b.initCandidates(list_size(m.candidates.size(), "candidates"));
+  for (unsigned i = 0; i < m.candidates.size(); ++i) {
+    const BlockCandidate& c = m.candidates[i];
+    cands[i].setId(c.id);
+    put_ints(cands[i].initNewTokens(list_size(c.new_tokens.size(), "new_tokens")), c.new_tokens);
+    cands[i].setNTokens(c.n_tokens);
+    cands[i].setStarted(c.started);
+    cands[i].setNComputed(c.n_computed);
+    cands[i].setRunning(c.running);
+    cands[i].setPriority(static_cast<cs::Priority>(static_cast<uint16_t>(c.priority)));
+  }
+  b.setMaxBatchTokens(m.max_batch_tokens);
+  b.setMaxBatchSize(m.max_batch_size);
+}
+
+void put(cs::BlockPlan::Builder b, const BlockPlan& m) {
+  b.setPlanId(m.plan_id);
+  auto chosen = b.initChosen(list_size(m.chosen.size(), "chosen"));
+  for (unsigned i = 0; i < m.chosen.size(); ++i) {
+    const PlannedSequence& p = m.chosen[i];
+    chosen[i].setId(p.id);
+    chosen[i].setNComputed(p.n_computed);
+    chosen[i].setNNew(p.n_new);
+    put_ints(chosen[i].initBlockTable(list_size(p.block_table.size(), "block_table")), p.block_table);
+  }
+  put_ids(b.initPreempted(list_size(m.preempted.size(), "preempted")), m.preempted);
+  auto copies = b.initCopies(list_size(m.copies.size(), "copies"));
+  for (unsigned i = 0; i < m.copies.size(); ++i) {
+    copies[i].setSrc(m.copies[i].src);
+    copies[i].setDst(m.copies[i].dst);
+  }
+  b.setKvBlocksUsed(m.kv_blocks_used);
+  b.setKvBlocksFree(m.kv_blocks_free);
+  b.setPrefixQueries(m.prefix_queries);
+  b.setPrefixHits(m.prefix_hits);
+}
+
+void put(cs::CachedResponse::Builder b, const CachedResponse& m) {
+  put(b.initRequest(), m.request);
+  b.setFound(m.found);
+  put_ints(b.initTokens(list_size(m.tokens.size(), "tokens")), m.tokens);
+  b.setReason(static_cast<cs::FinishReason>(static_cast<uint16_t>(m.reason)));
 }
 
 struct PutInEnvelope {
@@ -183,6 +241,9 @@ struct PutInEnvelope {
   void operator()(const Step& m) { put(env.initStep(), m); }
   void operator()(const StepResult& m) { put(env.initStepResult(), m); }
   void operator()(const ReplicaStats& m) { put(env.initReplicaStats(), m); }
+  void operator()(const BlockPlanRequest& m) { put(env.initBlockPlanRequest(), m); }
+  void operator()(const BlockPlan& m) { put(env.initBlockPlan(), m); }
+  void operator()(const CachedResponse& m) { put(env.initCachedResponse(), m); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -451,6 +512,98 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   m.preemptions = r.getPreemptions();
   m.shard_restarts = r.getShardRestarts();
   m.scheduler_restarts = r.getSchedulerRestarts();
+  m.cache_restarts = r.getCacheRestarts();
+  return m;
+}
+
+std::vector<RequestId> read_request_ids(capnp::List<uint64_t>::Reader list, size_t max, const At& at, const char* field) {
+  check_count(list.size(), max, at, field);
+  std::vector<RequestId> out(list.size());
+  for (unsigned i = 0; i < list.size(); ++i) out[i] = list[i];
+  return out;
+}
+
+BlockPlanRequest read(cs::BlockPlanRequest::Reader r) {
+  const At at{"BlockPlanRequest"};
+  BlockPlanRequest m;
+  m.plan_id = r.getPlanId();
+  m.reset = r.getReset();
+  const auto commits = r.getCommits();
+  check_count(commits.size(), lim::kMaxPlanSequences, at, "commits");
+  m.commits.resize(commits.size());
+  for (unsigned i = 0; i < commits.size(); ++i) {
+    const At c_at{"BlockPlanRequest.commits", i};
+    m.commits[i].id = commits[i].getId();
+    m.commits[i].n_computed = in_range<int32_t>(commits[i].getNComputed(), 0, lim::kMaxPositions, c_at, "n_computed");
+  }
+  m.ended = read_request_ids(r.getEnded(), lim::kMaxPlanSequences, at, "ended");
+  const auto cands = r.getCandidates();
+  check_count(cands.size(), lim::kMaxPlanSequences, at, "candidates");
+  m.candidates.resize(cands.size());
+  for (unsigned i = 0; i < cands.size(); ++i) {
+    const At c_at{"BlockPlanRequest.candidates", i};
+    BlockCandidate& c = m.candidates[i];
+    c.id = cands[i].getId();
+    c.new_tokens = read_ids(cands[i].getNewTokens(), lim::kMaxPositions, c_at, "new_tokens");
+    c.n_tokens = in_range<int32_t>(cands[i].getNTokens(), 1, lim::kMaxPositions, c_at, "n_tokens");
+    if (static_cast<int64_t>(c.new_tokens.size()) > c.n_tokens)
+      reject(c_at, "new_tokens", std::to_string(c.new_tokens.size()) + " new tokens, more than n_tokens " + std::to_string(c.n_tokens));
+    c.started = cands[i].getStarted();
+    c.n_computed = in_range<int32_t>(cands[i].getNComputed(), 0, c.n_tokens, c_at, "n_computed");
+    c.running = cands[i].getRunning();
+    c.priority = read_enum<Priority>(cands[i].getPriority(), kPriorityClasses, c_at, "priority");
+  }
+  m.max_batch_tokens = in_range<int32_t>(r.getMaxBatchTokens(), 1, lim::kMaxPositions, at, "max_batch_tokens");
+  m.max_batch_size = in_range<int32_t>(r.getMaxBatchSize(), 1, static_cast<int32_t>(lim::kMaxStepSequences), at, "max_batch_size");
+  return m;
+}
+
+BlockPlan read(cs::BlockPlan::Reader r) {
+  const At at{"BlockPlan"};
+  BlockPlan m;
+  m.plan_id = r.getPlanId();
+  const auto chosen = r.getChosen();
+  check_count(chosen.size(), lim::kMaxStepSequences, at, "chosen");
+  m.chosen.resize(chosen.size());
+  for (unsigned i = 0; i < chosen.size(); ++i) {
+    const At p_at{"BlockPlan.chosen", i};
+    PlannedSequence& p = m.chosen[i];
+    p.id = chosen[i].getId();
+    p.n_computed = in_range<int32_t>(chosen[i].getNComputed(), 0, lim::kMaxPositions, p_at, "n_computed");
+    p.n_new = in_range<int32_t>(chosen[i].getNNew(), 1, lim::kMaxPositions, p_at, "n_new");
+    const int64_t positions = int64_t{p.n_computed} + p.n_new;
+    if (positions > lim::kMaxPositions)
+      reject(p_at, "n_new", "n_computed + n_new = " + std::to_string(positions) + " positions, more than " +
+                                std::to_string(lim::kMaxPositions));
+    p.block_table = read_ids(chosen[i].getBlockTable(), lim::kMaxPositions / lim::kBlockTokens, p_at, "block_table");
+    const int64_t needed = (positions + lim::kBlockTokens - 1) / lim::kBlockTokens;
+    if (static_cast<int64_t>(p.block_table.size()) < needed)
+      reject(p_at, "block_table", std::to_string(p.block_table.size()) + " blocks cover fewer than the " +
+                                      std::to_string(positions) + " positions (needs " + std::to_string(needed) + ")");
+  }
+  m.preempted = read_request_ids(r.getPreempted(), lim::kMaxPlanSequences, at, "preempted");
+  const auto copies = r.getCopies();
+  check_count(copies.size(), lim::kMaxStepCopies, at, "copies");
+  m.copies.resize(copies.size());
+  for (unsigned i = 0; i < copies.size(); ++i) {
+    const At copy_at{"BlockPlan.copies", i};
+    m.copies[i].src = non_negative(copies[i].getSrc(), copy_at, "src");
+    m.copies[i].dst = non_negative(copies[i].getDst(), copy_at, "dst");
+  }
+  m.kv_blocks_used = non_negative(r.getKvBlocksUsed(), at, "kv_blocks_used");
+  m.kv_blocks_free = non_negative(r.getKvBlocksFree(), at, "kv_blocks_free");
+  m.prefix_queries = r.getPrefixQueries();
+  m.prefix_hits = in_range<uint64_t>(r.getPrefixHits(), 0, m.prefix_queries, at, "prefix_hits");
+  return m;
+}
+
+CachedResponse read(cs::CachedResponse::Reader r) {
+  const At at{"CachedResponse"};
+  CachedResponse m;
+  m.request = read(r.getRequest());
+  m.found = r.getFound();
+  m.tokens = read_ids(r.getTokens(), static_cast<size_t>(lim::kMaxMaxTokens), at, "tokens");
+  m.reason = read_enum<FinishReason>(r.getReason(), static_cast<int>(FinishReason::cancelled) + 1, at, "reason");
   return m;
 }
 
@@ -464,6 +617,9 @@ Message read(cs::Envelope::Reader env) {
     case cs::Envelope::STEP: return read(env.getStep());
     case cs::Envelope::STEP_RESULT: return read(env.getStepResult());
     case cs::Envelope::REPLICA_STATS: return read(env.getReplicaStats());
+    case cs::Envelope::BLOCK_PLAN_REQUEST: return read(env.getBlockPlanRequest());
+    case cs::Envelope::BLOCK_PLAN: return read(env.getBlockPlan());
+    case cs::Envelope::CACHED_RESPONSE: return read(env.getCachedResponse());
   }
   throw Error(ErrorCode::invalid_argument,
               "Envelope: unknown message kind " + std::to_string(static_cast<uint16_t>(env.which())));
@@ -556,7 +712,8 @@ DecodeResult decode_bytes(const uint8_t* data, size_t n_bytes) {
 const char* message_name(const Message& m) {
   // Indexed by the variant's alternatives, in order.
   static constexpr const char* kNames[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
-                                           "Cancel",          "Step",       "StepResult", "ReplicaStats"};
+                                           "Cancel",          "Step",       "StepResult", "ReplicaStats",
+                                           "BlockPlanRequest", "BlockPlan", "CachedResponse"};
   static_assert(std::size(kNames) == std::variant_size_v<Message>);
   return m.index() < std::size(kNames) ? kNames[m.index()] : "valueless";
 }

@@ -26,7 +26,7 @@ struct WireMessage {
 };
 
 using Message = std::variant<GenerateRequest, TokenChunk, Finished, ErrorReply, Cancel, Step, StepResult,
-                             ReplicaStats>;
+                             ReplicaStats, BlockPlanRequest, BlockPlan, CachedResponse>;
 
 // Limits decode() enforces. Sizes are element counts, text lengths are bytes.
 namespace wire_limits {
@@ -44,6 +44,7 @@ constexpr int64_t kMaxPositions = int64_t{1} << 24;      // n_past + new tokens 
 constexpr int32_t kBlockTokens = 16;                     // KV block size the block tables are counted in
 constexpr size_t kMaxRecentTokens = size_t{1} << 20;
 constexpr size_t kMaxSampledTokens = kMaxStepSequences;  // at most one per StepSequence
+constexpr size_t kMaxPlanSequences = size_t{1} << 16;    // commits, ended ids, candidates, preempted ids of one plan
 }  // namespace wire_limits
 
 // Serializes `m` inside an Envelope with version = kProtocolVersion. Does not validate (the

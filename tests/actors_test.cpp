@@ -40,6 +40,13 @@ struct Replica {
     scheduler = sys.spawn(supervisor_actor, setup);  // the replica's entry point
   }
   ~Replica() { caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown); }
+  caf::actor current_cache() {
+    caf::scoped_actor probe{sys};
+    caf::actor out;
+    probe->request(scheduler, std::chrono::seconds(5), cache_atom::value)
+        .receive([&](const caf::actor& a) { out = a; }, [&](caf::error&) { FAIL("no cache"); });
+    return out;
+  }
   caf::actor current_shard() {
     caf::scoped_actor probe{sys};
     caf::actor out;
@@ -250,8 +257,27 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
   client->request(r.current_shard(), std::chrono::seconds(5), step_atom::value, WireMessage{{1, 2, 3}})
       .receive([&](const WireMessage& wm) { CHECK(std::holds_alternative<ErrorReply>(*decode(wm).message)); },
                [&](caf::error&) { FAIL("shard did not answer"); });
+  // The cache refuses bad plans and lookups (garbage, the wrong kind, and a well-formed plan that
+  // contradicts what it knows) and keeps its state.
+  const caf::actor cache = r.current_cache();
+  auto refused = [&](auto atom, const WireMessage& wm) {
+    client->request(cache, std::chrono::seconds(5), atom, wm)
+        .receive([&](const WireMessage& reply) { CHECK(std::holds_alternative<ErrorReply>(*decode(reply).message)); },
+                 [&](caf::error&) { FAIL("cache did not answer"); });
+  };
+  refused(plan_atom::value, WireMessage{{0xdeadbeefULL, 1, 2}});
+  refused(plan_atom::value, encode(Cancel{1}));
+  BlockPlanRequest lie;
+  lie.plan_id = 1;
+  lie.max_batch_tokens = 16;
+  lie.max_batch_size = 4;
+  lie.candidates.push_back(BlockCandidate{424242, {}, 30, true, 10, true, Priority::normal});  // tokens never sent
+  refused(plan_atom::value, encode(lie));
+  refused(lookup_atom::value, WireMessage{{3, 3, 3}});
+  client->send(cache, store_atom::value, WireMessage{{4, 4}});
   auto out = r.run({text_request(7, "Once upon a time", 20)});
   CHECK(out[7].tokens == solo(*r.model, text_request(7, "Once upon a time", 20)));
+  CHECK(r.current_cache() == cache);  // refused, not crashed
 
   // A request actor fed garbage in the middle of its stream ignores it and finishes normally.
   client->send(r.scheduler, generate_atom::value, encode(text_request(8, "Once upon a time", 20)));
@@ -293,6 +319,31 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
   const ReplicaStats stats = r.stats();
   CHECK(stats.shard_restarts == 2);
   CHECK(stats.scheduler_restarts == 0);
+}
+
+TEST_CASE("actors: killing the cache mid-stream: it is restarted and every request completes with its solo tokens",
+          "[actors][faults]") {
+  Replica r;
+  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 50), text_request(2, "The dog", 50, 0.9f),
+                                    text_request(3, "Lily and Tom", 50, 1.0f)};
+  int kills = 0;
+  auto out = r.run(reqs, [&](RequestId id, size_t n, caf::scoped_actor&) {
+    if (id == 2 && ((n == 8 && kills == 0) || (n == 30 && kills == 1))) {
+      caf::anon_send_exit(r.current_cache(), caf::exit_reason::kill);
+      ++kills;
+    }
+  });
+  CHECK(kills == 2);
+  for (const auto& q : reqs) {
+    REQUIRE(out[q.id].finished);
+    CHECK(out[q.id].finished->reason == FinishReason::length);
+    CHECK(out[q.id].tokens == solo(*r.model, q));  // run() also checks there is no gap and no duplicate
+  }
+  const ReplicaStats stats = r.stats();
+  CHECK(stats.cache_restarts == 2);
+  CHECK(stats.shard_restarts == 0);
+  CHECK(stats.running == 0);
+  CHECK(stats.kv_blocks_free + stats.kv_blocks_used == 64);
 }
 
 TEST_CASE("actors: a tensor-parallel replica (TP = 2) streams the tokens of TP = 1, and survives losing a rank", "[actors][tp]") {

@@ -469,3 +469,37 @@ TEST_CASE("scheduler + engine: the next turn of a conversation reuses the last p
   CHECK(h.out[2] == solo.out[2]);
   CHECK(solo.finished.at(2).cached_tokens == 0);
 }
+
+TEST_CASE("block planner: a request that contradicts what the cache knows is refused; a reset starts over", "[scheduler]") {
+  KvBlockManager m(8, true);
+  BlockPlanner planner(m);
+  BlockPlanRequest r;
+  r.plan_id = 1;
+  r.max_batch_tokens = 64;
+  r.max_batch_size = 4;
+  r.candidates.push_back(BlockCandidate{1, seq_tokens(20, 1), 20, false, 0, false, Priority::normal});
+  const BlockPlan p = planner.plan(r);
+  REQUIRE(p.chosen.size() == 1);
+  CHECK(p.chosen[0].n_new == 20);
+  CHECK(p.chosen[0].block_table.size() == 2);
+  CHECK(m.n_used() == 2);
+
+  BlockPlanRequest bad = r;
+  bad.candidates[0] = BlockCandidate{1, {}, 25, true, 20, true, Priority::normal};  // 5 tokens never sent
+  CHECK_THROWS_WITH(planner.plan(bad), Catch::Contains("sequence 1 has 25 tokens but 20 were sent"));
+  bad.candidates[0] = BlockCandidate{2, seq_tokens(4, 2), 4, true, 0, true, Priority::normal};  // holds no blocks
+  CHECK_THROWS_WITH(planner.plan(bad), Catch::Contains("holds none"));
+  bad.candidates.clear();
+  bad.commits.push_back({1, 21});  // more positions than tokens
+  CHECK_THROWS_WITH(planner.plan(bad), Catch::Contains("commits 21 positions"));
+
+  BlockPlanRequest reset;
+  reset.plan_id = 2;
+  reset.reset = true;
+  reset.max_batch_tokens = 64;
+  reset.max_batch_size = 4;
+  const BlockPlan after = planner.plan(reset);
+  CHECK(after.chosen.empty());
+  CHECK(m.n_free() == 8);
+  CHECK(m.check_invariants());
+}

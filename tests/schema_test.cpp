@@ -116,12 +116,42 @@ ReplicaStats sample_stats() {
   m.preemptions = 17;
   m.shard_restarts = 3;
   m.scheduler_restarts = 1;
+  m.cache_restarts = 4;
   return m;
 }
 
+BlockPlanRequest sample_plan_request() {
+  BlockPlanRequest m;
+  m.plan_id = 901;
+  m.reset = true;
+  m.commits = {{3, 48}, {4, 17}};
+  m.ended = {7, 8, 0xffffffffffull};
+  m.candidates = {BlockCandidate{3, {}, 49, true, 48, true, Priority::interactive},
+                  BlockCandidate{9, {1, 2, 3, 4, 5}, 5, false, 0, false, Priority::batch}};
+  m.max_batch_tokens = 256;
+  m.max_batch_size = 16;
+  return m;
+}
+
+BlockPlan sample_plan() {
+  BlockPlan m;
+  m.plan_id = 901;
+  m.chosen = {PlannedSequence{3, 48, 1, {0, 5, 9, 12}}, PlannedSequence{9, 0, 5, {13}}};
+  m.preempted = {4};
+  m.copies = {{2, 13}};
+  m.kv_blocks_used = 20;
+  m.kv_blocks_free = 44;
+  m.prefix_queries = 300;
+  m.prefix_hits = 120;
+  return m;
+}
+
+CachedResponse sample_cached() { return CachedResponse{sample_request(), true, {11, 12, 13}, FinishReason::length}; }
+
 std::vector<Message> every_kind() {
   return {sample_request(), sample_chunk(), sample_finished(), sample_error(),
-          sample_cancel(),  sample_step(),  sample_step_result(), sample_stats()};
+          sample_cancel(),  sample_step(),  sample_step_result(), sample_stats(),
+          sample_plan_request(), sample_plan(), sample_cached()};
 }
 
 // ---- field-by-field comparisons ----
@@ -222,6 +252,59 @@ void require_equal(const ReplicaStats& a, const ReplicaStats& b) {
   REQUIRE(a.preemptions == b.preemptions);
   REQUIRE(a.shard_restarts == b.shard_restarts);
   REQUIRE(a.scheduler_restarts == b.scheduler_restarts);
+  REQUIRE(a.cache_restarts == b.cache_restarts);
+}
+
+void require_equal(const BlockPlanRequest& a, const BlockPlanRequest& b) {
+  REQUIRE(a.plan_id == b.plan_id);
+  REQUIRE(a.reset == b.reset);
+  REQUIRE(a.commits.size() == b.commits.size());
+  for (size_t i = 0; i < a.commits.size(); ++i) {
+    REQUIRE(a.commits[i].id == b.commits[i].id);
+    REQUIRE(a.commits[i].n_computed == b.commits[i].n_computed);
+  }
+  REQUIRE(a.ended == b.ended);
+  REQUIRE(a.candidates.size() == b.candidates.size());
+  for (size_t i = 0; i < a.candidates.size(); ++i) {
+    const BlockCandidate &x = a.candidates[i], &y = b.candidates[i];
+    REQUIRE(x.id == y.id);
+    REQUIRE(x.new_tokens == y.new_tokens);
+    REQUIRE(x.n_tokens == y.n_tokens);
+    REQUIRE(x.started == y.started);
+    REQUIRE(x.n_computed == y.n_computed);
+    REQUIRE(x.running == y.running);
+    REQUIRE(x.priority == y.priority);
+  }
+  REQUIRE(a.max_batch_tokens == b.max_batch_tokens);
+  REQUIRE(a.max_batch_size == b.max_batch_size);
+}
+
+void require_equal(const BlockPlan& a, const BlockPlan& b) {
+  REQUIRE(a.plan_id == b.plan_id);
+  REQUIRE(a.chosen.size() == b.chosen.size());
+  for (size_t i = 0; i < a.chosen.size(); ++i) {
+    REQUIRE(a.chosen[i].id == b.chosen[i].id);
+    REQUIRE(a.chosen[i].n_computed == b.chosen[i].n_computed);
+    REQUIRE(a.chosen[i].n_new == b.chosen[i].n_new);
+    REQUIRE(a.chosen[i].block_table == b.chosen[i].block_table);
+  }
+  REQUIRE(a.preempted == b.preempted);
+  REQUIRE(a.copies.size() == b.copies.size());
+  for (size_t i = 0; i < a.copies.size(); ++i) {
+    REQUIRE(a.copies[i].src == b.copies[i].src);
+    REQUIRE(a.copies[i].dst == b.copies[i].dst);
+  }
+  REQUIRE(a.kv_blocks_used == b.kv_blocks_used);
+  REQUIRE(a.kv_blocks_free == b.kv_blocks_free);
+  REQUIRE(a.prefix_queries == b.prefix_queries);
+  REQUIRE(a.prefix_hits == b.prefix_hits);
+}
+
+void require_equal(const CachedResponse& a, const CachedResponse& b) {
+  require_equal(a.request, b.request);
+  REQUIRE(a.found == b.found);
+  REQUIRE(a.tokens == b.tokens);
+  REQUIRE(a.reason == b.reason);
 }
 
 void require_equal(const Message& a, const Message& b) {
@@ -298,6 +381,9 @@ TEST_CASE("every message kind round-trips field by field", "[schema]") {
   require_equal(round_trip(sample_step()), sample_step());
   require_equal(round_trip(sample_step_result()), sample_step_result());
   require_equal(round_trip(sample_stats()), sample_stats());
+  require_equal(round_trip(sample_plan_request()), sample_plan_request());
+  require_equal(round_trip(sample_plan()), sample_plan());
+  require_equal(round_trip(sample_cached()), sample_cached());
 }
 
 TEST_CASE("default-constructed messages round-trip", "[schema]") {
@@ -310,6 +396,8 @@ TEST_CASE("default-constructed messages round-trip", "[schema]") {
   require_equal(round_trip(Step{}), Step{});
   require_equal(round_trip(StepResult{}), StepResult{});
   require_equal(round_trip(ReplicaStats{}), ReplicaStats{});
+  require_equal(round_trip(BlockPlan{}), BlockPlan{});
+  require_equal(round_trip(CachedResponse{}), CachedResponse{});
 }
 
 TEST_CASE("boundary values are accepted", "[schema]") {
@@ -351,7 +439,8 @@ TEST_CASE("boundary values are accepted", "[schema]") {
 
 TEST_CASE("message_name names each kind", "[schema]") {
   const char* expected[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
-                            "Cancel",          "Step",       "StepResult", "ReplicaStats"};
+                            "Cancel",          "Step",       "StepResult", "ReplicaStats",
+                            "BlockPlanRequest", "BlockPlan", "CachedResponse"};
   const auto all = every_kind();
   for (size_t i = 0; i < all.size(); ++i) REQUIRE(std::string(message_name(all[i])) == expected[i]);
 }
@@ -464,6 +553,33 @@ TEST_CASE("StepResult and ReplicaStats validation", "[schema]") {
   }
 }
 
+TEST_CASE("BlockPlanRequest, BlockPlan and CachedResponse validation", "[schema]") {
+  const BlockPlanRequest q = sample_plan_request();
+  rejects(q, [](BlockPlanRequest& m) { m.commits[1].n_computed = -1; }, "BlockPlanRequest.commits[1].n_computed");
+  rejects(q, [](BlockPlanRequest& m) { m.candidates[1].n_tokens = 0; }, "BlockPlanRequest.candidates[1].n_tokens");
+  rejects(q, [](BlockPlanRequest& m) { m.candidates[1].n_tokens = 4; }, "BlockPlanRequest.candidates[1].new_tokens");
+  rejects(q, [](BlockPlanRequest& m) { m.candidates[1].new_tokens[0] = -3; }, "BlockPlanRequest.candidates[1].new_tokens[0]");
+  rejects(q, [](BlockPlanRequest& m) { m.candidates[0].n_computed = 50; }, "BlockPlanRequest.candidates[0].n_computed");
+  rejects(q, [](BlockPlanRequest& m) { m.candidates[0].priority = static_cast<Priority>(3); }, "BlockPlanRequest.candidates[0].priority");
+  rejects(q, [](BlockPlanRequest& m) { m.max_batch_tokens = 0; }, "BlockPlanRequest.max_batch_tokens");
+  rejects(q, [](BlockPlanRequest& m) { m.max_batch_size = 0; }, "BlockPlanRequest.max_batch_size");
+  rejects(q, [](BlockPlanRequest& m) { m.ended.assign(lim::kMaxPlanSequences + 1, 1); }, "BlockPlanRequest.ended");
+
+  const BlockPlan p = sample_plan();
+  rejects(p, [](BlockPlan& m) { m.chosen[0].n_new = 0; }, "BlockPlan.chosen[0].n_new");
+  rejects(p, [](BlockPlan& m) { m.chosen[0].n_computed = -1; }, "BlockPlan.chosen[0].n_computed");
+  rejects(p, [](BlockPlan& m) { m.chosen[0].block_table.pop_back(); }, "BlockPlan.chosen[0].block_table");
+  rejects(p, [](BlockPlan& m) { m.chosen[1].block_table[0] = -1; }, "BlockPlan.chosen[1].block_table[0]");
+  rejects(p, [](BlockPlan& m) { m.copies[0].dst = -2; }, "BlockPlan.copies[0].dst");
+  rejects(p, [](BlockPlan& m) { m.kv_blocks_free = -1; }, "BlockPlan.kv_blocks_free");
+  rejects(p, [](BlockPlan& m) { m.prefix_hits = m.prefix_queries + 1; }, "BlockPlan.prefix_hits");
+
+  const CachedResponse c = sample_cached();
+  rejects(c, [](CachedResponse& m) { m.tokens[2] = -1; }, "CachedResponse.tokens[2]");
+  rejects(c, [](CachedResponse& m) { m.reason = static_cast<FinishReason>(9); }, "CachedResponse.reason");
+  rejects(c, [](CachedResponse& m) { m.request.max_tokens = 0; }, "GenerateRequest.max_tokens");
+}
+
 TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
   SECTION("wrong versions are rejected") {
     for (uint16_t v : {uint16_t{0}, uint16_t{kProtocolVersion + 1}, uint16_t{0xffff}}) {
@@ -487,8 +603,8 @@ TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
     WireMessage w = encode(Message{sample_cancel()});
     // Single segment: [segment table][root pointer][Envelope data: version (16 bits), which (16 bits)].
     REQUIRE(w.words[0] >> 32 == w.words.size() - 1);
-    w.words[2] = (w.words[2] & ~(uint64_t{0xffff} << 16)) | (uint64_t{9} << 16);
-    require_rejected(decode(w), "unknown message kind 9");
+    w.words[2] = (w.words[2] & ~(uint64_t{0xffff} << 16)) | (uint64_t{12} << 16);
+    require_rejected(decode(w), "unknown message kind 12");
   }
   SECTION("a null or absent body reads as the defaults") {
     // A sender that set the union tag but no body: the Cancel reads as Cancel{}.

@@ -1,0 +1,70 @@
+#include "actors/cache_actor.hpp"
+
+#include "actors/wire.hpp"
+#include "runtime/error.hpp"
+
+namespace celer {
+namespace {
+
+using Self = caf::stateful_actor<CacheState>;
+
+int64_t now_ms(Self* self) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
+}
+
+WireMessage refuse(Self* self, const std::string& why) {
+  ++self->state.malformed;
+  return encode(ErrorReply{0, ErrorKind::invalid_request, why});
+}
+
+// The CachedResponse in `wm`, or nullopt (counted as malformed).
+std::optional<CachedResponse> read_entry(Self* self, const WireMessage& wm) {
+  DecodeResult d = decode(wm);
+  if (!d.message || !std::holds_alternative<CachedResponse>(*d.message)) {
+    ++self->state.malformed;
+    return std::nullopt;
+  }
+  return std::move(std::get<CachedResponse>(*d.message));
+}
+
+}  // namespace
+
+caf::behavior cache_actor(Self* self, CacheSetup setup) {
+  auto& st = self->state;
+  st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
+  st.planner = std::make_unique<BlockPlanner>(*st.blocks);
+  st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);
+  return {
+      [=](plan_atom, const WireMessage& wm) -> WireMessage {
+        DecodeResult d = decode(wm);
+        if (!d.message) return refuse(self, d.error);
+        if (!std::holds_alternative<BlockPlanRequest>(*d.message))
+          return refuse(self, std::string("expected a BlockPlanRequest, got ") + message_name(*d.message));
+        try {
+          return encode(self->state.planner->plan(std::get<BlockPlanRequest>(*d.message)));
+        } catch (const Error& e) {
+          return refuse(self, e.what());
+        }
+      },
+      [=](lookup_atom, const WireMessage& wm) -> WireMessage {
+        std::optional<CachedResponse> q = read_entry(self, wm);
+        if (!q) return refuse(self, "expected a CachedResponse");
+        if (auto answer = self->state.responses->lookup(q->request, now_ms(self))) {
+          q->found = true;
+          q->tokens = std::move(answer->tokens);
+          q->reason = answer->reason;
+        } else {
+          q->found = false;
+          q->tokens.clear();
+        }
+        q->request.prompt_tokens.clear();  // the asker has them
+        return encode(*q);
+      },
+      [=](store_atom, const WireMessage& wm) {
+        if (std::optional<CachedResponse> e = read_entry(self, wm))
+          self->state.responses->insert(e->request, {std::move(e->tokens), e->reason}, now_ms(self));
+      },
+  };
+}
+
+}  // namespace celer
