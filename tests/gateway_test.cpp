@@ -1,0 +1,357 @@
+// The HTTP gateway of a `celer serve` in another process, through a Beast client and raw
+// sockets: routes, completions streamed and not (the same tokens as the client library),
+// errors with their statuses, limits, a slowloris client and a client that leaves mid-stream
+// while others keep being served.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <regex>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include "celer/client.hpp"
+
+extern char** environ;
+
+using namespace celer;
+using json = nlohmann::json;
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = net::ip::tcp;
+
+namespace {
+
+// `celer serve --port 0 --http-port 0 ...` as a child process; both ports from its output.
+class Server {
+ public:
+  explicit Server(const std::vector<std::string>& extra = {}) {
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    posix_spawn_file_actions_addclose(&actions, fds[0]);
+    std::vector<std::string> args{CELER_BIN, "serve", "--port", "0", "--http-port", "0"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    REQUIRE(posix_spawn(&pid_, CELER_BIN, &actions, nullptr, argv.data(), environ) == 0);
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    out_ = fdopen(fds[0], "r");
+    char line[1024] = {};
+    for (int i = 0; i < 2; ++i) {
+      REQUIRE(std::fgets(line, sizeof line, out_) != nullptr);
+      std::string s(line);
+      std::smatch m;
+      if (std::regex_search(s, m, std::regex(R"(http on 127\.0\.0\.1:(\d+))"))) http_port_ = static_cast<uint16_t>(std::stoi(m[1]));
+      else if (std::regex_search(s, m, std::regex(R"(on 127\.0\.0\.1:(\d+):)"))) port_ = static_cast<uint16_t>(std::stoi(m[1]));
+    }
+    REQUIRE(port_ != 0);
+    REQUIRE(http_port_ != 0);
+  }
+  ~Server() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    std::fclose(out_);
+  }
+  uint16_t port() const { return port_; }
+  uint16_t http_port() const { return http_port_; }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* out_ = nullptr;
+  uint16_t port_ = 0;
+  uint16_t http_port_ = 0;
+};
+
+struct Reply {
+  int status = 0;
+  std::string body;
+  std::string content_type;
+  json j() const { return json::parse(body); }
+};
+
+// One HTTP/1.1 connection (keep-alive: several requests may use it).
+class Conn {
+ public:
+  explicit Conn(uint16_t port) : socket_(ioc_) { socket_.connect({net::ip::make_address("127.0.0.1"), port}); }
+
+  Reply request(const std::string& method, const std::string& target, const std::string& body = {},
+                const std::vector<std::pair<std::string, std::string>>& headers = {}) {
+    http::request<http::string_body> req{http::string_to_verb(method), target, 11};
+    req.set(http::field::host, "127.0.0.1");
+    req.set(http::field::content_type, "application/json");
+    for (const auto& [k, v] : headers) req.set(k, v);
+    req.body() = body;
+    req.prepare_payload();
+    http::write(socket_, req);
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(64 << 20);
+    http::read(socket_, buffer_, parser);
+    Reply r;
+    r.status = static_cast<int>(parser.get().result_int());
+    r.body = parser.get().body();
+    r.content_type = std::string(parser.get()[http::field::content_type]);
+    return r;
+  }
+
+  tcp::socket& socket() { return socket_; }
+
+ private:
+  net::io_context ioc_;
+  tcp::socket socket_;
+  beast::flat_buffer buffer_;
+};
+
+Reply post(uint16_t port, const std::string& target, const json& body) { return Conn(port).request("POST", target, body.dump()); }
+
+// The "data: ..." payloads of an SSE body, in order.
+std::vector<std::string> sse_events(const std::string& body) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while ((pos = body.find("data: ", pos)) != std::string::npos) {
+    const size_t end = body.find("\n\n", pos);
+    REQUIRE(end != std::string::npos);
+    out.push_back(body.substr(pos + 6, end - pos - 6));
+    pos = end + 2;
+  }
+  return out;
+}
+
+std::string client_library_text(uint16_t port, const std::string& prompt, int max_tokens, float temperature, uint64_t seed) {
+  auto c = Client::connect("127.0.0.1", port);
+  REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(c));
+  RequestOptions o;
+  o.max_tokens = max_tokens;
+  o.ignore_eos = true;
+  o.sampling.temperature = temperature;
+  o.sampling.top_k = 0;
+  o.sampling.top_p = 1;
+  o.sampling.min_p = 0;
+  o.sampling.seed = seed;
+  auto r = std::get<std::unique_ptr<Client>>(c)->generate(prompt, o);
+  REQUIRE(std::holds_alternative<Completion>(r));
+  return std::get<Completion>(r).text;
+}
+
+}  // namespace
+
+TEST_CASE("gateway: health, models, routes", "[gateway]") {
+  Server server;
+  Conn conn(server.http_port());
+  Reply h = conn.request("GET", "/health");
+  CHECK(h.status == 200);
+  CHECK(h.j()["status"] == "ok");
+  Reply m = conn.request("GET", "/v1/models");  // the same connection: keep-alive
+  REQUIRE(m.status == 200);
+  CHECK(m.content_type == "application/json");
+  const std::string id = m.j()["data"][0]["id"];
+  CHECK(m.j()["object"] == "list");
+  CHECK(m.j()["data"][0]["max_model_len"] == 2048);
+  CHECK(conn.request("GET", "/v1/models/" + id).status == 200);
+  CHECK(conn.request("GET", "/v1/models/stories260K").status == 200);  // the file stem is an id too
+  Reply none = conn.request("GET", "/v1/nothing");
+  CHECK(none.status == 404);
+  CHECK(none.j()["error"]["type"] == "invalid_request_error");
+  CHECK(conn.request("GET", "/v1/completions").status == 405);
+  CHECK(conn.request("POST", "/health").status == 405);
+  Reply metrics = conn.request("GET", "/metrics");
+  CHECK(metrics.status == 200);
+  CHECK(metrics.content_type.find("text/plain") == 0);
+}
+
+TEST_CASE("gateway: completions carry the client library's tokens, streamed or not", "[gateway]") {
+  Server server;
+  const std::string expected = client_library_text(server.port(), "Once upon a time", 30, 0.9f, 17);
+  json body = {{"model", "stories260K"}, {"prompt", "Once upon a time"}, {"max_tokens", 30}, {"temperature", 0.9},
+               {"seed", 17}, {"ignore_eos", true}};
+  Reply r = post(server.http_port(), "/v1/completions", body);
+  REQUIRE(r.status == 200);
+  json j = r.j();
+  CHECK(j["object"] == "text_completion");
+  CHECK(j["id"].get<std::string>().rfind("cmpl-", 0) == 0);
+  CHECK(j["choices"][0]["text"] == expected);
+  CHECK(j["choices"][0]["finish_reason"] == "length");
+  CHECK(j["usage"]["completion_tokens"] == 30);
+  CHECK(j["usage"]["prompt_tokens"].get<int>() > 0);
+  CHECK(j["usage"]["total_tokens"] == j["usage"]["prompt_tokens"].get<int>() + 30);
+  CHECK(j["usage"]["prompt_tokens_details"]["cached_tokens"].is_number());
+
+  body["stream"] = true;
+  body["stream_options"] = {{"include_usage", true}};
+  Reply s = post(server.http_port(), "/v1/completions", body);
+  REQUIRE(s.status == 200);
+  CHECK(s.content_type == "text/event-stream");
+  auto events = sse_events(s.body);
+  REQUIRE(events.size() >= 12);
+  CHECK(events.back() == "[DONE]");
+  std::string text;
+  int content_chunks = 0;
+  for (size_t i = 0; i + 3 < events.size(); ++i) {
+    json c = json::parse(events[i]);
+    CHECK(c["object"] == "text_completion");
+    CHECK(c["choices"][0]["finish_reason"].is_null());
+    text += c["choices"][0]["text"].get<std::string>();
+    ++content_chunks;
+  }
+  CHECK(content_chunks >= 10);  // streamed token by token, not at the end
+  CHECK(text == expected);
+  json fin = json::parse(events[events.size() - 3]);
+  CHECK(fin["choices"][0]["finish_reason"] == "length");
+  json usage = json::parse(events[events.size() - 2]);
+  CHECK(usage["choices"].empty());
+  CHECK(usage["usage"]["completion_tokens"] == 30);
+
+  // Greedy is deterministic; n choices with a seed use seed, seed + 1, ...
+  json greedy = {{"prompt", "The dog"}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}};
+  CHECK(post(server.http_port(), "/v1/completions", greedy).j()["choices"][0]["text"] ==
+        client_library_text(server.port(), "The dog", 12, 0, 0));
+  json two = {{"prompt", "The dog"}, {"max_tokens", 12}, {"seed", 5}, {"n", 2}, {"ignore_eos", true}};
+  Reply n2 = post(server.http_port(), "/v1/completions", two);
+  REQUIRE(n2.status == 200);
+  REQUIRE(n2.j()["choices"].size() == 2);
+  CHECK(n2.j()["choices"][0]["index"] == 0);
+  CHECK(n2.j()["choices"][1]["index"] == 1);
+  CHECK(n2.j()["choices"][0]["text"] == client_library_text(server.port(), "The dog", 12, 1.0f, 5));
+  CHECK(n2.j()["choices"][1]["text"] == client_library_text(server.port(), "The dog", 12, 1.0f, 6));
+  CHECK(n2.j()["usage"]["completion_tokens"] == 24);
+}
+
+TEST_CASE("gateway: chat, logprobs and token prompts", "[gateway]") {
+  Server server;
+  json chat = {{"model", "stories260K"},
+               {"messages", {{{"role", "system"}, {"content", "Tell stories."}}, {{"role", "user"}, {"content", "A dog"}}}},
+               {"max_tokens", 8},
+               {"temperature", 0},
+               {"logprobs", true},
+               {"top_logprobs", 2}};
+  Reply r = post(server.http_port(), "/v1/chat/completions", chat);
+  REQUIRE(r.status == 200);
+  json j = r.j();
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["choices"][0]["message"]["role"] == "assistant");
+  const int n = j["usage"]["completion_tokens"];
+  CHECK(n >= 1);
+  auto& content = j["choices"][0]["logprobs"]["content"];
+  REQUIRE(static_cast<int>(content.size()) == n);
+  CHECK(content[0]["top_logprobs"].size() == 2);
+  CHECK(content[0]["logprob"].get<double>() <= 0);
+  // Greedy: the chosen token is the most likely one.
+  CHECK(content[0]["token"] == content[0]["top_logprobs"][0]["token"]);
+
+  chat["stream"] = true;
+  Reply s = post(server.http_port(), "/v1/chat/completions", chat);
+  REQUIRE(s.status == 200);
+  auto events = sse_events(s.body);
+  REQUIRE(events.size() >= 3);
+  json first = json::parse(events[0]);
+  CHECK(first["object"] == "chat.completion.chunk");
+  CHECK(first["choices"][0]["delta"]["role"] == "assistant");
+  std::string text;
+  for (size_t i = 1; i + 1 < events.size(); ++i) {
+    json c = json::parse(events[i]);
+    if (c["choices"][0]["delta"].contains("content")) text += c["choices"][0]["delta"]["content"].get<std::string>();
+  }
+  CHECK(text == j["choices"][0]["message"]["content"]);
+
+  Reply tokens = post(server.http_port(), "/v1/completions", {{"prompt", {1, 400, 30}}, {"max_tokens", 3}, {"logprobs", 1}});
+  REQUIRE(tokens.status == 200);
+  CHECK(tokens.j()["usage"]["prompt_tokens"] == 3);
+  CHECK(tokens.j()["choices"][0]["logprobs"]["tokens"].size() == tokens.j()["usage"]["completion_tokens"]);
+  CHECK(post(server.http_port(), "/v1/completions", {{"prompt", {1, 999999}}}).status == 400);
+}
+
+TEST_CASE("gateway: bad requests get OpenAI errors with the right status", "[gateway]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  Conn conn(port);
+  Reply malformed = conn.request("POST", "/v1/completions", "{\"prompt\": ");
+  CHECK(malformed.status == 400);
+  CHECK(malformed.j()["error"]["type"] == "invalid_request_error");
+  Reply type = conn.request("POST", "/v1/completions", R"({"prompt":"x","max_tokens":"ten"})");
+  CHECK(type.status == 400);
+  CHECK(type.j()["error"]["param"] == "max_tokens");
+  Reply model = conn.request("POST", "/v1/chat/completions", R"({"model":"gpt-4","messages":[{"role":"user","content":"x"}]})");
+  CHECK(model.status == 404);
+  CHECK(model.j()["error"]["code"] == "model_not_found");
+  std::string huge;
+  for (int i = 0; i < 700; ++i) huge += "Once upon a time ";
+  Reply too_long = conn.request("POST", "/v1/completions", json{{"prompt", huge}}.dump());
+  CHECK(too_long.status == 400);
+  CHECK(too_long.j()["error"]["code"] == "context_length_exceeded");
+  // The connection survived every error above.
+  CHECK(conn.request("GET", "/health").status == 200);
+
+  Reply big = Conn(port).request("POST", "/v1/completions", std::string(9 << 20, ' '));
+  CHECK(big.status == 413);
+  CHECK(big.j()["error"]["type"] == "invalid_request_error");
+  Reply header = Conn(port).request("GET", "/health", {}, {{"X-Big", std::string(20000, 'a')}});
+  CHECK(header.status == 431);
+  CHECK(Conn(port).request("GET", "/health").status == 200);
+}
+
+TEST_CASE("gateway: a slowloris client is closed after the request timeout; others are served", "[gateway]") {
+  Server server({"--http-request-timeout", "1500"});
+  const uint16_t port = server.http_port();
+  Conn slow(port);
+  const std::string partial = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n";
+  net::write(slow.socket(), net::buffer(partial));
+  const auto start = std::chrono::steady_clock::now();
+  // Meanwhile another client is served, more than once.
+  for (int i = 0; i < 3; ++i) {
+    CHECK(Conn(port).request("GET", "/health").status == 200);
+    CHECK(post(port, "/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 4}}).status == 200);
+  }
+  char c;
+  beast::error_code ec;
+  const size_t n = slow.socket().read_some(net::buffer(&c, 1), ec);  // blocks until the server closes
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(n == 0);
+  CHECK(ec);  // eof or reset
+  CHECK(waited > 1.0);
+  CHECK(waited < 6.0);
+}
+
+TEST_CASE("gateway: a client that leaves mid-stream does not disturb the others", "[gateway]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  for (int round = 0; round < 3; ++round) {
+    Conn leaver(port);
+    json body = {{"prompt", "Once upon a time"}, {"max_tokens", 1500}, {"ignore_eos", true}, {"stream", true}};
+    http::request<http::string_body> req{http::verb::post, "/v1/completions", 11};
+    req.set(http::field::host, "x");
+    req.body() = body.dump();
+    req.prepare_payload();
+    http::write(leaver.socket(), req);
+    // Wait for the first token to arrive, then hang up.
+    std::string got;
+    char buf[4096];
+    while (got.find("data: ") == std::string::npos) {
+      const size_t n = leaver.socket().read_some(net::buffer(buf));
+      got.append(buf, n);
+    }
+    leaver.socket().close();
+  }
+  // The server keeps serving, with the same answer as ever.
+  json greedy = {{"prompt", "The cat"}, {"max_tokens", 10}, {"temperature", 0}, {"ignore_eos", true}};
+  Reply r = post(port, "/v1/completions", greedy);
+  REQUIRE(r.status == 200);
+  CHECK(r.j()["choices"][0]["text"] == client_library_text(server.port(), "The cat", 10, 0, 0));
+  CHECK(Conn(port).request("GET", "/health").status == 200);
+}

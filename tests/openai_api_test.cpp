@@ -1,0 +1,297 @@
+// The OpenAI API mapping (runtime/openai_api.*) and the chat templates (runtime/chat_template.*):
+// fields, defaults, type errors naming the field, error JSON, SSE chunk format, every chat form.
+#include <catch2/catch.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/chat_template.hpp"
+#include "runtime/openai_api.hpp"
+
+using namespace celer;
+using namespace celer::openai;
+using json = nlohmann::json;
+
+namespace {
+
+ApiRequest ok(Endpoint e, const std::string& body) {
+  auto r = parse_request(e, body);
+  if (auto* err = std::get_if<ApiError>(&r)) FAIL(err->message);
+  return std::get<ApiRequest>(r);
+}
+
+ApiError bad(Endpoint e, const std::string& body) {
+  auto r = parse_request(e, body);
+  REQUIRE(std::holds_alternative<ApiError>(r));
+  return std::get<ApiError>(r);
+}
+
+json sse_json(const std::string& event) {
+  REQUIRE(event.rfind("data: ", 0) == 0);
+  REQUIRE(event.size() >= 8);
+  REQUIRE(event.substr(event.size() - 2) == "\n\n");
+  return json::parse(event.substr(6, event.size() - 8));
+}
+
+}  // namespace
+
+TEST_CASE("openai: completions defaults follow OpenAI, not celer", "[openai]") {
+  ApiRequest r = ok(Endpoint::completions, R"({"model":"m","prompt":"Once"})");
+  CHECK(r.model == "m");
+  CHECK(r.prompt_text == "Once");
+  CHECK_FALSE(r.prompt_is_tokens);
+  CHECK(r.generate.max_tokens == 0);  // not given: the gateway applies the endpoint default
+  CHECK(default_max_tokens(Endpoint::completions) == 16);
+  CHECK(default_max_tokens(Endpoint::chat) == kMaxMaxTokens);
+  CHECK(r.generate.sampling.temperature == 1.0f);
+  CHECK(r.generate.sampling.top_p == 1.0f);
+  CHECK(r.generate.sampling.top_k == 0);
+  CHECK(r.generate.sampling.min_p == 0.0f);
+  CHECK_FALSE(r.seed_given);
+  CHECK(r.n == 1);
+  CHECK_FALSE(r.stream);
+  CHECK(r.logprobs == -1);
+  CHECK(r.generate.logprobs == -1);
+  CHECK(r.generate.priority == Priority::normal);
+}
+
+TEST_CASE("openai: every field maps to the GenerateRequest", "[openai]") {
+  ApiRequest r = ok(Endpoint::completions, R"({"model":"m","prompt":"x","max_tokens":7,"temperature":0,"top_p":0.5,
+      "min_p":0.1,"top_k":5,"seed":-3,"stop":["a","b"],"n":3,"stream":true,"stream_options":{"include_usage":true},
+      "logprobs":2,"user":"alice","priority":"batch","session_id":"s1","ignore_eos":true,"repetition_penalty":1.1,
+      "frequency_penalty":0,"unknown_field":{"x":1}})");
+  CHECK(r.generate.max_tokens == 7);
+  CHECK(r.generate.sampling.temperature == 0.0f);
+  CHECK(r.generate.sampling.top_p == 0.5f);
+  CHECK(r.generate.sampling.min_p == Approx(0.1f));
+  CHECK(r.generate.sampling.top_k == 5);
+  CHECK(r.generate.sampling.seed == static_cast<uint64_t>(int64_t{-3}));
+  CHECK(r.seed_given);
+  CHECK(r.generate.stop == std::vector<std::string>{"a", "b"});
+  CHECK(r.n == 3);
+  CHECK(r.stream);
+  CHECK(r.include_usage);
+  CHECK(r.logprobs == 2);
+  CHECK(r.generate.logprobs == 2);
+  CHECK(r.generate.tenant == "alice");
+  CHECK(r.generate.priority == Priority::batch);
+  CHECK(r.generate.session_id == "s1");
+  CHECK(r.generate.ignore_eos);
+  CHECK(r.generate.sampling.repeat_penalty == Approx(1.1f));
+
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","stop":"end"})").generate.stop == std::vector<std::string>{"end"});
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","priority":0})").generate.priority == Priority::interactive);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","max_tokens":16.0})").generate.max_tokens == 16);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","max_tokens":99999999999})").generate.max_tokens == kMaxMaxTokens);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","top_k":-1})").generate.sampling.top_k == 0);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","temperature":null,"seed":null})").generate.sampling.temperature == 1.0f);
+  CHECK(ok(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"max_completion_tokens":9})").generate.max_tokens == 9);
+}
+
+TEST_CASE("openai: prompt forms", "[openai]") {
+  ApiRequest tokens = ok(Endpoint::completions, R"({"prompt":[1,2,3]})");
+  CHECK(tokens.prompt_is_tokens);
+  CHECK(tokens.prompt_tokens == std::vector<TokenId>{1, 2, 3});
+  CHECK(ok(Endpoint::completions, R"({"prompt":["one"]})").prompt_text == "one");
+  CHECK(ok(Endpoint::completions, R"({"prompt":[[4,5]]})").prompt_tokens == std::vector<TokenId>{4, 5});
+  CHECK(bad(Endpoint::completions, R"({"prompt":["a","b"]})").param == "prompt");
+  CHECK(bad(Endpoint::completions, R"({"prompt":[1,"b"]})").param == "prompt");
+  CHECK(bad(Endpoint::completions, R"({"prompt":[-1]})").param == "prompt");
+  CHECK(bad(Endpoint::completions, R"({"prompt":[]})").param == "prompt");
+  CHECK(bad(Endpoint::completions, R"({"prompt":5})").param == "prompt");
+  CHECK(bad(Endpoint::completions, R"({"model":"m"})").param == "prompt");
+}
+
+TEST_CASE("openai: chat messages and logprobs", "[openai]") {
+  ApiRequest r = ok(Endpoint::chat, R"({"messages":[{"role":"developer","content":"be brief"},
+      {"role":"user","content":[{"type":"text","text":"he"},{"type":"text","text":"llo"}]},
+      {"role":"assistant","content":null}],"logprobs":true,"top_logprobs":3})");
+  REQUIRE(r.messages.size() == 3);
+  CHECK(r.messages[0].role == "system");
+  CHECK(r.messages[1].content == "hello");
+  CHECK(r.messages[2].content.empty());
+  CHECK(r.logprobs == 3);
+  CHECK(ok(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"logprobs":true})").logprobs == 0);
+  CHECK(ok(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"logprobs":false})").logprobs == -1);
+  CHECK(bad(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"top_logprobs":2})").param == "top_logprobs");
+  CHECK(bad(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"logprobs":2})").param == "logprobs");
+  CHECK(bad(Endpoint::chat, R"({"messages":[]})").param == "messages");
+  CHECK(bad(Endpoint::chat, R"({"messages":"hi"})").param == "messages");
+  CHECK(bad(Endpoint::chat, R"({"messages":[{"role":"tool","content":"x"}]})").param == "messages[0].role");
+  CHECK(bad(Endpoint::chat, R"({"messages":[{"content":"x"}]})").param == "messages[0].role");
+  CHECK(bad(Endpoint::chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})").param ==
+        "messages[0].content");
+  CHECK(bad(Endpoint::completions, R"({"prompt":"x","logprobs":true})").param == "logprobs");
+  CHECK(bad(Endpoint::completions, R"({"prompt":"x","logprobs":21})").param == "logprobs");
+}
+
+TEST_CASE("openai: wrong types and ranges name the field", "[openai]") {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"("max_tokens":"ten")", "max_tokens"},     {R"("max_tokens":0)", "max_tokens"},
+      {R"("max_tokens":1.5)", "max_tokens"},       {R"("temperature":"hot")", "temperature"},
+      {R"("temperature":3)", "temperature"},       {R"("top_p":0)", "top_p"},
+      {R"("top_p":1.5)", "top_p"},                 {R"("min_p":-0.1)", "min_p"},
+      {R"("seed":"x")", "seed"},                   {R"("stop":5)", "stop"},
+      {R"("stop":["a",1])", "stop"},               {R"("stop":["a","b","c","d","e","f","g","h","i"])", "stop"},
+      {R"("n":0)", "n"},                           {R"("n":17)", "n"},
+      {R"("stream":"yes")", "stream"},             {R"("stream_options":{"include_usage":1})", "stream_options.include_usage"},
+      {R"("user":5)", "user"},                     {R"("priority":"urgent")", "priority"},
+      {R"("priority":3)", "priority"},             {R"("ignore_eos":1)", "ignore_eos"},
+      {R"("model":1)", "model"},                   {R"("echo":true)", "echo"},
+      {R"("repetition_penalty":0)", "repetition_penalty"}};
+  for (const auto& [field, param] : cases) {
+    INFO(field);
+    ApiError e = bad(Endpoint::completions, R"({"prompt":"x",)" + field + "}");
+    CHECK(e.status == 400);
+    CHECK(e.type == "invalid_request_error");
+    CHECK(e.param == param);
+    CHECK(e.message.find(param) != std::string::npos);
+  }
+}
+
+TEST_CASE("openai: malformed bodies are 400s, never exceptions", "[openai]") {
+  for (const std::string body : {"", "{", "[1,2]", "\"x\"", "{\"prompt\":\"\xff\"}", "null", "{\"prompt\":\"x\"} trailing"}) {
+    INFO(body);
+    CHECK(bad(Endpoint::completions, body).status == 400);
+  }
+  CHECK(bad(Endpoint::completions, "{bad").code == "invalid_json");
+  std::string deep(100000, '[');
+  CHECK(bad(Endpoint::completions, deep).status == 400);
+  std::string deep_obj = R"({"prompt":"x","a":)" + std::string(65, '[') + std::string(65, ']') + "}";
+  CHECK(bad(Endpoint::completions, deep_obj).status == 400);
+  // Brackets inside strings do not count as nesting.
+  CHECK(ok(Endpoint::completions, R"({"prompt":")" + std::string(200, '[') + R"("})").prompt_text.size() == 200);
+}
+
+TEST_CASE("openai: error JSON and the ErrorKind mapping", "[openai]") {
+  json j = json::parse(error_body(ApiError{404, "no such model", "invalid_request_error", "model", "model_not_found"}));
+  CHECK(j["error"]["message"] == "no such model");
+  CHECK(j["error"]["type"] == "invalid_request_error");
+  CHECK(j["error"]["param"] == "model");
+  CHECK(j["error"]["code"] == "model_not_found");
+  json n = json::parse(error_body(invalid_request("x")));
+  CHECK(n["error"]["param"].is_null());
+  CHECK(n["error"]["code"].is_null());
+
+  CHECK(error_from(ErrorKind::invalid_request, "m").status == 400);
+  CHECK(error_from(ErrorKind::prompt_too_long, "m").status == 400);
+  CHECK(error_from(ErrorKind::prompt_too_long, "m").code == "context_length_exceeded");
+  CHECK(error_from(ErrorKind::rate_limited, "m").status == 429);
+  CHECK(error_from(ErrorKind::queue_full, "m").status == 503);
+  CHECK(error_from(ErrorKind::unavailable, "m").status == 503);
+  CHECK(error_from(ErrorKind::deadline_exceeded, "m").status == 504);
+  CHECK(error_from(ErrorKind::internal, "m").status == 500);
+  CHECK(error_from(ErrorKind::internal, "boom").message == "boom");
+}
+
+TEST_CASE("openai: response bodies", "[openai]") {
+  ResponseMeta meta{Endpoint::completions, "cmpl-1", 123, "m"};
+  Choice c{"hello", FinishReason::length, true, {{"he", -0.5f, {{"he", -0.5f}, {"ha", -1.5f}}}, {"llo", -0.25f, {}}}};
+  json j = json::parse(response_body(meta, {c}, Usage{5, 2, 4}));
+  CHECK(j["id"] == "cmpl-1");
+  CHECK(j["object"] == "text_completion");
+  CHECK(j["created"] == 123);
+  CHECK(j["model"] == "m");
+  CHECK(j["choices"][0]["index"] == 0);
+  CHECK(j["choices"][0]["text"] == "hello");
+  CHECK(j["choices"][0]["finish_reason"] == "length");
+  CHECK(j["choices"][0]["logprobs"]["tokens"] == json({"he", "llo"}));
+  CHECK(j["choices"][0]["logprobs"]["token_logprobs"][1] == -0.25);
+  CHECK(j["choices"][0]["logprobs"]["top_logprobs"][0]["ha"] == -1.5);
+  CHECK(j["choices"][0]["logprobs"]["text_offset"] == json({0, 2}));
+  CHECK(j["usage"]["prompt_tokens"] == 5);
+  CHECK(j["usage"]["completion_tokens"] == 2);
+  CHECK(j["usage"]["total_tokens"] == 7);
+  CHECK(j["usage"]["prompt_tokens_details"]["cached_tokens"] == 4);
+
+  meta.endpoint = Endpoint::chat;
+  json chat = json::parse(response_body(meta, {c, Choice{"x", FinishReason::stop, false, {}}}, Usage{}));
+  CHECK(chat["object"] == "chat.completion");
+  CHECK(chat["choices"][0]["message"]["role"] == "assistant");
+  CHECK(chat["choices"][0]["message"]["content"] == "hello");
+  CHECK(chat["choices"][0]["logprobs"]["content"][0]["token"] == "he");
+  CHECK(chat["choices"][0]["logprobs"]["content"][0]["bytes"] == json({104, 101}));
+  CHECK(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"] == "ha");
+  CHECK(chat["choices"][1]["index"] == 1);
+  CHECK(chat["choices"][1]["logprobs"].is_null());
+  CHECK(chat["choices"][1]["finish_reason"] == "stop");
+
+  // Invalid UTF-8 in generated text is replaced, never thrown on.
+  json broken = json::parse(response_body(meta, {Choice{"a\xff", FinishReason::stop, false, {}}}, Usage{}));
+  CHECK(broken["choices"][0]["message"]["content"] == "a\xEF\xBF\xBD");
+}
+
+TEST_CASE("openai: SSE chunks", "[openai]") {
+  ResponseMeta chat{Endpoint::chat, "chatcmpl-1", 9, "m"};
+  json role = sse_json(sse_role_chunk(chat, 0));
+  CHECK(role["object"] == "chat.completion.chunk");
+  CHECK(role["choices"][0]["delta"]["role"] == "assistant");
+  CHECK(role["choices"][0]["delta"]["content"] == "");
+  CHECK(role["choices"][0]["finish_reason"].is_null());
+  json content = sse_json(sse_content_chunk(chat, 1, "tok", false, {}, 0));
+  CHECK(content["choices"][0]["index"] == 1);
+  CHECK(content["choices"][0]["delta"]["content"] == "tok");
+  CHECK(content["choices"][0]["logprobs"].is_null());
+  json fin = sse_json(sse_finish_chunk(chat, 0, FinishReason::stop));
+  CHECK(fin["choices"][0]["delta"] == json::object());
+  CHECK(fin["choices"][0]["finish_reason"] == "stop");
+  json usage = sse_json(sse_usage_chunk(chat, Usage{3, 4, 0}));
+  CHECK(usage["choices"] == json::array());
+  CHECK(usage["usage"]["total_tokens"] == 7);
+  CHECK(sse_done_event() == "data: [DONE]\n\n");
+  json err = sse_json(sse_error_event(error_from(ErrorKind::internal, "lost")));
+  CHECK(err["error"]["message"] == "lost");
+
+  ResponseMeta cmpl{Endpoint::completions, "cmpl-1", 9, "m"};
+  json c = sse_json(sse_content_chunk(cmpl, 0, "ab", true, {{"ab", -1.0f, {}}}, 10));
+  CHECK(c["object"] == "text_completion");
+  CHECK(c["choices"][0]["text"] == "ab");
+  CHECK(c["choices"][0]["logprobs"]["text_offset"] == json({10}));
+  CHECK(sse_json(sse_finish_chunk(cmpl, 0, FinishReason::length))["choices"][0]["text"] == "");
+}
+
+TEST_CASE("openai: models list", "[openai]") {
+  json j = json::parse(models_body({"stories"}, 5, 2048));
+  CHECK(j["object"] == "list");
+  CHECK(j["data"][0]["id"] == "stories");
+  CHECK(j["data"][0]["object"] == "model");
+  CHECK(j["data"][0]["max_model_len"] == 2048);
+}
+
+TEST_CASE("chat templates: each family is recognised and rendered", "[chat_template]") {
+  const std::vector<ChatMessage> conv = {{"system", "S"}, {"user", "U1"}, {"assistant", "A1"}, {"user", "U2"}};
+  CHECK(detect_chat_format("{% for m in messages %}{{'<|im_start|>' + m['role']}}") == ChatFormat::chatml);
+  CHECK(render_chat(ChatFormat::chatml, conv) ==
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n");
+
+  CHECK(detect_chat_format("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}") == ChatFormat::llama3);
+  CHECK(render_chat(ChatFormat::llama3, {{"user", "U"}}) ==
+        "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+
+  CHECK(detect_chat_format("[INST] <<SYS>>\\n' + system + '\\n<</SYS>>") == ChatFormat::llama2);
+  CHECK(render_chat(ChatFormat::llama2, conv) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]");
+
+  CHECK(detect_chat_format("{{ '[INST] ' + message['content'] + ' [/INST]' }}") == ChatFormat::mistral);
+  CHECK(render_chat(ChatFormat::mistral, conv) == "[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]");
+
+  CHECK(detect_chat_format("{{ '<|user|>\\n' + message['content'] + eos_token }}") == ChatFormat::zephyr);
+  CHECK(render_chat(ChatFormat::zephyr, {{"system", "S"}, {"user", "U"}}) == "<|system|>\nS</s>\n<|user|>\nU</s>\n<|assistant|>\n");
+
+  CHECK(detect_chat_format("{{'<|user|>' + '\\n' + message['content'] + '<|end|>'}}") == ChatFormat::phi3);
+  CHECK(render_chat(ChatFormat::phi3, {{"user", "U"}}) == "<|user|>\nU<|end|>\n<|assistant|>\n");
+
+  CHECK(detect_chat_format("{{ '<start_of_turn>' + role + '\\n' }}") == ChatFormat::gemma);
+  CHECK(render_chat(ChatFormat::gemma, conv) ==
+        "<start_of_turn>user\nS\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n<start_of_turn>user\nU2<end_of_turn>\n"
+        "<start_of_turn>model\n");
+}
+
+TEST_CASE("chat templates: the fallback", "[chat_template]") {
+  CHECK(detect_chat_format("") == ChatFormat::fallback);
+  CHECK(detect_chat_format("{{ something unknown }}") == ChatFormat::fallback);
+  CHECK(render_chat(ChatFormat::fallback, {{"system", "Be kind."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "Story?"}}) ==
+        "System: Be kind.\nUser: Hi\nAssistant: Hello\nUser: Story?\nAssistant:");
+  CHECK(chat_stop_strings(ChatFormat::fallback) == std::vector<std::string>{"\nUser:"});
+  CHECK(chat_stop_strings(ChatFormat::chatml) == std::vector<std::string>{"<|im_end|>"});
+  CHECK(std::string(to_string(ChatFormat::gemma)) == "gemma");
+}
