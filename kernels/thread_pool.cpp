@@ -2,6 +2,8 @@
 
 #include "kernels/cpu_features.hpp"
 
+#include <thread>
+
 namespace celer {
 namespace {
 
@@ -43,7 +45,13 @@ void ThreadPool::run_impl(void* ctx, Trampoline call) {
     wake_.notify_all();
   }
   call(ctx, 0);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  // Wait for the workers: spin first (they are usually a few microseconds behind), then yield.
+  // On a machine with more runnable threads than cores (a client, the actors) a worker may have
+  // lost its core: spinning here would hold the core it needs for a whole time slice.
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < kSpinIterations) cpu_relax();
+    else std::this_thread::yield();
+  }
 }
 
 void ThreadPool::worker(int index) {
