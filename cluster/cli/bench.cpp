@@ -1,4 +1,5 @@
-// celer bench: drive a running `celer serve` like vLLM's `vllm bench serve` (DESIGN.md §9).
+// celer bench: drive a running `celer serve` like vLLM's `vllm bench serve` (DESIGN.md §9),
+// through the client library (--connect) or the OpenAI HTTP API (--url, cluster/cli/bench_http.*).
 // Open-loop Poisson arrivals at --request-rate, optionally capped at --max-concurrency requests
 // in flight, over a synthetic dataset of token-id prompts; reports TTFT, TPOT, ITL and
 // end-to-end latency, throughput and the prefix-cache hit rate, on stdout and as JSON.
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "celer/client.hpp"
+#include "cluster/cli/bench_http.hpp"
 #include "cluster/cli/commands.hpp"
 #include "runtime/error.hpp"
 #include "runtime/workload.hpp"
@@ -40,7 +42,9 @@ namespace wl = celer::workload;
 constexpr size_t kMaxWorkers = 1024;
 
 struct BenchArgs {
-  std::string connect;  // HOST:PORT
+  std::string connect;  // HOST:PORT (client library)
+  std::string url;      // http://HOST:PORT (OpenAI HTTP API)
+  std::string model;    // --url: the request's model field
   std::string request_rate = "inf";
   int max_concurrency = 0;
   std::string dataset = "random";
@@ -84,7 +88,8 @@ double seconds_since(clock_type::time_point start) {
 }
 
 struct Runner {
-  Client& client;
+  Client* client;           // --connect
+  const HttpTarget* http;   // --url
   const wl::Dataset& data;
   const std::vector<double>& arrivals;  // [jobs]: seconds after start
   RequestOptions options;               // max_tokens and session_id are set per request
@@ -114,8 +119,20 @@ struct Runner {
     wl::RequestRecord rec;
     rec.session = r.session;
     rec.turn = r.turn;
+    if (http) {
+      HttpRequestOptions h;
+      h.max_tokens = o.max_tokens;
+      h.temperature = o.sampling.temperature;
+      h.seed = o.sampling.seed;
+      h.ignore_eos = o.ignore_eos;
+      h.session_id = o.session_id;
+      wl::RequestRecord hr = http_stream(*http, prompt, h, start, output);
+      hr.session = r.session;
+      hr.turn = r.turn;
+      return hr;
+    }
     rec.send_s = seconds_since(start);
-    Client::Stream stream = client.stream_tokens(std::move(prompt), o);
+    Client::Stream stream = client->stream_tokens(std::move(prompt), o);
     while (auto chunk = stream.next()) {
       const double t = seconds_since(start);
       rec.token_times_s.insert(rec.token_times_s.end(), chunk->tokens.size(), t);
@@ -240,7 +257,8 @@ nlohmann::json to_json(const BenchArgs& a, double rate, const wl::Summary& s,
   const wl::DatasetOptions& d = a.data;
   nlohmann::json j;
   j["label"] = a.label;
-  j["server"] = a.connect;
+  j["server"] = a.url.empty() ? a.connect : a.url;
+  j["transport"] = a.url.empty() ? "client-library" : "http";
   j["dataset"] = a.dataset;
   j["request_rate"] = std::isinf(rate) ? nlohmann::json("inf") : nlohmann::json(rate);
   j["max_concurrency"] = a.max_concurrency;
@@ -318,19 +336,28 @@ int run_bench(BenchArgs& a) {
   if (a.max_concurrency < 0)
     throw Error(ErrorCode::invalid_argument, "--max-concurrency must be 0 (unlimited) or more");
   if (a.temperature < 0) throw Error(ErrorCode::invalid_argument, "--temperature must not be negative");
-  const auto [host, port] = parse_host_port(a.connect);
+  if (a.connect.empty() == a.url.empty()) throw Error(ErrorCode::invalid_argument, "give one of --connect HOST:PORT and --url URL");
+  HttpTarget http;
+  if (!a.url.empty()) {
+    http = parse_url(a.url);
+    http.model = a.model;
+  }
+  const auto [host, port] = a.url.empty() ? parse_host_port(a.connect) : std::pair<std::string, uint16_t>{};
   const wl::Dataset data = wl::make_dataset(a.data);  // validates the dataset options
   const std::vector<double> arrivals = wl::arrival_times(data.jobs.size(), rate, a.data.seed);
 
-  auto connected = Client::connect(host, port);
-  if (auto* err = std::get_if<ClientError>(&connected)) throw Error(ErrorCode::io, err->message);
-  Client& client = *std::get<std::unique_ptr<Client>>(connected);
+  std::unique_ptr<Client> client;
+  if (a.url.empty()) {
+    auto connected = Client::connect(host, port);
+    if (auto* err = std::get_if<ClientError>(&connected)) throw Error(ErrorCode::io, err->message);
+    client = std::move(std::get<std::unique_ptr<Client>>(connected));
+  }
 
   RequestOptions options;
   options.sampling = SamplingParams{};
   options.sampling.temperature = a.temperature;
   options.ignore_eos = a.ignore_eos;
-  Runner runner{client, data, arrivals, options, a.data.seed, {}, {}};
+  Runner runner{client.get(), a.url.empty() ? nullptr : &http, data, arrivals, options, a.data.seed, {}, {}};
   runner.records.resize(data.jobs.size());
   const size_t limit = a.max_concurrency > 0 ? static_cast<size_t>(a.max_concurrency) : kMaxWorkers;
   const size_t n_workers = std::min(data.jobs.size(), limit);
@@ -339,7 +366,7 @@ int run_bench(BenchArgs& a) {
                  kMaxWorkers);
   const size_t total = data.num_requests();
   std::fprintf(stderr, "celer bench: %zu requests (%s) to %s, request rate %s, max concurrency %s\n", total,
-               a.dataset.c_str(), a.connect.c_str(), rate_text(rate).c_str(),
+               a.dataset.c_str(), (a.url.empty() ? a.connect : a.url).c_str(), rate_text(rate).c_str(),
                a.max_concurrency > 0 ? std::to_string(a.max_concurrency).c_str() : "unlimited");
 
   runner.start = clock_type::now();
@@ -379,7 +406,10 @@ Command add_bench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
   wl::DatasetOptions& d = a->data;
   CLI::App* c = app.add_subcommand("bench", "Benchmark a running `celer serve` (like `vllm bench serve`)");
-  c->add_option("--connect", a->connect, "HOST:PORT of the server")->required();
+  auto* connect = c->add_option("--connect", a->connect, "HOST:PORT of the server (through the client library)");
+  auto* url = c->add_option("--url", a->url, "http://HOST:PORT of an OpenAI-compatible server (celer's gateway)");
+  connect->excludes(url);
+  c->add_option("--model", a->model, "With --url: the model field of each request (celer needs none)");
   c->add_option("--request-rate", a->request_rate,
                 "Requests per second, Poisson arrivals (multi-turn: session starts); inf sends all at once")
       ->capture_default_str();

@@ -1,0 +1,194 @@
+#include "cluster/cli/bench_http.hpp"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include "runtime/error.hpp"
+
+namespace celer::cli {
+namespace {
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// An OpenAI error body's code (or type) as celer names errors, so a run's failures read the same
+// whichever transport carried them.
+std::string error_name(int status, const json& body) {
+  const json* e = body.is_object() && body.contains("error") ? &body["error"] : nullptr;
+  const std::string code = e && (*e).contains("code") && (*e)["code"].is_string() ? (*e)["code"].get<std::string>() : "";
+  if (code == "context_length_exceeded") return "prompt_too_long";
+  if (status == 429) return "rate_limited";
+  if (status == 503) return code.empty() ? "unavailable" : code;
+  if (!code.empty()) return code;
+  return "http_" + std::to_string(status);
+}
+
+std::string error_message(const json& body, const std::string& fallback) {
+  if (body.is_object() && body.contains("error") && body["error"].contains("message") && body["error"]["message"].is_string())
+    return body["error"]["message"];
+  return fallback;
+}
+
+StageTimes stage_times(const json& t) {
+  StageTimes s;
+  auto get = [&](const char* k) { return t.contains(k) && t[k].is_number_integer() ? t[k].get<int64_t>() : int64_t{0}; };
+  s.received_us = get("received_us");
+  s.queued_us = get("queued_us");
+  s.admitted_us = get("admitted_us");
+  s.prefill_done_us = get("prefill_done_us");
+  s.first_token_us = get("first_token_us");
+  s.last_token_us = get("last_token_us");
+  s.finished_us = get("finished_us");
+  return s;
+}
+
+}  // namespace
+
+HttpTarget parse_url(const std::string& url) {
+  const std::string scheme = "http://";
+  if (url.rfind(scheme, 0) != 0) throw Error(ErrorCode::invalid_argument, "--url wants http://HOST:PORT, not '" + url + "'");
+  std::string rest = url.substr(scheme.size());
+  std::string prefix;
+  if (const auto slash = rest.find('/'); slash != std::string::npos) {
+    prefix = rest.substr(slash);
+    rest = rest.substr(0, slash);
+    while (!prefix.empty() && prefix.back() == '/') prefix.pop_back();
+  }
+  const auto colon = rest.rfind(':');
+  if (colon == std::string::npos || colon + 1 == rest.size() || colon == 0)
+    throw Error(ErrorCode::invalid_argument, "--url: give HOST:PORT in '" + url + "'");
+  HttpTarget t;
+  t.host = rest.substr(0, colon);
+  t.port = rest.substr(colon + 1);
+  if (t.port.find_first_not_of("0123456789") != std::string::npos)
+    throw Error(ErrorCode::invalid_argument, "--url: bad port in '" + url + "'");
+  t.path = (prefix.empty() ? std::string("/v1") : prefix) + "/completions";
+  return t;
+}
+
+workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<TokenId>& prompt,
+                                    const HttpRequestOptions& o, std::chrono::steady_clock::time_point start,
+                                    std::vector<TokenId>& output) {
+  workload::RequestRecord rec;
+  json body = {{"prompt", prompt},
+               {"max_tokens", o.max_tokens},
+               {"temperature", o.temperature},
+               {"seed", o.seed},
+               {"ignore_eos", o.ignore_eos},
+               {"stream", true},
+               {"stream_options", {{"include_usage", true}}},
+               {"return_token_ids", true},
+               {"return_stage_times", true}};
+  if (!target.model.empty()) body["model"] = target.model;
+  if (!o.session_id.empty()) body["session_id"] = o.session_id;
+  rec.send_s = seconds_since(start);
+  try {
+    asio::io_context io;
+    tcp::resolver resolver(io);
+    beast::tcp_stream stream(io);
+    stream.connect(resolver.resolve(target.host, target.port));
+    http::request<http::string_body> req{http::verb::post, target.path, 11};
+    req.set(http::field::host, target.host);
+    req.set(http::field::content_type, "application/json");
+    req.set(http::field::accept, "text/event-stream");
+    req.body() = body.dump();
+    req.prepare_payload();
+    http::write(stream, req);
+
+    beast::flat_buffer buffer;
+    http::response_parser<http::buffer_body> parser;
+    parser.body_limit(boost::none);
+    http::read_header(stream, buffer, parser);
+    const int status = static_cast<int>(parser.get().result_int());
+    std::string pending;  // bytes of SSE not yet ending in a blank line
+    std::string error_body;
+    bool done = false;
+    char chunk[8192];
+    auto on_event = [&](const std::string& data) {
+      if (data == "[DONE]") {
+        done = true;
+        return;
+      }
+      const json ev = json::parse(data, nullptr, false);
+      if (ev.is_discarded()) return;
+      if (ev.contains("error")) {
+        rec.error = error_name(status, ev);
+        rec.error_message = error_message(ev, "error event in the stream");
+        return;
+      }
+      const double t = seconds_since(start);
+      if (ev.contains("choices") && ev["choices"].is_array())
+        for (const json& c : ev["choices"]) {
+          size_t n = 0;
+          if (c.contains("token_ids") && c["token_ids"].is_array()) {
+            for (const json& id : c["token_ids"]) output.push_back(id.get<TokenId>());
+            n = c["token_ids"].size();
+          } else if (c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty()) {
+            n = 1;  // a server that does not report token ids: one token per chunk
+          }
+          rec.token_times_s.insert(rec.token_times_s.end(), n, t);
+        }
+      if (ev.contains("usage") && ev["usage"].is_object()) {
+        const json& u = ev["usage"];
+        rec.prompt_tokens = u.value("prompt_tokens", 0);
+        rec.completion_tokens = u.value("completion_tokens", 0);
+        if (u.contains("prompt_tokens_details") && u["prompt_tokens_details"].is_object())
+          rec.cached_tokens = u["prompt_tokens_details"].value("cached_tokens", 0);
+      }
+      if (ev.contains("stage_times") && ev["stage_times"].is_object()) rec.times = stage_times(ev["stage_times"]);
+    };
+    while (!parser.is_done()) {
+      parser.get().body().data = chunk;
+      parser.get().body().size = sizeof chunk;
+      beast::error_code ec;
+      http::read_some(stream, buffer, parser, ec);  // returns as soon as some body arrived
+      if (ec == http::error::need_buffer) ec = {};
+      if (ec) throw beast::system_error(ec);
+      const size_t n = sizeof chunk - parser.get().body().size;
+      if (status != 200) {
+        error_body.append(chunk, n);
+        continue;
+      }
+      pending.append(chunk, n);
+      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+        const std::string event = pending.substr(0, end);
+        pending.erase(0, end + 2);
+        if (event.rfind("data: ", 0) == 0) on_event(event.substr(6));
+      }
+    }
+    rec.end_s = seconds_since(start);
+    beast::error_code ignored;
+    stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    if (status != 200) {
+      const json e = json::parse(error_body, nullptr, false);
+      rec.error = error_name(status, e);
+      rec.error_message = error_message(e, "HTTP " + std::to_string(status));
+      return rec;
+    }
+    if (!rec.error.empty()) return rec;
+    if (!done) {
+      rec.error = "unavailable";
+      rec.error_message = "the stream ended without [DONE]";
+      return rec;
+    }
+    if (rec.completion_tokens == 0) rec.completion_tokens = static_cast<int32_t>(rec.token_times_s.size());
+    rec.ok = true;
+  } catch (const std::exception& e) {
+    rec.end_s = seconds_since(start);
+    rec.error = "unavailable";
+    rec.error_message = std::string("HTTP: ") + e.what();
+  }
+  return rec;
+}
+
+}  // namespace celer::cli

@@ -1,0 +1,44 @@
+// celer bench's HTTP transport: one streamed POST /v1/completions per request against celer's
+// OpenAI-compatible gateway (or any server that speaks the same SSE), with the prompt as token
+// ids. celer's gateway also returns each chunk's token ids and the request's stage times when
+// asked (return_token_ids, return_stage_times: docs/http.md), which multi-turn sessions and the
+// latency breakdown need; other servers' chunks count one token each.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/protocol.hpp"
+#include "runtime/workload.hpp"
+
+namespace celer::cli {
+
+struct HttpTarget {
+  std::string host;
+  std::string port;
+  std::string path = "/v1/completions";
+  std::string model;  // "" leaves the field out (celer serves one model)
+};
+
+// Parses http://HOST:PORT[/v1] (the /v1 prefix, if given, is kept in front of /completions).
+HttpTarget parse_url(const std::string& url);
+
+struct HttpRequestOptions {
+  int32_t max_tokens = 16;
+  float temperature = 0;
+  uint64_t seed = 0;
+  bool ignore_eos = true;
+  std::string session_id;
+};
+
+// Sends one request and records, like the client-library path, the send and end times, each
+// token's arrival, the counts, the stage times and the error (the HTTP status and OpenAI error
+// code). `output` receives the generated token ids (empty when the server does not send them).
+// Times are seconds since `start`.
+workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<TokenId>& prompt,
+                                    const HttpRequestOptions& options, std::chrono::steady_clock::time_point start,
+                                    std::vector<TokenId>& output);
+
+}  // namespace celer::cli
