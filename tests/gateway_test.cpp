@@ -306,7 +306,7 @@ TEST_CASE("gateway: bad requests get OpenAI errors with the right status", "[gat
   CHECK(Conn(port).request("GET", "/health").status == 200);
 }
 
-TEST_CASE("gateway: a slowloris client is closed after the request timeout; others are served", "[gateway]") {
+TEST_CASE("gateway: a slowloris client is closed after the request timeout while others are served", "[gateway]") {
   Server server({"--http-request-timeout", "1500"});
   const uint16_t port = server.http_port();
   Conn slow(port);
