@@ -75,7 +75,8 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
  public:
   OpenAIJob(Gateway::Impl* gw, std::shared_ptr<HttpExchange> ex, openai::ResponseMeta meta, const openai::ApiRequest& r)
       : gw_(gw), post_(gw->post), exchange_(std::move(ex)), meta_(std::move(meta)), stream_(r.stream),
-        include_usage_(r.include_usage), logprobs_(r.logprobs) {}
+        include_usage_(r.include_usage), logprobs_(r.logprobs), token_ids_(r.return_token_ids),
+        stage_times_(r.return_stage_times) {}
 
   void begin(size_t n) {
     choices_.resize(n);
@@ -137,17 +138,25 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
     cs.c.with_logprobs = logprobs_ >= 0;
     if (!stream_) {
       cs.c.logprobs.insert(cs.c.logprobs.end(), lps.begin(), lps.end());
+      if (token_ids_) {
+        if (!cs.c.token_ids) cs.c.token_ids.emplace();
+        cs.c.token_ids->insert(cs.c.token_ids->end(), chunk.tokens.begin(), chunk.tokens.end());
+      }
       return;
     }
     open_stream(cs, index);
-    if (chunk.text.empty() && lps.empty()) return;  // half a UTF-8 character: it comes with the next token
-    exchange_->write(openai::sse_content_chunk(meta_, index, chunk.text, logprobs_ >= 0, lps, cs.text_offset));
+    // Half a UTF-8 character waits for the next token, unless the client counts token ids.
+    if (chunk.text.empty() && lps.empty() && !(token_ids_ && !chunk.tokens.empty())) return;
+    exchange_->write(openai::sse_content_chunk(meta_, index, chunk.text, logprobs_ >= 0, lps, cs.text_offset,
+                                               token_ids_ ? &chunk.tokens : nullptr));
     cs.text_offset += static_cast<int64_t>(chunk.text.size());
   }
 
   void on_finished(ChoiceState& cs, int index, const Finished& fin) {
     cs.ended = true;
     cs.c.reason = fin.reason;
+    if (stage_times_) cs.c.times = fin.times;
+    if (token_ids_ && !cs.c.token_ids) cs.c.token_ids.emplace();
     ++gw_->counters.choices_finished;
     // The prompt is the same for every choice: counted once, from the first choice to end.
     if (!usage_set_) {
@@ -158,7 +167,7 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
     usage_.completion_tokens += fin.completion_tokens;
     if (stream_) {
       open_stream(cs, index);
-      exchange_->write(openai::sse_finish_chunk(meta_, index, fin.reason));
+      exchange_->write(openai::sse_finish_chunk(meta_, index, fin.reason, stage_times_ ? &fin.times : nullptr));
     }
     if (++n_ended_ == choices_.size()) complete();
   }
@@ -225,6 +234,8 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   bool stream_;
   bool include_usage_;
   int32_t logprobs_;
+  bool token_ids_;
+  bool stage_times_;
   std::vector<ChoiceState> choices_;
   size_t n_ended_ = 0;
   openai::Usage usage_;

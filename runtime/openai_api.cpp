@@ -272,6 +272,8 @@ void read_fields(const json& body, ApiRequest& r) {
   if (const json* v = field(body, "priority")) read_priority(*v, g);
   if (const json* v = field(body, "session_id")) g.session_id = get_string(*v, "session_id");
   if (const json* v = field(body, "ignore_eos")) g.ignore_eos = get_bool(*v, "ignore_eos");
+  if (const json* v = field(body, "return_token_ids")) r.return_token_ids = get_bool(*v, "return_token_ids");
+  if (const json* v = field(body, "return_stage_times")) r.return_stage_times = get_bool(*v, "return_stage_times");
   if (const json* v = field(body, "echo"); v && get_bool(*v, "echo"))
     fail("echo", "'echo' is not supported");
   if (const json* v = field(body, "best_of"); v && get_int(*v, "best_of", 1, kMaxChoices) != r.n)
@@ -385,6 +387,13 @@ json usage_json(const Usage& u) {
           {"prompt_tokens_details", {{"cached_tokens", u.cached_tokens}}}};
 }
 
+json stage_times_json(const StageTimes& t) {
+  return {{"received_us", t.received_us},         {"queued_us", t.queued_us},
+          {"admitted_us", t.admitted_us},         {"prefill_done_us", t.prefill_done_us},
+          {"first_token_us", t.first_token_us},   {"last_token_us", t.last_token_us},
+          {"finished_us", t.finished_us}};
+}
+
 json envelope(const ResponseMeta& m, bool chunk) {
   return {{"id", m.id}, {"object", object_name(m.endpoint, chunk)}, {"created", m.created}, {"model", m.model}};
 }
@@ -406,6 +415,8 @@ std::string response_body(const ResponseMeta& meta, const std::vector<Choice>& c
       choice["message"] = {{"role", "assistant"}, {"content", c.text}};
       choice["logprobs"] = c.with_logprobs ? chat_logprobs(c.logprobs) : json(nullptr);
     }
+    if (c.token_ids) choice["token_ids"] = *c.token_ids;
+    if (c.times) choice["stage_times"] = stage_times_json(*c.times);
     cs.push_back(std::move(choice));
   }
   j["choices"] = std::move(cs);
@@ -421,7 +432,8 @@ std::string sse_role_chunk(const ResponseMeta& meta, int index) {
 }
 
 std::string sse_content_chunk(const ResponseMeta& meta, int index, const std::string& text, bool with_logprobs,
-                              const std::vector<LogprobEntry>& logprobs, int64_t text_offset) {
+                              const std::vector<LogprobEntry>& logprobs, int64_t text_offset,
+                              const std::vector<TokenId>* token_ids) {
   json j = envelope(meta, true);
   json choice = {{"index", index}, {"finish_reason", nullptr}};
   if (meta.endpoint == Endpoint::completions) {
@@ -431,16 +443,18 @@ std::string sse_content_chunk(const ResponseMeta& meta, int index, const std::st
     choice["delta"] = {{"content", text}};
     choice["logprobs"] = with_logprobs ? chat_logprobs(logprobs) : json(nullptr);
   }
+  if (token_ids) choice["token_ids"] = *token_ids;
   j["choices"] = json::array({std::move(choice)});
   return sse(j);
 }
 
-std::string sse_finish_chunk(const ResponseMeta& meta, int index, FinishReason reason) {
+std::string sse_finish_chunk(const ResponseMeta& meta, int index, FinishReason reason, const StageTimes* times) {
   json j = envelope(meta, true);
   json choice = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish_reason_name(reason)}};
   if (meta.endpoint == Endpoint::completions) choice["text"] = "";
   else choice["delta"] = json::object();
   j["choices"] = json::array({std::move(choice)});
+  if (times) j["stage_times"] = stage_times_json(*times);
   return sse(j);
 }
 

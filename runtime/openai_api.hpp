@@ -59,6 +59,8 @@ struct ApiRequest {
   bool stream = false;
   bool include_usage = false;         // stream_options.include_usage
   int32_t logprobs = -1;              // -1: none; k: each token's logprob and the k most likely
+  bool return_token_ids = false;      // extension: each chunk / choice also carries its token ids
+  bool return_stage_times = false;    // extension: each choice's StageTimes (for celer bench)
 };
 
 // Parses and validates a request body. Unknown fields are ignored (clients send many optional
@@ -81,6 +83,8 @@ struct Choice {
   FinishReason reason = FinishReason::stop;
   bool with_logprobs = false;
   std::vector<LogprobEntry> logprobs;  // one per token when with_logprobs
+  std::optional<std::vector<TokenId>> token_ids;  // when the request asked (return_token_ids)
+  std::optional<StageTimes> times;                // when the request asked (return_stage_times)
 };
 
 struct Usage {
@@ -107,9 +111,12 @@ std::string response_body(const ResponseMeta& meta, const std::vector<Choice>& c
 // text and its finish_reason. usage_chunk (choices: []) comes after every choice ended, when the
 // client asked for it, then done_event.
 std::string sse_role_chunk(const ResponseMeta& meta, int index);
+// token_ids (may be null) and times (may be null) are the extensions return_token_ids and
+// return_stage_times: "token_ids" in the choice, "stage_times" beside "choices".
 std::string sse_content_chunk(const ResponseMeta& meta, int index, const std::string& text, bool with_logprobs,
-                              const std::vector<LogprobEntry>& logprobs, int64_t text_offset);
-std::string sse_finish_chunk(const ResponseMeta& meta, int index, FinishReason reason);
+                              const std::vector<LogprobEntry>& logprobs, int64_t text_offset,
+                              const std::vector<TokenId>* token_ids = nullptr);
+std::string sse_finish_chunk(const ResponseMeta& meta, int index, FinishReason reason, const StageTimes* times = nullptr);
 std::string sse_usage_chunk(const ResponseMeta& meta, const Usage& usage);
 std::string sse_error_event(const ApiError& e);
 std::string sse_done_event();

@@ -134,7 +134,7 @@ std::vector<std::string> sse_events(const std::string& body) {
   return out;
 }
 
-std::string client_library_text(uint16_t port, const std::string& prompt, int max_tokens, float temperature, uint64_t seed) {
+Completion client_library(uint16_t port, const std::string& prompt, int max_tokens, float temperature, uint64_t seed) {
   auto c = Client::connect("127.0.0.1", port);
   REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(c));
   RequestOptions o;
@@ -147,7 +147,11 @@ std::string client_library_text(uint16_t port, const std::string& prompt, int ma
   o.sampling.seed = seed;
   auto r = std::get<std::unique_ptr<Client>>(c)->generate(prompt, o);
   REQUIRE(std::holds_alternative<Completion>(r));
-  return std::get<Completion>(r).text;
+  return std::get<Completion>(r);
+}
+
+std::string client_library_text(uint16_t port, const std::string& prompt, int max_tokens, float temperature, uint64_t seed) {
+  return client_library(port, prompt, max_tokens, temperature, seed).text;
 }
 
 }  // namespace
@@ -178,7 +182,8 @@ TEST_CASE("gateway: health, models, routes", "[gateway]") {
 
 TEST_CASE("gateway: completions carry the client library's tokens, streamed or not", "[gateway]") {
   Server server;
-  const std::string expected = client_library_text(server.port(), "Once upon a time", 30, 0.9f, 17);
+  const Completion lib = client_library(server.port(), "Once upon a time", 30, 0.9f, 17);
+  const std::string& expected = lib.text;
   json body = {{"model", "stories260K"}, {"prompt", "Once upon a time"}, {"max_tokens", 30}, {"temperature", 0.9},
                {"seed", 17}, {"ignore_eos", true}};
   Reply r = post(server.http_port(), "/v1/completions", body);
@@ -217,6 +222,24 @@ TEST_CASE("gateway: completions carry the client library's tokens, streamed or n
   json usage = json::parse(events[events.size() - 2]);
   CHECK(usage["choices"].empty());
   CHECK(usage["usage"]["completion_tokens"] == 30);
+
+  // Extensions for celer bench: each chunk's token ids, and the stage times with the end.
+  body["return_token_ids"] = true;
+  body["return_stage_times"] = true;
+  auto ext = sse_events(post(server.http_port(), "/v1/completions", body).body);
+  std::vector<TokenId> ids;
+  json times;
+  for (const auto& e : ext) {
+    if (e == "[DONE]") continue;
+    json c = json::parse(e);
+    if (c.contains("stage_times")) times = c["stage_times"];
+    for (const auto& ch : c["choices"])
+      if (ch.contains("token_ids")) for (const auto& id : ch["token_ids"]) ids.push_back(id.get<TokenId>());
+  }
+  CHECK(ids == lib.tokens);
+  REQUIRE(times.is_object());
+  CHECK(times["first_token_us"].get<int64_t>() >= times["received_us"].get<int64_t>());
+  CHECK(times["finished_us"].get<int64_t>() > 0);
 
   // Greedy is deterministic; n choices with a seed use seed, seed + 1, ...
   json greedy = {{"prompt", "The dog"}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}};

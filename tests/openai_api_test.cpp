@@ -185,7 +185,7 @@ TEST_CASE("openai: error JSON and the ErrorKind mapping", "[openai]") {
 
 TEST_CASE("openai: response bodies", "[openai]") {
   ResponseMeta meta{Endpoint::completions, "cmpl-1", 123, "m"};
-  Choice c{"hello", FinishReason::length, true, {{"he", -0.5f, {{"he", -0.5f}, {"ha", -1.5f}}}, {"llo", -0.25f, {}}}};
+  Choice c{"hello", FinishReason::length, true, {{"he", -0.5f, {{"he", -0.5f}, {"ha", -1.5f}}}, {"llo", -0.25f, {}}}, {}, {}};
   json j = json::parse(response_body(meta, {c}, Usage{5, 2, 4}));
   CHECK(j["id"] == "cmpl-1");
   CHECK(j["object"] == "text_completion");
@@ -204,7 +204,7 @@ TEST_CASE("openai: response bodies", "[openai]") {
   CHECK(j["usage"]["prompt_tokens_details"]["cached_tokens"] == 4);
 
   meta.endpoint = Endpoint::chat;
-  json chat = json::parse(response_body(meta, {c, Choice{"x", FinishReason::stop, false, {}}}, Usage{}));
+  json chat = json::parse(response_body(meta, {c, Choice{"x", FinishReason::stop, false, {}, {}, {}}}, Usage{}));
   CHECK(chat["object"] == "chat.completion");
   CHECK(chat["choices"][0]["message"]["role"] == "assistant");
   CHECK(chat["choices"][0]["message"]["content"] == "hello");
@@ -216,7 +216,7 @@ TEST_CASE("openai: response bodies", "[openai]") {
   CHECK(chat["choices"][1]["finish_reason"] == "stop");
 
   // Invalid UTF-8 in generated text is replaced, never thrown on.
-  json broken = json::parse(response_body(meta, {Choice{"a\xff", FinishReason::stop, false, {}}}, Usage{}));
+  json broken = json::parse(response_body(meta, {Choice{"a\xff", FinishReason::stop, false, {}, {}, {}}}, Usage{}));
   CHECK(broken["choices"][0]["message"]["content"] == "a\xEF\xBF\xBD");
 }
 
@@ -247,6 +247,27 @@ TEST_CASE("openai: SSE chunks", "[openai]") {
   CHECK(c["choices"][0]["text"] == "ab");
   CHECK(c["choices"][0]["logprobs"]["text_offset"] == json({10}));
   CHECK(sse_json(sse_finish_chunk(cmpl, 0, FinishReason::length))["choices"][0]["text"] == "");
+}
+
+TEST_CASE("openai: the token id and stage time extensions", "[openai]") {
+  ApiRequest r = ok(Endpoint::completions, R"({"prompt":"x","return_token_ids":true,"return_stage_times":true})");
+  CHECK(r.return_token_ids);
+  CHECK(r.return_stage_times);
+  CHECK(bad(Endpoint::completions, R"({"prompt":"x","return_token_ids":1})").param == "return_token_ids");
+  ResponseMeta meta{Endpoint::completions, "cmpl-1", 9, "m"};
+  const std::vector<TokenId> ids{7, 8};
+  CHECK(sse_json(sse_content_chunk(meta, 0, "", false, {}, 0, &ids))["choices"][0]["token_ids"] == json({7, 8}));
+  CHECK_FALSE(sse_json(sse_content_chunk(meta, 0, "a", false, {}, 0))["choices"][0].contains("token_ids"));
+  StageTimes t;
+  t.queued_us = 5;
+  t.first_token_us = 9;
+  json fin = sse_json(sse_finish_chunk(meta, 0, FinishReason::stop, &t));
+  CHECK(fin["stage_times"]["queued_us"] == 5);
+  CHECK(fin["stage_times"]["first_token_us"] == 9);
+  Choice c{"x", FinishReason::stop, false, {}, std::vector<TokenId>{3}, t};
+  json body = json::parse(response_body(meta, {c}, Usage{}));
+  CHECK(body["choices"][0]["token_ids"] == json({3}));
+  CHECK(body["choices"][0]["stage_times"]["queued_us"] == 5);
 }
 
 TEST_CASE("openai: models list", "[openai]") {
