@@ -1,8 +1,10 @@
 #include "actors/gateway.hpp"
 
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "runtime/chat_template.hpp"
@@ -41,7 +43,8 @@ struct Gateway::Impl {
   std::vector<std::string> model_ids;  // accepted in "model"; [0] is advertised
   ChatFormat chat_format = ChatFormat::fallback;
   int64_t created = unix_seconds();
-  GatewayCounters counters;
+  ServingMetrics metrics;
+  std::ofstream stage_log;  // I/O thread only; open when options.stage_log is set
   caf::actor actor;
   std::unique_ptr<HttpServer> server;
   std::function<void(std::function<void()>)> post;  // to the I/O thread; safe after stop
@@ -52,7 +55,7 @@ struct Gateway::Impl {
       : sys(s), replica(std::move(r)), model(std::move(m)), max_context(ctx), options(std::move(o)) {}
 
   void reply(HttpExchange& ex, int status, const std::string& type, std::string body) {
-    ++counters.responses_by_class[std::min(status / 100, 5)];
+    metrics.http_response(status);
     ex.respond(status, type, std::move(body));
   }
   void reply_error(HttpExchange& ex, const ApiError& e) { reply(ex, e.status, kJson, openai::error_body(e)); }
@@ -61,6 +64,7 @@ struct Gateway::Impl {
   void generate(Endpoint endpoint, const std::string& body, const std::shared_ptr<HttpExchange>& ex);
   std::variant<std::vector<GenerateRequest>, ApiError> build_requests(const openai::ApiRequest& r);
   void health(const std::shared_ptr<HttpExchange>& ex);
+  void metrics_page(const std::shared_ptr<HttpExchange>& ex);
 };
 
 namespace {
@@ -84,8 +88,7 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
     exchange_->on_gone([weak] {
       if (auto job = weak.lock()) job->client_gone();
     });
-    ++gw_->counters.active_requests;
-    ++gw_->counters.generation_requests;
+    for (size_t i = 0; i < n; ++i) gw_->metrics.request_started();
   }
 
   void deliver(size_t choice, Message event) override {
@@ -98,14 +101,25 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
     bool ended = false;
     bool role_sent = false;
     int64_t text_offset = 0;
+    std::chrono::steady_clock::time_point last_token;  // when its latest token was written
+    int64_t first_sent_us = 0, last_sent_us = 0;        // for the stage log
   };
+
+  // A choice ends once in the metrics: finished, failed or cancelled.
+  void end_choice(ChoiceState& cs, RequestOutcome outcome, std::optional<ErrorKind> kind = std::nullopt) {
+    if (cs.ended) return;
+    cs.ended = true;
+    gw_->metrics.request_ended(outcome, kind);
+  }
+
+  double since_start() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
 
   void on_event(size_t i, Message event) {
     if (done_ || i >= choices_.size()) return;
     if (auto* chunk = std::get_if<TokenChunk>(&event)) return on_chunk(choices_[i], static_cast<int>(i), *chunk);
     if (auto* fin = std::get_if<Finished>(&event)) return on_finished(choices_[i], static_cast<int>(i), *fin);
     if (auto* err = std::get_if<ErrorReply>(&event)) {
-      ++gw_->counters.choices_failed[std::min<size_t>(static_cast<size_t>(err->kind), 6)];
+      end_choice(choices_[i], RequestOutcome::error, err->kind);
       ApiError e = openai::error_from(err->kind, err->message);
       if (err->kind == ErrorKind::prompt_too_long) e.param = meta_.endpoint == Endpoint::chat ? "messages" : "prompt";
       fail(e);
@@ -133,6 +147,18 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   }
 
   void on_chunk(ChoiceState& cs, int index, const TokenChunk& chunk) {
+    // Latency as the client sees it: the first token's time from the request's arrival, then
+    // the gaps between tokens (a chunk of k tokens: one gap, then k - 1 zero gaps).
+    if (!chunk.tokens.empty()) {
+      const auto now = std::chrono::steady_clock::now();
+      for (size_t k = 0; k < chunk.tokens.size(); ++k) {
+        if (cs.first_sent_us == 0 && k == 0) gw_->metrics.observe_ttft(std::chrono::duration<double>(now - start_).count());
+        else gw_->metrics.observe_itl(k == 0 ? std::chrono::duration<double>(now - cs.last_token).count() : 0.0);
+      }
+      cs.last_token = now;
+      cs.last_sent_us = unix_us();
+      if (cs.first_sent_us == 0) cs.first_sent_us = cs.last_sent_us;
+    }
     auto lps = entries(chunk);
     cs.c.text += chunk.text;
     cs.c.with_logprobs = logprobs_ >= 0;
@@ -153,11 +179,15 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   }
 
   void on_finished(ChoiceState& cs, int index, const Finished& fin) {
-    cs.ended = true;
+    end_choice(cs, fin.reason == FinishReason::stop     ? RequestOutcome::finished_stop
+                   : fin.reason == FinishReason::length ? RequestOutcome::finished_length
+                                                        : RequestOutcome::cancelled);
+    gw_->metrics.observe_e2e(since_start());
+    gw_->metrics.observe_stages(fin.times);
     cs.c.reason = fin.reason;
     if (stage_times_) cs.c.times = fin.times;
     if (token_ids_ && !cs.c.token_ids) cs.c.token_ids.emplace();
-    ++gw_->counters.choices_finished;
+    log_stages(cs, index, fin);
     // The prompt is the same for every choice: counted once, from the first choice to end.
     if (!usage_set_) {
       usage_.prompt_tokens = fin.prompt_tokens;
@@ -176,8 +206,8 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   void open_stream(ChoiceState& cs, int index) {
     if (!headers_sent_) {
       headers_sent_ = true;
-      ++gw_->counters.responses_by_class[2];
-      ++gw_->counters.active_streams;
+      gw_->metrics.http_response(200);
+      gw_->metrics.stream_opened();
       exchange_->start_stream(200, "text/event-stream");
     }
     if (meta_.endpoint == Endpoint::chat && !cs.role_sent) {
@@ -199,8 +229,34 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
     close();
   }
 
+  // One JSON line per finished choice in the stage log: the replica's stage times and the
+  // gateway's own (received, first and last token written, end written).
+  void log_stages(const ChoiceState& cs, int index, const Finished& fin) {
+    if (!gw_->stage_log.is_open()) return;
+    const StageTimes& t = fin.times;
+    const nlohmann::json line = {{"id", meta_.id},
+                                 {"choice", index},
+                                 {"gateway_received_us", received_us_},
+                                 {"received_us", t.received_us},
+                                 {"queued_us", t.queued_us},
+                                 {"admitted_us", t.admitted_us},
+                                 {"prefill_done_us", t.prefill_done_us},
+                                 {"first_token_us", t.first_token_us},
+                                 {"last_token_us", t.last_token_us},
+                                 {"finished_us", t.finished_us},
+                                 {"first_sent_us", cs.first_sent_us},
+                                 {"last_sent_us", cs.last_sent_us},
+                                 {"sent_us", unix_us()},
+                                 {"prompt_tokens", fin.prompt_tokens},
+                                 {"completion_tokens", fin.completion_tokens},
+                                 {"cached_tokens", fin.cached_tokens},
+                                 {"finish_reason", openai::finish_reason_name(fin.reason)}};
+    gw_->stage_log << line.dump() << '\n' << std::flush;
+  }
+
   // One choice failed: the request fails (the other choices are cancelled).
   void fail(const ApiError& e) {
+    for (ChoiceState& cs : choices_) end_choice(cs, RequestOutcome::cancelled);
     if (n_ended_ + 1 < choices_.size()) caf::anon_send(gw_->actor, gw_cancel_atom::value, key);
     if (!headers_sent_) {
       gw_->reply_error(*exchange_, e);
@@ -214,7 +270,8 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
 
   void client_gone() {
     if (done_) return;
-    ++gw_->counters.client_disconnects;
+    gw_->metrics.client_disconnected();
+    for (ChoiceState& cs : choices_) end_choice(cs, RequestOutcome::cancelled);
     caf::anon_send(gw_->actor, gw_cancel_atom::value, key);
     close();
   }
@@ -222,8 +279,7 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   void close() {
     if (done_) return;
     done_ = true;
-    --gw_->counters.active_requests;
-    if (headers_sent_) --gw_->counters.active_streams;
+    if (headers_sent_) gw_->metrics.stream_closed();
     exchange_.reset();  // its session may go; later events are dropped
   }
 
@@ -242,6 +298,8 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   bool usage_set_ = false;
   bool headers_sent_ = false;
   bool done_ = false;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();  // the request's arrival
+  int64_t received_us_ = unix_us();
 };
 
 bool contains(const std::vector<std::string>& v, const std::string& s) {
@@ -251,7 +309,6 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
 }  // namespace
 
 void Gateway::Impl::handle(HttpRequest req, const std::shared_ptr<HttpExchange>& ex) {
-  ++counters.http_requests;
   auto only = [&](const char* method) {
     if (req.method == method) return true;
     reply_error(*ex, ApiError{405, "method " + req.method + " is not allowed on " + req.path + " (use " + method + ")",
@@ -274,20 +331,31 @@ void Gateway::Impl::handle(HttpRequest req, const std::shared_ptr<HttpExchange>&
   } else if (req.path == "/health") {
     if (only("GET")) health(ex);
   } else if (req.path == "/metrics") {
-    if (only("GET"))
-      reply(*ex, 200, "text/plain; version=0.0.4; charset=utf-8", options.metrics_text ? options.metrics_text() : "");
+    if (only("GET")) metrics_page(ex);
   } else {
     reply_error(*ex, ApiError{404, "no route " + req.method + " " + req.path, "invalid_request_error", "", "not_found"});
   }
 }
 
 void Gateway::Impl::health(const std::shared_ptr<HttpExchange>& ex) {
-  auto cb = std::make_shared<std::function<void(bool)>>([this, post = post, ex](bool ok) {
-    post([this, ex, ok] {
-      reply(*ex, ok ? 200 : 503, kJson, ok ? R"({"status":"ok"})" : R"({"status":"unavailable"})");
-    });
-  });
-  caf::anon_send(actor, health_atom::value, HealthCallback(cb));
+  auto cb = std::make_shared<std::function<void(std::optional<ReplicaStats>)>>(
+      [this, post = post, ex](std::optional<ReplicaStats> stats) {
+        const bool ok = stats.has_value();
+        post([this, ex, ok] {
+          reply(*ex, ok ? 200 : 503, kJson, ok ? R"({"status":"ok"})" : R"({"status":"unavailable"})");
+        });
+      });
+  caf::anon_send(actor, health_atom::value, ReplicaStatsCallback(cb));
+}
+
+// The exposition is rendered once the replica's stats are in (or known to be missing): the
+// I/O thread never waits for them.
+void Gateway::Impl::metrics_page(const std::shared_ptr<HttpExchange>& ex) {
+  auto cb = std::make_shared<std::function<void(std::optional<ReplicaStats>)>>(
+      [this, post = post, ex](std::optional<ReplicaStats> stats) {
+        post([this, ex, stats] { reply(*ex, 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(stats)); });
+      });
+  caf::anon_send(actor, health_atom::value, ReplicaStatsCallback(cb));
 }
 
 // From a validated API request to the n GenerateRequests of its choices.
@@ -351,6 +419,10 @@ Gateway::Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<con
   for (const std::string& id : {stem, name, model_path})
     if (!id.empty() && !contains(g.model_ids, id)) g.model_ids.push_back(id);
   g.chat_format = detect_chat_format(g.model->file().get_string("tokenizer.chat_template", ""));
+  if (!g.options.stage_log.empty()) {
+    g.stage_log.open(g.options.stage_log, std::ios::app);
+    if (!g.stage_log) throw Error(ErrorCode::io, "cannot open the stage log " + g.options.stage_log);
+  }
 }
 
 Gateway::~Gateway() { stop(); }
@@ -361,8 +433,7 @@ uint16_t Gateway::start() {
   g.server = std::make_unique<HttpServer>(
       g.options.http, [&g](HttpRequest req, std::shared_ptr<HttpExchange> ex) { g.handle(std::move(req), ex); },
       [&g](int status, const std::string& message) {
-        ++g.counters.http_requests;
-        ++g.counters.responses_by_class[std::min(status / 100, 5)];
+        g.metrics.http_response(status);
         const char* code = status == 413 ? "request_too_large" : status == 431 ? "header_too_large" : "invalid_http";
         return std::make_pair(std::string(kJson), openai::error_body(ApiError{status, message, "invalid_request_error", "", code}));
       });
@@ -382,7 +453,7 @@ void Gateway::stop() {
   g.actor = nullptr;
 }
 
-const GatewayCounters& Gateway::counters() const { return impl_->counters; }
+const ServingMetrics& Gateway::metrics() const { return impl_->metrics; }
 size_t Gateway::open_connections() const { return impl_->server ? impl_->server->open_connections() : 0; }
 const std::string& Gateway::model_id() const { return impl_->model_ids[0]; }
 

@@ -19,29 +19,18 @@
 
 #include "actors/gateway_actor.hpp"
 #include "actors/http_server.hpp"
+#include "runtime/metrics.hpp"
 #include "runtime/model.hpp"
 
 namespace celer {
 
-// Counters the gateway keeps (read by the /metrics hook from the I/O thread or any other:
-// every field is atomic).
-struct GatewayCounters {
-  std::atomic<uint64_t> http_requests{0};           // requests read, every route
-  std::atomic<uint64_t> responses_by_class[6] = {};  // [status / 100]: 2xx at [2] ...; an SSE stream counts as its 200
-  std::atomic<uint64_t> generation_requests{0};     // accepted completions and chat requests
-  std::atomic<uint64_t> choices_finished{0};        // choices that ended with stop or length
-  std::atomic<uint64_t> choices_failed[7] = {};     // choices that ended with an error, by ErrorKind
-  std::atomic<uint64_t> client_disconnects{0};      // requests cancelled because their client left
-  std::atomic<int64_t> active_requests{0};          // generation requests in flight
-  std::atomic<int64_t> active_streams{0};           // of which SSE streams whose header was sent
-};
-
 struct GatewayOptions {
   HttpServerOptions http;
   GatewayActorOptions actor;
-  // GET /metrics answers this text (Prometheus text format 0.0.4); empty function: empty body.
-  // Called on the I/O thread: it must be quick.
-  std::function<std::string()> metrics_text;
+  // When set, one JSON line per finished choice is appended here: its stage times on the
+  // replica (StageTimes) and at the gateway (received, first and last token sent, end sent),
+  // token counts and finish reason. Written from the I/O thread, one flush per line.
+  std::string stage_log;
 };
 
 class Gateway {
@@ -56,7 +45,8 @@ class Gateway {
   uint16_t start();
   void stop();
 
-  const GatewayCounters& counters() const;
+  // What GET /metrics reports besides the replica's state (also readable in-process).
+  const ServingMetrics& metrics() const;
   size_t open_connections() const;
   const std::string& model_id() const;  // the id /v1/models advertises
 

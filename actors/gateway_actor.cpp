@@ -136,10 +136,16 @@ caf::behavior gateway_actor(Self self, caf::actor replica, GatewayActorOptions o
         sweep_idle(self);
         self->delayed_send(self, self->state.options.tick, gw_tick_atom::value);
       },
-      [=](health_atom, const HealthCallback& cb) {
-        if (self->state.replica_down) return (*cb)(false);
+      [=](health_atom, const ReplicaStatsCallback& cb) {
+        if (self->state.replica_down) return (*cb)(std::nullopt);
         self->request(self->state.replica, self->state.options.health_timeout, stats_atom::value)
-            .then([cb](const WireMessage&) { (*cb)(true); }, [cb](caf::error&) { (*cb)(false); });
+            .then(
+                [cb](const WireMessage& wm) {
+                  DecodeResult d = decode(wm);
+                  if (d.message && std::holds_alternative<ReplicaStats>(*d.message)) (*cb)(std::get<ReplicaStats>(*d.message));
+                  else (*cb)(std::nullopt);
+                },
+                [cb](caf::error&) { (*cb)(std::nullopt); });
       },
   };
 }

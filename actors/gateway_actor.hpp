@@ -12,8 +12,9 @@
 // heard of it for idle_timeout (a lost message must not hang an HTTP client forever).
 //
 // Messages in:  (gw_start_atom, GatewayJobPtr) and (gw_cancel_atom, job key) from the HTTP side;
-//               (health_atom, HealthCallback): asks the replica for its stats, calls back with
-//               whether it answered within the timeout;
+//               (health_atom, ReplicaStatsCallback): asks the replica for its stats, calls back
+//               with them, or with nothing when it did not answer within the timeout (/health,
+//               /metrics);
 //               (event_atom, WireMessage) from request actors; down messages; (gw_tick_atom).
 // Messages out: (generate_atom, WireMessage) to the replica; (cancel_atom) to request actors.
 #pragma once
@@ -21,6 +22,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -47,7 +49,7 @@ class GatewayJob {
   std::vector<GenerateRequest> requests;  // one per choice; the actor sets their ids
 };
 using GatewayJobPtr = std::shared_ptr<GatewayJob>;
-using HealthCallback = std::shared_ptr<std::function<void(bool healthy)>>;
+using ReplicaStatsCallback = std::shared_ptr<std::function<void(std::optional<ReplicaStats>)>>;
 
 struct GatewayActorOptions {
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};  // as the client library
@@ -78,4 +80,4 @@ caf::behavior gateway_actor(caf::stateful_actor<GatewayActorState>* self, caf::a
 }  // namespace celer
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(celer::GatewayJobPtr)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(celer::HealthCallback)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(celer::ReplicaStatsCallback)

@@ -274,11 +274,21 @@ void read_rate_limits(const Value& v, RateLimitsConfig& c) {
                  });
 }
 
-template <class Endpoint>  // ListenConfig or HttpConfig
+template <class Endpoint>  // ListenConfig
 void read_endpoint(const Value& v, Endpoint& e) {
   read_fields(v, {
                      {"host", [&](const Value& x) { e.host = x.string(false); }},
                      {"port", [&](const Value& x) { e.port = static_cast<uint16_t>(x.integer(0, 65535)); }},
+                 });
+}
+
+void read_http(const Value& v, HttpConfig& c) {
+  read_fields(v, {
+                     {"host", [&](const Value& x) { c.host = x.string(false); }},
+                     {"port", [&](const Value& x) { c.port = static_cast<uint16_t>(x.integer(0, 65535)); }},
+                     {"request_timeout", [&](const Value& x) { c.request_timeout = x.duration(1); }},
+                     {"idle_timeout", [&](const Value& x) { c.idle_timeout = x.duration(1); }},
+                     {"stage_log", [&](const Value& x) { c.stage_log = x.string(true); }},
                  });
 }
 
@@ -328,7 +338,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"rate_limits", [&](const Value& x) { read_rate_limits(x, c.rate_limits); }},
                         {"deadline", [&](const Value& x) { c.deadline = x.duration(0); }},
                         {"listen", [&](const Value& x) { read_endpoint(x, c.listen); }},
-                        {"http", [&](const Value& x) { read_endpoint(x, c.http.emplace()); }},
+                        {"http", [&](const Value& x) { read_http(x, c.http.emplace()); }},
                         {"supervision", [&](const Value& x) { read_supervision(x, c.supervision); }},
                     });
   if (memory && blocks) {
@@ -381,7 +391,15 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   out << YAML::EndMap << YAML::EndMap;
   out << YAML::Key << "deadline" << YAML::Value << format_duration(c.deadline);
   emit_endpoint(out, "listen", c.listen);
-  if (c.http) emit_endpoint(out, "http", *c.http);
+  if (c.http) {
+    out << YAML::Key << "http" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << c.http->host;
+    out << YAML::Key << "port" << YAML::Value << c.http->port;
+    out << YAML::Key << "request_timeout" << YAML::Value << format_duration(c.http->request_timeout);
+    out << YAML::Key << "idle_timeout" << YAML::Value << format_duration(c.http->idle_timeout);
+    out << YAML::Key << "stage_log" << YAML::Value << YAML::DoubleQuoted << c.http->stage_log;
+    out << YAML::EndMap;
+  }
   out << YAML::Key << "supervision" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "max_restarts" << YAML::Value << c.supervision.max_restarts;
   out << YAML::Key << "window" << YAML::Value << format_duration(c.supervision.window);

@@ -48,10 +48,14 @@ struct ListenConfig {
   bool operator==(const ListenConfig&) const = default;
 };
 
-// The HTTP gateway's endpoint.
+// The HTTP gateway (docs/http.md): its endpoint, its timeouts, and where it logs each request's
+// stage times (one JSON line per finished choice; "" for none).
 struct HttpConfig {
   std::string host = "127.0.0.1";
   uint16_t port = 8080;  // 0: ephemeral
+  std::chrono::milliseconds request_timeout{30'000};  // a begun request must arrive whole within this
+  std::chrono::milliseconds idle_timeout{120'000};    // an idle keep-alive connection is closed after this
+  std::string stage_log;
   bool operator==(const HttpConfig&) const = default;
 };
 

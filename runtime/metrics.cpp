@@ -69,9 +69,24 @@ void ServingMetrics::request_ended(RequestOutcome outcome, std::optional<ErrorKi
   if (error) ++errors_[*error];
 }
 
-void ServingMetrics::rejected_http(int status) {
+void ServingMetrics::http_response(int status) {
   std::lock_guard lock(mu_);
-  ++http_rejections_[status];
+  ++http_responses_[status];
+}
+
+void ServingMetrics::stream_opened() {
+  std::lock_guard lock(mu_);
+  ++streams_;
+}
+
+void ServingMetrics::stream_closed() {
+  std::lock_guard lock(mu_);
+  if (streams_ > 0) --streams_;
+}
+
+void ServingMetrics::client_disconnected() {
+  std::lock_guard lock(mu_);
+  ++disconnects_;
 }
 
 void ServingMetrics::observe_ttft(double seconds) {
@@ -104,8 +119,12 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) c
     for (int i = 0; i < 4; ++i) append(out, "celer_requests_total{outcome=\"%s\"} %" PRIu64 "\n", outcome_label(i), outcomes_[i]);
     header(out, "celer_request_errors_total", "counter", "Requests that ended with an error, by kind.");
     for (const auto& [kind, n] : errors_) append(out, "celer_request_errors_total{kind=\"%s\"} %" PRIu64 "\n", to_string(kind), n);
-    header(out, "celer_http_rejections_total", "counter", "HTTP requests refused before reaching a replica, by status.");
-    for (const auto& [status, n] : http_rejections_) append(out, "celer_http_rejections_total{status=\"%d\"} %" PRIu64 "\n", status, n);
+    header(out, "celer_http_responses_total", "counter", "HTTP responses by status code (a stream counts as its 200).");
+    for (const auto& [status, n] : http_responses_) append(out, "celer_http_responses_total{code=\"%d\"} %" PRIu64 "\n", status, n);
+    header(out, "celer_http_streams_active", "gauge", "SSE streams open now.");
+    append(out, "celer_http_streams_active %" PRIu64 "\n", streams_);
+    header(out, "celer_client_disconnects_total", "counter", "Requests cancelled because their client left before the end.");
+    append(out, "celer_client_disconnects_total %" PRIu64 "\n", disconnects_);
     header(out, "celer_requests_active", "gauge", "Requests being served now.");
     append(out, "celer_requests_active %" PRIu64 "\n", active_);
     header(out, "celer_time_to_first_token_seconds", "histogram", "Time from receiving a request to sending its first token.");
@@ -145,6 +164,7 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) c
   header(out, "celer_actor_restarts_total", "counter", "Actors restarted by their supervisor, by kind.");
   append(out, "celer_actor_restarts_total{actor=\"scheduler\"} %" PRIu64 "\nceler_actor_restarts_total{actor=\"shard\"} %" PRIu64 "\n",
          r.scheduler_restarts, r.shard_restarts);
+  append(out, "celer_actor_restarts_total{actor=\"cache\"} %" PRIu64 "\n", r.cache_restarts);
   return out;
 }
 

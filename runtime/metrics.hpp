@@ -42,10 +42,16 @@ class ServingMetrics {
  public:
   ServingMetrics();
 
+  // Requests as the replica sees them (an HTTP request with n choices is n of them).
   void request_started();
   // An ended request: its outcome (and, for an error, its kind).
   void request_ended(RequestOutcome outcome, std::optional<ErrorKind> error = std::nullopt);
-  void rejected_http(int status);  // a request refused before it reached a replica (bad JSON, ...)
+  // The HTTP side: every response by status (a stream counts as its 200), streams open now,
+  // clients that left before their answer was complete.
+  void http_response(int status);
+  void stream_opened();
+  void stream_closed();
+  void client_disconnected();
   void observe_ttft(double seconds);
   void observe_itl(double seconds);
   void observe_e2e(double seconds);
@@ -60,7 +66,9 @@ class ServingMetrics {
   uint64_t active_ = 0;
   std::array<uint64_t, 4> outcomes_{};
   std::map<ErrorKind, uint64_t> errors_;
-  std::map<int, uint64_t> http_rejections_;
+  std::map<int, uint64_t> http_responses_;
+  uint64_t streams_ = 0;
+  uint64_t disconnects_ = 0;
   Histogram ttft_, itl_, e2e_, queue_wait_, prefill_;
 };
 

@@ -69,6 +69,9 @@ listen:
 http:
   host: example.org
   port: 8081
+  request_timeout: 2s
+  idle_timeout: 5m
+  stage_log: /tmp/stages.jsonl
 supervision:
   max_restarts: 0
   window: 30s
@@ -157,6 +160,9 @@ TEST_CASE("every key of a full document", "[config]") {
   REQUIRE(c.http.has_value());
   CHECK(c.http->host == "example.org");
   CHECK(c.http->port == 8081);
+  CHECK(c.http->request_timeout == milliseconds(2'000));
+  CHECK(c.http->idle_timeout == milliseconds(300'000));
+  CHECK(c.http->stage_log == "/tmp/stages.jsonl");
   CHECK(c.supervision.max_restarts == 0);
   CHECK(c.supervision.window == milliseconds(30'000));
   CHECK(c.supervision.backoff == milliseconds(250));
@@ -247,6 +253,8 @@ TEST_CASE("an out-of-range value names the key and the range", "[config]") {
   check_error("threads: 99999999999999999999", 1, "threads", "0..4096");
   check_error("listen:\n  host: a\n  port: 70000\n", 3, "listen.port", "0..65535");
   check_error("http: {port: -1}", 1, "http.port", "0..65535");
+  check_error("http: {request_timeout: 0ms}", 1, "http.request_timeout", "");
+  check_error("http: {stage_log: [1]}", 1, "http.stage_log", "");
   check_error("listen: {host: \"\"}", 1, "listen.host", "empty");
   check_error("response_cache: {max_entries: 0}", 1, "response_cache.max_entries", "1..");
   check_error("rate_limits:\n  tenants:\n    bob:\n      burst: -1\n", 4, "rate_limits.tenants.bob.burst", ">= 0");
@@ -325,7 +333,7 @@ TEST_CASE("to_yaml round-trips through parse_config", "[config]") {
   odd.deadline = milliseconds(90'000);
   odd.supervision.window = milliseconds(7'200'000);
   odd.listen.host = "::1";
-  odd.http = HttpConfig{"0.0.0.0", 0};
+  odd.http = HttpConfig{"0.0.0.0", 0, milliseconds(1500), milliseconds(1), "a: b.jsonl"};
 
   ClusterConfig blocks;
   blocks.kv_cache_blocks = 12345;

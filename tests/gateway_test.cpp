@@ -351,9 +351,18 @@ TEST_CASE("gateway: a slowloris client is closed after the request timeout while
   CHECK(waited < 6.0);
 }
 
-TEST_CASE("gateway: a client that leaves mid-stream does not disturb the others", "[gateway]") {
+// The value of one sample line of /metrics ("name{labels} value"), or -1 when absent.
+double metric(uint16_t port, const std::string& series) {
+  const std::string text = Conn(port).request("GET", "/metrics").body;
+  const size_t at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+TEST_CASE("gateway: a client that leaves mid-stream does not disturb the others and frees its KV blocks", "[gateway]") {
   Server server;
   const uint16_t port = server.http_port();
+  CHECK(metric(port, "celer_kv_blocks{state=\"used\"}") == 0);
   for (int round = 0; round < 3; ++round) {
     Conn leaver(port);
     json body = {{"prompt", "Once upon a time"}, {"max_tokens", 1500}, {"ignore_eos", true}, {"stream", true}};
@@ -369,12 +378,65 @@ TEST_CASE("gateway: a client that leaves mid-stream does not disturb the others"
       const size_t n = leaver.socket().read_some(net::buffer(buf));
       got.append(buf, n);
     }
+    CHECK(metric(port, "celer_kv_blocks{state=\"used\"}") > 0);  // the stream holds its blocks
     leaver.socket().close();
   }
+  // Each departure cancels its request: it leaves the batch and its blocks go back to the cache.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline &&
+         (metric(port, "celer_kv_blocks{state=\"used\"}") != 0 || metric(port, "celer_running_sequences") != 0))
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(metric(port, "celer_kv_blocks{state=\"used\"}") == 0);
+  CHECK(metric(port, "celer_running_sequences") == 0);
+  CHECK(metric(port, "celer_client_disconnects_total") == 3);
+  CHECK(metric(port, "celer_requests_total{outcome=\"cancelled\"}") == 3);
   // The server keeps serving, with the same answer as ever.
   json greedy = {{"prompt", "The cat"}, {"max_tokens", 10}, {"temperature", 0}, {"ignore_eos", true}};
   Reply r = post(port, "/v1/completions", greedy);
   REQUIRE(r.status == 200);
   CHECK(r.j()["choices"][0]["text"] == client_library_text(server.port(), "The cat", 10, 0, 0));
   CHECK(Conn(port).request("GET", "/health").status == 200);
+}
+
+TEST_CASE("gateway: /metrics counts what happened and the stage log has a line per request", "[gateway]") {
+  const std::string log = "/tmp/celer-gateway-test-" + std::to_string(getpid()) + ".jsonl";
+  std::remove(log.c_str());
+  {
+    Server server({"--stage-log", log});
+    const uint16_t port = server.http_port();
+    json body = {{"prompt", "Once upon a time"}, {"max_tokens", 6}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}};
+    REQUIRE(post(port, "/v1/completions", body).status == 200);
+    body["stream"] = false;
+    body["n"] = 2;
+    REQUIRE(post(port, "/v1/completions", body).status == 200);
+    CHECK(post(port, "/v1/completions", json{{"prompt", 5}}).status == 400);
+    CHECK(metric(port, "celer_http_responses_total{code=\"200\"}") == 2);  // (each scrape counts after it is rendered)
+    CHECK(metric(port, "celer_replica_up") == 1);
+    CHECK(metric(port, "celer_requests_total{outcome=\"length\"}") == 3);
+    CHECK(metric(port, "celer_http_responses_total{code=\"400\"}") == 1);
+    CHECK(metric(port, "celer_time_to_first_token_seconds_count") == 3);
+    CHECK(metric(port, "celer_inter_token_latency_seconds_count") == 15);  // 5 gaps in each of 3 streams of 6
+    CHECK(metric(port, "celer_e2e_request_latency_seconds_count") == 3);
+    CHECK(metric(port, "celer_queue_depth{priority=\"normal\"}") == 0);
+    CHECK(metric(port, "celer_actor_restarts_total{actor=\"cache\"}") == 0);
+  }
+  FILE* f = std::fopen(log.c_str(), "r");
+  REQUIRE(f);
+  char line[4096];
+  int lines = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    ++lines;
+    const json j = json::parse(line);
+    INFO(j.dump());
+    CHECK(j["completion_tokens"] == 6);
+    CHECK(j["finish_reason"] == "length");
+    const char* order[] = {"gateway_received_us", "received_us", "queued_us", "admitted_us", "prefill_done_us",
+                           "first_token_us", "last_token_us", "finished_us", "sent_us"};
+    for (size_t k = 1; k < std::size(order); ++k) CHECK(j[order[k - 1]].get<int64_t>() <= j[order[k]].get<int64_t>());
+    CHECK(j["first_sent_us"].get<int64_t>() >= j["first_token_us"].get<int64_t>());
+    CHECK(j["last_sent_us"].get<int64_t>() <= j["sent_us"].get<int64_t>());
+  }
+  std::fclose(f);
+  std::remove(log.c_str());
+  CHECK(lines == 3);
 }

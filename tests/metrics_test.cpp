@@ -42,7 +42,13 @@ TEST_CASE("the exposition is valid Prometheus text with the replica's figures", 
   m.request_started();
   m.request_ended(RequestOutcome::finished_length);
   m.request_ended(RequestOutcome::error, ErrorKind::rate_limited);
-  m.rejected_http(400);
+  m.http_response(400);
+  m.http_response(200);
+  m.http_response(200);
+  m.stream_opened();
+  m.stream_opened();
+  m.stream_closed();
+  m.client_disconnected();
   m.observe_ttft(0.2);
   m.observe_itl(0.01);
   m.observe_e2e(1.5);
@@ -63,6 +69,7 @@ TEST_CASE("the exposition is valid Prometheus text with the replica's figures", 
   r.response_cache_hits = 3;
   r.shard_restarts = 2;
   r.scheduler_restarts = 1;
+  r.cache_restarts = 3;
   const std::string text = m.render(r);
   const std::regex comment(R"(# (HELP|TYPE) celer_[a-z0-9_]+ .+)");
   const std::regex line(R"(celer_[a-z0-9_]+(\{[a-z_]+="[^"]*"\})? -?[0-9.e+-]+)");
@@ -82,7 +89,10 @@ TEST_CASE("the exposition is valid Prometheus text with the replica's figures", 
   CHECK(sample(text, "celer_requests_total{outcome=\"length\"}") == 1);
   CHECK(sample(text, "celer_requests_total{outcome=\"error\"}") == 1);
   CHECK(sample(text, "celer_request_errors_total{kind=\"rate_limited\"}") == 1);
-  CHECK(sample(text, "celer_http_rejections_total{status=\"400\"}") == 1);
+  CHECK(sample(text, "celer_http_responses_total{code=\"400\"}") == 1);
+  CHECK(sample(text, "celer_http_responses_total{code=\"200\"}") == 2);
+  CHECK(sample(text, "celer_http_streams_active") == 1);
+  CHECK(sample(text, "celer_client_disconnects_total") == 1);
   CHECK(sample(text, "celer_requests_active") == 0);
   CHECK(sample(text, "celer_time_to_first_token_seconds_bucket{le=\"0.25\"}") == 1);
   CHECK(sample(text, "celer_time_to_first_token_seconds_bucket{le=\"0.15\"}") == 0);
@@ -98,4 +108,5 @@ TEST_CASE("the exposition is valid Prometheus text with the replica's figures", 
   CHECK(sample(text, "celer_response_cache_hits_total") == 3);
   CHECK(sample(text, "celer_actor_restarts_total{actor=\"shard\"}") == 2);
   CHECK(sample(text, "celer_actor_restarts_total{actor=\"scheduler\"}") == 1);
+  CHECK(sample(text, "celer_actor_restarts_total{actor=\"cache\"}") == 3);
 }

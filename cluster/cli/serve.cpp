@@ -25,8 +25,9 @@ struct ServeArgs {
   int port = -1;
   std::string http_host;
   int http_port = -1;
-  int64_t http_request_timeout_ms = 30'000;
-  int64_t http_idle_timeout_ms = 120'000;
+  int64_t http_request_timeout_ms = 0;  // 0: the config's
+  int64_t http_idle_timeout_ms = 0;
+  std::string stage_log;
   bool print_config = false;
 };
 
@@ -40,6 +41,11 @@ int run_serve(const ServeArgs& a) {
     HttpConfig& http = config.http ? *config.http : config.http.emplace();
     if (a.http_port >= 0) http.port = static_cast<uint16_t>(a.http_port);
     if (!a.http_host.empty()) http.host = a.http_host;
+  }
+  if (config.http) {
+    if (a.http_request_timeout_ms > 0) config.http->request_timeout = std::chrono::milliseconds(a.http_request_timeout_ms);
+    if (a.http_idle_timeout_ms > 0) config.http->idle_timeout = std::chrono::milliseconds(a.http_idle_timeout_ms);
+    if (!a.stage_log.empty()) config.http->stage_log = a.stage_log;
   }
   if (a.print_config) {
     std::fputs(to_yaml(config).c_str(), stdout);
@@ -76,8 +82,9 @@ int run_serve(const ServeArgs& a) {
     GatewayOptions go;
     go.http.host = config.http->host;
     go.http.port = config.http->port;
-    go.http.request_timeout = std::chrono::milliseconds(a.http_request_timeout_ms);
-    go.http.idle_timeout = std::chrono::milliseconds(a.http_idle_timeout_ms);
+    go.http.request_timeout = config.http->request_timeout;
+    go.http.idle_timeout = config.http->idle_timeout;
+    go.stage_log = config.http->stage_log;
     gateway = std::make_unique<Gateway>(sys, replica, model, config.model, setup.scheduler.max_context, go);
     uint16_t http_port = 0;
     try {
@@ -114,11 +121,13 @@ Command add_serve(CLI::App& app) {
   c->add_option("--http-port", a->http_port, "HTTP gateway port, 0 for any (overrides http.port; turns the gateway on)")
       ->check(CLI::Range(0, 65535));
   c->add_option("--http-request-timeout", a->http_request_timeout_ms,
-                "Milliseconds a begun HTTP request has to arrive whole (slow clients are closed)")
+                "Milliseconds a begun HTTP request has to arrive whole (slow clients are closed; overrides http.request_timeout)")
       ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
   c->add_option("--http-idle-timeout", a->http_idle_timeout_ms,
-                "Milliseconds an idle keep-alive HTTP connection is kept")
+                "Milliseconds an idle keep-alive HTTP connection is kept (overrides http.idle_timeout)")
       ->check(CLI::Range(int64_t{1}, int64_t{86'400'000}));
+  c->add_option("--stage-log", a->stage_log,
+                "Append each finished HTTP request's stage times as a JSON line to this file (overrides http.stage_log)");
   c->add_flag("--print-config", a->print_config, "Print the effective config as YAML and exit");
   return [a] { return run_serve(*a); };
 }
