@@ -45,6 +45,9 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
   auto impl = std::make_unique<Impl>();
   impl->cfg.load<caf::io::middleman>();
   add_message_types(impl->cfg);
+  // The client's actors only wait for tokens: the sharing policy's threads sleep while idle,
+  // where the default work-stealing threads poll and take CPU from a server on the same machine.
+  impl->cfg.set("scheduler.policy", caf::atom("sharing"));
   impl->cfg.set("scheduler.max-threads", 2);
   impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
   auto server = impl->sys->middleman().remote_actor(host, port);
