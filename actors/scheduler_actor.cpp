@@ -111,8 +111,15 @@ void run_step(Self* self) {
                                                     " steps in a row", events);
     st.step_failures = 0;
   }
-  BlockPlanRequest request = st.scheduler->prepare(now_ms(self), events);
+  auto prepared = st.scheduler->prepare(now_ms(self), events);
   dispatch(self, events);
+  if (auto* local = std::get_if<BlockPlan>(&prepared)) {
+    // Every sequence of the step fits in the blocks it holds: no need to ask the cache.
+    auto step = std::make_shared<Step>(st.scheduler->apply(*local));
+    if (!step->sequences.empty()) send_step(self, std::move(step));
+    return;
+  }
+  BlockPlanRequest& request = std::get<BlockPlanRequest>(prepared);
   if (!Scheduler::needs_plan(request)) return;
   const uint64_t plan_id = request.plan_id;
   st.plan_in_flight = true;

@@ -15,12 +15,13 @@ BlockPlan BlockPlanner::plan(const BlockPlanRequest& r) {
     blocks_.forget_cached();
   }
   for (const BlockCommit& c : r.commits) {
-    auto it = tokens_.find(c.id);
-    if (it == tokens_.end() || !blocks_.has(c.id)) continue;  // preempted or reset since: nothing to keep
-    if (c.n_computed > static_cast<int32_t>(it->second.size()))
+    std::vector<TokenId>& known = tokens_[c.id];
+    known.insert(known.end(), c.new_tokens.begin(), c.new_tokens.end());
+    if (!blocks_.has(c.id)) continue;  // preempted or reset since: nothing to keep
+    if (c.n_computed > static_cast<int32_t>(known.size()))
       bad("sequence " + std::to_string(c.id) + " commits " + std::to_string(c.n_computed) + " positions of " +
-          std::to_string(it->second.size()) + " known tokens");
-    blocks_.commit(c.id, it->second, c.n_computed);
+          std::to_string(known.size()) + " known tokens");
+    blocks_.commit(c.id, known, c.n_computed);
   }
   for (RequestId id : r.ended) {
     blocks_.release(id);

@@ -157,6 +157,7 @@ struct StepResult {
 struct BlockCommit {
   RequestId id = 0;
   int32_t n_computed = 0;             // positions [0, n_computed) now hold their KV
+  std::vector<TokenId> new_tokens;    // tokens up to n_computed the cache has not been sent yet
 };
 
 struct BlockCandidate {

@@ -98,6 +98,7 @@ void Scheduler::remove(RequestId id) {
 
 void Scheduler::preempt(Sequence& s) {
   s.started = false;
+  s.table.clear();
   s.n_computed = 0;
   if (s.running) {
     s.running = false;
@@ -128,7 +129,32 @@ void Scheduler::fail(Sequence& s, ErrorKind kind, const std::string& message, st
   remove(s.request.id);
 }
 
-BlockPlanRequest Scheduler::prepare(int64_t now_ms, std::vector<SchedulerEvent>& events) {
+// The walk of BlockPlanner::plan over the running sequences, when nothing waits, nothing must be
+// freed and no sequence needs a block it does not hold: the same choice, with no block change.
+std::optional<BlockPlan> Scheduler::plan_locally() const {
+  if (reset_pending_ || !ended_.empty() || n_waiting() > 0 || running_.empty()) return std::nullopt;
+  std::vector<const Sequence*> order;
+  for (RequestId id : running_) order.push_back(&seqs_.at(id));
+  std::sort(order.begin(), order.end(), [](const Sequence* a, const Sequence* b) { return before(*a, *b); });
+  BlockPlan plan;
+  int32_t budget = config_.max_batch_tokens;
+  for (const Sequence* s : order) {
+    if (static_cast<int32_t>(plan.chosen.size()) == config_.max_batch_size || budget == 0) break;
+    if (!s->started || s->table.empty()) return std::nullopt;
+    const int32_t n = std::min(static_cast<int32_t>(s->tokens.size()) - s->n_computed, budget);
+    const int32_t positions = s->n_computed + n;
+    if (positions > static_cast<int32_t>(s->table.size()) * kKvBlock) return std::nullopt;
+    PlannedSequence& p = plan.chosen.emplace_back();
+    p.id = s->request.id;
+    p.n_computed = s->n_computed;
+    p.n_new = n;
+    p.block_table.assign(s->table.begin(), s->table.begin() + (positions + kKvBlock - 1) / kKvBlock);
+    budget -= n;
+  }
+  return plan;
+}
+
+std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   // Cancels and deadlines first: they free blocks for the others.
   std::vector<RequestId> ids;
   ids.reserve(seqs_.size());
@@ -142,6 +168,10 @@ BlockPlanRequest Scheduler::prepare(int64_t now_ms, std::vector<SchedulerEvent>&
                                                 " generated tokens", events);
   }
 
+  if (std::optional<BlockPlan> local = plan_locally()) {
+    ++local_plans_;
+    return std::move(*local);
+  }
   BlockPlanRequest r;
   r.plan_id = next_plan_++;
   r.reset = std::exchange(reset_pending_, false);
@@ -198,6 +228,9 @@ Step Scheduler::apply(const BlockPlan& plan) {
       throw Error(ErrorCode::invalid_argument, "block plan runs sequence " + std::to_string(p.id) + " past its tokens");
     s.started = true;
     s.n_computed = p.n_computed;
+    // The planner cut the table at the last block these positions reach, which is the last
+    // block the sequence holds (reserve() grows it no further).
+    s.table = p.block_table;
     if (s.n_cached < 0) s.n_cached = s.n_computed;
     if (!s.running) {
       auto& q = waiting_[static_cast<int>(s.request.priority)];
@@ -225,7 +258,9 @@ Step Scheduler::apply(const BlockPlan& plan) {
 
 Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
   if (!planner_) throw Error(ErrorCode::invalid_argument, "Scheduler::schedule needs a block manager (see prepare/apply)");
-  return apply(planner_->plan(prepare(now_ms, events)));
+  auto prepared = prepare(now_ms, events);
+  if (auto* local = std::get_if<BlockPlan>(&prepared)) return apply(*local);
+  return apply(planner_->plan(std::get<BlockPlanRequest>(prepared)));
 }
 
 void Scheduler::update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events) {
@@ -236,7 +271,15 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     if (it == seqs_.end() || !it->second.started || it->second.n_computed != ss.n_past) continue;
     Sequence& s = it->second;
     s.n_computed += static_cast<int32_t>(ss.tokens.size());
-    commits_.push_back({s.request.id, s.n_computed});
+    // One commit per sequence is enough (a later one covers an earlier one); it brings the
+    // computed tokens the cache was not sent, which locally planned steps produce.
+    auto c = std::find_if(commits_.begin(), commits_.end(), [&](const BlockCommit& x) { return x.id == s.request.id; });
+    if (c == commits_.end()) c = commits_.insert(commits_.end(), BlockCommit{s.request.id, 0, {}});
+    c->n_computed = s.n_computed;
+    if (s.n_computed > s.n_sent) {
+      c->new_tokens.insert(c->new_tokens.end(), s.tokens.begin() + s.n_sent, s.tokens.begin() + s.n_computed);
+      s.n_sent = s.n_computed;
+    }
     if (s.times.prefill_done_us == 0 && s.n_computed >= s.n_prompt) s.times.prefill_done_us = now_us;
   }
   for (const SampledToken& st : result.tokens) {

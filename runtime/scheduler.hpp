@@ -7,6 +7,13 @@
 // happened and asks for the next step's blocks in one message. schedule() runs the three steps
 // against a local planner, for single-threaded use (tests, tools).
 //
+// Reservation is batched: a plan gives each running sequence a table covering its positions up
+// to the end of its last block. While every sequence of the next step fits in the table it
+// holds, nothing waits and nothing ended, prepare() builds that step's plan itself from those
+// tables (the walk would choose the same sequences and need no block) and keeps what the cache
+// must learn (computed positions, new tokens) for the next real request: a decode step asks
+// the cache about once per 16 tokens.
+//
 // Policy:
 // - Every sequence has tokens (prompt, then generated) and a count of computed ones; a step
 //   gives each chosen sequence the next tokens to compute, at most max_batch_tokens in all.
@@ -30,6 +37,7 @@
 #include <map>
 #include <string>
 #include <unordered_map>
+#include <variant>
 #include <vector>
 
 #include "runtime/block_planner.hpp"
@@ -73,10 +81,11 @@ class Scheduler {
   // a stop string found by the request actor). Unknown ids are ignored (already finished).
   void cancel(RequestId id, FinishReason reason = FinishReason::cancelled);
 
-  // The next step's block request: what the cache must learn (commits, ended sequences, a
-  // reset) and the candidates in order; `events` receives the finishes and errors decided here
-  // (cancels, deadlines). needs_plan() says whether the request carries anything at all.
-  BlockPlanRequest prepare(int64_t now_ms, std::vector<SchedulerEvent>& events);
+  // The next step's blocks: a plan made here from the tables the sequences hold (see above), or
+  // the block request for the cache: what it must learn (commits, ended sequences, a reset) and
+  // the candidates in order. `events` receives the finishes and errors decided here (cancels,
+  // deadlines). needs_plan() says whether a request carries anything at all.
+  std::variant<BlockPlan, BlockPlanRequest> prepare(int64_t now_ms, std::vector<SchedulerEvent>& events);
   static bool needs_plan(const BlockPlanRequest& r) {
     return r.reset || !r.commits.empty() || !r.ended.empty() || !r.candidates.empty();
   }
@@ -100,6 +109,7 @@ class Scheduler {
   int32_t n_running() const { return static_cast<int32_t>(running_.size()); }
   bool idle() const { return seqs_.empty(); }
   uint64_t n_preemptions() const { return preemptions_; }
+  uint64_t n_local_plans() const { return local_plans_; }  // steps planned without the cache
   const SchedulerConfig& config() const { return config_; }
 
  private:
@@ -112,6 +122,7 @@ class Scheduler {
     uint64_t arrival = 0;
     StageTimes times;             // queued, admitted, prefill done, first and last token
     int32_t n_sent = 0;           // tokens the cache has been sent (BlockCandidate::new_tokens)
+    std::vector<int32_t> table;   // the blocks the cache's last plan gave it (empty: none)
     bool started = false;         // holds blocks in the block manager
     bool running = false;
     bool cancelled = false;
@@ -124,6 +135,7 @@ class Scheduler {
   };
 
   bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
+  std::optional<BlockPlan> plan_locally() const;
   void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
   void finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events);
   void fail(Sequence& s, ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events);
@@ -138,6 +150,7 @@ class Scheduler {
   std::vector<BlockCommit> commits_;
   std::vector<RequestId> ended_;
   uint64_t next_plan_ = 1;
+  uint64_t local_plans_ = 0;
   std::function<bool(TokenId)> is_eog_;
   std::unordered_map<RequestId, Sequence> seqs_;
   std::deque<RequestId> waiting_[kPriorityClasses];

@@ -154,6 +154,7 @@ struct ReplicaStats {
 struct BlockCommit {
   id @0 :UInt64;
   nComputed @1 :Int32;
+  newTokens @2 :List(Int32);
 }
 
 struct BlockCandidate {

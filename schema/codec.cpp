@@ -185,6 +185,7 @@ void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
   for (unsigned i = 0; i < m.commits.size(); ++i) {
     commits[i].setId(m.commits[i].id);
     commits[i].setNComputed(m.commits[i].n_computed);
+    put_ints(commits[i].initNewTokens(list_size(m.commits[i].new_tokens.size(), "new_tokens")), m.commits[i].new_tokens);
   }
   put_ids(b.initEnded(list_size(m.ended.size(), "ended")), m.ended);
   auto cands = b.initCandidates(list_size(m.candidates.size(), "candidates"));
@@ -535,6 +536,10 @@ BlockPlanRequest read(cs::BlockPlanRequest::Reader r) {
     const At c_at{"BlockPlanRequest.commits", i};
     m.commits[i].id = commits[i].getId();
     m.commits[i].n_computed = in_range<int32_t>(commits[i].getNComputed(), 0, lim::kMaxPositions, c_at, "n_computed");
+    m.commits[i].new_tokens = read_ids(commits[i].getNewTokens(), lim::kMaxPositions, c_at, "new_tokens");
+    if (static_cast<int64_t>(m.commits[i].new_tokens.size()) > m.commits[i].n_computed)
+      reject(c_at, "new_tokens", std::to_string(m.commits[i].new_tokens.size()) + " new tokens, more than n_computed " +
+                                     std::to_string(m.commits[i].n_computed));
   }
   m.ended = read_request_ids(r.getEnded(), lim::kMaxPlanSequences, at, "ended");
   const auto cands = r.getCandidates();

@@ -462,6 +462,9 @@ TEST_CASE("scheduler + engine: the next turn of a conversation reuses the last p
   REQUIRE(!h.scheduler.admit(story(2, turn2, 20, 0.0f, 1), 0));
   h.run();
   CHECK(h.finished.at(2).cached_tokens == 28);  // 16 in a shared block, 12 copied from the partial one
+  // Most decode steps were planned without the cache (the sequence's blocks had room); their
+  // tokens reached the cache with the next commit all the same, or nothing would have matched.
+  CHECK(h.scheduler.n_local_plans() >= 30);
 
   Harness solo(64, 64, 4);
   REQUIRE(!solo.scheduler.admit(story(2, turn2, 20, 0.0f, 1), 0));
@@ -490,7 +493,7 @@ TEST_CASE("block planner: a request that contradicts what the cache knows is ref
   bad.candidates[0] = BlockCandidate{2, seq_tokens(4, 2), 4, true, 0, true, Priority::normal};  // holds no blocks
   CHECK_THROWS_WITH(planner.plan(bad), Catch::Contains("holds none"));
   bad.candidates.clear();
-  bad.commits.push_back({1, 21});  // more positions than tokens
+  bad.commits.push_back({1, 21, {}});  // more positions than tokens
   CHECK_THROWS_WITH(planner.plan(bad), Catch::Contains("commits 21 positions"));
 
   BlockPlanRequest reset;

@@ -124,7 +124,7 @@ BlockPlanRequest sample_plan_request() {
   BlockPlanRequest m;
   m.plan_id = 901;
   m.reset = true;
-  m.commits = {{3, 48}, {4, 17}};
+  m.commits = {{3, 48, {}}, {4, 17, {9, 8, 7}}};
   m.ended = {7, 8, 0xffffffffffull};
   m.candidates = {BlockCandidate{3, {}, 49, true, 48, true, Priority::interactive},
                   BlockCandidate{9, {1, 2, 3, 4, 5}, 5, false, 0, false, Priority::batch}};
@@ -262,6 +262,7 @@ void require_equal(const BlockPlanRequest& a, const BlockPlanRequest& b) {
   for (size_t i = 0; i < a.commits.size(); ++i) {
     REQUIRE(a.commits[i].id == b.commits[i].id);
     REQUIRE(a.commits[i].n_computed == b.commits[i].n_computed);
+    REQUIRE(a.commits[i].new_tokens == b.commits[i].new_tokens);
   }
   REQUIRE(a.ended == b.ended);
   REQUIRE(a.candidates.size() == b.candidates.size());
@@ -556,6 +557,8 @@ TEST_CASE("StepResult and ReplicaStats validation", "[schema]") {
 TEST_CASE("BlockPlanRequest, BlockPlan and CachedResponse validation", "[schema]") {
   const BlockPlanRequest q = sample_plan_request();
   rejects(q, [](BlockPlanRequest& m) { m.commits[1].n_computed = -1; }, "BlockPlanRequest.commits[1].n_computed");
+  rejects(q, [](BlockPlanRequest& m) { m.commits[1].n_computed = 2; }, "BlockPlanRequest.commits[1].new_tokens");
+  rejects(q, [](BlockPlanRequest& m) { m.commits[1].new_tokens[2] = -1; }, "BlockPlanRequest.commits[1].new_tokens[2]");
   rejects(q, [](BlockPlanRequest& m) { m.candidates[1].n_tokens = 0; }, "BlockPlanRequest.candidates[1].n_tokens");
   rejects(q, [](BlockPlanRequest& m) { m.candidates[1].n_tokens = 4; }, "BlockPlanRequest.candidates[1].new_tokens");
   rejects(q, [](BlockPlanRequest& m) { m.candidates[1].new_tokens[0] = -3; }, "BlockPlanRequest.candidates[1].new_tokens[0]");
