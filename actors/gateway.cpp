@@ -363,8 +363,11 @@ std::variant<std::vector<GenerateRequest>, ApiError> Gateway::Impl::build_reques
   GenerateRequest g = r.generate;
   const Tokenizer& tok = model->tokenizer();
   if (r.endpoint == Endpoint::chat) {
-    // The template's special tokens are written out in the text: parse_special makes them tokens.
-    g.prompt_tokens = tok.encode(render_chat(chat_format, r.messages), tok.add_bos_default(), true);
+    // The template's special tokens are written out in the text: parse_special makes them
+    // tokens. The replica tokenizes it, off this I/O thread.
+    g.prompt_text = render_chat(chat_format, r.messages);
+    g.add_bos = true;
+    g.parse_special = true;
     for (auto& s : chat_stop_strings(chat_format))
       if (!contains(g.stop, s) && g.stop.size() < wire_limits::kMaxStopStrings) g.stop.push_back(s);
   } else if (r.prompt_is_tokens) {

@@ -75,6 +75,8 @@ void on_event(Self self, const WireMessage& wm) {
         if (p.cancel_requested) self->send(p.request, cancel_atom::value);
       }
     }
+    const auto& chunk = std::get<TokenChunk>(*d.message);
+    if (chunk.tokens.empty() && chunk.text.empty()) return;  // the request actor introducing itself
     p.job->deliver(p.choice, std::move(*d.message));
     return;
   }

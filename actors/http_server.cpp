@@ -3,9 +3,11 @@
 #include <atomic>
 #include <cstdio>
 #include <deque>
+#include <future>
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp uses std::exchange without it
 
 #include <boost/asio.hpp>
@@ -21,6 +23,10 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = net::ip::tcp;
 
+namespace {
+class Session;
+}
+
 // Members used by sessions (options, hooks, counters) are declared before the io_context, so
 // they are still alive while its destructor destroys the sessions its pending handlers hold.
 struct HttpServer::Impl {
@@ -30,6 +36,7 @@ struct HttpServer::Impl {
   std::atomic<size_t> connections{0};
   std::atomic<bool> stopped{false};
   bool running = false;
+  std::unordered_map<Session*, std::weak_ptr<Session>> sessions;  // I/O thread only: closed by stop()
   net::io_context ioc{1};
   tcp::acceptor acceptor{ioc};
   net::steady_timer accept_retry{ioc};
@@ -99,9 +106,16 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.socket().set_option(tcp::no_delay(true), ec);  // each SSE token leaves at once
     stream_.socket().non_blocking(true, ec);               // for the peek in watch()
   }
-  ~Session() { --server_->connections; }
+  ~Session() {
+    if (active_) active_->mark_gone();
+    server_->sessions.erase(this);
+    --server_->connections;
+  }
 
-  void start() { read_next(); }
+  void start() {
+    server_->sessions[this] = weak_from_this();
+    read_next();
+  }
 
   void send(std::string bytes) {
     if (closed_) return;
@@ -112,6 +126,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // The active exchange wrote its last byte: continue (or close) once the writes are flushed.
   void exchange_done(bool keep_alive) {
     active_.reset();
+    auto hold = std::move(keep_);  // the pending write or read keeps the session from here
     after_flush_ = keep_alive ? AfterFlush::read : AfterFlush::close;
     if (!writing_ && pending_.empty()) continue_after_flush();
   }
@@ -200,6 +215,9 @@ class Session : public std::enable_shared_from_this<Session> {
     r.body = std::move(req.body());
     auto exchange = std::make_shared<Exchange>(weak_from_this(), req.version(), req.keep_alive());
     active_ = exchange;
+    // While the answer is produced no read may be pending (a pipelined request waits), so the
+    // session holds itself until the exchange ends or the connection closes.
+    keep_ = shared_from_this();
     stream_.expires_never();
     watch();
     try {
@@ -268,8 +286,11 @@ class Session : public std::enable_shared_from_this<Session> {
     });
   }
 
+ public:
+  // Closes the connection; an exchange still active learns its client is gone.
   void close() {
     if (closed_) return;
+    auto hold = std::move(keep_);  // released when this returns
     closed_ = true;
     if (active_) active_->mark_gone();
     active_.reset();
@@ -278,6 +299,7 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.close();
   }
 
+ private:
   beast::tcp_stream stream_;
   HttpServer::Impl* server_;  // outlives every session (see Impl)
   beast::flat_buffer buffer_;
@@ -289,6 +311,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool closed_ = false;
   AfterFlush after_flush_ = AfterFlush::nothing;
   std::shared_ptr<Exchange> active_;
+  std::shared_ptr<Session> keep_;  // itself, while an exchange is active
   size_t drained_ = 0;
   char scratch_[16384];
 };
@@ -410,6 +433,19 @@ void HttpServer::stop() {
   Impl& s = *impl_;
   if (!s.running) return;
   s.running = false;
+  // Close the listener and every connection on the I/O thread (their exchanges report their
+  // clients gone), then stop it.
+  std::promise<void> closed;
+  net::post(s.ioc, [&s, &closed] {
+    beast::error_code ec;
+    s.acceptor.close(ec);
+    std::vector<std::shared_ptr<Session>> open;
+    for (auto& [ptr, weak] : s.sessions)
+      if (auto session = weak.lock()) open.push_back(std::move(session));
+    for (auto& session : open) session->close();
+    closed.set_value();
+  });
+  closed.get_future().wait_for(std::chrono::seconds(5));
   s.stopped = true;
   s.ioc.stop();
   if (s.thread.joinable()) s.thread.join();

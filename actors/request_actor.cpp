@@ -36,6 +36,9 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   // A client that goes away cancels its request; a scheduler that dies hands it to its successor.
   self->monitor(st.client);
   self->monitor(st.scheduler);
+  // An empty first chunk names this actor to the client at once, so a client that leaves (or
+  // cancels) while the request still waits or prefills can cancel it then, not at its first token.
+  self->send(st.client, event_atom::value, encode(TokenChunk{st.client_id, 0, {}, {}, {}}));
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
     if (dm.source == s.client.address()) {

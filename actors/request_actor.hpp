@@ -12,7 +12,8 @@
 //               (resume_atom, scheduler, id) from a new scheduler that took the request over
 //               (cancel_atom) from the client
 // Messages out: (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) to the client, with
-//               the client's request id; (cancel_atom, id, reason) to the scheduler.
+//               the client's request id, the first being an empty TokenChunk that introduces
+//               this actor; (cancel_atom, id, reason) to the scheduler.
 #pragma once
 
 #include <memory>

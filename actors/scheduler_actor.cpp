@@ -122,12 +122,19 @@ void run_step(Self* self) {
   BlockPlanRequest& request = std::get<BlockPlanRequest>(prepared);
   if (!Scheduler::needs_plan(request)) return;
   const uint64_t plan_id = request.plan_id;
+  const uint64_t epoch = st.scheduler->kv_epoch();
   st.plan_in_flight = true;
   self->request(st.cache, std::chrono::seconds(10), plan_atom::value, encode(request))
       .then(
           [=](const WireMessage& reply) {
             auto& s = self->state;
             s.plan_in_flight = false;
+            if (s.scheduler->kv_epoch() != epoch) {
+              // The KV was reset (a shard or the cache died) while the plan was on its way: its
+              // tables name blocks that are gone. The next request starts over.
+              run_step(self);
+              return;
+            }
             DecodeResult d = decode(reply);
             if (!d.message || !std::holds_alternative<BlockPlan>(*d.message) ||
                 std::get<BlockPlan>(*d.message).plan_id != plan_id) {
@@ -294,7 +301,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         req.id = s.next_id++;
         const Tokenizer& tok = s.setup.model->tokenizer();
         if (req.prompt_tokens.empty())
-          req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), false);
+          req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), req.parse_special);
         auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), s.supervisor, client_id, req,
                                    s.setup.model, received_us);
         if (auto bad = check_prompt(tok, req)) {
@@ -314,9 +321,21 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         }
         // Asked once per request, before admission: a hit is replayed without touching the model.
         const CachedResponse query{req, false, {}, FinishReason::stop};
+        s.looking_up[req.id] = std::nullopt;
+        // A cancel (or stop) that came while the lookup was on its way ends the request here.
+        auto cancelled = [=](const GenerateRequest& r) {
+          auto it = self->state.looking_up.find(r.id);
+          const std::optional<FinishReason> reason = it != self->state.looking_up.end() ? it->second : std::nullopt;
+          self->state.looking_up.erase(r.id);
+          if (!reason) return false;
+          const auto n_prompt = static_cast<int32_t>(r.prompt_tokens.size());
+          self->send(request, event_atom::value, encode(Finished{r.id, *reason, n_prompt, 0, 0, {}}));
+          return true;
+        };
         self->request(s.cache, std::chrono::seconds(5), lookup_atom::value, encode(query))
             .then(
                 [=](const WireMessage& reply) mutable {
+                  if (cancelled(req)) return;
                   DecodeResult d = decode(reply);
                   const CachedResponse* answer = d.message ? std::get_if<CachedResponse>(&*d.message) : nullptr;
                   if (!answer || !answer->found) {
@@ -332,7 +351,9 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
                              encode(Finished{req.id, answer->reason, n_prompt, static_cast<int32_t>(answer->tokens.size()),
                                              n_prompt, {}}));
                 },
-                [=](const caf::error&) mutable { admit(self, std::move(req), request, false); });
+                [=](const caf::error&) mutable {
+                  if (!cancelled(req)) admit(self, std::move(req), request, false);
+                });
       },
       [=](resume_atom, const WireMessage& wm) {
         auto& s = self->state;
@@ -358,8 +379,12 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         run_step(self);
       },
       [=](cancel_atom, RequestId id, uint8_t reason) {
-        self->state.scheduler->cancel(id, reason == static_cast<uint8_t>(FinishReason::stop) ? FinishReason::stop
-                                                                                             : FinishReason::cancelled);
+        const FinishReason why = reason == static_cast<uint8_t>(FinishReason::stop) ? FinishReason::stop : FinishReason::cancelled;
+        if (auto it = self->state.looking_up.find(id); it != self->state.looking_up.end()) {
+          it->second = why;
+          return;
+        }
+        self->state.scheduler->cancel(id, why);
         run_step(self);
       },
       [=](kick_atom) { run_step(self); },

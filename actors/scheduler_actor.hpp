@@ -73,6 +73,8 @@ struct SchedulerActorState {
   std::unordered_map<RequestId, caf::actor> requests;
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;
+  // Requests whose response-cache lookup is on its way, and whether a cancel came meanwhile.
+  std::unordered_map<RequestId, std::optional<FinishReason>> looking_up;
   bool step_in_flight = false;
   bool plan_in_flight = false;     // a BlockPlanRequest awaits the cache's answer
   bool kick_pending = false;       // something changed while a plan or step was in flight

@@ -147,7 +147,7 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) c
   for (int c = 0; c < kPriorityClasses; ++c) append(out, "celer_queue_depth{priority=\"%s\"} %d\n", kClasses[c], r.waiting[c]);
   header(out, "celer_running_sequences", "gauge", "Sequences in the running batch.");
   append(out, "celer_running_sequences %d\n", r.running);
-  header(out, "celer_kv_blocks", "gauge", "KV-cache blocks by state (used: held by sequences or the prefix cache).");
+  header(out, "celer_kv_blocks", "gauge", "KV-cache blocks by state (used: held by sequences; free: unheld, cached prefixes included).");
   append(out, "celer_kv_blocks{state=\"used\"} %d\nceler_kv_blocks{state=\"free\"} %d\n", r.kv_blocks_used, r.kv_blocks_free);
   header(out, "celer_prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.");
   append(out, "celer_prefix_cache_queried_tokens_total %" PRIu64 "\n", r.prefix_queries);

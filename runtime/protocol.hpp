@@ -81,6 +81,7 @@ struct GenerateRequest {
   std::vector<std::string> stop;      // stop strings
   bool ignore_eos = false;
   bool add_bos = true;                // when tokenizing prompt_text: prepend BOS if the model uses one
+  bool parse_special = false;         // when tokenizing prompt_text: the text of special tokens is those tokens (chat templates)
   Priority priority = Priority::normal;
   std::string tenant;                 // rate-limit bucket ("" = the default bucket)
   std::string session_id;             // routing affinity for multi-turn sessions

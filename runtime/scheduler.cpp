@@ -216,13 +216,13 @@ Step Scheduler::apply(const BlockPlan& plan) {
     if (it != seqs_.end()) preempt(it->second);
   }
   Step step;
-  if (plan.chosen.empty()) return step;
-  step.step_id = next_step_++;
   step.copies = plan.copies;
   const int64_t now_us = unix_us();
   for (const PlannedSequence& p : plan.chosen) {
     auto it = seqs_.find(p.id);
-    if (it == seqs_.end()) throw Error(ErrorCode::invalid_argument, "block plan names unknown sequence " + std::to_string(p.id));
+    // Ended while the plan was on its way (failed when a child died): the next request tells
+    // the cache to free its blocks.
+    if (it == seqs_.end()) continue;
     Sequence& s = it->second;
     if (p.n_computed + p.n_new > static_cast<int32_t>(s.tokens.size()))
       throw Error(ErrorCode::invalid_argument, "block plan runs sequence " + std::to_string(p.id) + " past its tokens");
@@ -253,6 +253,8 @@ Step Scheduler::apply(const BlockPlan& plan) {
     }
     step.sequences.push_back(std::move(ss));
   }
+  if (step.sequences.empty()) return Step{};
+  step.step_id = next_step_++;
   return step;
 }
 
@@ -321,6 +323,7 @@ void Scheduler::reset_kv() {
   commits_.clear();
   ended_.clear();
   reset_pending_ = true;
+  ++kv_epoch_;
 }
 
 }  // namespace celer

@@ -110,6 +110,8 @@ class Scheduler {
   bool idle() const { return seqs_.empty(); }
   uint64_t n_preemptions() const { return preemptions_; }
   uint64_t n_local_plans() const { return local_plans_; }  // steps planned without the cache
+  // Counts reset_kv() calls: a plan asked for before a reset must not be applied after it.
+  uint64_t kv_epoch() const { return kv_epoch_; }
   const SchedulerConfig& config() const { return config_; }
 
  private:
@@ -151,6 +153,7 @@ class Scheduler {
   std::vector<RequestId> ended_;
   uint64_t next_plan_ = 1;
   uint64_t local_plans_ = 0;
+  uint64_t kv_epoch_ = 0;
   std::function<bool(TokenId)> is_eog_;
   std::unordered_map<RequestId, Sequence> seqs_;
   std::deque<RequestId> waiting_[kPriorityClasses];

@@ -56,6 +56,7 @@ struct GenerateRequest {
   sessionId @10 :Text;
   deadlineMs @11 :Int64;
   logprobs @12 :Int32 = -1;
+  parseSpecial @13 :Bool;
 }
 
 struct TokenLogprob {

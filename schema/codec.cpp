@@ -75,6 +75,7 @@ void put(cs::GenerateRequest::Builder b, const GenerateRequest& m) {
   put_text(m.session_id, [&](auto t) { b.setSessionId(t); });
   b.setDeadlineMs(m.deadline_ms);
   b.setLogprobs(m.logprobs);
+  b.setParseSpecial(m.parse_special);
 }
 
 void put(cs::TokenLogprob::Builder b, const TokenLogprob& m) {
@@ -354,6 +355,7 @@ GenerateRequest read(cs::GenerateRequest::Reader r) {
   m.session_id = read_text(r.getSessionId(), at, "session_id");
   m.deadline_ms = non_negative(r.getDeadlineMs(), at, "deadline_ms");
   m.logprobs = in_range(r.getLogprobs(), -1, kMaxTopLogprobs, at, "logprobs");
+  m.parse_special = r.getParseSpecial();
   return m;
 }
 

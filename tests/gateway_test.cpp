@@ -440,3 +440,69 @@ TEST_CASE("gateway: /metrics counts what happened and the stage log has a line p
   std::remove(log.c_str());
   CHECK(lines == 3);
 }
+
+TEST_CASE("gateway: pipelined requests on one connection are answered in order", "[gateway]") {
+  Server server;
+  Conn conn(server.http_port());
+  // Two requests in one write: the second arrives while the first (a stream) is being answered.
+  const std::string first = json{{"prompt", "Once upon a time"}, {"max_tokens", 40}, {"temperature", 0},
+                                 {"ignore_eos", true}, {"stream", true}}.dump();
+  std::string bytes = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+                      std::to_string(first.size()) + "\r\n\r\n" + first + "GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+  net::write(conn.socket(), net::buffer(bytes));
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> stream;
+  http::read(conn.socket(), buffer, stream);
+  CHECK(stream.get().result_int() == 200);
+  const auto events = sse_events(stream.get().body());
+  REQUIRE(!events.empty());
+  CHECK(events.back() == "[DONE]");
+  std::string text;
+  for (const auto& e : events)
+    if (e != "[DONE]") text += json::parse(e)["choices"][0]["text"].get<std::string>();
+  CHECK(text == client_library_text(server.port(), "Once upon a time", 40, 0, 0));
+  http::response_parser<http::string_body> health;
+  http::read(conn.socket(), buffer, health);
+  CHECK(health.get().result_int() == 200);
+}
+
+TEST_CASE("gateway: a client that leaves while its request waits in the queue cancels it before it runs", "[gateway]") {
+  const std::string config = "/tmp/celer-gateway-queue-" + std::to_string(getpid()) + ".yaml";
+  {
+    FILE* f = std::fopen(config.c_str(), "w");
+    REQUIRE(f);
+    std::fprintf(f, "model: %s/stories260K.gguf\nmax_batch_size: 1\nmax_queue: 4\n", CELER_TEST_DATA);
+    std::fclose(f);
+  }
+  Server server({"--config", config});
+  const uint16_t port = server.http_port();
+  // A holds the only batch slot for a while; B queues behind it and its client leaves.
+  std::thread a([&] {
+    json body = {{"prompt", "Once upon a time"}, {"max_tokens", 2000}, {"ignore_eos", true}, {"temperature", 0}};
+    CHECK(post(port, "/v1/completions", body).status == 200);
+  });
+  while (metric(port, "celer_running_sequences") < 1) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  {
+    Conn b(port);
+    const std::string body = json{{"prompt", "The dog ran to the park and"}, {"max_tokens", 20}, {"stream", true}}.dump();
+    const std::string bytes = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + std::to_string(body.size()) +
+                              "\r\n\r\n" + body;
+    net::write(b.socket(), net::buffer(bytes));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (metric(port, "celer_queue_depth{priority=\"normal\"}") < 1 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    CHECK(metric(port, "celer_queue_depth{priority=\"normal\"}") == 1);
+  }  // B hangs up while queued
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (metric(port, "celer_queue_depth{priority=\"normal\"}") != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  const double running_a = metric(port, "celer_running_sequences");
+  a.join();
+  std::remove(config.c_str());
+  // B left the queue while A still ran (it never ran: only A's prompt reached the prefix cache).
+  CHECK(running_a == 1);
+  CHECK(metric(port, "celer_requests_total{outcome=\"cancelled\"}") == 1);
+  CHECK(metric(port, "celer_requests_total{outcome=\"length\"}") == 1);
+  const double queried = metric(port, "celer_prefix_cache_queried_tokens_total");
+  CHECK(queried == 5);  // "Once upon a time" with BOS
+}

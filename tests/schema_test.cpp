@@ -51,6 +51,7 @@ GenerateRequest sample_request() {
   m.session_id = "session-42";
   m.deadline_ms = 1700000000123;
   m.logprobs = 5;
+  m.parse_special = true;
   return m;
 }
 
@@ -180,6 +181,7 @@ void require_equal(const GenerateRequest& a, const GenerateRequest& b) {
   REQUIRE(a.session_id == b.session_id);
   REQUIRE(a.deadline_ms == b.deadline_ms);
   REQUIRE(a.logprobs == b.logprobs);
+  REQUIRE(a.parse_special == b.parse_special);
 }
 
 void require_equal(const TokenChunk& a, const TokenChunk& b) {

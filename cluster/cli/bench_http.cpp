@@ -22,15 +22,21 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 // An OpenAI error body's code (or type) as celer names errors, so a run's failures read the same
-// whichever transport carried them.
+// whichever transport carried them. `status` is the HTTP status, 200 for an error event inside a
+// stream (then only the body tells).
 std::string error_name(int status, const json& body) {
-  const json* e = body.is_object() && body.contains("error") ? &body["error"] : nullptr;
-  const std::string code = e && (*e).contains("code") && (*e)["code"].is_string() ? (*e)["code"].get<std::string>() : "";
+  const json* e = body.is_object() && body.contains("error") && body["error"].is_object() ? &body["error"] : nullptr;
+  auto text = [&](const char* key) {
+    return e && e->contains(key) && (*e)[key].is_string() ? (*e)[key].get<std::string>() : std::string();
+  };
+  const std::string code = text("code"), type = text("type");
   if (code == "context_length_exceeded") return "prompt_too_long";
-  if (status == 429) return "rate_limited";
-  if (status == 503) return code.empty() ? "unavailable" : code;
+  if (status == 429 || type == "rate_limit_exceeded") return "rate_limited";
   if (!code.empty()) return code;
-  return "http_" + std::to_string(status);
+  if (status == 503) return "unavailable";
+  if (type == "invalid_request_error") return "invalid_request";
+  if (status != 200) return "http_" + std::to_string(status);
+  return type.empty() ? "internal" : type;
 }
 
 std::string error_message(const json& body, const std::string& fallback) {
@@ -159,11 +165,13 @@ workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<
         error_body.append(chunk, n);
         continue;
       }
-      pending.append(chunk, n);
+      // SSE lines end in LF or CRLF; an event ends at a blank line; "data:" may omit its space.
+      for (size_t i = 0; i < n; ++i)
+        if (chunk[i] != '\r') pending += chunk[i];
       for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
         const std::string event = pending.substr(0, end);
         pending.erase(0, end + 2);
-        if (event.rfind("data: ", 0) == 0) on_event(event.substr(6));
+        if (event.rfind("data:", 0) == 0) on_event(event.substr(event.size() > 5 && event[5] == ' ' ? 6 : 5));
       }
     }
     rec.end_s = seconds_since(start);
