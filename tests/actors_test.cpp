@@ -299,14 +299,15 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
   CHECK(got == out[7].tokens);
 }
 
-TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates none", "[actors][faults]") {
-  Replica r;
+// Three streams (greedy and sampled); `victim()` is killed twice while they run. Every request
+// must still end with exactly its solo tokens: run() checks there is no gap and no duplicate.
+static void kill_twice_mid_stream(Replica& r, const std::function<caf::actor()>& victim) {
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 60), text_request(2, "The dog", 60, 0.9f),
                                     text_request(3, "Lily and Tom", 60, 1.0f)};
   int kills = 0;
   auto out = r.run(reqs, [&](RequestId id, size_t n, caf::scoped_actor&) {
-    if (id == 1 && ((n == 10 && kills == 0) || (n == 35 && kills == 1))) {  // twice, while streams run
-      caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
+    if (id == 1 && ((n == 10 && kills == 0) || (n == 35 && kills == 1))) {
+      caf::anon_send_exit(victim(), caf::exit_reason::kill);
       ++kills;
     }
   });
@@ -314,8 +315,13 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
   for (const auto& q : reqs) {
     REQUIRE(out[q.id].finished);
     CHECK(out[q.id].finished->reason == FinishReason::length);
-    CHECK(out[q.id].tokens == solo(*r.model, q));  // run() also checks there is no gap and no duplicate
+    CHECK(out[q.id].tokens == solo(*r.model, q));
   }
+}
+
+TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates none", "[actors][faults]") {
+  Replica r;
+  kill_twice_mid_stream(r, [&] { return r.current_shard(); });
   const ReplicaStats stats = r.stats();
   CHECK(stats.shard_restarts == 2);
   CHECK(stats.scheduler_restarts == 0);
@@ -324,21 +330,7 @@ TEST_CASE("actors: killing the shard mid-stream loses no token and duplicates no
 TEST_CASE("actors: killing the cache mid-stream: it is restarted and every request completes with its solo tokens",
           "[actors][faults]") {
   Replica r;
-  std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 50), text_request(2, "The dog", 50, 0.9f),
-                                    text_request(3, "Lily and Tom", 50, 1.0f)};
-  int kills = 0;
-  auto out = r.run(reqs, [&](RequestId id, size_t n, caf::scoped_actor&) {
-    if (id == 2 && ((n == 8 && kills == 0) || (n == 30 && kills == 1))) {
-      caf::anon_send_exit(r.current_cache(), caf::exit_reason::kill);
-      ++kills;
-    }
-  });
-  CHECK(kills == 2);
-  for (const auto& q : reqs) {
-    REQUIRE(out[q.id].finished);
-    CHECK(out[q.id].finished->reason == FinishReason::length);
-    CHECK(out[q.id].tokens == solo(*r.model, q));  // run() also checks there is no gap and no duplicate
-  }
+  kill_twice_mid_stream(r, [&] { return r.current_cache(); });
   const ReplicaStats stats = r.stats();
   CHECK(stats.cache_restarts == 2);
   CHECK(stats.shard_restarts == 0);

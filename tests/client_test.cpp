@@ -3,67 +3,26 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
-#include <regex>
 #include <string>
 
 #include "celer/client.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/generation.hpp"
+#include "serve_process.hpp"
 #include "test_util.hpp"
 
-extern char** environ;
 
 using namespace celer;
 
 namespace {
 
-// `celer serve --port 0 ...` as a child process; the port is read from its first line.
-class Server {
+// `celer serve --port 0 ...` in another process.
+class Server : public ServeProcess {
  public:
-  explicit Server(const std::vector<std::string>& extra = {}) {
-    int fds[2];
-    REQUIRE(pipe(fds) == 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-    posix_spawn_file_actions_addclose(&actions, fds[0]);
-    std::vector<std::string> args{CELER_BIN, "serve", "--port", "0"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    REQUIRE(posix_spawn(&pid_, CELER_BIN, &actions, nullptr, argv.data(), environ) == 0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(fds[1]);
-    out_ = fdopen(fds[0], "r");
-    char line[1024] = {};
-    REQUIRE(std::fgets(line, sizeof line, out_) != nullptr);
-    std::smatch m;
-    std::string s(line);
-    REQUIRE(std::regex_search(s, m, std::regex(R"(on 127\.0\.0\.1:(\d+):)")));
-    port_ = static_cast<uint16_t>(std::stoi(m[1]));
-  }
-  ~Server() { stop(SIGTERM); }
-  void stop(int sig) {
-    if (pid_ <= 0) return;
-    kill(pid_, sig);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    if (out_) std::fclose(out_);
-    out_ = nullptr;
-  }
-  uint16_t port() const { return port_; }
-
- private:
-  pid_t pid_ = -1;
-  FILE* out_ = nullptr;
-  uint16_t port_ = 0;
+  explicit Server(const std::vector<std::string>& extra = {}) : ServeProcess(CELER_BIN, extra) {}
 };
 
 std::unique_ptr<Client> connect(uint16_t port) {

@@ -5,13 +5,10 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
-#include <regex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -22,8 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include "celer/client.hpp"
+#include "serve_process.hpp"
 
-extern char** environ;
 
 using namespace celer;
 using json = nlohmann::json;
@@ -34,50 +31,16 @@ using tcp = net::ip::tcp;
 
 namespace {
 
-// `celer serve --port 0 --http-port 0 ...` as a child process; both ports from its output.
-class Server {
+// `celer serve --port 0 --http-port 0 ...` in another process.
+class Server : public ServeProcess {
  public:
-  explicit Server(const std::vector<std::string>& extra = {}) {
-    int fds[2];
-    REQUIRE(pipe(fds) == 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-    posix_spawn_file_actions_addclose(&actions, fds[0]);
-    std::vector<std::string> args{CELER_BIN, "serve", "--port", "0", "--http-port", "0"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    REQUIRE(posix_spawn(&pid_, CELER_BIN, &actions, nullptr, argv.data(), environ) == 0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(fds[1]);
-    out_ = fdopen(fds[0], "r");
-    char line[1024] = {};
-    for (int i = 0; i < 2; ++i) {
-      REQUIRE(std::fgets(line, sizeof line, out_) != nullptr);
-      std::string s(line);
-      std::smatch m;
-      if (std::regex_search(s, m, std::regex(R"(http on 127\.0\.0\.1:(\d+))"))) http_port_ = static_cast<uint16_t>(std::stoi(m[1]));
-      else if (std::regex_search(s, m, std::regex(R"(on 127\.0\.0\.1:(\d+):)"))) port_ = static_cast<uint16_t>(std::stoi(m[1]));
-    }
-    REQUIRE(port_ != 0);
-    REQUIRE(http_port_ != 0);
-  }
-  ~Server() {
-    kill(pid_, SIGTERM);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    std::fclose(out_);
-  }
-  uint16_t port() const { return port_; }
-  uint16_t http_port() const { return http_port_; }
+  explicit Server(const std::vector<std::string>& extra = {}) : ServeProcess(CELER_BIN, with_http(extra)) {}
 
  private:
-  pid_t pid_ = -1;
-  FILE* out_ = nullptr;
-  uint16_t port_ = 0;
-  uint16_t http_port_ = 0;
+  static std::vector<std::string> with_http(std::vector<std::string> extra) {
+    extra.insert(extra.begin(), {"--http-port", "0"});
+    return extra;
+  }
 };
 
 struct Reply {
