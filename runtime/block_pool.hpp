@@ -1,6 +1,8 @@
-// A pool of KV block ids with a free list and reference counts. Blocks are handed out lowest id
-// first and a block returns to the free list when its last reference is dropped.
-// (The prefix index and eviction order of the cache actor build on this.)
+// A pool of KV block ids with a free list and reference counts, for callers that drive the
+// engine directly (`generate()`, `celer bench-model`, the engine tests): blocks are handed out
+// lowest id first and a block returns to the free list when its last reference is dropped. A
+// serving replica's blocks are the cache actor's KvBlockManager instead (prefix index, LRU
+// eviction, copy-on-write), which a single sequence without sharing does not need.
 #pragma once
 
 #include <cstdint>
