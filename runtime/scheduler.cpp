@@ -97,7 +97,6 @@ void Scheduler::remove(RequestId id) {
 }
 
 void Scheduler::preempt(Sequence& s) {
-  s.started = false;
   s.table.clear();
   s.n_computed = 0;
   if (s.running) {
@@ -129,26 +128,31 @@ void Scheduler::fail(Sequence& s, ErrorKind kind, const std::string& message, st
   remove(s.request.id);
 }
 
+std::vector<RequestId> Scheduler::running_in_order() const {
+  std::vector<RequestId> order = running_;
+  std::sort(order.begin(), order.end(), [&](RequestId a, RequestId b) { return before(seqs_.at(a), seqs_.at(b)); });
+  return order;
+}
+
 // The walk of BlockPlanner::plan over the running sequences, when nothing waits, nothing must be
 // freed and no sequence needs a block it does not hold: the same choice, with no block change.
+
 std::optional<BlockPlan> Scheduler::plan_locally() const {
   if (reset_pending_ || !ended_.empty() || n_waiting() > 0 || running_.empty()) return std::nullopt;
-  std::vector<const Sequence*> order;
-  for (RequestId id : running_) order.push_back(&seqs_.at(id));
-  std::sort(order.begin(), order.end(), [](const Sequence* a, const Sequence* b) { return before(*a, *b); });
   BlockPlan plan;
   int32_t budget = config_.max_batch_tokens;
-  for (const Sequence* s : order) {
+  for (RequestId id : running_in_order()) {
+    const Sequence& s = seqs_.at(id);
     if (static_cast<int32_t>(plan.chosen.size()) == config_.max_batch_size || budget == 0) break;
-    if (!s->started || s->table.empty()) return std::nullopt;
-    const int32_t n = std::min(static_cast<int32_t>(s->tokens.size()) - s->n_computed, budget);
-    const int32_t positions = s->n_computed + n;
-    if (positions > static_cast<int32_t>(s->table.size()) * kKvBlock) return std::nullopt;
+    if (!s.started()) return std::nullopt;
+    const int32_t n = std::min(static_cast<int32_t>(s.tokens.size()) - s.n_computed, budget);
+    const int32_t positions = s.n_computed + n;
+    if (positions > static_cast<int32_t>(s.table.size()) * kKvBlock) return std::nullopt;
     PlannedSequence& p = plan.chosen.emplace_back();
-    p.id = s->request.id;
-    p.n_computed = s->n_computed;
+    p.id = s.request.id;
+    p.n_computed = s.n_computed;
     p.n_new = n;
-    p.block_table.assign(s->table.begin(), s->table.begin() + (positions + kKvBlock - 1) / kKvBlock);
+    p.block_table.assign(s.table.begin(), s.table.begin() + (positions + kKvBlock - 1) / kKvBlock);
     budget -= n;
   }
   return plan;
@@ -191,17 +195,16 @@ std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std
     c.new_tokens.assign(s.tokens.begin() + s.n_sent, s.tokens.end());
     s.n_sent = static_cast<int32_t>(s.tokens.size());
     c.n_tokens = s.n_sent;
-    c.started = s.started;
+    c.started = s.started();
     c.n_computed = s.n_computed;
     c.running = s.running;
     c.priority = s.request.priority;
   };
+  const std::vector<RequestId> running = running_in_order();
+  size_t next = 0;
   for (int c = 0; c < kPriorityClasses; ++c) {
-    std::vector<Sequence*> run;
-    for (RequestId id : running_)
-      if (static_cast<int>(seqs_.at(id).request.priority) == c) run.push_back(&seqs_.at(id));
-    std::sort(run.begin(), run.end(), [](const Sequence* a, const Sequence* b) { return a->arrival < b->arrival; });
-    for (Sequence* s : run) add(*s);
+    for (; next < running.size() && static_cast<int>(seqs_.at(running[next]).request.priority) == c; ++next)
+      add(seqs_.at(running[next]));
     for (RequestId id : waiting_[c]) {
       if (waiting_left-- <= 0) break;
       add(seqs_.at(id));
@@ -226,7 +229,6 @@ Step Scheduler::apply(const BlockPlan& plan) {
     Sequence& s = it->second;
     if (p.n_computed + p.n_new > static_cast<int32_t>(s.tokens.size()))
       throw Error(ErrorCode::invalid_argument, "block plan runs sequence " + std::to_string(p.id) + " past its tokens");
-    s.started = true;
     s.n_computed = p.n_computed;
     // The planner cut the table at the last block these positions reach, which is the last
     // block the sequence holds (reserve() grows it no further).
@@ -270,7 +272,7 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
   for (const StepSequence& ss : step.sequences) {
     auto it = seqs_.find(ss.id);
     // Gone (finished) or preempted since the step was built: its results no longer apply.
-    if (it == seqs_.end() || !it->second.started || it->second.n_computed != ss.n_past) continue;
+    if (it == seqs_.end() || !it->second.started() || it->second.n_computed != ss.n_past) continue;
     Sequence& s = it->second;
     s.n_computed += static_cast<int32_t>(ss.tokens.size());
     // One commit per sequence is enough (a later one covers an earlier one); it brings the
@@ -286,7 +288,7 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
   }
   for (const SampledToken& st : result.tokens) {
     auto it = seqs_.find(st.id);
-    if (it == seqs_.end() || !it->second.started) continue;
+    if (it == seqs_.end() || !it->second.started()) continue;
     Sequence& s = it->second;
     if (s.n_computed != static_cast<int32_t>(s.tokens.size())) continue;  // not a sampling point
     s.tokens.push_back(st.token);
@@ -317,7 +319,7 @@ void Scheduler::reset_kv() {
   const std::vector<RequestId> running = running_;
   for (RequestId id : running) preempt(seqs_.at(id));
   for (auto& [id, s] : seqs_) {
-    if (s.started) preempt(s);
+    if (s.started()) preempt(s);
     s.n_sent = 0;  // the cache starts over: every token is sent again
   }
   commits_.clear();

@@ -125,7 +125,7 @@ class Scheduler {
     StageTimes times;             // queued, admitted, prefill done, first and last token
     int32_t n_sent = 0;           // tokens the cache has been sent (BlockCandidate::new_tokens)
     std::vector<int32_t> table;   // the blocks the cache's last plan gave it (empty: none)
-    bool started = false;         // holds blocks in the block manager
+    bool started() const { return !table.empty(); }  // holds blocks in the cache
     bool running = false;
     bool cancelled = false;
     FinishReason cancel_reason = FinishReason::cancelled;
@@ -137,6 +137,7 @@ class Scheduler {
   };
 
   bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
+  std::vector<RequestId> running_in_order() const;  // by class, then arrival (the walk's order)
   std::optional<BlockPlan> plan_locally() const;
   void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
   void finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events);
