@@ -29,14 +29,17 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
     auto it = st.requests.find(e.id);
     if (it == st.requests.end()) continue;
     switch (e.kind) {
-      case SchedulerEvent::Kind::token:
+      case SchedulerEvent::Kind::token: {
         if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
-        if (e.has_logprob) self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}, {e.logprob}}));
-        else self->send(it->second, event_atom::value, encode(TokenChunk{e.id, e.index, {e.token}, {}, {}}));
+        TokenChunk chunk{e.id, e.index, {e.token}, {}, {}};
+        if (e.has_logprob) chunk.logprobs.push_back(e.logprob);
+        self->send(it->second, event_atom::value, encode(chunk));
         break;
+      }
       case SchedulerEvent::Kind::finished:
         if (auto c = st.cacheable.find(e.id); c != st.cacheable.end()) {
-          if (st.cache_up && e.finished.reason != FinishReason::cancelled)
+          // (The response cache keeps complete answers only: a cancelled one is dropped there.)
+          if (st.cache_up)
             self->send(st.cache, store_atom::value,
                        encode(CachedResponse{std::move(c->second), true, std::move(st.produced[e.id]), e.finished.reason}));
           st.cacheable.erase(c);
@@ -186,9 +189,11 @@ void spawn_cache(Self* self) {
   self->monitor(st.cache);
 }
 
-// Counts a dead child's restart; when it died max_restarts times within the window the requests
-// fail, since nothing can serve them for now (the child is still respawned, for new requests).
-void count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, const char* what) {
+// Counts a dead child's restart (in the window and in all); when it died max_restarts times
+// within the window the requests fail, since nothing can serve them for now (the child is still
+// respawned, for new requests).
+void count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
+                   const char* what) {
   auto& s = self->state;
   const auto now = std::chrono::steady_clock::now();
   restarts.erase(std::remove_if(restarts.begin(), restarts.end(), [&](auto t) { return now - t > s.setup.restart_window; }),
@@ -200,6 +205,7 @@ void count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point
     dispatch(self, ev);
   }
   restarts.push_back(now);
+  ++total;
 }
 
 // Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group sharing one
@@ -226,13 +232,12 @@ void spawn_shard(Self* self) {
 // `cacheable`: its answer goes to the response cache when it finishes.
 void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cacheable) {
   auto& s = self->state;
-  const GenerateRequest copy = cacheable ? req : GenerateRequest{};
   if (auto rejected = s.scheduler->admit(req, now_ms(self))) {
     self->send(request, event_atom::value, encode(*rejected));
     return;
   }
   s.requests[req.id] = request;
-  if (cacheable) s.cacheable[req.id] = copy;
+  if (cacheable) s.cacheable[req.id] = std::move(req);
   run_step(self);
 }
 
@@ -262,8 +267,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
       // shards is intact but unaddressed). Every sequence recomputes on the new cache.
       s.cache_up = false;
       s.scheduler->reset_kv();
-      count_restart(self, s.cache_restarts, "cache");
-      ++s.total_cache_restarts;
+      count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache");
       self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
       return;
     }
@@ -273,8 +277,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
     for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
     // The shard died: its KV is gone.
     s.scheduler->reset_kv();
-    count_restart(self, s.restarts, "model shard");
-    ++s.total_restarts;
+    count_restart(self, s.restarts, s.total_restarts, "model shard");
     self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
   });
   self->attach_functor([ranks = st.shard_for_exit, cache = st.cache_for_exit](const caf::error&) {
