@@ -46,8 +46,17 @@ void put_text(const std::string& s, Setter set) {
   if (!s.empty()) set(text(s));
 }
 
-void put_ints(capnp::List<int32_t>::Builder out, const std::vector<int32_t>& in) {
+// Token ids, block ids (int32) and request ids (uint64) alike.
+template <class T>
+void put_ints(typename capnp::List<T>::Builder out, const std::vector<T>& in) {
   for (unsigned i = 0; i < in.size(); ++i) out.set(i, in[i]);
+}
+
+void put_copies(capnp::List<cs::BlockCopy>::Builder out, const std::vector<BlockCopy>& in) {
+  for (unsigned i = 0; i < in.size(); ++i) {
+    out[i].setSrc(in[i].src);
+    out[i].setDst(in[i].dst);
+  }
 }
 
 void put(cs::SamplingParams::Builder b, const SamplingParams& p) {
@@ -137,11 +146,7 @@ void put(cs::StepSequence::Builder b, const StepSequence& s) {
 
 void put(cs::Step::Builder b, const Step& m) {
   b.setStepId(m.step_id);
-  auto copies = b.initCopies(list_size(m.copies.size(), "copies"));
-  for (unsigned i = 0; i < m.copies.size(); ++i) {
-    copies[i].setSrc(m.copies[i].src);
-    copies[i].setDst(m.copies[i].dst);
-  }
+  put_copies(b.initCopies(list_size(m.copies.size(), "copies")), m.copies);
   auto seqs = b.initSequences(list_size(m.sequences.size(), "sequences"));
   for (unsigned i = 0; i < m.sequences.size(); ++i) put(seqs[i], m.sequences[i]);
 }
@@ -175,10 +180,6 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setMalformedMessages(m.malformed_messages);
 }
 
-void put_ids(capnp::List<uint64_t>::Builder out, const std::vector<RequestId>& in) {
-  for (unsigned i = 0; i < in.size(); ++i) out.set(i, in[i]);
-}
-
 void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
   b.setPlanId(m.plan_id);
   b.setReset(m.reset);
@@ -188,7 +189,7 @@ void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
     commits[i].setNComputed(m.commits[i].n_computed);
     put_ints(commits[i].initNewTokens(list_size(m.commits[i].new_tokens.size(), "new_tokens")), m.commits[i].new_tokens);
   }
-  put_ids(b.initEnded(list_size(m.ended.size(), "ended")), m.ended);
+  put_ints(b.initEnded(list_size(m.ended.size(), "ended")), m.ended);
   auto cands = b.initCandidates(list_size(m.candidates.size(), "candidates"));
   for (unsigned i = 0; i < m.candidates.size(); ++i) {
     const BlockCandidate& c = m.candidates[i];
@@ -214,12 +215,8 @@ void put(cs::BlockPlan::Builder b, const BlockPlan& m) {
     chosen[i].setNNew(p.n_new);
     put_ints(chosen[i].initBlockTable(list_size(p.block_table.size(), "block_table")), p.block_table);
   }
-  put_ids(b.initPreempted(list_size(m.preempted.size(), "preempted")), m.preempted);
-  auto copies = b.initCopies(list_size(m.copies.size(), "copies"));
-  for (unsigned i = 0; i < m.copies.size(); ++i) {
-    copies[i].setSrc(m.copies[i].src);
-    copies[i].setDst(m.copies[i].dst);
-  }
+  put_ints(b.initPreempted(list_size(m.preempted.size(), "preempted")), m.preempted);
+  put_copies(b.initCopies(list_size(m.copies.size(), "copies")), m.copies);
   b.setKvBlocksUsed(m.kv_blocks_used);
   b.setKvBlocksFree(m.kv_blocks_free);
   b.setPrefixQueries(m.prefix_queries);
@@ -458,18 +455,24 @@ StepSequence read(cs::StepSequence::Reader r, unsigned index) {
   return s;
 }
 
+// Block copies (src -> dst) of a Step or a BlockPlan: block ids, each >= 0. `elements` names
+// the list's elements in errors ("Step.copies").
+std::vector<BlockCopy> read_copies(capnp::List<cs::BlockCopy>::Reader list, const At& at, const char* elements) {
+  check_count(list.size(), lim::kMaxStepCopies, at, "copies");
+  std::vector<BlockCopy> out(list.size());
+  for (unsigned i = 0; i < list.size(); ++i) {
+    const At copy_at{elements, i};
+    out[i].src = non_negative(list[i].getSrc(), copy_at, "src");
+    out[i].dst = non_negative(list[i].getDst(), copy_at, "dst");
+  }
+  return out;
+}
+
 Step read(cs::Step::Reader r) {
   const At at{"Step"};
   Step m;
   m.step_id = r.getStepId();
-  const auto copies = r.getCopies();
-  check_count(copies.size(), lim::kMaxStepCopies, at, "copies");
-  m.copies.resize(copies.size());
-  for (unsigned i = 0; i < copies.size(); ++i) {
-    const At copy_at{"Step.copies", i};
-    m.copies[i].src = non_negative(copies[i].getSrc(), copy_at, "src");
-    m.copies[i].dst = non_negative(copies[i].getDst(), copy_at, "dst");
-  }
+  m.copies = read_copies(r.getCopies(), at, "Step.copies");
   const auto seqs = r.getSequences();
   check_count(seqs.size(), lim::kMaxStepSequences, at, "sequences");
   m.sequences.reserve(seqs.size());
@@ -589,14 +592,7 @@ BlockPlan read(cs::BlockPlan::Reader r) {
                                       std::to_string(positions) + " positions (needs " + std::to_string(needed) + ")");
   }
   m.preempted = read_request_ids(r.getPreempted(), lim::kMaxPlanSequences, at, "preempted");
-  const auto copies = r.getCopies();
-  check_count(copies.size(), lim::kMaxStepCopies, at, "copies");
-  m.copies.resize(copies.size());
-  for (unsigned i = 0; i < copies.size(); ++i) {
-    const At copy_at{"BlockPlan.copies", i};
-    m.copies[i].src = non_negative(copies[i].getSrc(), copy_at, "src");
-    m.copies[i].dst = non_negative(copies[i].getDst(), copy_at, "dst");
-  }
+  m.copies = read_copies(r.getCopies(), at, "BlockPlan.copies");
   m.kv_blocks_used = non_negative(r.getKvBlocksUsed(), at, "kv_blocks_used");
   m.kv_blocks_free = non_negative(r.getKvBlocksFree(), at, "kv_blocks_free");
   m.prefix_queries = r.getPrefixQueries();
