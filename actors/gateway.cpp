@@ -233,24 +233,17 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   // gateway's own (received, first and last token written, end written).
   void log_stages(const ChoiceState& cs, int index, const Finished& fin) {
     if (!gw_->stage_log.is_open()) return;
-    const StageTimes& t = fin.times;
-    const nlohmann::json line = {{"id", meta_.id},
-                                 {"choice", index},
-                                 {"gateway_received_us", received_us_},
-                                 {"received_us", t.received_us},
-                                 {"queued_us", t.queued_us},
-                                 {"admitted_us", t.admitted_us},
-                                 {"prefill_done_us", t.prefill_done_us},
-                                 {"first_token_us", t.first_token_us},
-                                 {"last_token_us", t.last_token_us},
-                                 {"finished_us", t.finished_us},
-                                 {"first_sent_us", cs.first_sent_us},
-                                 {"last_sent_us", cs.last_sent_us},
-                                 {"sent_us", unix_us()},
-                                 {"prompt_tokens", fin.prompt_tokens},
-                                 {"completion_tokens", fin.completion_tokens},
-                                 {"cached_tokens", fin.cached_tokens},
-                                 {"finish_reason", openai::finish_reason_name(fin.reason)}};
+    nlohmann::json line = {{"id", meta_.id},
+                           {"choice", index},
+                           {"gateway_received_us", received_us_},
+                           {"first_sent_us", cs.first_sent_us},
+                           {"last_sent_us", cs.last_sent_us},
+                           {"sent_us", unix_us()},
+                           {"prompt_tokens", fin.prompt_tokens},
+                           {"completion_tokens", fin.completion_tokens},
+                           {"cached_tokens", fin.cached_tokens},
+                           {"finish_reason", openai::finish_reason_name(fin.reason)}};
+    for (const auto& [name, field] : kStageTimeFields) line[name] = fin.times.*field;
     gw_->stage_log << line.dump() << '\n' << std::flush;
   }
 

@@ -332,6 +332,13 @@ ApiError error_from(ErrorKind kind, const std::string& message) {
   return {500, message, "server_error", "", "internal_error"};
 }
 
+std::optional<ErrorKind> error_kind_of_code(std::string_view code) {
+  if (code.empty()) return std::nullopt;
+  for (int k = 0; k <= static_cast<int>(ErrorKind::unavailable); ++k)
+    if (error_from(static_cast<ErrorKind>(k), "").code == code) return static_cast<ErrorKind>(k);
+  return std::nullopt;
+}
+
 const char* finish_reason_name(FinishReason reason) {
   switch (reason) {
     case FinishReason::stop: return "stop";
@@ -388,10 +395,9 @@ json usage_json(const Usage& u) {
 }
 
 json stage_times_json(const StageTimes& t) {
-  return {{"received_us", t.received_us},         {"queued_us", t.queued_us},
-          {"admitted_us", t.admitted_us},         {"prefill_done_us", t.prefill_done_us},
-          {"first_token_us", t.first_token_us},   {"last_token_us", t.last_token_us},
-          {"finished_us", t.finished_us}};
+  json j = json::object();
+  for (const auto& [name, field] : kStageTimeFields) j[name] = t.*field;
+  return j;
 }
 
 json envelope(const ResponseMeta& m, bool chunk) {

@@ -35,6 +35,9 @@ std::string error_body(const ApiError& e);
 
 // The status and type a replica's error gets (docs/http.md has the table).
 ApiError error_from(ErrorKind kind, const std::string& message);
+// The other way, for clients reading an error back: the ErrorKind whose error_from() carries
+// `code`; nullopt for a code it does not produce (invalid_request has none: its type tells).
+std::optional<ErrorKind> error_kind_of_code(std::string_view code);
 
 // Bounds on what one request may ask for (defaults documented in docs/http.md).
 constexpr int kMaxChoices = 16;          // n

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/sampler.hpp"
@@ -67,6 +68,15 @@ struct StageTimes {
   int64_t last_token_us = 0;     // the last output token was sampled
   int64_t finished_us = 0;       // the request actor sent Finished
   bool operator==(const StageTimes&) const = default;
+};
+
+// StageTimes' fields by name, in stage order: the one list every text form of them (the HTTP
+// API's stage_times, the gateway's stage log, celer bench reading them back) is written from.
+inline constexpr std::pair<const char*, int64_t StageTimes::*> kStageTimeFields[] = {
+    {"received_us", &StageTimes::received_us},       {"queued_us", &StageTimes::queued_us},
+    {"admitted_us", &StageTimes::admitted_us},       {"prefill_done_us", &StageTimes::prefill_done_us},
+    {"first_token_us", &StageTimes::first_token_us}, {"last_token_us", &StageTimes::last_token_us},
+    {"finished_us", &StageTimes::finished_us},
 };
 
 // Microseconds since the Unix epoch (the clock of StageTimes and deadlines).

@@ -237,8 +237,7 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
     // Only requests that went through every stage (not response-cache hits, whose spans would
     // read as zero).
     if (t.received_us > 0 && t.queued_us > 0 && t.admitted_us >= t.queued_us && t.prefill_done_us >= t.admitted_us &&
-        t.first_token_us >= t.prefill_done_us && t.last_token_us >= t.first_token_us && t.finished_us >= t.received_us &&
-        t.admitted_us > 0 && t.first_token_us > 0) {
+        t.first_token_us >= t.prefill_done_us && t.last_token_us >= t.first_token_us && t.finished_us >= t.received_us) {
       const double server = (t.finished_us - t.received_us) * 1e-6;
       const double spans[] = {(t.admitted_us - t.queued_us) * 1e-6,       (t.prefill_done_us - t.admitted_us) * 1e-6,
                               (t.first_token_us - t.prefill_done_us) * 1e-6, (t.last_token_us - t.first_token_us) * 1e-6,

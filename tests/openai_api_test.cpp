@@ -316,3 +316,15 @@ TEST_CASE("chat templates: the fallback", "[chat_template]") {
   CHECK(chat_stop_strings(ChatFormat::chatml) == std::vector<std::string>{"<|im_end|>"});
   CHECK(std::string(to_string(ChatFormat::gemma)) == "gemma");
 }
+
+TEST_CASE("openai: an error code reads back as the ErrorKind that produced it", "[openai]") {
+  for (int k = 0; k <= static_cast<int>(ErrorKind::unavailable); ++k) {
+    const auto kind = static_cast<ErrorKind>(k);
+    const std::string code = openai::error_from(kind, "x").code;
+    INFO(to_string(kind) << " -> '" << code << "'");
+    if (code.empty()) CHECK(kind == ErrorKind::invalid_request);  // told by its type instead
+    else CHECK(openai::error_kind_of_code(code) == kind);
+  }
+  CHECK(!openai::error_kind_of_code("model_not_found"));
+  CHECK(!openai::error_kind_of_code(""));
+}

@@ -116,9 +116,6 @@ struct Runner {
     o.sampling.seed = seed + index;  // reproducible draws when --temperature > 0
     // Routing affinity: the turns of one session go to the replica that holds their prefix.
     if (r.session >= 0) o.session_id = "bench-" + std::to_string(seed) + "-" + std::to_string(r.session);
-    wl::RequestRecord rec;
-    rec.session = r.session;
-    rec.turn = r.turn;
     if (http) {
       HttpRequestOptions h;
       h.max_tokens = o.max_tokens;
@@ -131,6 +128,9 @@ struct Runner {
       hr.turn = r.turn;
       return hr;
     }
+    wl::RequestRecord rec;
+    rec.session = r.session;
+    rec.turn = r.turn;
     rec.send_s = seconds_since(start);
     Client::Stream stream = client->stream_tokens(std::move(prompt), o);
     while (auto chunk = stream.next()) {

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/openai_api.hpp"
 
 namespace celer::cli {
 namespace {
@@ -30,13 +31,13 @@ std::string error_name(int status, const json& body) {
     return e && e->contains(key) && (*e)[key].is_string() ? (*e)[key].get<std::string>() : std::string();
   };
   const std::string code = text("code"), type = text("type");
-  if (code == "context_length_exceeded") return "prompt_too_long";
-  if (status == 429 || type == "rate_limit_exceeded") return "rate_limited";
-  if (!code.empty()) return code;
-  if (status == 503) return "unavailable";
-  if (type == "invalid_request_error") return "invalid_request";
+  if (auto kind = openai::error_kind_of_code(code)) return to_string(*kind);
+  if (!code.empty()) return code;  // the gateway's own (model_not_found, invalid_json, ...)
+  if (status == 429) return to_string(ErrorKind::rate_limited);
+  if (status == 503) return to_string(ErrorKind::unavailable);
+  if (type == "invalid_request_error") return to_string(ErrorKind::invalid_request);
   if (status != 200) return "http_" + std::to_string(status);
-  return type.empty() ? "internal" : type;
+  return type.empty() ? to_string(ErrorKind::internal) : type;
 }
 
 std::string error_message(const json& body, const std::string& fallback) {
@@ -45,16 +46,11 @@ std::string error_message(const json& body, const std::string& fallback) {
   return fallback;
 }
 
+// A missing or non-integer field reads as 0 (the stage was not reported).
 StageTimes stage_times(const json& t) {
   StageTimes s;
-  auto get = [&](const char* k) { return t.contains(k) && t[k].is_number_integer() ? t[k].get<int64_t>() : int64_t{0}; };
-  s.received_us = get("received_us");
-  s.queued_us = get("queued_us");
-  s.admitted_us = get("admitted_us");
-  s.prefill_done_us = get("prefill_done_us");
-  s.first_token_us = get("first_token_us");
-  s.last_token_us = get("last_token_us");
-  s.finished_us = get("finished_us");
+  for (const auto& [name, field] : kStageTimeFields)
+    if (t.contains(name) && t[name].is_number_integer()) s.*field = t[name].get<int64_t>();
   return s;
 }
 
