@@ -21,13 +21,15 @@ fail() {
   exit 1
 }
 
-"$CELER" serve --port 0 >"$WORK/server.log" 2>&1 &
+"$CELER" serve --port 0 --http-port 0 >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
 PORT=
+HTTP_PORT=
 for _ in $(seq 1 600); do
   PORT=$(sed -n 's/^celer: serving .* on 127\.0\.0\.1:\([0-9][0-9]*\): .*/\1/p' "$WORK/server.log" | head -n 1)
-  [[ -n "$PORT" ]] && break
+  HTTP_PORT=$(sed -n 's/^celer: http on 127\.0\.0\.1:\([0-9][0-9]*\) .*/\1/p' "$WORK/server.log" | head -n 1)
+  [[ -n "$PORT" && -n "$HTTP_PORT" ]] && break
   kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; fail "celer serve exited before listening"; }
   sleep 0.1
 done
@@ -78,6 +80,21 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 turns = r.get("mean_ttft_ms_by_turn", [])
 sys.exit(0 if len(turns) == 3 else 1)' "$WORK/multi-turn.json" || fail "multi-turn: no mean TTFT for each of 3 turns"
+
+# The same through the HTTP API: token-exact multi-turn turns hit the prefix cache.
+"$CELER" bench --url "http://127.0.0.1:$HTTP_PORT" --vocab-size 512 --max-concurrency 2 --json "$WORK/http.json" \
+  --dataset multi-turn --sessions 2 --turns 3 --turn-input-len 16 --output-len 8 >/dev/null 2>&1 ||
+  fail "celer bench --url exited with $?"
+check "$WORK/http.json" 6 0 || fail "multi-turn dataset over HTTP"
+# Requests the server refuses (token ids outside the vocabulary) count as failed, by reason.
+"$CELER" bench --url "http://127.0.0.1:$HTTP_PORT" --vocab-size 100000 --json "$WORK/http-bad.json" \
+  --dataset random --num-prompts 3 --random-input-len 8 --random-output-len 4 >/dev/null 2>&1 ||
+  fail "celer bench --url (refused requests) exited with $?"
+python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+sys.exit(0 if r["failed"] == 3 and r["failures"] == {"invalid_request": 3} else 1)' "$WORK/http-bad.json" ||
+  fail "refused HTTP requests are not reported as 3 invalid_request failures: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["failures"])' "$WORK/http-bad.json")"
 
 # Bad options fail with a clear message, before connecting.
 if "$CELER" bench --connect "127.0.0.1:$PORT" --dataset sharegpt >"$WORK/bad.log" 2>&1; then
