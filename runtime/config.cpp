@@ -274,22 +274,21 @@ void read_rate_limits(const Value& v, RateLimitsConfig& c) {
                  });
 }
 
-template <class Endpoint>  // ListenConfig
-void read_endpoint(const Value& v, Endpoint& e) {
-  read_fields(v, {
-                     {"host", [&](const Value& x) { e.host = x.string(false); }},
-                     {"port", [&](const Value& x) { e.port = static_cast<uint16_t>(x.integer(0, 65535)); }},
-                 });
+// host and port, then the section's own keys (the HTTP gateway's timeouts and log).
+template <class Endpoint>  // ListenConfig or HttpConfig
+void read_endpoint(const Value& v, Endpoint& e, Fields more = {}) {
+  more.insert(more.begin(), {{"host", [&](const Value& x) { e.host = x.string(false); }},
+                             {"port", [&](const Value& x) { e.port = static_cast<uint16_t>(x.integer(0, 65535)); }}});
+  read_fields(v, more);
 }
 
 void read_http(const Value& v, HttpConfig& c) {
-  read_fields(v, {
-                     {"host", [&](const Value& x) { c.host = x.string(false); }},
-                     {"port", [&](const Value& x) { c.port = static_cast<uint16_t>(x.integer(0, 65535)); }},
-                     {"request_timeout", [&](const Value& x) { c.request_timeout = x.duration(1); }},
-                     {"idle_timeout", [&](const Value& x) { c.idle_timeout = x.duration(1); }},
-                     {"stage_log", [&](const Value& x) { c.stage_log = x.string(true); }},
-                 });
+  read_endpoint(v, c,
+                {
+                    {"request_timeout", [&](const Value& x) { c.request_timeout = x.duration(1); }},
+                    {"idle_timeout", [&](const Value& x) { c.idle_timeout = x.duration(1); }},
+                    {"stage_log", [&](const Value& x) { c.stage_log = x.string(true); }},
+                });
 }
 
 void read_supervision(const Value& v, SupervisionConfig& c) {
@@ -364,12 +363,12 @@ void emit_rate_limit(YAML::Emitter& out, const RateLimit& r) {
   out << YAML::EndMap;
 }
 
+// Opens section `key` with its host and port; the caller adds its own keys and ends the map.
 template <class Endpoint>
-void emit_endpoint(YAML::Emitter& out, const char* key, const Endpoint& e) {
+void begin_endpoint(YAML::Emitter& out, const char* key, const Endpoint& e) {
   out << YAML::Key << key << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << e.host;
   out << YAML::Key << "port" << YAML::Value << e.port;
-  out << YAML::EndMap;
 }
 
 // The sections after the top-level scalar keys.
@@ -390,11 +389,10 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   }
   out << YAML::EndMap << YAML::EndMap;
   out << YAML::Key << "deadline" << YAML::Value << format_duration(c.deadline);
-  emit_endpoint(out, "listen", c.listen);
+  begin_endpoint(out, "listen", c.listen);
+  out << YAML::EndMap;
   if (c.http) {
-    out << YAML::Key << "http" << YAML::Value << YAML::BeginMap;
-    out << YAML::Key << "host" << YAML::Value << YAML::DoubleQuoted << c.http->host;
-    out << YAML::Key << "port" << YAML::Value << c.http->port;
+    begin_endpoint(out, "http", *c.http);
     out << YAML::Key << "request_timeout" << YAML::Value << format_duration(c.http->request_timeout);
     out << YAML::Key << "idle_timeout" << YAML::Value << format_duration(c.http->idle_timeout);
     out << YAML::Key << "stage_log" << YAML::Value << YAML::DoubleQuoted << c.http->stage_log;
