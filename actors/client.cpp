@@ -15,10 +15,6 @@ namespace {
 // with an error instead of waiting forever.
 constexpr auto kIdleTimeout = std::chrono::minutes(10);
 
-int64_t unix_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
 }  // namespace
 
 struct Client::Impl {
@@ -139,7 +135,7 @@ GenerateRequest make_request(const RequestOptions& o) {
   r.priority = o.priority;
   r.tenant = o.tenant;
   r.session_id = o.session_id;
-  r.deadline_ms = o.timeout_ms > 0 ? unix_ms() + o.timeout_ms : 0;
+  r.deadline_ms = o.timeout_ms > 0 ? unix_us() / 1000 + o.timeout_ms : 0;
   r.logprobs = o.logprobs;
   return r;
 }

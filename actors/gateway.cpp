@@ -21,7 +21,7 @@ namespace {
 constexpr const char* kJson = "application/json";
 
 int64_t unix_seconds() {
-  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  return unix_us() / 1'000'000;
 }
 
 // "cmpl-" / "chatcmpl-" and 24 hex digits.

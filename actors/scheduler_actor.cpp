@@ -18,9 +18,7 @@ int64_t now_ms(Self* self) {
 // Deadlines arrive as Unix milliseconds; the scheduler keeps time from the actor's start.
 int64_t to_local_ms(Self* self, int64_t unix_ms) {
   if (unix_ms == 0) return 0;
-  const int64_t unix_now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                               std::chrono::system_clock::now().time_since_epoch()).count();
-  return std::max<int64_t>(1, now_ms(self) + (unix_ms - unix_now));
+  return std::max<int64_t>(1, now_ms(self) + (unix_ms - unix_us() / 1000));
 }
 
 void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
