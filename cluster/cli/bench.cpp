@@ -117,13 +117,7 @@ struct Runner {
     // Routing affinity: the turns of one session go to the replica that holds their prefix.
     if (r.session >= 0) o.session_id = "bench-" + std::to_string(seed) + "-" + std::to_string(r.session);
     if (http) {
-      HttpRequestOptions h;
-      h.max_tokens = o.max_tokens;
-      h.temperature = o.sampling.temperature;
-      h.seed = o.sampling.seed;
-      h.ignore_eos = o.ignore_eos;
-      h.session_id = o.session_id;
-      wl::RequestRecord hr = http_stream(*http, prompt, h, start, output);
+      wl::RequestRecord hr = http_stream(*http, prompt, o, start, output);
       hr.session = r.session;
       hr.turn = r.turn;
       return hr;

@@ -80,13 +80,13 @@ HttpTarget parse_url(const std::string& url) {
 }
 
 workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<TokenId>& prompt,
-                                    const HttpRequestOptions& o, std::chrono::steady_clock::time_point start,
+                                    const RequestOptions& o, std::chrono::steady_clock::time_point start,
                                     std::vector<TokenId>& output) {
   workload::RequestRecord rec;
   json body = {{"prompt", prompt},
                {"max_tokens", o.max_tokens},
-               {"temperature", o.temperature},
-               {"seed", o.seed},
+               {"temperature", o.sampling.temperature},
+               {"seed", o.sampling.seed},
                {"ignore_eos", o.ignore_eos},
                {"stream", true},
                {"stream_options", {{"include_usage", true}}},

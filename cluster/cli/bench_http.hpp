@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "celer/client.hpp"
 #include "runtime/protocol.hpp"
 #include "runtime/workload.hpp"
 
@@ -25,20 +26,13 @@ struct HttpTarget {
 // Parses http://HOST:PORT[/v1] (the /v1 prefix, if given, is kept in front of /completions).
 HttpTarget parse_url(const std::string& url);
 
-struct HttpRequestOptions {
-  int32_t max_tokens = 16;
-  float temperature = 0;
-  uint64_t seed = 0;
-  bool ignore_eos = true;
-  std::string session_id;
-};
-
-// Sends one request and records, like the client-library path, the send and end times, each
+// Sends one request (of `options`: max_tokens, temperature, seed, ignore_eos, session_id) and
+// records, like the client-library path, the send and end times, each
 // token's arrival, the counts, the stage times and the error (the HTTP status and OpenAI error
 // code). `output` receives the generated token ids (empty when the server does not send them).
 // Times are seconds since `start`.
 workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<TokenId>& prompt,
-                                    const HttpRequestOptions& options, std::chrono::steady_clock::time_point start,
+                                    const RequestOptions& options, std::chrono::steady_clock::time_point start,
                                     std::vector<TokenId>& output);
 
 }  // namespace celer::cli
