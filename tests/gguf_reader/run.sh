@@ -6,11 +6,8 @@ celer=$1
 data=$2
 work=$3
 here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$work"
-cp "$here/package.json" "$here/check.mjs" "$work/"
-if [ ! -d "$work/node_modules/@huggingface/gguf" ]; then
-  (cd "$work" && npm install --no-audit --no-fund --silent)
-fi
+source "$here/../npm_prepare.sh"
+npm_prepare "$here" "$work" @huggingface/gguf
 args=()
 for arch in llama qwen2; do
   for type in f32 f16 bf16 q8_0; do

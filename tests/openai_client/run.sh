@@ -5,9 +5,6 @@ set -euo pipefail
 celer=$1
 work=$2
 here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$work"
-cp "$here/package.json" "$here/check.mjs" "$work/"
-if [ ! -d "$work/node_modules/openai" ]; then
-  (cd "$work" && npm install --no-audit --no-fund --silent)
-fi
+source "$here/../npm_prepare.sh"
+npm_prepare "$here" "$work" openai
 node "$work/check.mjs" "$celer" "$work"
