@@ -429,6 +429,18 @@ ErrorReply read(cs::ErrorReply::Reader r) {
 
 Cancel read(cs::Cancel::Reader r) { return Cancel{r.getId()}; }
 
+// A block table (block ids >= 0) that must cover `positions` positions; `which` says in errors
+// which positions they are.
+std::vector<int32_t> read_block_table(capnp::List<int32_t>::Reader list, int64_t positions, const At& at,
+                                      const char* which) {
+  std::vector<int32_t> table = read_ids(list, lim::kMaxPositions / lim::kBlockTokens, at, "block_table");
+  const int64_t needed = (positions + lim::kBlockTokens - 1) / lim::kBlockTokens;
+  if (static_cast<int64_t>(table.size()) < needed)
+    reject(at, "block_table", std::to_string(table.size()) + " blocks cover fewer than the " + std::to_string(positions) +
+                                  " positions" + which + " (needs " + std::to_string(needed) + ")");
+  return table;
+}
+
 StepSequence read(cs::StepSequence::Reader r, unsigned index) {
   const At at{"Step.sequences", index};
   StepSequence s;
@@ -441,12 +453,7 @@ StepSequence read(cs::StepSequence::Reader r, unsigned index) {
   if (positions > lim::kMaxPositions)
     reject(at, "n_past", "n_past + tokens = " + std::to_string(positions) + " positions, more than " +
                              std::to_string(lim::kMaxPositions));
-  s.block_table = read_ids(r.getBlockTable(), lim::kMaxPositions / lim::kBlockTokens, at, "block_table");
-  const int64_t blocks_needed = (positions + lim::kBlockTokens - 1) / lim::kBlockTokens;
-  if (static_cast<int64_t>(s.block_table.size()) < blocks_needed)
-    reject(at, "block_table", std::to_string(s.block_table.size()) + " blocks cover fewer than the " +
-                                  std::to_string(positions) + " positions n_past + tokens (needs " +
-                                  std::to_string(blocks_needed) + ")");
+  s.block_table = read_block_table(r.getBlockTable(), positions, at, " n_past + tokens");
   s.sample = r.getSample();
   // Checked even when sample is false: a sender that fills it with garbage is broken either way.
   s.sampling = read(r.getSampling(), at);
@@ -585,11 +592,7 @@ BlockPlan read(cs::BlockPlan::Reader r) {
     if (positions > lim::kMaxPositions)
       reject(p_at, "n_new", "n_computed + n_new = " + std::to_string(positions) + " positions, more than " +
                                 std::to_string(lim::kMaxPositions));
-    p.block_table = read_ids(chosen[i].getBlockTable(), lim::kMaxPositions / lim::kBlockTokens, p_at, "block_table");
-    const int64_t needed = (positions + lim::kBlockTokens - 1) / lim::kBlockTokens;
-    if (static_cast<int64_t>(p.block_table.size()) < needed)
-      reject(p_at, "block_table", std::to_string(p.block_table.size()) + " blocks cover fewer than the " +
-                                      std::to_string(positions) + " positions (needs " + std::to_string(needed) + ")");
+    p.block_table = read_block_table(chosen[i].getBlockTable(), positions, p_at, "");
   }
   m.preempted = read_request_ids(r.getPreempted(), lim::kMaxPlanSequences, at, "preempted");
   m.copies = read_copies(r.getCopies(), at, "BlockPlan.copies");
