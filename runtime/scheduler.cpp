@@ -137,11 +137,11 @@ std::vector<RequestId> Scheduler::running_in_order() const {
 // The walk of BlockPlanner::plan over the running sequences, when nothing waits, nothing must be
 // freed and no sequence needs a block it does not hold: the same choice, with no block change.
 
-std::optional<BlockPlan> Scheduler::plan_locally() const {
+std::optional<BlockPlan> Scheduler::plan_locally(const std::vector<RequestId>& running) const {
   if (reset_pending_ || !ended_.empty() || n_waiting() > 0 || running_.empty()) return std::nullopt;
   BlockPlan plan;
   int32_t budget = config_.max_batch_tokens;
-  for (RequestId id : running_in_order()) {
+  for (RequestId id : running) {
     const Sequence& s = seqs_.at(id);
     if (static_cast<int32_t>(plan.chosen.size()) == config_.max_batch_size || budget == 0) break;
     if (!s.started()) return std::nullopt;
@@ -172,7 +172,8 @@ std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std
                                                 " generated tokens", events);
   }
 
-  if (std::optional<BlockPlan> local = plan_locally()) {
+  const std::vector<RequestId> running = running_in_order();
+  if (std::optional<BlockPlan> local = plan_locally(running)) {
     ++local_plans_;
     return std::move(*local);
   }
@@ -200,7 +201,6 @@ std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std
     c.running = s.running;
     c.priority = s.request.priority;
   };
-  const std::vector<RequestId> running = running_in_order();
   size_t next = 0;
   for (int c = 0; c < kPriorityClasses; ++c) {
     for (; next < running.size() && static_cast<int>(seqs_.at(running[next]).request.priority) == c; ++next)

@@ -138,7 +138,7 @@ class Scheduler {
 
   bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
   std::vector<RequestId> running_in_order() const;  // by class, then arrival (the walk's order)
-  std::optional<BlockPlan> plan_locally() const;
+  std::optional<BlockPlan> plan_locally(const std::vector<RequestId>& running_in_order) const;
   void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
   void finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events);
   void fail(Sequence& s, ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events);
