@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 namespace celer {
 namespace {
@@ -12,12 +13,50 @@ constexpr int64_t kPanelRows = 64;
 // Decode steps have few rows: smaller panels let two threads share even a 768-row matrix evenly.
 constexpr int64_t kSmallPanelRows = 16;
 constexpr int64_t kSmallM = 16;
+// Packed Q8_0 prefill: four groups of 16 rows (64 rows, 34 bytes per 32 weights) per panel.
+constexpr int64_t kPanelGroups = 4;
+
+// Int8 activations against packed Q8_0 weights. Quantized once per call, row by row (the same
+// row gives the same bytes whatever M is). Then each pair of weight groups meets every tile of
+// activation rows in turn: the pair (2 x 16 rows x K bytes) stays in L1 while the activations,
+// four bytes per row and step, come from L2.
+void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const PackedQ8& w, const float* x,
+                   int64_t M, float* y) {
+  const int64_t K = w.cols, N = w.rows, nb = w.blocks(), G = w.groups();
+  if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
+  if (scratch.xd.size() < static_cast<size_t>(M * nb)) scratch.xd.resize(M * nb);
+  if (scratch.xb.size() < static_cast<size_t>(M * nb)) scratch.xb.resize(M * nb);
+  int8_t* xq = scratch.xq.data();
+  float* xd = scratch.xd.data();
+  int32_t* xb = scratch.xb.data();
+  pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
+    for (int64_t m = m0; m < m1; ++m) vk.quantize_act_q8(x + m * K, xq + m * K, xd + m * nb, xb + m * nb, K);
+  });
+
+  // Decode streams one contiguous run of groups per thread (see matmul); prefill hands out panels.
+  const bool stream = M < kSmallM;
+  const int64_t P = stream ? kPackTileGroups : kPanelGroups;
+  const int64_t n_panels = (G + P - 1) / P;
+  const int64_t grain = stream ? (n_panels + pool.size() - 1) / pool.size() : 1;
+  pool.parallel_for(n_panels, grain, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t g0 = p0 * P; g0 < std::min(p1 * P, G); g0 += kPackTileGroups) {
+      const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, G - g0));
+      const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
+                          y + m0 * N + g0 * kPackRows, N, stream);
+      }
+    }
+  });
+}
 
 }  // namespace
 
 void MatmulScratch::reserve(int n_threads, int64_t max_rows, int64_t max_cols) {
   xq.resize(static_cast<size_t>(max_rows * max_cols));
   xd.resize(static_cast<size_t>(max_rows * max_cols / kQ8Block));
+  xb.resize(static_cast<size_t>(max_rows * max_cols / kQ8Block));
   panels.resize(n_threads);
   for (auto& p : panels) p.resize(static_cast<size_t>(kPanelRows * max_cols));
 }
@@ -26,23 +65,17 @@ const char* to_string(Q8Activations mode) { return mode == Q8Activations::int8 ?
 
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8) {
-  const bool int8 = w.type == TensorType::q8_0 && q8 == Q8Activations::int8;
+  if (w.type == TensorType::q8_0 && q8 == Q8Activations::int8) {
+    if (!w.packed) throw std::invalid_argument("matmul: int8 activations need the Q8_0 weights packed (pack_q8_0)");
+    matmul_packed(pool, vk, scratch, *w.packed, x, M, y);
+    return;
+  }
   const int64_t K = w.cols;
   const int64_t N = w.rows;
   // Grown only if the caller did not reserve enough (tests); the engine reserves up front.
   if (scratch.panels.size() < static_cast<size_t>(pool.size())) scratch.panels.resize(pool.size());
-  if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
-  if (scratch.xd.size() < static_cast<size_t>(M * K / kQ8Block)) scratch.xd.resize(M * K / kQ8Block);
   for (auto& p : scratch.panels)
     if (p.size() < static_cast<size_t>(kPanelRows * K)) p.resize(kPanelRows * K);
-
-  // Quantized once per call, row by row: the same row gives the same bytes whatever M is.
-  if (int8) {
-    pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
-      for (int64_t m = m0; m < m1; ++m)
-        vk.quantize_act_q8(x + m * K, scratch.xq.data() + m * K, scratch.xd.data() + m * (K / kQ8Block), K);
-    });
-  }
 
   const int64_t P = M >= kSmallM ? kPanelRows : kSmallPanelRows;
   const int64_t n_panels = (N + P - 1) / P;
@@ -66,28 +99,11 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
               case TensorType::f16: vk.gemm_f16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
               case TensorType::bf16: vk.gemm_bf16(x + m0 * K, K, mt, reinterpret_cast<const uint16_t*>(wr), K, nt, K, yt, N); break;
               case TensorType::q8_0:
-                if (!int8) {
-                  vk.gemm_q8_0_widened(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
-                  break;
-                }
-                vk.gemm_q8_0(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt,
-                             reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
+                vk.gemm_q8_0_widened(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
                 break;
               case TensorType::f32: vk.gemm_f32(x + m0 * K, K, mt, reinterpret_cast<const float*>(wr), K, nt, K, yt, N); break;
             }
           }
-        }
-        continue;
-      }
-      if (int8) {
-        // Many rows, Q8_0 with int8 activations: the panel's blocks (34 bytes per 32 weights) stay in L2 in place.
-        const auto* wb = reinterpret_cast<const BlockQ8_0*>(w.row(n0));
-        const int64_t ldw = K / kQ8Block;
-        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-          const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-          for (int64_t j = 0; j < rows; j += kTileN)
-            vk.gemm_q8_0_cached(scratch.xq.data() + m0 * K, scratch.xd.data() + m0 * (K / kQ8Block), K, mt, wb + j * ldw,
-                                ldw, static_cast<int>(std::min<int64_t>(kTileN, rows - j)), K, y + m0 * N + n0 + j, N);
         }
         continue;
       }

@@ -8,7 +8,8 @@
 // (VecKernels::gemm_f32). Decode (few rows): each thread streams one contiguous run of weight
 // rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0_widened).
 // Q8_0 weights can instead meet activations quantized to int8 once per call, in int8 dot
-// products, in prefill and decode alike (Q8Activations::int8). Each output
+// products, in prefill and decode alike (Q8Activations::int8): the weights are then repacked
+// once, 16 rows interleaved (q8_packed.hpp), and the same packed tile serves both. Each output
 // comes from one accumulator in one K order, so the result of a row never depends on M or the
 // panel split (batch invariance, see vec.hpp).
 #pragma once
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "kernels/aligned.hpp"
+#include "kernels/q8_packed.hpp"
 #include "kernels/thread_pool.hpp"
 #include "kernels/types.hpp"
 #include "kernels/vec.hpp"
@@ -28,6 +30,7 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
   const void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
+  const PackedQ8* packed = nullptr;  // Q8_0 only: the same weights packed for int8 activations
   const uint8_t* row(int64_t r) const {
     return static_cast<const uint8_t*>(data) + r * row_bytes(type, cols);
   }
@@ -40,16 +43,19 @@ class MatmulScratch {
   void reserve(int n_threads, int64_t max_rows, int64_t max_cols);
   AlignedVector<int8_t> xq;                  // [M, K]: activations quantized for Q8_0 weights
   AlignedVector<float> xd;                   // [M, K / 32]: their scales
+  AlignedVector<int32_t> xb;                 // [M, K / 32]: their biases (see quantize_act_q8)
   std::vector<AlignedVector<float>> panels;  // per thread: [panel rows, K]
 };
 
 // How Q8_0 weights meet the activations. Either way a row's result does not depend on the batch.
 enum class Q8Activations {
   f32,   // weights widened exactly to f32, like F16: the fastest prefill here, the most accurate
-  int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic)
+  int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic);
+         // needs WeightMatrix::packed
 };
 const char* to_string(Q8Activations mode);
 
+// Throws std::invalid_argument for int8 activations on Q8_0 weights that were not packed.
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8 = Q8Activations::f32);
 

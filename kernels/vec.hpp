@@ -18,6 +18,8 @@ namespace celer {
 // activation vectors and a weight vector in AVX-512's 32 registers.
 constexpr int kTileM = 6;
 constexpr int kTileN = 4;
+// Groups of 16 packed Q8_0 rows one gemm_q8_packed call takes at most.
+constexpr int kPackTileGroups = 2;
 // Queries attended together (they share each K and V block load).
 constexpr int kAttnRows = 4;
 
@@ -42,16 +44,19 @@ struct VecKernels {
   // mantissa): bit for bit gemm_f32 on the widened rows, like gemm_f16.
   void (*gemm_q8_0_widened)(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt, int64_t k,
                             float* y, int64_t ldy);
-  // Q8_0 weight rows (ldw in blocks) against activations quantized by quantize_act_q8: int8
-  // values xq (row stride ldx) and one f32 scale per 32 (xd, row stride ldx / 32). Exact int32
-  // dot products per block, scaled by both scales into one f32 accumulator per output.
-  // The _cached form skips prefetching, for weight panels that stay in L2 (prefill).
-  void (*gemm_q8_0)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-                    int64_t k, float* y, int64_t ldy);
-  void (*gemm_q8_0_cached)(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw,
-                           int nt, int64_t k, float* y, int64_t ldy);
-  // x (f32, k a multiple of 32) -> int8 q and a scale per 32: d = absmax / 127, q = round(x / d).
-  void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int64_t k);
+  // Q8_0 weights packed by pack_q8_0 (q8_packed.hpp) against activations quantized by
+  // quantize_act_q8: int8 values xq (row stride ldx), and per 32 values a scale xd and a bias xb
+  // (row stride ldx / 32 both). mt <= kTileM activation rows meet ng <= kPackTileGroups groups of
+  // 16 weight rows starting at w, ldg bytes apart, nb blocks each; the first n_rows of those rows
+  // are real and y[i * ldy + r] gets row r's output for activation row i. Every output is
+  // computed alike: f = 0, then for each block in K order f = fma(s, d_w * d_x, f), where s is
+  // the block's exact int32 sum of q_w * q_x. `stream`: the weights come from memory (decode),
+  // so prefetch them; otherwise they are in cache (a prefill panel).
+  void (*gemm_q8_packed)(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
+                         int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool stream);
+  // x (f32, k a multiple of 32) -> int8 q and per 32: a scale d = absmax / 127 (q = round(x /
+  // d)) and bias = -128 * sum(q), which cancels the +128 offset of packed weights.
+  void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k);
   // A row of n elements of the given type -> f32 (exactly).
   void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 
+#include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
 namespace celer {
@@ -107,39 +109,52 @@ void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
   }
 }
 
-// Q8_0 tile, one block (32 values) per step. maddubs multiplies unsigned by signed bytes into
-// int16 pairs, so w's sign moves onto x and |w| is used (pairs stay below 2^15 since |x| <= 127);
-// madd with ones widens to int32. Exact int32 sums, scaled per block into an f32 accumulator.
-template <int MT, int NT>
-void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
-             int64_t ldy) {
-  const int64_t nb = k / kQ8Block;
+// Packed Q8_0 (q8_packed.hpp), one group of 16 weight rows (two halves of 8) x C activation
+// rows. AVX2 has no u8 x s8 product that cannot saturate, so each 4-byte step uses the signed
+// quants (stored + 128) with the sign trick: |a| times q with a's sign, pairs summed in int16
+// (at most 2 * 127 * 127), then in int32. That is the exact block sum the AVX-512 kernel gets,
+// scaled the same way, so both give the same bits.
+template <int C>
+void tile_q8_packed(const int8_t* xq, const float* xd, int64_t ldx, const uint8_t* w, int64_t nb, int n_rows,
+                    float* y, int64_t ldy) {
   const int64_t ldd = ldx / kQ8Block;
+  const uint8_t* scales = w + nb * kPackQuantBytes;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  __m256 acc[2][C];
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MT];
-    for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * ldx + b * kQ8Block));
-    for (int j = 0; j < NT; ++j) {
-      const BlockQ8_0& wb = w[j * ldw + b];
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb.qs));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-      const __m256 ws = _mm256_set1_ps(_cvtsh_ss(wb.d));
-      for (int i = 0; i < MT; ++i) {
-        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)), ones);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[i * ldd + b])), ws, acc[i][j]);
+    const uint8_t* q = w + b * kPackQuantBytes;
+    __m256i s[2][C];
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < C; ++c) s[h][c] = _mm256_setzero_si256();
+    for (int step = 0; step < kQ8Block / 4; ++step) {
+      __m256i wv[2];
+      for (int h = 0; h < 2; ++h)
+        wv[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + step * 64 + h * 32)), flip);
+      for (int c = 0; c < C; ++c) {
+        int32_t a4;
+        std::memcpy(&a4, xq + c * ldx + b * kQ8Block + step * 4, 4);
+        const __m256i av = _mm256_set1_epi32(a4);
+        const __m256i aa = _mm256_sign_epi8(av, av);
+        for (int h = 0; h < 2; ++h)
+          s[h][c] = _mm256_add_epi32(s[h][c], _mm256_madd_epi16(_mm256_maddubs_epi16(aa, _mm256_sign_epi8(wv[h], av)), ones));
       }
     }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * kPackScaleBytes + h * 16)));
+      for (int c = 0; c < C; ++c)
+        acc[h][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][c]), _mm256_mul_ps(ws, _mm256_set1_ps(xd[c * ldd + b])), acc[h][c]);
+    }
   }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+  alignas(32) float out[kPackRows];
+  for (int c = 0; c < C; ++c) {
+    _mm256_store_ps(out, acc[0][c]);
+    _mm256_store_ps(out + 8, acc[1][c]);
+    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
+  }
 }
-
-using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
-constexpr TileQ8 kTilesQ8[2][kTileN] = {{tile_q8<1, 1>, tile_q8<1, 2>, tile_q8<1, 3>, tile_q8<1, 4>},
-                                        {tile_q8<2, 1>, tile_q8<2, 2>, tile_q8<2, 3>, tile_q8<2, 4>}};
 
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
@@ -172,13 +187,21 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
   gemm_rows<Q8Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
 }
 
-void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-               int64_t k, float* y, int64_t ldy) {
-  for (int i = 0; i < mt; i += 2)
-    kTilesQ8[std::min(2, mt - i) - 1][nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w, ldw, k, y + i * ldy, ldy);
+void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t*, int64_t ldx, int mt, const uint8_t* w, int64_t ldg,
+                    int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool) {
+  for (int g = 0; g < ng && g * kPackRows < n_rows; ++g)
+    for (int i = 0; i < mt; i += 2) {
+      const int8_t* x = xq + i * ldx;
+      const float* d = xd + i * (ldx / kQ8Block);
+      float* out = y + i * ldy + g * kPackRows;
+      if (mt - i >= 2)
+        tile_q8_packed<2>(x, d, ldx, w + g * ldg, nb, n_rows - g * kPackRows, out, ldy);
+      else
+        tile_q8_packed<1>(x, d, ldx, w + g * ldg, nb, n_rows - g * kPackRows, out, ldy);
+    }
 }
 
-void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < k / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
@@ -200,6 +223,12 @@ void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kQ8Block), p);
+    alignas(32) int32_t sums[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums),
+                       _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3])));
+    int32_t sum = 0;
+    for (int32_t v : sums) sum += v;
+    bias[b] = -128 * sum;
   }
 }
 
@@ -310,7 +339,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0, quantize_act_q8,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }

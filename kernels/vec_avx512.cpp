@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <utility>
 
+#include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
 namespace celer {
@@ -146,50 +148,55 @@ void tile_q8_widened(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ld
   store_tile(acc, y, ldy);
 }
 
-// Q8_0 tile (MT <= 4), two blocks (64 values) per step. VNNI's dpbusd multiplies unsigned by
-// signed bytes and sums groups of four into int32. The activations are made unsigned by adding
-// 128 (a sign-bit flip), and the extra 128 * sum(w) is taken off up front by starting each
-// block's int32 sum at -128 * sum(w): one dpbusd per output per step. The int32 sums are exact;
-// each block's is scaled by its two scales into the output's f32 accumulator.
-template <bool Prefetch, int MT, int NT>
-void tile_q8(const int8_t* xq, const float* xd, int64_t ldx, const BlockQ8_0* w, int64_t ldw, int64_t k, float* y,
-             int64_t ldy) {
-  const int64_t nb = k / kQ8Block;
+// Packed Q8_0 (q8_packed.hpp): R groups of 16 weight rows x C activation rows. Each 64-byte
+// step of a group holds 4 quants of each of its 16 rows; one dpbusd multiplies it by 4
+// activation bytes broadcast to all lanes, adding 4 products into each row's int32 lane: 64
+// multiply-adds per instruction, with each lane its own output, so nothing is reduced across
+// lanes. A block (8 steps) is then scaled once per output: convert, one multiply of the two
+// scales, one FMA. The weights are the unsigned operand (stored +128), the activations the
+// signed one, and each block's sum starts at the activations' bias (-128 * sum(q)).
+template <bool Prefetch, int R, int C>
+void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t ldg,
+                    int64_t nb, int n_rows, float* y, int64_t ldy) {
   const int64_t ldd = ldx / kQ8Block;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512 acc[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 2) {
-    const bool pair = b + 1 < nb;
-    __m512i xu[MT];
-    __m512 xs[MT];
-    for (int i = 0; i < MT; ++i) {
-      const int8_t* p = xq + i * ldx + b * kQ8Block;
-      const __m512i v = pair ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      xu[i] = _mm512_xor_si512(v, flip);
-      const float* d = xd + i * ldd + b;
-      xs[i] = _mm512_insertf32x8(_mm512_set1_ps(d[0]), _mm256_set1_ps(pair ? d[1] : 0.0f), 1);
+  const uint8_t* scales = w + nb * kPackQuantBytes;
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = w + b * kPackQuantBytes;
+    __m512i s[R][C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i bias = _mm512_set1_epi32(xb[c * ldd + b]);
+      for (int r = 0; r < R; ++r) s[r][c] = bias;
     }
-    for (int j = 0; j < NT; ++j) {
-      const BlockQ8_0* wb = w + j * ldw + b;
-      if constexpr (Prefetch) {  // the same blocks of the next tile's rows (see tile())
-        _mm_prefetch(reinterpret_cast<const char*>(wb + NT * ldw), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wb + NT * ldw + 1) + 4, _MM_HINT_T0);
+    if constexpr (Prefetch)  // the same block 4 blocks on: the weights stream from memory (decode)
+      for (int r = 0; r < R; ++r)
+        for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(q + r * ldg + 4 * kPackQuantBytes + line * 64), _MM_HINT_T0);
+    for (int step = 0; step < kQ8Block / 4; ++step) {
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_load_si512(q + r * ldg + step * 64);  // groups start on cache lines
+      for (int c = 0; c < C; ++c) {
+        int32_t a4;
+        std::memcpy(&a4, xq + c * ldx + b * kQ8Block + step * 4, 4);
+        const __m512i av = _mm512_set1_epi32(a4);
+        for (int r = 0; r < R; ++r) s[r][c] = _mm512_dpbusd_epi32(s[r][c], wv[r], av);
       }
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0].qs));
-      const __m512i wv = pair ? _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)), 1)
-                              : _mm512_zextsi256_si512(lo);
-      const __m512i bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv), 7));
-      const __m512 ws = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(wb[0].d)), _mm256_set1_ps(pair ? _cvtsh_ss(wb[1].d) : 0.0f), 1);
-      for (int i = 0; i < MT; ++i) {
-        const __m512i s = _mm512_dpbusd_epi32(bias, xu[i], wv);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xs[i]), ws, acc[i][j]);
-      }
+    }
+    __m512 ws[R];
+    for (int r = 0; r < R; ++r)
+      ws[r] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(scales + r * ldg + b * kPackScaleBytes)));
+    for (int c = 0; c < C; ++c) {
+      const __m512 xs = _mm512_set1_ps(xd[c * ldd + b]);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][c]), _mm512_mul_ps(ws[r], xs), acc[r][c]);
     }
   }
-  store_tile(acc, y, ldy);
+  for (int r = 0; r < R; ++r) {
+    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
+    if (rows <= 0) break;
+    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
+  }
 }
 
 template <typename Rows>
@@ -204,17 +211,18 @@ template <size_t... I>
 constexpr auto make_tiles_q8_widened(std::index_sequence<I...>) {
   return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8_widened<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
-using TileQ8 = void (*)(const int8_t*, const float*, int64_t, const BlockQ8_0*, int64_t, int64_t, float*, int64_t);
-constexpr int kTileMQ8 = 4;  // 16 accumulators + 4 activation and 4 scale registers fit; 6 rows spill
+using TileQ8 = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t, int64_t, int,
+                       float*, int64_t);
 template <bool Prefetch, size_t... I>
 constexpr auto make_tiles_q8(std::index_sequence<I...>) {
-  return std::array<TileQ8, sizeof...(I)>{tile_q8<Prefetch, int(I / kTileN) + 1, int(I % kTileN) + 1>...};
+  return std::array<TileQ8, sizeof...(I)>{tile_q8_packed<Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
 }
 template <typename Rows, bool Prefetch = true>
 constexpr auto kTiles = make_tiles<Rows, Prefetch>(std::make_index_sequence<kTileM * kTileN>());
 constexpr auto kTilesQ8Widened = make_tiles_q8_widened(std::make_index_sequence<kTileM * kTileN>());
+// [groups - 1][activation rows - 1]
 template <bool Prefetch>
-constexpr auto kTilesQ8 = make_tiles_q8<Prefetch>(std::make_index_sequence<kTileMQ8 * kTileN>());
+constexpr auto kTilesQ8 = make_tiles_q8<Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -238,25 +246,16 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
   kTilesQ8Widened[(mt - 1) * kTileN + nt - 1](x, ldx, w, ldw, k, y, ldy);
 }
 
-// Tiles of up to kTileM rows run as sub-tiles of at most kTileMQ8: each output is computed the
-// same way in either case.
-template <bool Prefetch>
-void gemm_q8(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-             int64_t k, float* y, int64_t ldy) {
-  for (int i = 0; i < mt; i += kTileMQ8)
-    kTilesQ8<Prefetch>[(std::min(kTileMQ8, mt - i) - 1) * kTileN + nt - 1](xq + i * ldx, xd + i * (ldx / kQ8Block), ldx, w,
-                                                                          ldw, k, y + i * ldy, ldy);
-}
-void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-               int64_t k, float* y, int64_t ldy) {
-  gemm_q8<true>(xq, xd, ldx, mt, w, ldw, nt, k, y, ldy);
-}
-void gemm_q8_0_cached(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-                      int64_t k, float* y, int64_t ldy) {
-  gemm_q8<false>(xq, xd, ldx, mt, w, ldw, nt, k, y, ldy);
+void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool stream) {
+  const size_t shape = static_cast<size_t>((ng - 1) * kTileM + mt - 1);
+  if (stream)
+    kTilesQ8<true>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy);
+  else
+    kTilesQ8<false>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy);
 }
 
-void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
   for (int64_t b = 0; b < k / kQ8Block; ++b) {
     const __m512 v0 = _mm512_loadu_ps(x + b * kQ8Block);
     const __m512 v1 = _mm512_loadu_ps(x + b * kQ8Block + 16);
@@ -264,8 +263,11 @@ void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
     d[b] = amax / 127.0f;
     const __m512 id = _mm512_set1_ps(amax != 0 ? 127.0f / amax : 0.0f);
     // cvtps_epi32 rounds to nearest even, as the scalar path's nearbyint does.
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kQ8Block + 16), _mm512_cvtsepi32_epi8(q1));
+    bias[b] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   }
 }
 
@@ -409,7 +411,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0_cached, quantize_act_q8,
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return &k;
 }

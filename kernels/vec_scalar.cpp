@@ -2,7 +2,9 @@
 // without AVX2.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
+#include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
 namespace celer {
@@ -49,32 +51,38 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
   });
 }
 
-void gemm_q8_0(const int8_t* xq, const float* xd, int64_t ldx, int mt, const BlockQ8_0* w, int64_t ldw, int nt,
-               int64_t k, float* y, int64_t ldy) {
-  const int64_t nb = k / kQ8Block;
+// Walks the packed layout (q8_packed.hpp) one output at a time.
+void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool) {
+  const int64_t ldd = ldx / kQ8Block;
   for (int i = 0; i < mt; ++i)
-    for (int j = 0; j < nt; ++j) {
-      const int8_t* xr = xq + i * ldx;
-      const float* dr = xd + i * (ldx / kQ8Block);
-      const BlockQ8_0* wr = w + j * ldw;
-      float sum = 0;
+    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
+      const uint8_t* quants = w + (r / kPackRows) * ldg;
+      const uint8_t* scales = quants + nb * kPackQuantBytes;
+      const int lane = r % kPackRows;
+      float f = 0;
       for (int64_t b = 0; b < nb; ++b) {
-        int32_t isum = 0;
-        for (int e = 0; e < kQ8Block; ++e) isum += int32_t{wr[b].qs[e]} * int32_t{xr[b * kQ8Block + e]};
-        sum += static_cast<float>(isum) * dr[b] * fp16_to_f32(wr[b].d);
+        int32_t s = xb[i * ldd + b];
+        for (int e = 0; e < kQ8Block; ++e)
+          s += int32_t{quants[b * kPackQuantBytes + ((e / 4) * kPackRows + lane) * 4 + e % 4]} * xq[i * ldx + b * kQ8Block + e];
+        uint16_t d;
+        std::memcpy(&d, scales + (b * kPackRows + lane) * 2, 2);
+        f = std::fma(static_cast<float>(s), fp16_to_f32(d) * xd[i * ldd + b], f);
       }
-      y[i * ldy + j] = sum;
+      y[i * ldy + r] = f;
     }
 }
 
-void quantize_act_q8(const float* x, int8_t* q, float* d, int64_t k) {
+void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
   for (int64_t b = 0; b < k / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
     float amax = 0;
     for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(xb[i]));
     d[b] = amax / 127.0f;
     const float id = amax != 0 ? 127.0f / amax : 0.0f;
-    for (int i = 0; i < kQ8Block; ++i) q[b * kQ8Block + i] = static_cast<int8_t>(std::nearbyint(xb[i] * id));
+    int32_t sum = 0;
+    for (int i = 0; i < kQ8Block; ++i) sum += q[b * kQ8Block + i] = static_cast<int8_t>(std::nearbyint(xb[i] * id));
+    bias[b] = -128 * sum;
   }
 }
 
@@ -121,7 +129,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels& vec_scalar() {
-  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_0, gemm_q8_0, quantize_act_q8,
+  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
   return k;
 }

@@ -45,11 +45,23 @@ Engine::Engine(const Model& model, const EngineOptions& options)
     : model_(model),
       opt_(resolve(model, options)),
       shard_(model, opt_.tp_rank, opt_.tp_size),
+      layers_(shard_.layers()),
+      output_(model.output()),
       all_reduce_(opt_.tp_size > 1 ? opt_.all_reduce : nullptr),
       vk_(vec_best()),
       pool_(opt_.n_threads),
       kv_(model.config().n_layer, shard_.n_head_kv(), model.config().head_dim, opt_.n_kv_blocks) {
   const ModelConfig& c = model.config();
+  if (opt_.q8 == Q8Activations::int8) {
+    auto pack = [&](WeightMatrix& w) {
+      if (w.type != TensorType::q8_0) return;
+      packed_.push_back(std::make_unique<PackedQ8>(pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols)));
+      w.packed = packed_.back().get();
+    };
+    for (LayerWeights& l : layers_)
+      for (WeightMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) pack(*w);
+    pack(output_);
+  }
   const size_t T = opt_.max_batch_tokens;
   const size_t q_dim = size_t(shard_.n_head()) * c.head_dim, kv_dim = size_t(shard_.n_head_kv()) * c.head_dim;
   const int64_t n_ff = shard_.n_ff();
@@ -135,7 +147,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   });
 
   for (int il = 0; il < c.n_layer; ++il) {
-    const LayerWeights& l = shard_.layers()[il];
+    const LayerWeights& l = layers_[il];
     pool_.parallel_for(T, 8, [&](int64_t t0, int64_t t1, int) {
       for (int64_t t = t0; t < t1; ++t) rmsnorm(vk_, x_.data() + t * d, l.attn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
     });
@@ -167,7 +179,7 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
   if (n_out == 0 || logits == nullptr) return;
   for (int64_t r = 0; r < n_out; ++r)
     rmsnorm(vk_, x_.data() + logit_rows_[r] * d, model_.output_norm().data(), c.rms_eps, d, xn_.data() + r * d);
-  matmul(pool_, vk_, mm_, model_.output(), xn_.data(), n_out, logits, opt_.q8);
+  matmul(pool_, vk_, mm_, output_, xn_.data(), n_out, logits, opt_.q8);
 }
 
 void Engine::copy_block(int32_t src, int32_t dst) {
@@ -179,7 +191,7 @@ void Engine::copy_block(int32_t src, int32_t dst) {
 
 void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64_t T) {
   const ModelConfig& c = model_.config();
-  const LayerWeights& l = shard_.layers()[il];
+  const LayerWeights& l = layers_[il];
   const int hd = c.head_dim;
   // This rank's heads: query head h (local) reads local KV head h / group, as globally.
   const int n_head = shard_.n_head(), n_head_kv = shard_.n_head_kv();

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -75,6 +76,11 @@ class Engine {
   const Model& model_;
   EngineOptions opt_;
   ModelShard shard_;
+  // The shard's weights as the matmuls see them: with int8 activations every Q8_0 matrix points
+  // at its packed copy (packed_), made once here.
+  std::vector<LayerWeights> layers_;
+  WeightMatrix output_;
+  std::vector<std::unique_ptr<PackedQ8>> packed_;
   AllReduce* all_reduce_;  // nullptr with tp_size 1
   const VecKernels& vk_;
   ThreadPool pool_;

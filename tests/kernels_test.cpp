@@ -115,7 +115,29 @@ TEST_CASE("f16, bf16 and widened Q8_0 tiles equal the f32 tile on the widened ro
   }
 }
 
-TEST_CASE("Q8_0 activation quantization and integer tiles match the reference", "[kernels]") {
+TEST_CASE("packing Q8_0 rows keeps every weight and pads the last group", "[kernels]") {
+  std::mt19937 rng(12);
+  const int64_t rows = 37, cols = 96;  // three groups, the last with 5 real rows
+  const auto wf = random_vector(rng, rows * cols);
+  auto bytes = encode_tensor(TensorType::q8_0, wf.data(), rows * cols);
+  auto* blocks = reinterpret_cast<BlockQ8_0*>(bytes.data());
+  blocks[5].qs[3] = -128;  // never written by a quantizer: stored as -127
+  const PackedQ8 p = pack_q8_0(blocks, rows, cols);
+  REQUIRE(p.groups() == 3);
+  CHECK(p.group_bytes() % 64 == 0);
+  CHECK(reinterpret_cast<uintptr_t>(p.data.data()) % 64 == 0);
+  const auto widened = decode(TensorType::q8_0, bytes, rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      INFO("row " << r << " column " << c);
+      const bool clamped = r * cols + c == 5 * kQ8Block + 3;
+      REQUIRE(packed_q8_value(p, r, c) == (clamped ? widened[r * cols + c] * 127.0f / 128.0f : widened[r * cols + c]));
+    }
+  for (int64_t r = rows; r < p.groups() * kPackRows; ++r) CHECK(packed_q8_value(p, r, 0) == 0.0f);
+  CHECK_THROWS_AS(pack_q8_0(blocks, rows, 100), std::invalid_argument);
+}
+
+TEST_CASE("Q8_0 activation quantization and packed integer tiles match the reference", "[kernels]") {
   std::mt19937 rng(2);
   for (const VecKernels* vk : kernel_sets()) {
     for (int64_t k : {32, 64, 96, 768, 2048, 2080}) {
@@ -124,33 +146,52 @@ TEST_CASE("Q8_0 activation quantization and integer tiles match the reference", 
       const auto x = random_vector(rng, kTileM * k, 3.0f);
       std::vector<int8_t> xq(kTileM * k), xq_ref(kTileM * k);
       std::vector<float> xd(kTileM * nb), xd_ref(kTileM * nb);
+      std::vector<int32_t> xb(kTileM * nb), xb_ref(kTileM * nb);
       for (int i = 0; i < kTileM; ++i) {
-        vk->quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, k);
-        vec_scalar().quantize_act_q8(x.data() + i * k, xq_ref.data() + i * k, xd_ref.data() + i * nb, k);
+        vk->quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, xb.data() + i * nb, k);
+        vec_scalar().quantize_act_q8(x.data() + i * k, xq_ref.data() + i * k, xd_ref.data() + i * nb,
+                                     xb_ref.data() + i * nb, k);
       }
       for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::abs(xq[e] - xq_ref[e]) <= 1);
       for (int64_t b = 0; b < kTileM * nb; ++b) REQUIRE(xd[b] == xd_ref[b]);
+      for (int64_t b = 0; b < kTileM * nb; ++b) {
+        int32_t sum = 0;
+        for (int e = 0; e < kQ8Block; ++e) sum += xq[b * kQ8Block + e];
+        REQUIRE(xb[b] == -128 * sum);
+      }
       // Dequantized activations are within half a step of the originals.
       for (int64_t e = 0; e < kTileM * k; ++e) REQUIRE(std::fabs(xq[e] * xd[e / kQ8Block] - x[e]) <= xd[e / kQ8Block] * 0.5001f);
 
-      const auto wf = random_vector(rng, kTileN * k);
-      const auto wbytes = encode_tensor(TensorType::q8_0, wf.data(), kTileN * k);
+      const int64_t n = 2 * kPackRows - 3;  // the second group partly padding
+      const auto wf = random_vector(rng, n * k);
+      const auto wbytes = encode_tensor(TensorType::q8_0, wf.data(), n * k);
       const auto* w = reinterpret_cast<const BlockQ8_0*>(wbytes.data());
+      const PackedQ8 packed = pack_q8_0(w, n, k);
       for (int mt = 1; mt <= kTileM; ++mt)
-        for (int nt = 1; nt <= kTileN; ++nt)
-          for (auto gemm : {vk->gemm_q8_0, vk->gemm_q8_0_cached}) {
-            std::vector<float> y(mt * kTileN);
-            gemm(xq.data(), xd.data(), k, mt, w, nb, nt, k, y.data(), kTileN);
+        for (int ng = 1; ng <= kPackTileGroups; ++ng)
+          for (bool stream : {false, true}) {
+            INFO("mt " << mt << " groups " << ng << " stream " << stream);
+            const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
+            std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
+            vk->gemm_q8_packed(xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(), ng, nb, n_rows,
+                               y.data(), n, stream);
+            vec_scalar().gemm_q8_packed(xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(), ng,
+                                        nb, n_rows, same.data(), n, stream);
             for (int i = 0; i < mt; ++i)
-              for (int j = 0; j < nt; ++j) {
-                // Exact integer block sums, scaled in double.
+              for (int j = 0; j < n; ++j) {
+                if (j >= n_rows) {  // outside the call's rows: untouched
+                  REQUIRE(y[i * n + j] == -1.0f);
+                  continue;
+                }
+                // Exact integer block sums, scaled in double; and the same bits on every ISA.
                 double ref = 0;
                 for (int64_t b = 0; b < nb; ++b) {
                   int64_t isum = 0;
                   for (int e = 0; e < kQ8Block; ++e) isum += int64_t{w[j * nb + b].qs[e]} * xq[i * k + b * kQ8Block + e];
                   ref += double(isum) * xd[i * nb + b] * fp16_to_f32(w[j * nb + b].d);
                 }
-                REQUIRE(y[i * kTileN + j] == Approx(ref).epsilon(1e-5).margin(1e-4));
+                REQUIRE(y[i * n + j] == Approx(ref).epsilon(1e-5).margin(1e-4));
+                REQUIRE(y[i * n + j] == same[i * n + j]);
               }
           }
     }
@@ -220,7 +261,12 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
         INFO(vk->name << " " << to_string(type) << " M=" << M << " N=" << N << " K=" << K);
         const auto wf = random_vector(rng, N * K);
         const auto bytes = encode_tensor(type, wf.data(), N * K);
-        const WeightMatrix w{type, bytes.data(), N, K};
+        WeightMatrix w{type, bytes.data(), N, K};
+        PackedQ8 packed;
+        if (type == TensorType::q8_0) {
+          packed = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.data()), N, K);
+          w.packed = &packed;
+        }
         const auto x = random_vector(rng, M * K);
         std::vector<float> y(M * N), ref(M * N);
         matmul_reference(w, x.data(), M, ref.data());
@@ -229,6 +275,10 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
           matmul(pool, *vk, scratch, w, x.data(), M, y.data(), q8);
           // int8 activations: half a quantization step per value, random signs.
           const bool int8 = type == TensorType::q8_0 && q8 == Q8Activations::int8;
+          if (int8) {  // the int8 path needs the packed form
+            const WeightMatrix unpacked{type, bytes.data(), N, K};
+            CHECK_THROWS_AS(matmul(pool, *vk, scratch, unpacked, x.data(), M, y.data(), q8), std::invalid_argument);
+          }
           const double tol = int8 ? 0.02 * std::sqrt(double(K)) : 1e-3;
           for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(tol));
         }
@@ -247,7 +297,12 @@ TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch"
       INFO(vk->name << " " << to_string(type));
       const auto wf = random_vector(rng, N * K);
       const auto bytes = encode_tensor(type, wf.data(), N * K);
-      const WeightMatrix w{type, bytes.data(), N, K};
+      WeightMatrix w{type, bytes.data(), N, K};
+      PackedQ8 packed;
+      if (type == TensorType::q8_0) {
+        packed = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.data()), N, K);
+        w.packed = &packed;
+      }
       const auto x = random_vector(rng, 40 * K);
       std::vector<float> all(40 * N), one(N);
       for (Q8Activations q8 : {Q8Activations::f32, Q8Activations::int8}) {
