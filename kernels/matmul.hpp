@@ -49,9 +49,9 @@ class MatmulScratch {
 
 // How Q8_0 weights meet the activations. Either way a row's result does not depend on the batch.
 enum class Q8Activations {
-  f32,   // weights widened exactly to f32, like F16: the fastest prefill here, the most accurate
-  int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic);
-         // needs WeightMatrix::packed
+  f32,   // weights widened exactly to f32, like F16: the most accurate
+  int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic):
+         // the default, and the fastest prefill and decode; needs WeightMatrix::packed
 };
 const char* to_string(Q8Activations mode);
 

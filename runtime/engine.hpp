@@ -30,7 +30,7 @@ struct EngineOptions {
   int32_t max_context = 0;        // longest sequence; 0: the model's trained context
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
-  Q8Activations q8 = Q8Activations::f32;  // how Q8_0 weights meet activations (see matmul.hpp)
+  Q8Activations q8 = Q8Activations::int8;  // how Q8_0 weights meet activations (see matmul.hpp)
   // Tensor parallelism: this engine is rank tp_rank of tp_size. With tp_size > 1, all_reduce is
   // required (rank and size must match it) and must outlive the engine. n_kv_blocks counts the
   // same blocks on every rank; each rank's blocks hold only its KV heads.

@@ -40,7 +40,7 @@ void check_error(const std::string& yaml, int line, const std::string& key, cons
 const char* kFull = R"(# every key, none at its default
 model: models/llama.gguf
 dtype: q8_0
-q8_activations: int8
+q8_activations: f32
 tensor_parallel_size: 4
 threads: 3
 max_batch_size: 32
@@ -97,7 +97,7 @@ TEST_CASE("an empty document is the default config", "[config]") {
   }
   CHECK(defaults.model.empty());
   CHECK_FALSE(defaults.dtype.has_value());
-  CHECK(defaults.q8_activations == Q8Activations::f32);
+  CHECK(defaults.q8_activations == Q8Activations::int8);
   CHECK(defaults.tensor_parallel_size == 1);
   CHECK(defaults.threads == 0);
   CHECK(defaults.max_batch_size == 16);
@@ -135,7 +135,7 @@ TEST_CASE("every key of a full document", "[config]") {
   ClusterConfig c = parse_config(kFull, "full.yaml");
   CHECK(c.model == "models/llama.gguf");
   CHECK(c.dtype == TensorType::q8_0);
-  CHECK(c.q8_activations == Q8Activations::int8);
+  CHECK(c.q8_activations == Q8Activations::f32);
   CHECK(c.tensor_parallel_size == 4);
   CHECK(c.threads == 3);
   CHECK(c.max_batch_size == 32);

@@ -36,7 +36,7 @@ struct BenchArgs {
   int reps = 5;
   int threads = 0;
   std::string json;
-  std::string q8 = "f32";
+  std::string q8 = "int8";
   bool actors = false;
 };
 
@@ -214,7 +214,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("-r,--repetitions", a->reps, "Repetitions of each test");
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
-  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet f32 activations (widened weights) or int8 ones")
+  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
       ->check(CLI::IsMember({"f32", "int8"}));
   c->add_flag("--actors", a->actors, "Also decode through the in-process actor runtime and report its overhead");
   return [a] { return run_bench(*a); };

@@ -24,7 +24,7 @@ struct GenerateArgs {
   int threads = 0;
   int context = 0;
   bool ignore_eos = false;
-  std::string q8 = "f32";
+  std::string q8 = "int8";
   std::string connect;  // HOST:PORT of a celer server; empty: run the model here
   std::vector<std::string> stop;
 };
@@ -154,7 +154,7 @@ Command add_generate(CLI::App& app) {
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--context,-c", a->context, "Context length (default: the model's)");
   c->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past end-of-sequence tokens");
-  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet f32 activations (widened weights) or int8 ones")
+  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
       ->check(CLI::IsMember({"f32", "int8"}));
   return [a] { return run_generate(*a); };
 }
