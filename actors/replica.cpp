@@ -16,7 +16,9 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   const int32_t context = c.max_context > 0 ? c.max_context : std::min(m.n_ctx_train, 4096);
   const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
   int64_t blocks = c.kv_cache_blocks;
-  if (blocks <= 0) blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim));
+  const TensorType kv_type = c.kv_cache_dtype.value_or(default_kv_type(*model));
+  if (blocks <= 0)
+    blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim, kv_type));
   s.kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, min_blocks, int64_t{1} << 30));
 
   const int tp = std::max(1, c.tensor_parallel_size);
@@ -28,6 +30,7 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   s.engine.max_seqs = c.max_batch_size;
   s.engine.n_kv_blocks = s.kv_blocks;
   s.engine.q8 = c.q8_activations;
+  s.engine.kv_type = kv_type;
 
   s.scheduler.max_batch_size = c.max_batch_size;
   s.scheduler.max_batch_tokens = c.max_batch_tokens;

@@ -8,11 +8,21 @@
 
 namespace celer {
 
-void kv_store(const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k, const float* v) {
-  float* kb = kv.k + kv.block_offset(block, kv_head) + slot;
-  for (int d = 0; d < kv.head_dim; ++d) kb[d * kKvBlock] = k[d];
-  std::memcpy(kv.v + kv.block_offset(block, kv_head) + static_cast<int64_t>(slot) * kv.head_dim, v,
-              sizeof(float) * kv.head_dim);
+void kv_store(const VecKernels& vk, const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k,
+              const float* v) {
+  const int hd = kv.head_dim;
+  const int64_t base = kv.block_offset(block, kv_head);
+  if (kv.type == TensorType::f16) {
+    uint16_t* kb = static_cast<uint16_t*>(kv.k) + base + slot;
+    uint16_t kh[kMaxHeadDim];
+    vk.f32_to_f16_saturating(k, kh, hd);
+    for (int d = 0; d < hd; ++d) kb[d * kKvBlock] = kh[d];
+    vk.f32_to_f16_saturating(v, static_cast<uint16_t*>(kv.v) + base + static_cast<int64_t>(slot) * hd, hd);
+    return;
+  }
+  float* kb = static_cast<float*>(kv.k) + base + slot;
+  for (int d = 0; d < hd; ++d) kb[d * kKvBlock] = k[d];
+  std::memcpy(static_cast<float*>(kv.v) + base + static_cast<int64_t>(slot) * hd, v, sizeof(float) * hd);
 }
 
 void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, const KvLayerView& kv, int kv_head,
@@ -31,7 +41,10 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
   // Scores of whole blocks; slots past a query's context are set to weight 0 below.
   for (int32_t b = 0; b < n_blocks; ++b) {
     for (int i = 0; i < nq; ++i) ss[i] = scores + i * scores_stride + b * kKvBlock;
-    vk.attn_scores(kv.k + kv.block_offset(block_table[b], kv_head), qs, nq, hd, scale, ss);
+    if (kv.type == TensorType::f16)
+      vk.attn_scores_f16(reinterpret_cast<const uint16_t*>(kv.k_block(block_table[b], kv_head)), qs, nq, hd, scale, ss);
+    else
+      vk.attn_scores(reinterpret_cast<const float*>(kv.k_block(block_table[b], kv_head)), qs, nq, hd, scale, ss);
   }
   float inv_sum[kAttnRows];
   for (int i = 0; i < nq; ++i) {
@@ -45,7 +58,10 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
   for (int32_t b = 0; b < n_blocks; ++b) {
     const float* ps[kAttnRows];
     for (int i = 0; i < nq; ++i) ps[i] = scores + i * scores_stride + b * kKvBlock;
-    vk.attn_accumulate(kv.v + kv.block_offset(block_table[b], kv_head), ps, nq, hd, outs);
+    if (kv.type == TensorType::f16)
+      vk.attn_accumulate_f16(reinterpret_cast<const uint16_t*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);
+    else
+      vk.attn_accumulate(reinterpret_cast<const float*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);
   }
   for (int i = 0; i < nq; ++i)
     for (int d = 0; d < hd; ++d) outs[i][d] *= inv_sum[i];
@@ -58,7 +74,7 @@ void attend_reference(const float* q, const KvLayerView& kv, int kv_head, const 
   double max = -1e300;
   for (int32_t j = 0; j < n_ctx; ++j) {
     double d = 0;
-    for (int i = 0; i < hd; ++i) d += static_cast<double>(kv.k_at(block_table[j / kKvBlock], kv_head, j % kKvBlock, i)) * q[i];
+    for (int i = 0; i < hd; ++i) d += static_cast<double>(kv.k_value(block_table[j / kKvBlock], kv_head, j % kKvBlock, i)) * q[i];
     s[j] = d * scale;
     max = std::max(max, s[j]);
   }
@@ -66,7 +82,7 @@ void attend_reference(const float* q, const KvLayerView& kv, int kv_head, const 
   for (double& x : s) sum += (x = std::exp(x - max));
   for (int i = 0; i < hd; ++i) {
     double acc = 0;
-    for (int32_t j = 0; j < n_ctx; ++j) acc += s[j] * kv.v_at(block_table[j / kKvBlock], kv_head, j % kKvBlock, i);
+    for (int32_t j = 0; j < n_ctx; ++j) acc += s[j] * kv.v_value(block_table[j / kKvBlock], kv_head, j % kKvBlock, i);
     out[i] = static_cast<float>(acc / sum);
   }
 }

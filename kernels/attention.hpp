@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/vec.hpp"
 
@@ -11,28 +12,57 @@ namespace celer {
 // Positions per KV block. 16 f32 scores are one AVX-512 register: a block's 16 keys are scored
 // by broadcasting q one dimension at a time against 16 contiguous key values (no horizontal sums).
 constexpr int kKvBlock = 16;
+// Largest head size the kernels take (real models use 64-256); models with more are refused.
+constexpr int kMaxHeadDim = 512;
 
 // One layer's KV memory for n_kv_heads heads of head_dim:
 //   K: [n_blocks, n_kv_heads, head_dim, kKvBlock]  (transposed: a dimension's 16 slots contiguous)
 //   V: [n_blocks, n_kv_heads, kKvBlock, head_dim]  (a slot's vector contiguous)
+// Elements are f32, or f16 (type f16): half the bytes every decode step reads for each position
+// of its context, as llama.cpp stores its cache by default. f16 values are rounded to nearest
+// and saturate at +-65504 (VecKernels::f32_to_f16_saturating), so the cache never holds an infinity (a stale slot's weight of 0 must
+// leave it out, and 0 * inf would not).
 struct KvLayerView {
-  float* k = nullptr;
-  float* v = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
   int n_kv_heads = 0;
   int head_dim = 0;
-  int64_t block_offset(int32_t block, int kv_head) const {
+  TensorType type = TensorType::f32;  // f32 or f16
+  int64_t block_offset(int32_t block, int kv_head) const {  // in elements
     return (static_cast<int64_t>(block) * n_kv_heads + kv_head) * kKvBlock * head_dim;
   }
-  float& k_at(int32_t block, int kv_head, int slot, int dim) const {
-    return k[block_offset(block, kv_head) + static_cast<int64_t>(dim) * kKvBlock + slot];
+  int64_t element_bytes() const { return type == TensorType::f16 ? 2 : 4; }
+  // The view does not own the memory; like the pointers, the blocks it finds are writable.
+  uint8_t* k_block(int32_t block, int kv_head) const {
+    return static_cast<uint8_t*>(k) + block_offset(block, kv_head) * element_bytes();
   }
-  float& v_at(int32_t block, int kv_head, int slot, int dim) const {
-    return v[block_offset(block, kv_head) + static_cast<int64_t>(slot) * head_dim + dim];
+  uint8_t* v_block(int32_t block, int kv_head) const {
+    return static_cast<uint8_t*>(v) + block_offset(block, kv_head) * element_bytes();
+  }
+  float k_value(int32_t block, int kv_head, int slot, int dim) const {
+    return element(k_block(block, kv_head), int64_t{dim} * kKvBlock + slot);
+  }
+  float v_value(int32_t block, int kv_head, int slot, int dim) const {
+    return element(v_block(block, kv_head), int64_t{slot} * head_dim + dim);
+  }
+
+ private:
+  float element(const uint8_t* base, int64_t i) const {
+    if (type == TensorType::f16) {
+      uint16_t h;
+      std::memcpy(&h, base + 2 * i, 2);
+      return fp16_to_f32(h);
+    }
+    float f;
+    std::memcpy(&f, base + 4 * i, 4);
+    return f;
   }
 };
 
-// Stores one position's key and value vectors ([head_dim] each) into its block and slot.
-void kv_store(const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k, const float* v);
+// Stores one position's key and value vectors ([head_dim] each) into its block and slot,
+// converting to the cache's element type.
+void kv_store(const VecKernels& vk, const KvLayerView& kv, int32_t block, int kv_head, int slot, const float* k,
+              const float* v);
 
 // Causal attention of nq <= kAttnRows consecutive query tokens of one sequence for one query
 // head: query i (q + i * q_stride) sits at position first_ctx - 1 + i and sees positions

@@ -59,6 +59,8 @@ struct VecKernels {
   void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k);
   // A row of n elements of the given type -> f32 (exactly).
   void (*to_f32_f16)(const uint16_t* src, float* dst, int64_t n);
+  // f32 -> f16, rounded to nearest even and saturating at +-65504 (no infinities; NaN stays NaN).
+  void (*f32_to_f16_saturating)(const float* src, uint16_t* dst, int64_t n);
   void (*to_f32_bf16)(const uint16_t* src, float* dst, int64_t n);
   void (*to_f32_q8_0)(const BlockQ8_0* src, float* dst, int64_t n);
   // Attention over one KV block of 16 positions (see attention.hpp for the layouts), for nq <=
@@ -68,6 +70,9 @@ struct VecKernels {
   // out[i][d] += sum_j p[i][j] * v[j][d] over the 16 slots j, v: [16][hd]. A query's weights of
   // slots it may not see are 0.
   void (*attn_accumulate)(const float* v, const float* const* p, int nq, int hd, float* const* out);
+  // The same over a KV cache stored in f16 (widened exactly on load).
+  void (*attn_scores_f16)(const uint16_t* kt, const float* const* q, int nq, int hd, float scale, float* const* s);
+  void (*attn_accumulate_f16)(const uint16_t* v, const float* const* p, int nq, int hd, float* const* out);
   // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.

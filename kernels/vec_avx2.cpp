@@ -238,6 +238,18 @@ void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = fp16_to_f32(src[i]);
 }
 
+// F16C rounds to nearest even (imm 0); clamping first keeps finite values finite (max/min keep NaN
+// only from their second operand, so NaN passes through as the source).
+void f32_to_f16_saturating(const float* src, uint16_t* dst, int64_t n) {
+  const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(src + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(x, 0));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_fp16(std::clamp(src[i], -65504.0f, 65504.0f));
+}
+
 void to_f32_bf16(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_bf16(src + i));
@@ -254,23 +266,30 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
+// 8 KV elements as f32, stored f32 or f16.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float kv_float(float x) { return x; }
+inline float kv_float(uint16_t x) { return _cvtsh_ss(x); }
+
 // Two partial sums over the dimensions (d mod 2) per half of the block, one query at a time.
-void attn_scores(const float* kt, const float* const* qs, int nq, int hd, float scale, float* const* ss) {
+template <typename T>
+void attn_scores(const T* kt, const float* const* qs, int nq, int hd, float scale, float* const* ss) {
   for (int i = 0; i < nq; ++i) {
     const float* q = qs[i];
     __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
     int d = 0;
     for (; d + 2 <= hd; d += 2) {
       const __m256 q0 = _mm256_set1_ps(q[d]), q1 = _mm256_set1_ps(q[d + 1]);
-      lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
-      hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
-      lo1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16), lo1);
-      hi1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kt + (d + 1) * 16 + 8), hi1);
+      lo0 = _mm256_fmadd_ps(q0, load8(kt + d * 16), lo0);
+      hi0 = _mm256_fmadd_ps(q0, load8(kt + d * 16 + 8), hi0);
+      lo1 = _mm256_fmadd_ps(q1, load8(kt + (d + 1) * 16), lo1);
+      hi1 = _mm256_fmadd_ps(q1, load8(kt + (d + 1) * 16 + 8), hi1);
     }
     if (d < hd) {
       const __m256 q0 = _mm256_set1_ps(q[d]);
-      lo0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16), lo0);
-      hi0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kt + d * 16 + 8), hi0);
+      lo0 = _mm256_fmadd_ps(q0, load8(kt + d * 16), lo0);
+      hi0 = _mm256_fmadd_ps(q0, load8(kt + d * 16 + 8), hi0);
     }
     const __m256 sc = _mm256_set1_ps(scale);
     _mm256_storeu_ps(ss[i], _mm256_mul_ps(_mm256_add_ps(lo0, lo1), sc));
@@ -278,18 +297,19 @@ void attn_scores(const float* kt, const float* const* qs, int nq, int hd, float 
   }
 }
 
-void attn_accumulate(const float* v, const float* const* ps, int nq, int hd, float* const* outs) {
+template <typename T>
+void attn_accumulate(const T* v, const float* const* ps, int nq, int hd, float* const* outs) {
   for (int i = 0; i < nq; ++i) {
     const float* p = ps[i];
     float* out = outs[i];
     int d = 0;
     for (; d + 8 <= hd; d += 8) {
       __m256 acc = _mm256_loadu_ps(out + d);
-      for (int j = 0; j < 16; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * hd + d), acc);
+      for (int j = 0; j < 16; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(v + j * hd + d), acc);
       _mm256_storeu_ps(out + d, acc);
     }
     for (; d < hd; ++d)
-      for (int j = 0; j < 16; ++j) out[d] += p[j] * v[j * hd + d];
+      for (int j = 0; j < 16; ++j) out[d] += p[j] * kv_float(v[j * hd + d]);
   }
 }
 
@@ -340,7 +360,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 const VecKernels* vec_avx2() {
   static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
-                            to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
+                            to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
+                          attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
   return &k;
 }
 

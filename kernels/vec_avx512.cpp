@@ -277,6 +277,22 @@ void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
   if (i < n) _mm512_mask_storeu_ps(dst + i, tail_mask(n - i), load_f16_mask(src + i, tail_mask(n - i)));
 }
 
+// Rounds to nearest even (imm 0); clamping first keeps finite values finite (max/min return their
+// second operand when either is NaN, so NaN passes through).
+void f32_to_f16_saturating(const float* src, uint16_t* dst, int64_t n) {
+  const __m512 hi = _mm512_set1_ps(65504.0f), lo = _mm512_set1_ps(-65504.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_loadu_ps(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(x, 0));
+  }
+  if (i < n) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 x = _mm512_max_ps(lo, _mm512_min_ps(hi, _mm512_maskz_loadu_ps(m, src + i)));
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtps_ph(x, 0));
+  }
+}
+
 void to_f32_bf16(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_bf16(src + i));
@@ -293,21 +309,27 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
+// 16 KV elements as f32, stored f32 or f16 (widened exactly).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return load_f16(p); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) { return load_f16_mask(p, m); }
+
 // NQ queries against one K block: four partial sums per query over the dimensions (d mod 4),
 // each K row loaded once for all queries. A query's arithmetic does not depend on NQ.
-template <int NQ>
-void scores_n(const float* kt, const float* const* q, int hd, float scale, float* const* s) {
+template <int NQ, typename T>
+void scores_n(const T* kt, const float* const* q, int hd, float scale, float* const* s) {
   __m512 a[NQ][4];
   for (int i = 0; i < NQ; ++i)
     for (int r = 0; r < 4; ++r) a[i][r] = _mm512_setzero_ps();
   int d = 0;
   for (; d + 4 <= hd; d += 4)
     for (int r = 0; r < 4; ++r) {
-      const __m512 k = _mm512_loadu_ps(kt + (d + r) * 16);
+      const __m512 k = load16(kt + (d + r) * 16);
       for (int i = 0; i < NQ; ++i) a[i][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + r]), k, a[i][r]);
     }
   for (; d < hd; ++d) {
-    const __m512 k = _mm512_loadu_ps(kt + d * 16);
+    const __m512 k = load16(kt + d * 16);
     for (int i = 0; i < NQ; ++i) a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, a[i][0]);
   }
   for (int i = 0; i < NQ; ++i)
@@ -315,19 +337,20 @@ void scores_n(const float* kt, const float* const* q, int hd, float scale, float
                                          _mm512_set1_ps(scale)));
 }
 
-void attn_scores(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
+template <typename T>
+void attn_scores(const T* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
   switch (nq) {
-    case 1: scores_n<1>(kt, q, hd, scale, s); break;
-    case 2: scores_n<2>(kt, q, hd, scale, s); break;
-    case 3: scores_n<3>(kt, q, hd, scale, s); break;
-    default: scores_n<4>(kt, q, hd, scale, s); break;
+    case 1: scores_n<1, T>(kt, q, hd, scale, s); break;
+    case 2: scores_n<2, T>(kt, q, hd, scale, s); break;
+    case 3: scores_n<3, T>(kt, q, hd, scale, s); break;
+    default: scores_n<4, T>(kt, q, hd, scale, s); break;
   }
 }
 
 // NQ queries' weighted sums of one V block: 32 dimensions at a time in registers, even and odd
 // slots summed apart (independent FMA chains), each V row loaded once for all queries.
-template <int NQ>
-void accumulate_n(const float* v, const float* const* p, int hd, float* const* out) {
+template <int NQ, typename T>
+void accumulate_n(const T* v, const float* const* p, int hd, float* const* out) {
   for (int d0 = 0; d0 < hd; d0 += 32) {
     __mmask16 m[2];
     __m512 even[NQ][2], odd[NQ][2];
@@ -341,8 +364,8 @@ void accumulate_n(const float* v, const float* const* p, int hd, float* const* o
     }
     for (int j = 0; j < 16; j += 2)
       for (int c = 0; c < 2; ++c) {
-        const __m512 ve = _mm512_maskz_loadu_ps(m[c], v + j * hd + d0 + 16 * c);
-        const __m512 vo = _mm512_maskz_loadu_ps(m[c], v + (j + 1) * hd + d0 + 16 * c);
+        const __m512 ve = load16(v + j * hd + d0 + 16 * c, m[c]);
+        const __m512 vo = load16(v + (j + 1) * hd + d0 + 16 * c, m[c]);
         for (int i = 0; i < NQ; ++i) {
           even[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), ve, even[i][c]);
           odd[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), vo, odd[i][c]);
@@ -353,12 +376,13 @@ void accumulate_n(const float* v, const float* const* p, int hd, float* const* o
   }
 }
 
-void attn_accumulate(const float* v, const float* const* p, int nq, int hd, float* const* out) {
+template <typename T>
+void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* const* out) {
   switch (nq) {
-    case 1: accumulate_n<1>(v, p, hd, out); break;
-    case 2: accumulate_n<2>(v, p, hd, out); break;
-    case 3: accumulate_n<3>(v, p, hd, out); break;
-    default: accumulate_n<4>(v, p, hd, out); break;
+    case 1: accumulate_n<1, T>(v, p, hd, out); break;
+    case 2: accumulate_n<2, T>(v, p, hd, out); break;
+    case 3: accumulate_n<3, T>(v, p, hd, out); break;
+    default: accumulate_n<4, T>(v, p, hd, out); break;
   }
 }
 
@@ -412,7 +436,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 const VecKernels* vec_avx512() {
   static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
-                            to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
+                            to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
+                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
   return &k;
 }
 

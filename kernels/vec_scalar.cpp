@@ -90,6 +90,10 @@ void to_f32_f16(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_f32(src[i]);
 }
 
+void f32_to_f16_saturating(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_fp16(std::clamp(src[i], -65504.0f, 65504.0f));
+}
+
 void to_f32_bf16(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
@@ -101,19 +105,25 @@ void to_f32_q8_0(const BlockQ8_0* src, float* dst, int64_t n) {
   }
 }
 
-void attn_scores(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
+// KV elements as f32: stored f32 or f16.
+inline float kv_float(float x) { return x; }
+inline float kv_float(uint16_t x) { return fp16_to_f32(x); }
+
+template <typename T>
+void attn_scores(const T* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
   for (int i = 0; i < nq; ++i) {
     float acc[16] = {};
     for (int d = 0; d < hd; ++d)
-      for (int j = 0; j < 16; ++j) acc[j] += q[i][d] * kt[d * 16 + j];
+      for (int j = 0; j < 16; ++j) acc[j] += q[i][d] * kv_float(kt[d * 16 + j]);
     for (int j = 0; j < 16; ++j) s[i][j] = acc[j] * scale;
   }
 }
 
-void attn_accumulate(const float* v, const float* const* p, int nq, int hd, float* const* out) {
+template <typename T>
+void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* const* out) {
   for (int i = 0; i < nq; ++i)
     for (int j = 0; j < 16; ++j)
-      for (int d = 0; d < hd; ++d) out[i][d] += p[i][j] * v[j * hd + d];
+      for (int d = 0; d < hd; ++d) out[i][d] += p[i][j] * kv_float(v[j * hd + d]);
 }
 
 float exp_sum(float* x, int64_t n, float max) {
@@ -130,7 +140,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 const VecKernels& vec_scalar() {
   static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
-                            to_f32_f16, to_f32_bf16, to_f32_q8_0, attn_scores, attn_accumulate, exp_sum, silu_mul};
+                            to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
+                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
   return k;
 }
 

@@ -232,6 +232,8 @@ const Names<std::optional<TensorType>> kDtypes = {
     {"auto", std::nullopt},     {"f32", TensorType::f32},   {"f16", TensorType::f16},
     {"bf16", TensorType::bf16}, {"q8_0", TensorType::q8_0},
 };
+const Names<std::optional<TensorType>> kKvDtypes = {
+    {"auto", std::nullopt}, {"f32", TensorType::f32}, {"f16", TensorType::f16}};
 const Names<Q8Activations> kQ8Activations = {{"f32", Q8Activations::f32}, {"int8", Q8Activations::int8}};
 const Names<Priority> kPriorities = {
     {"interactive", Priority::interactive}, {"normal", Priority::normal}, {"batch", Priority::batch}};
@@ -322,6 +324,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"model", [&](const Value& x) { c.model = x.string(true); }},
                         {"dtype", [&](const Value& x) { c.dtype = x.choice(kDtypes); }},
                         {"q8_activations", [&](const Value& x) { c.q8_activations = x.choice(kQ8Activations); }},
+                        {"kv_cache_dtype", [&](const Value& x) { c.kv_cache_dtype = x.choice(kKvDtypes); }},
                         {"tensor_parallel_size", [&](const Value& x) { c.tensor_parallel_size = x.count(1, 64); }},
                         {"threads", [&](const Value& x) { c.threads = x.count(0, 4096); }},
                         {"max_batch_size", [&](const Value& x) { c.max_batch_size = x.count(1, 4096); }},
@@ -437,6 +440,7 @@ std::string to_yaml(const ClusterConfig& c) {
   out << YAML::Key << "model" << YAML::Value << YAML::DoubleQuoted << c.model;
   out << YAML::Key << "dtype" << YAML::Value << name_of(kDtypes, c.dtype);
   out << YAML::Key << "q8_activations" << YAML::Value << name_of(kQ8Activations, c.q8_activations);
+  out << YAML::Key << "kv_cache_dtype" << YAML::Value << name_of(kKvDtypes, c.kv_cache_dtype);
   out << YAML::Key << "tensor_parallel_size" << YAML::Value << c.tensor_parallel_size;
   out << YAML::Key << "threads" << YAML::Value << c.threads;
   out << YAML::Key << "max_batch_size" << YAML::Value << c.max_batch_size;

@@ -16,6 +16,7 @@ EngineOptions resolve(const Model& m, EngineOptions o) {
   if (o.max_context <= 0) o.max_context = c.n_ctx_train;
   if (o.max_batch_tokens < 1) throw Error(ErrorCode::invalid_argument, "max_batch_tokens must be positive");
   if (o.max_seqs < 1) throw Error(ErrorCode::invalid_argument, "max_seqs must be positive");
+  if (!o.kv_type) o.kv_type = default_kv_type(m);
   if (o.n_kv_blocks <= 0) o.n_kv_blocks = (o.max_context + kKvBlock - 1) / kKvBlock * o.max_seqs;
   if (o.tp_size < 1 || o.tp_rank < 0 || o.tp_rank >= o.tp_size)
     throw Error(ErrorCode::invalid_argument, "tensor-parallel rank " + std::to_string(o.tp_rank) + " of size " +
@@ -41,6 +42,10 @@ void add_bias(float* y, const std::vector<float>& b, int64_t rows) {
 
 }  // namespace
 
+TensorType default_kv_type(const Model& model) {
+  return model.main_type() == TensorType::f32 ? TensorType::f32 : TensorType::f16;
+}
+
 Engine::Engine(const Model& model, const EngineOptions& options)
     : model_(model),
       opt_(resolve(model, options)),
@@ -50,7 +55,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
       all_reduce_(opt_.tp_size > 1 ? opt_.all_reduce : nullptr),
       vk_(vec_best()),
       pool_(opt_.n_threads),
-      kv_(model.config().n_layer, shard_.n_head_kv(), model.config().head_dim, opt_.n_kv_blocks) {
+      kv_(model.config().n_layer, shard_.n_head_kv(), model.config().head_dim, opt_.n_kv_blocks, *opt_.kv_type) {
   const ModelConfig& c = model.config();
   if (opt_.q8 == Q8Activations::int8) {
     auto pack = [&](WeightMatrix& w) {
@@ -215,7 +220,7 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
       for (int h = 0; h < n_head_kv; ++h) {
         float* k = k_.data() + t * kv_dim + h * hd;
         rope_apply(k, c.n_rot, cs, c.rope_style);
-        kv_store(kv, block, h, pos % bs, k, v_.data() + t * kv_dim + h * hd);
+        kv_store(vk_, kv, block, h, pos % bs, k, v_.data() + t * kv_dim + h * hd);
       }
     }
   });

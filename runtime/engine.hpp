@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -31,6 +32,7 @@ struct EngineOptions {
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
   Q8Activations q8 = Q8Activations::int8;  // how Q8_0 weights meet activations (see matmul.hpp)
+  std::optional<TensorType> kv_type;       // KV cache elements, f32 or f16; unset: default_kv_type
   // Tensor parallelism: this engine is rank tp_rank of tp_size. With tp_size > 1, all_reduce is
   // required (rank and size must match it) and must outlive the engine. n_kv_blocks counts the
   // same blocks on every rank; each rank's blocks hold only its KV heads.
@@ -38,6 +40,10 @@ struct EngineOptions {
   int tp_size = 1;
   AllReduce* all_reduce = nullptr;
 };
+
+// The KV cache's element type unless one is asked for: f32 for an F32 model, so that it matches
+// float32 references exactly; f16 for any other (F16, BF16, Q8_0), as llama.cpp stores its cache.
+TensorType default_kv_type(const Model& model);
 
 // One sequence's share of a step.
 struct SequenceInput {

@@ -6,26 +6,30 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/aligned.hpp"
 #include "kernels/attention.hpp"
 
 namespace celer {
 
 class KvCache {
  public:
-  KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks);
+  // type: the element type, f32 or f16 (KvLayerView); anything else throws Error.
+  KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks, TensorType type = TensorType::f32);
 
   int32_t n_blocks() const { return n_blocks_; }
+  TensorType type() const { return type_; }
   const KvLayerView& layer(int i) const { return layers_[i]; }
-  uint64_t bytes() const { return storage_.size() * sizeof(float); }
+  uint64_t bytes() const { return storage_.size(); }
   void copy_block(int32_t src, int32_t dst);  // every layer's K and V
   // Bytes one block takes across all layers, K and V: what a memory budget divides by.
-  static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim) {
-    return 2ull * n_layer * n_kv_heads * head_dim * kKvBlock * sizeof(float);
+  static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim, TensorType type) {
+    return 2ull * n_layer * n_kv_heads * head_dim * kKvBlock * (type == TensorType::f16 ? 2 : 4);
   }
 
  private:
   int32_t n_blocks_;
-  std::vector<float> storage_;  // [n_layer][K|V][n_blocks ...] in KvLayerView's layouts
+  TensorType type_;
+  AlignedVector<uint8_t> storage_;  // [n_layer][K|V][n_blocks ...] in KvLayerView's layouts
   std::vector<KvLayerView> layers_;
 };
 

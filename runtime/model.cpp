@@ -1,5 +1,7 @@
 #include "runtime/model.hpp"
 
+#include "kernels/attention.hpp"
+
 #include "runtime/error.hpp"
 
 namespace celer {
@@ -83,6 +85,9 @@ ModelConfig read_config(const GgufFile& f) {
   if (c.n_embd % c.n_head != 0 && !f.has(a + "attention.key_length"))
     throw Error(ErrorCode::invalid_file, f.path() + ": embedding_length is not a multiple of head_count");
   c.head_dim = get_or("attention.key_length", c.n_embd / c.n_head);
+  if (c.head_dim < 1 || c.head_dim > kMaxHeadDim)
+    throw Error(ErrorCode::unsupported, f.path() + ": head size " + std::to_string(c.head_dim) + " is outside 1.." +
+                                            std::to_string(kMaxHeadDim));
   if (f.get_int(a + "attention.value_length", c.head_dim) != c.head_dim)
     throw Error(ErrorCode::unsupported, f.path() + ": key and value head sizes differ");
   if (c.n_head % c.n_head_kv != 0)

@@ -41,6 +41,7 @@ const char* kFull = R"(# every key, none at its default
 model: models/llama.gguf
 dtype: q8_0
 q8_activations: f32
+kv_cache_dtype: f32
 tensor_parallel_size: 4
 threads: 3
 max_batch_size: 32
@@ -98,6 +99,7 @@ TEST_CASE("an empty document is the default config", "[config]") {
   CHECK(defaults.model.empty());
   CHECK_FALSE(defaults.dtype.has_value());
   CHECK(defaults.q8_activations == Q8Activations::int8);
+  CHECK_FALSE(defaults.kv_cache_dtype.has_value());
   CHECK(defaults.tensor_parallel_size == 1);
   CHECK(defaults.threads == 0);
   CHECK(defaults.max_batch_size == 16);
@@ -136,6 +138,7 @@ TEST_CASE("every key of a full document", "[config]") {
   CHECK(c.model == "models/llama.gguf");
   CHECK(c.dtype == TensorType::q8_0);
   CHECK(c.q8_activations == Q8Activations::f32);
+  CHECK(c.kv_cache_dtype == TensorType::f32);
   CHECK(c.tensor_parallel_size == 4);
   CHECK(c.threads == 3);
   CHECK(c.max_batch_size == 32);
@@ -175,6 +178,9 @@ TEST_CASE("kv_cache_blocks instead of kv_cache_memory; every dtype and priority 
   CHECK(parse_config("dtype: f16", "t.yaml").dtype == TensorType::f16);
   CHECK(parse_config("dtype: bf16", "t.yaml").dtype == TensorType::bf16);
   CHECK(parse_config("q8_activations: f32", "t.yaml").q8_activations == Q8Activations::f32);
+  CHECK(parse_config("kv_cache_dtype: auto", "t.yaml").kv_cache_dtype == std::nullopt);
+  CHECK(parse_config("kv_cache_dtype: f32", "t.yaml").kv_cache_dtype == TensorType::f32);
+  CHECK(parse_config("kv_cache_dtype: f16", "t.yaml").kv_cache_dtype == TensorType::f16);
   CHECK(parse_config("priorities: {default: batch}", "t.yaml").default_priority == Priority::batch);
   CHECK(parse_config("priorities: {default: normal}", "t.yaml").default_priority == Priority::normal);
 }
@@ -267,6 +273,7 @@ TEST_CASE("an out-of-range value names the key and the range", "[config]") {
 TEST_CASE("a bad enum value lists the names allowed", "[config]") {
   check_error("model: a\ndtype: f64\n", 2, "dtype", "auto, f32, f16, bf16, q8_0");
   check_error("q8_activations: int4", 1, "q8_activations", "f32, int8");
+  check_error("kv_cache_dtype: q8_0", 1, "kv_cache_dtype", "auto, f32, f16");
   check_error("priorities:\n  default: urgent\n", 2, "priorities.default", "interactive, normal, batch");
 }
 
@@ -324,6 +331,7 @@ TEST_CASE("to_yaml round-trips through parse_config", "[config]") {
   ClusterConfig odd;
   odd.model = "~";  // YAML's null when written bare
   odd.dtype = TensorType::bf16;
+  odd.kv_cache_dtype = TensorType::f16;
   odd.kv_cache_memory = 1'000'001;  // no unit holds it
   odd.kv_cache_blocks = 0;
   odd.rate_limits.default_limit = {0.1, 1e20};

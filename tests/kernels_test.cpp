@@ -2,7 +2,9 @@
 // random data and odd sizes (tails of every length).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -345,34 +347,70 @@ TEST_CASE("rmsnorm and rope match their definitions", "[kernels]") {
   }
 }
 
-TEST_CASE("paged attention matches the reference across scattered blocks", "[kernels]") {
+TEST_CASE("paged attention matches the reference across scattered blocks, f32 and f16", "[kernels]") {
   std::mt19937 rng(6);
   const std::vector<int32_t> table{7, 2, 8, 0, 5};  // out of order, as a real pool hands them out
-  for (int hd : {8, 24, 64, 72}) {
-    const int n_kv = 2, n_blocks = 9;
-    auto k = random_vector(rng, int64_t{n_blocks} * n_kv * kKvBlock * hd);
-    auto v = random_vector(rng, int64_t{n_blocks} * n_kv * kKvBlock * hd);
-    KvLayerView kv{k.data(), v.data(), n_kv, hd};
-    // kv_store puts a position's vectors where k_at / v_at find them.
-    const auto k1 = random_vector(rng, hd), v1 = random_vector(rng, hd);
-    kv_store(kv, 8, 1, 5, k1.data(), v1.data());
-    for (int d = 0; d < hd; ++d) REQUIRE((kv.k_at(8, 1, 5, d) == k1[d] && kv.v_at(8, 1, 5, d) == v1[d]));
-    for (const VecKernels* vk : kernel_sets()) {
-      for (int32_t n_ctx : {1, 15, 16, 17, 40, 77}) {
-        INFO(vk->name << " hd=" << hd << " n_ctx=" << n_ctx);
-        // kAttnRows consecutive queries at positions n_ctx - 1, n_ctx, ...
-        const auto q = random_vector(rng, kAttnRows * hd, 2.0f);
-        const int64_t stride = 80;
-        std::vector<float> scores(kAttnRows * stride), out(kAttnRows * hd), ref(hd), alone(hd);
-        attend(*vk, q.data(), hd, kAttnRows, kv, 1, table.data(), n_ctx, 0.2f, scores.data(), stride, out.data(), hd);
-        for (int i = 0; i < kAttnRows; ++i) {
-          attend_reference(q.data() + i * hd, kv, 1, table.data(), n_ctx + i, 0.2f, ref.data());
-          for (int d = 0; d < hd; ++d) CHECK(out[i * hd + d] == Approx(ref[d]).margin(1e-5));
-          // The same query attended alone gives the same bits.
-          attend(*vk, q.data() + i * hd, hd, 1, kv, 1, table.data(), n_ctx + i, 0.2f, scores.data(), stride, alone.data(), hd);
-          for (int d = 0; d < hd; ++d) REQUIRE(alone[d] == out[i * hd + d]);
+  for (TensorType type : {TensorType::f32, TensorType::f16})
+    for (int hd : {8, 24, 64, 72}) {
+      const int n_kv = 2, n_blocks = 9;
+      const int64_t elems = int64_t{n_blocks} * n_kv * kKvBlock * hd;
+      AlignedVector<uint8_t> k(elems * 4), v(elems * 4);
+      KvLayerView kv{k.data(), v.data(), n_kv, hd, type};
+      // Every slot filled through kv_store, which puts a position's vectors where k_value /
+      // v_value find them (rounded to f16 in an f16 cache).
+      for (int32_t b = 0; b < n_blocks; ++b)
+        for (int h = 0; h < n_kv; ++h)
+          for (int slot = 0; slot < kKvBlock; ++slot) {
+            const auto k1 = random_vector(rng, hd), v1 = random_vector(rng, hd);
+            kv_store(vec_scalar(), kv, b, h, slot, k1.data(), v1.data());
+            for (int d = 0; d < hd; ++d) {
+              const float kr = type == TensorType::f16 ? fp16_to_f32(f32_to_fp16(k1[d])) : k1[d];
+              const float vr = type == TensorType::f16 ? fp16_to_f32(f32_to_fp16(v1[d])) : v1[d];
+              REQUIRE((kv.k_value(b, h, slot, d) == kr && kv.v_value(b, h, slot, d) == vr));
+            }
+          }
+      for (const VecKernels* vk : kernel_sets()) {
+        for (int32_t n_ctx : {1, 15, 16, 17, 40, 77}) {
+          INFO(vk->name << " " << to_string(type) << " hd=" << hd << " n_ctx=" << n_ctx);
+          // kAttnRows consecutive queries at positions n_ctx - 1, n_ctx, ...
+          const auto q = random_vector(rng, kAttnRows * hd, 2.0f);
+          const int64_t stride = 80;
+          std::vector<float> scores(kAttnRows * stride), out(kAttnRows * hd), ref(hd), alone(hd);
+          attend(*vk, q.data(), hd, kAttnRows, kv, 1, table.data(), n_ctx, 0.2f, scores.data(), stride, out.data(), hd);
+          for (int i = 0; i < kAttnRows; ++i) {
+            attend_reference(q.data() + i * hd, kv, 1, table.data(), n_ctx + i, 0.2f, ref.data());
+            for (int d = 0; d < hd; ++d) CHECK(out[i * hd + d] == Approx(ref[d]).margin(1e-5));
+            // The same query attended alone gives the same bits.
+            attend(*vk, q.data() + i * hd, hd, 1, kv, 1, table.data(), n_ctx + i, 0.2f, scores.data(), stride, alone.data(), hd);
+            for (int d = 0; d < hd; ++d) REQUIRE(alone[d] == out[i * hd + d]);
+          }
         }
       }
+    }
+}
+
+TEST_CASE("an f16 KV cache rounds to nearest and saturates instead of storing infinities", "[kernels]") {
+  std::mt19937 rng(13);
+  const int hd = 40;
+  for (const VecKernels* vk : kernel_sets()) {
+    INFO(vk->name);
+    AlignedVector<uint8_t> k(kKvBlock * hd * 2), v(kKvBlock * hd * 2);
+    KvLayerView kv{k.data(), v.data(), 1, hd, TensorType::f16};
+    std::vector<float> big(hd, 1e9f), small(hd, -1e9f);
+    kv_store(*vk, kv, 0, 0, 3, big.data(), small.data());
+    for (int d = 0; d < hd; ++d) {
+      CHECK(kv.k_value(0, 0, 3, d) == 65504.0f);
+      CHECK(kv.v_value(0, 0, 3, d) == -65504.0f);
+    }
+    auto x = random_vector(rng, hd, 70000.0f);
+    x[7] = std::numeric_limits<float>::quiet_NaN();
+    x[8] = 1e-6f;  // a subnormal half
+    std::vector<uint16_t> h(hd);
+    vk->f32_to_f16_saturating(x.data(), h.data(), hd);
+    for (int d = 0; d < hd; ++d) {
+      INFO(x[d]);
+      if (d == 7) CHECK(std::isnan(fp16_to_f32(h[d])));
+      else CHECK(h[d] == f32_to_fp16(std::clamp(x[d], -65504.0f, 65504.0f)));
     }
   }
 }

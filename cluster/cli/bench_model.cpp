@@ -37,6 +37,7 @@ struct BenchArgs {
   int threads = 0;
   std::string json;
   std::string q8 = "int8";
+  std::string kv_type = "auto";
   bool actors = false;
 };
 
@@ -130,6 +131,7 @@ int run_bench(const BenchArgs& a) {
   eo.max_batch_tokens = a.p;
   eo.max_seqs = 1;
   eo.q8 = parse_q8(a.q8);
+  eo.kv_type = parse_kv_type(a.kv_type);
   Engine engine(model, eo);
   BlockPool pool(engine.n_kv_blocks());
   std::vector<int32_t> table;
@@ -174,6 +176,7 @@ int run_bench(const BenchArgs& a) {
   std::printf("| %s | %s | %.1fM | %d | %s | tg%d | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
               model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, stg.mean, stg.sd, stg.mean * gb_per_token);
   if (model.main_type() == TensorType::q8_0) std::printf("Q8_0 activations: %s\n", to_string(eo.q8));
+  std::printf("KV cache: %s\n", to_string(*engine.options().kv_type));
   double overhead = 0;
   if (a.actors) {
     // The same decode in the same process through the actors; the best run of each is compared
@@ -189,7 +192,8 @@ int run_bench(const BenchArgs& a) {
   if (!a.json.empty()) {
     nlohmann::json j = {
         {"model", model.name()}, {"file", a.model}, {"type", type}, {"params", model.n_params()},
-        {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"q8_activations", to_string(eo.q8)}, {"repetitions", a.reps},
+        {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"q8_activations", to_string(eo.q8)},
+        {"kv_cache_dtype", to_string(*engine.options().kv_type)}, {"repetitions", a.reps},
         {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
         {"tg", {{"tokens", a.n}, {"tokens_per_second_mean", stg.mean}, {"tokens_per_second_sd", stg.sd},
                 {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
@@ -216,6 +220,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
   c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
       ->check(CLI::IsMember({"f32", "int8"}));
+  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16"}));
   c->add_flag("--actors", a->actors, "Also decode through the in-process actor runtime and report its overhead");
   return [a] { return run_bench(*a); };
 }

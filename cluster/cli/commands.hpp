@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "kernels/matmul.hpp"
@@ -14,6 +15,13 @@ using Command = std::function<int()>;
 
 // "f32" or "int8" (validated by the option's check) -> the engine's mode.
 inline Q8Activations parse_q8(const std::string& s) { return s == "int8" ? Q8Activations::int8 : Q8Activations::f32; }
+// "auto", "f32" or "f16" (validated likewise) -> the engine's KV element type (unset: auto).
+inline std::optional<TensorType> parse_kv_type(const std::string& s) {
+  if (s == "f32") return TensorType::f32;
+  if (s == "f16") return TensorType::f16;
+  return std::nullopt;
+}
+inline constexpr const char* kKvTypeHelp = "KV cache elements: auto (f32 for an F32 model, else f16), f32 or f16";
 
 Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);

@@ -25,6 +25,7 @@ struct GenerateArgs {
   int context = 0;
   bool ignore_eos = false;
   std::string q8 = "int8";
+  std::string kv_type = "auto";
   std::string connect;  // HOST:PORT of a celer server; empty: run the model here
   std::vector<std::string> stop;
 };
@@ -83,6 +84,7 @@ int run_generate(const GenerateArgs& a) {
   eo.max_context = a.context > 0 ? a.context : std::min(model.config().n_ctx_train, 4096);
   eo.max_seqs = 1;
   eo.q8 = parse_q8(a.q8);
+  eo.kv_type = parse_kv_type(a.kv_type);
   Engine engine(model, eo);
 
   const Tokenizer& tok = model.tokenizer();
@@ -156,6 +158,7 @@ Command add_generate(CLI::App& app) {
   c->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past end-of-sequence tokens");
   c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
       ->check(CLI::IsMember({"f32", "int8"}));
+  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16"}));
   return [a] { return run_generate(*a); };
 }
 
