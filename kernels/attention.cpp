@@ -38,8 +38,17 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
     outs[i] = out + i * out_stride;
   }
 
+  // A head's block is 16 positions' K (or V): 2-4 KiB, each block somewhere else in the cache.
+  // Too short a run for the hardware prefetchers, so the next block is fetched while this one
+  // is worked on (decode attention reads its whole context from memory every step).
+  const int64_t block_bytes = int64_t{kKvBlock} * hd * kv.element_bytes();
+  auto prefetch = [&](const uint8_t* p) {
+    for (int64_t off = 0; off < block_bytes; off += 64) __builtin_prefetch(p + off);
+  };
   // Scores of whole blocks; slots past a query's context are set to weight 0 below.
   for (int32_t b = 0; b < n_blocks; ++b) {
+    if (b + 1 < n_blocks) prefetch(kv.k_block(block_table[b + 1], kv_head));
+    else prefetch(kv.v_block(block_table[0], kv_head));
     for (int i = 0; i < nq; ++i) ss[i] = scores + i * scores_stride + b * kKvBlock;
     if (kv.type == TensorType::f16)
       vk.attn_scores_f16(reinterpret_cast<const uint16_t*>(kv.k_block(block_table[b], kv_head)), qs, nq, hd, scale, ss);
@@ -56,6 +65,7 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
     std::memset(outs[i], 0, sizeof(float) * hd);
   }
   for (int32_t b = 0; b < n_blocks; ++b) {
+    if (b + 1 < n_blocks) prefetch(kv.v_block(block_table[b + 1], kv_head));
     const float* ps[kAttnRows];
     for (int i = 0; i < nq; ++i) ps[i] = scores + i * scores_stride + b * kKvBlock;
     if (kv.type == TensorType::f16)
