@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "actors/supervisor_actor.hpp"
+#include "actors/wire.hpp"
 #include "runtime/error.hpp"
 #include "runtime/kv_cache.hpp"
 
@@ -49,5 +50,20 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
 }
 
 caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(supervisor_actor, setup); }
+
+void wait_until_ready(caf::actor_system& sys, const caf::actor& replica, std::chrono::milliseconds timeout) {
+  caf::scoped_actor self{sys};
+  std::string problem;
+  caf::actor shard;
+  self->request(replica, timeout, shard_atom::value)
+      .receive([&](const caf::actor& a) { shard = a; }, [&](const caf::error& e) { problem = sys.render(e); });
+  // A shard answers its first message once its engine exists; an empty step computes nothing.
+  if (shard)
+    self->request(shard, timeout, step_atom::value, encode(Step{}))
+        .receive([&](const WireMessage&) {}, [&](const caf::error& e) { problem = sys.render(e); });
+  else if (problem.empty())
+    problem = "the replica has no shard";
+  if (!problem.empty()) throw Error(ErrorCode::io, "the replica did not become ready: " + problem);
+}
 
 }  // namespace celer

@@ -66,6 +66,7 @@ int run_serve(const ServeArgs& a) {
   configure_serving_node(cfg);
   caf::actor_system sys{cfg};
   caf::actor replica = spawn_replica(sys, setup);
+  wait_until_ready(sys, replica, std::chrono::minutes(10));
   auto port = sys.middleman().publish(replica, config.listen.port, config.listen.host.c_str(), true);
   if (!port) {
     caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
