@@ -2,14 +2,32 @@
 
 #include "kernels/cpu_features.hpp"
 
+#include <chrono>
 #include <thread>
 
 namespace celer {
 namespace {
 
-// About 50 µs of spinning: long enough to span the gap between two ops of a forward pass,
-// short enough that an idle pool goes to sleep almost at once.
-constexpr int kSpinIterations = 20000;
+// How long a worker spins for the next job before it sleeps. Waking a sleeping thread costs
+// 30-100 µs here (more in a VM), which a decode step pays at its first op whenever the gap
+// since the last job was longer than the spin: the gap between two ops of a forward pass is a
+// few µs, but between two steps the sampling, the scheduler's next plan and two actor messages
+// take 100-300 µs. 1 ms covers that; an idle pool still sleeps after a millisecond. PAUSE
+// takes from 10 to 140 cycles depending on the CPU, so the spin is timed, not counted.
+constexpr auto kSpin = std::chrono::microseconds(1000);
+
+// Spins until ready() or kSpin has passed; returns ready().
+template <class Ready>
+bool spin_until(Ready ready) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return ready();
+  }
+}
 
 }  // namespace
 
@@ -48,20 +66,15 @@ void ThreadPool::run_impl(void* ctx, Trampoline call) {
   // Wait for the workers: spin first (they are usually a few microseconds behind), then yield.
   // On a machine with more runnable threads than cores (a client, the actors) a worker may have
   // lost its core: spinning here would hold the core it needs for a whole time slice.
-  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
-    if (spin < kSpinIterations) cpu_relax();
-    else std::this_thread::yield();
-  }
+  if (spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) return;
+  while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   for (;;) {
-    uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-      cpu_relax();
-      gen = generation_.load(std::memory_order_acquire);
-    }
+    uint64_t gen = seen;
+    spin_until([&] { return (gen = generation_.load(std::memory_order_acquire)) != seen; });
     if (gen == seen) {
       std::unique_lock<std::mutex> lock(mutex_);
       sleepers_.fetch_add(1);

@@ -41,33 +41,33 @@ struct BenchArgs {
   bool actors = false;
 };
 
-// Decode through the actor runtime in this process (scheduler, request and shard actors, Cap'n
-// Proto messages, a scoped actor as the client): seconds per generated token after the first,
-// best of `reps` runs of n tokens.
-double actor_seconds_per_token(std::shared_ptr<const Model> shared, const EngineOptions& eo, int n,
-                               int reps) {
-  caf::actor_system_config cfg;
-  configure_serving_node(cfg);
-  caf::actor_system sys{cfg};
-  ReplicaSetup setup;
-  setup.model = shared;
-  setup.engine = eo;
-  setup.scheduler.max_batch_size = 1;
-  setup.scheduler.max_batch_tokens = eo.max_batch_tokens;
-  setup.scheduler.max_context = eo.max_context;
-  setup.kv_blocks = (eo.max_context + kKvBlock - 1) / kKvBlock;
-  setup.engine.n_kv_blocks = setup.kv_blocks;
-  caf::actor replica = sys.spawn(scheduler_actor, setup, caf::actor{});
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    caf::scoped_actor client{sys};
+// Decodes through the actor runtime in this process (scheduler, cache, request and shard
+// actors, Cap'n Proto messages, a scoped actor as the client), one request at a time.
+class ActorDecoder {
+ public:
+  ActorDecoder(std::shared_ptr<const Model> shared, const EngineOptions& eo) : sys_(configured(cfg_)) {
+    ReplicaSetup setup;
+    setup.model = std::move(shared);
+    setup.engine = eo;
+    setup.scheduler.max_batch_size = 1;
+    setup.scheduler.max_batch_tokens = eo.max_batch_tokens;
+    setup.scheduler.max_context = eo.max_context;
+    setup.kv_blocks = (eo.max_context + kKvBlock - 1) / kKvBlock;
+    setup.engine.n_kv_blocks = setup.kv_blocks;
+    replica_ = sys_.spawn(scheduler_actor, setup, caf::actor{});
+  }
+  ~ActorDecoder() { caf::anon_send_exit(replica_, caf::exit_reason::user_shutdown); }
+
+  // Seconds per generated token after the first, for one request of n tokens.
+  double seconds_per_token(int n) {
+    caf::scoped_actor client{sys_};
     GenerateRequest req;
-    req.id = static_cast<RequestId>(r + 1);
+    req.id = ++next_id_;
     req.prompt_tokens = {1, 2, 3, 4, 5, 6, 7, 8};
     req.max_tokens = n;
     req.ignore_eos = true;
     req.sampling.temperature = 0;
-    client->send(replica, generate_atom::value, encode(req));
+    client->send(replica_, generate_atom::value, encode(req));
     std::vector<clock_type::time_point> arrivals;
     bool done = false;
     while (!done)
@@ -79,12 +79,20 @@ double actor_seconds_per_token(std::shared_ptr<const Model> shared, const Engine
         }
         for (size_t i = 0; i < std::get<TokenChunk>(*d.message).tokens.size(); ++i) arrivals.push_back(clock_type::now());
       });
-    if (arrivals.size() > 1)
-      best = std::min(best, std::chrono::duration<double>(arrivals.back() - arrivals.front()).count() / (arrivals.size() - 1));
+    if (arrivals.size() < 2) throw Error(ErrorCode::invalid_argument, "the actor runtime produced fewer than 2 tokens");
+    return std::chrono::duration<double>(arrivals.back() - arrivals.front()).count() / static_cast<double>(arrivals.size() - 1);
   }
-  caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
-  return best;
-}
+
+ private:
+  static caf::actor_system_config& configured(caf::actor_system_config& c) {
+    configure_serving_node(c);
+    return c;
+  }
+  caf::actor_system_config cfg_;  // before sys_, which keeps a reference to it
+  caf::actor_system sys_;
+  caf::actor replica_;
+  RequestId next_id_ = 0;
+};
 
 struct Summary {
   double mean = 0, sd = 0;
@@ -179,13 +187,26 @@ int run_bench(const BenchArgs& a) {
   std::printf("KV cache: %s\n", to_string(*engine.options().kv_type));
   double overhead = 0;
   if (a.actors) {
-    // The same decode in the same process through the actors; the best run of each is compared
-    // (noise only ever adds time).
-    const double direct = 1.0 / *std::max_element(tg.begin(), tg.end());
-    const double through = actor_seconds_per_token(shared, eo, a.n, a.reps);
-    overhead = through / direct - 1.0;
-    std::printf("decode through the actor runtime: %.3f ms/token vs %.3f ms/token direct: actor overhead %.1f%%\n",
-                through * 1e3, direct * 1e3, overhead * 100);
+    // The same decode directly and through the actors, alternately, so that both see the same
+    // machine; the overhead is the median over rounds of one's time over the other's (a single
+    // comparison on this noisy VM moves by 10%).
+    ActorDecoder actors(shared, eo);
+    actors.seconds_per_token(4);  // warm-up
+    std::vector<double> ratios;
+    double direct_sum = 0, through_sum = 0;
+    for (int r = 0; r < a.reps; ++r) {
+      const double direct = run_tg(a.n) / a.n;
+      const double through = actors.seconds_per_token(a.n);
+      ratios.push_back(through / direct);
+      direct_sum += direct;
+      through_sum += through;
+    }
+    std::sort(ratios.begin(), ratios.end());
+    const size_t n = ratios.size();
+    overhead = (n % 2 ? ratios[n / 2] : (ratios[n / 2 - 1] + ratios[n / 2]) / 2) - 1.0;
+    std::printf("decode through the actor runtime: %.3f ms/token vs %.3f ms/token direct (means of %d alternating runs): "
+                "actor overhead %.1f%% (median of the %d ratios)\n",
+                through_sum / a.reps * 1e3, direct_sum / a.reps * 1e3, a.reps, overhead * 100, a.reps);
   }
   std::printf("machine copy bandwidth (memcpy, %d threads): %.1f GB/s\n", eo.n_threads, bw);
 
