@@ -1,7 +1,8 @@
 // celer bench-model: raw forward speed of a model, in the manner of llama-bench: prompt
 // processing (pp: one sequence of p tokens in one step) and text generation (tg: n steps of one
-// token each), mean ± standard deviation over repetitions. Generation is memory-bound, so its
-// line also gives the weight bytes streamed per second, beside the machine's copy bandwidth.
+// token each), mean ± standard deviation over repetitions, both after `depth` positions already
+// in the KV cache (llama-bench's -d). Generation is memory-bound, so its line also gives the
+// weight bytes streamed per second, beside the machine's copy bandwidth.
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -33,6 +34,7 @@ struct BenchArgs {
   std::string model;
   int p = 512;
   int n = 128;
+  int depth = 0;
   int reps = 5;
   int threads = 0;
   std::string json;
@@ -135,7 +137,8 @@ int run_bench(const BenchArgs& a) {
   if (a.p < 1 || a.n < 1 || a.reps < 1) throw Error(ErrorCode::invalid_argument, "-p, -n and -r must be positive");
   EngineOptions eo;
   eo.n_threads = a.threads > 0 ? a.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  eo.max_context = std::max(a.p, a.n) + 1;
+  if (a.depth < 0) throw Error(ErrorCode::invalid_argument, "-d must not be negative");
+  eo.max_context = a.depth + std::max(a.p, a.n) + 1;
   eo.max_batch_tokens = a.p;
   eo.max_seqs = 1;
   eo.q8 = parse_q8(a.q8);
@@ -148,10 +151,19 @@ int run_bench(const BenchArgs& a) {
   std::mt19937 rng(42);
   std::uniform_int_distribution<TokenId> any_token(0, c.n_vocab - 1);
 
+  // Positions [0, depth) are filled once, in chunks of at most p; pp and tg then overwrite only
+  // positions from depth on.
+  for (int done = 0; done < a.depth;) {
+    std::vector<TokenId> chunk(std::min(a.p, a.depth - done));
+    for (auto& t : chunk) t = any_token(rng);
+    SequenceInput in{chunk, done, table, true};
+    engine.forward({&in, 1}, logits.data());
+    done += static_cast<int>(chunk.size());
+  }
   auto run_pp = [&](int p) {
     std::vector<TokenId> tokens(p);
     for (auto& t : tokens) t = any_token(rng);
-    SequenceInput in{tokens, 0, table, true};
+    SequenceInput in{tokens, a.depth, table, true};
     const auto t0 = clock_type::now();
     engine.forward({&in, 1}, logits.data());
     return std::chrono::duration<double>(clock_type::now() - t0).count();
@@ -160,7 +172,7 @@ int run_bench(const BenchArgs& a) {
     TokenId tok = any_token(rng);
     const auto t0 = clock_type::now();
     for (int i = 0; i < n; ++i) {
-      SequenceInput in{std::span<const TokenId>(&tok, 1), i, table, true};
+      SequenceInput in{std::span<const TokenId>(&tok, 1), a.depth + i, table, true};
       engine.forward({&in, 1}, logits.data());
       tok = static_cast<TokenId>((tok + 1) % c.n_vocab);
     }
@@ -179,10 +191,12 @@ int run_bench(const BenchArgs& a) {
   const char* type = to_string(model.main_type());
   std::printf("| model | type | params | threads | kernels | test | t/s | weight GB/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
-  std::printf("| %s | %s | %.1fM | %d | %s | pp%d | %.1f ± %.1f | |\n", model.name().c_str(), type,
-              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.p, spp.mean, spp.sd);
-  std::printf("| %s | %s | %.1fM | %d | %s | tg%d | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
-              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, stg.mean, stg.sd, stg.mean * gb_per_token);
+  const std::string at = a.depth > 0 ? " @ d" + std::to_string(a.depth) : "";
+  std::printf("| %s | %s | %.1fM | %d | %s | pp%d%s | %.1f ± %.1f | |\n", model.name().c_str(), type,
+              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.p, at.c_str(), spp.mean, spp.sd);
+  std::printf("| %s | %s | %.1fM | %d | %s | tg%d%s | %.1f ± %.1f | %.1f |\n", model.name().c_str(), type,
+              model.n_params() / 1e6, eo.n_threads, engine.kernels().name, a.n, at.c_str(), stg.mean, stg.sd,
+              stg.mean * gb_per_token);
   if (model.main_type() == TensorType::q8_0) std::printf("Q8_0 activations: %s\n", to_string(eo.q8));
   std::printf("KV cache: %s\n", to_string(*engine.options().kv_type));
   double overhead = 0;
@@ -214,7 +228,7 @@ int run_bench(const BenchArgs& a) {
     nlohmann::json j = {
         {"model", model.name()}, {"file", a.model}, {"type", type}, {"params", model.n_params()},
         {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"q8_activations", to_string(eo.q8)},
-        {"kv_cache_dtype", to_string(*engine.options().kv_type)}, {"repetitions", a.reps},
+        {"kv_cache_dtype", to_string(*engine.options().kv_type)}, {"depth", a.depth}, {"repetitions", a.reps},
         {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
         {"tg", {{"tokens", a.n}, {"tokens_per_second_mean", stg.mean}, {"tokens_per_second_sd", stg.sd},
                 {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
@@ -236,6 +250,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("--model,-m", a->model, "GGUF model file")->required();
   c->add_option("-p,--n-prompt", a->p, "Prompt tokens processed in one step");
   c->add_option("-n,--n-gen", a->n, "Tokens generated one step at a time");
+  c->add_option("-d,--depth", a->depth, "Positions already in the KV cache before each test (default 0)");
   c->add_option("-r,--repetitions", a->reps, "Repetitions of each test");
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
