@@ -64,10 +64,12 @@ TokenId Sampler::sample(const SamplingParams& p, std::span<const float> logits, 
   };
 
   if (p.temperature == 0.0f) {  // greedy: the first maximum, as argmax does
+    if (recent_.empty())  // the common case, a plain scan (it runs once per token per sequence)
+      return static_cast<TokenId>(std::max_element(logits.begin(), logits.end()) - logits.begin());
     TokenId best = 0;
     float best_l = logit(0);
     for (TokenId i = 1; i < n_vocab; ++i) {
-      const float l = recent_.empty() ? logits[i] : logit(i);
+      const float l = logit(i);
       if (l > best_l) best_l = l, best = i;
     }
     return best;
