@@ -8,24 +8,29 @@
 namespace celer {
 namespace {
 
-// How long a worker spins for the next job before it sleeps. Waking a sleeping thread costs
-// 30-100 µs here (more in a VM), which a decode step pays at its first op whenever the gap
-// since the last job was longer than the spin: the gap between two ops of a forward pass is a
-// few µs, but between two steps the sampling, the scheduler's next plan and two actor messages
-// take 100-300 µs. 1 ms covers that; an idle pool still sleeps after a millisecond. PAUSE
-// takes from 10 to 140 cycles depending on the CPU, so the spin is timed, not counted.
-constexpr auto kSpin = std::chrono::microseconds(1000);
+// How a thread waits for a job or for the workers: it spins (PAUSE) for kSpin, then keeps
+// checking between yields until kPoll has passed. Waking a sleeping thread costs 30-100 µs here
+// (more in a VM), which a decode step pays at its first op whenever the gap since the last job
+// outlasted the wait: the gap between two ops of a forward pass is a few µs, but between two
+// steps the sampling, the scheduler's next plan and two actor messages take 100-300 µs. The
+// yields keep a machine with more runnable threads than cores (a client, another engine, a
+// test run in parallel) usable: the waiting thread gives its core to whoever needs it. PAUSE
+// takes from 10 to 140 cycles depending on the CPU, so both phases are timed, not counted.
+constexpr auto kSpin = std::chrono::microseconds(50);
+constexpr auto kPoll = std::chrono::microseconds(1000);
 
-// Spins until ready() or kSpin has passed; returns ready().
+// Waits until ready() or kPoll has passed; returns ready().
 template <class Ready>
 bool spin_until(Ready ready) {
-  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  const auto start = std::chrono::steady_clock::now();
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (ready()) return true;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= deadline) return ready();
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (waited >= kPoll) return ready();
+    if (waited >= kSpin) std::this_thread::yield();
   }
 }
 
