@@ -20,8 +20,8 @@ constexpr int kMaxHeadDim = 512;
 //   V: [n_blocks, n_kv_heads, kKvBlock, head_dim]  (a slot's vector contiguous)
 // Elements are f32, or f16 (type f16): half the bytes every decode step reads for each position
 // of its context, as llama.cpp stores its cache by default. f16 values are rounded to nearest
-// and saturate at +-65504 (VecKernels::f32_to_f16_saturating), so the cache never holds an infinity (a stale slot's weight of 0 must
-// leave it out, and 0 * inf would not).
+// and saturate at +-65504 (VecKernels::f32_to_f16_saturating), so the cache never holds an
+// infinity: a stale slot's weight of 0 must leave it out, and 0 * inf would not.
 struct KvLayerView {
   void* k = nullptr;
   void* v = nullptr;
