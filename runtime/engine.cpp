@@ -211,18 +211,21 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   // RoPE, then K and V of every new token into its sequence's blocks.
   const KvLayerView& kv = kv_.layer(il);
   const int bs = kKvBlock;
-  pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* cs = cos_sin_.data() + t * c.n_rot;
-      for (int h = 0; h < n_head; ++h) rope_apply(q_.data() + t * q_dim + h * hd, c.n_rot, cs, c.rope_style);
-      const int32_t pos = tok_pos_[t];
-      const int32_t block = batch[tok_seq_[t]].block_table[pos / bs];
-      for (int h = 0; h < n_head_kv; ++h) {
+  // Head by head, not token by token: K is stored transposed, so the 16 slots of a block share
+  // its cache lines, and two threads storing neighbouring tokens would pass those lines back and
+  // forth on every store (this loop took 7% of a prefill step that way).
+  pool_.parallel_for(n_head, 1, [&](int64_t h0, int64_t h1, int) {
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* cs = cos_sin_.data() + t * c.n_rot;
+        rope_apply(q_.data() + t * q_dim + h * hd, c.n_rot, cs, c.rope_style);
+        if (h >= n_head_kv) continue;
+        const int32_t pos = tok_pos_[t];
         float* k = k_.data() + t * kv_dim + h * hd;
         rope_apply(k, c.n_rot, cs, c.rope_style);
-        kv_store(vk_, kv, block, h, pos % bs, k, v_.data() + t * kv_dim + h * hd);
+        kv_store(vk_, kv, batch[tok_seq_[t]].block_table[pos / bs], static_cast<int>(h), pos % bs, k,
+                 v_.data() + t * kv_dim + h * hd);
       }
-    }
   });
 
   // Runs of up to kAttnRows consecutive tokens of one sequence attend together, head by head.
