@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 
 namespace celer {
@@ -16,13 +17,21 @@ constexpr int64_t kSmallM = 16;
 // Packed Q8_0 prefill: four groups of 16 rows (64 rows, 34 bytes per 32 weights) per panel.
 constexpr int64_t kPanelGroups = 4;
 
-// Int8 activations against packed Q8_0 weights. Quantized once per call, row by row (the same
-// row gives the same bytes whatever M is). Then each pair of weight groups meets every tile of
-// activation rows in turn: the pair (2 x 16 rows x K bytes) stays in L1 while the activations,
-// four bytes per row and step, come from L2.
-void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const PackedQ8& w, const float* x,
-                   int64_t M, float* y) {
-  const int64_t K = w.cols, N = w.rows, nb = w.blocks(), G = w.groups();
+// One packed matrix and where its product goes.
+struct PackedProduct {
+  const PackedQ8* w;
+  float* y;
+};
+
+// Int8 activations against packed Q8_0 weights, for one or more matrices with the same input
+// (K columns each). Quantized once per call, row by row (the same row gives the same bytes
+// whatever M is). Then each pair of weight groups meets every tile of activation rows in turn:
+// the pair (2 x 16 rows x K bytes) stays in L1 while the activations, four bytes per row and
+// step, come from L2. The matrices' panels form one list for the threads, so several matrices
+// cost one fork and join, not one each.
+void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, std::span<const PackedProduct> products,
+                   const float* x, int64_t M) {
+  const int64_t K = products[0].w->cols, nb = products[0].w->blocks();
   if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
   if (scratch.xd.size() < static_cast<size_t>(M * nb)) scratch.xd.resize(M * nb);
   if (scratch.xb.size() < static_cast<size_t>(M * nb)) scratch.xb.resize(M * nb);
@@ -36,16 +45,24 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
   // Decode streams one contiguous run of groups per thread (see matmul); prefill hands out panels.
   const bool stream = M < kSmallM;
   const int64_t P = stream ? kPackTileGroups : kPanelGroups;
-  const int64_t n_panels = (G + P - 1) / P;
+  int64_t n_panels = 0;
+  for (const PackedProduct& p : products) n_panels += (p.w->groups() + P - 1) / P;
   const int64_t grain = stream ? (n_panels + pool.size() - 1) / pool.size() : 1;
   pool.parallel_for(n_panels, grain, [&](int64_t p0, int64_t p1, int) {
-    for (int64_t g0 = p0 * P; g0 < std::min(p1 * P, G); g0 += kPackTileGroups) {
-      const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, G - g0));
-      const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
-      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-        vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
-                          y + m0 * N + g0 * kPackRows, N, stream);
+    size_t i = 0;        // the product panel p0 belongs to,
+    int64_t first = 0;   // and the index of that product's first panel
+    for (int64_t p = p0; p < p1; ++p) {
+      while (p - first >= (products[i].w->groups() + P - 1) / P) first += (products[i++].w->groups() + P - 1) / P;
+      const PackedQ8& w = *products[i].w;
+      const int64_t N = w.rows, G = w.groups(), g_end = std::min((p - first + 1) * P, G);
+      for (int64_t g0 = (p - first) * P; g0 < g_end; g0 += kPackTileGroups) {
+        const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, g_end - g0));
+        const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
+        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+          const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+          vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
+                            products[i].y + m0 * N + g0 * kPackRows, N, stream);
+        }
       }
     }
   });
@@ -67,7 +84,8 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
             const float* x, int64_t M, float* y, Q8Activations q8) {
   if (w.type == TensorType::q8_0 && q8 == Q8Activations::int8) {
     if (!w.packed) throw std::invalid_argument("matmul: int8 activations need the Q8_0 weights packed (pack_q8_0)");
-    matmul_packed(pool, vk, scratch, *w.packed, x, M, y);
+    const PackedProduct product{w.packed, y};
+    matmul_packed(pool, vk, scratch, {&product, 1}, x, M);
     return;
   }
   const int64_t K = w.cols;
@@ -123,6 +141,24 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
       }
     }
   });
+}
+
+void matmul_shared_input(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch,
+                         std::span<const WeightMatrix* const> ws, const float* x, int64_t M, std::span<float* const> ys,
+                         Q8Activations q8) {
+  if (ws.size() != ys.size()) throw std::invalid_argument("matmul_shared_input: one output per matrix");
+  constexpr size_t kMaxProducts = 4;
+  PackedProduct products[kMaxProducts];
+  bool together = q8 == Q8Activations::int8 && !ws.empty() && ws.size() <= kMaxProducts;
+  for (size_t i = 0; together && i < ws.size(); ++i) {
+    together = ws[i]->type == TensorType::q8_0 && ws[i]->packed && ws[i]->cols == ws[0]->cols;
+    products[i] = {ws[i]->packed, ys[i]};
+  }
+  if (together) {
+    matmul_packed(pool, vk, scratch, {products, ws.size()}, x, M);
+    return;
+  }
+  for (size_t i = 0; i < ws.size(); ++i) matmul(pool, vk, scratch, *ws[i], x, M, ys[i], q8);
 }
 
 void matmul_reference(const WeightMatrix& w, const float* x, int64_t M, float* y) {

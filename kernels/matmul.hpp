@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "kernels/aligned.hpp"
@@ -58,6 +59,14 @@ const char* to_string(Q8Activations mode);
 // Throws std::invalid_argument for int8 activations on Q8_0 weights that were not packed.
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8 = Q8Activations::f32);
+
+// y_i = x w_i^T for several matrices with the same input x (Q, K and V; gate and up). Packed
+// Q8_0 matrices with int8 activations (up to 4, the same K) share one quantization of x and
+// one parallel loop over all their panels; anything else runs as one matmul each. The results
+// are those of separate matmuls, bit for bit.
+void matmul_shared_input(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch,
+                         std::span<const WeightMatrix* const> w, const float* x, int64_t M, std::span<float* const> y,
+                         Q8Activations q8 = Q8Activations::f32);
 
 // The plain reference: weights expanded to f32, dot products in double, single-threaded.
 void matmul_reference(const WeightMatrix& w, const float* x, int64_t M, float* y);

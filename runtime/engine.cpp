@@ -167,8 +167,9 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
         rmsnorm(vk_, x, l.ffn_norm.data(), c.rms_eps, d, xn_.data() + t * d);
       }
     });
-    matmul(pool_, vk_, mm_, l.w_gate, xn_.data(), T, gate_.data(), opt_.q8);
-    matmul(pool_, vk_, mm_, l.w_up, xn_.data(), T, up_.data(), opt_.q8);
+    const WeightMatrix* gate_up[] = {&l.w_gate, &l.w_up};
+    float* const gate_up_out[] = {gate_.data(), up_.data()};
+    matmul_shared_input(pool_, vk_, mm_, gate_up, xn_.data(), T, gate_up_out, opt_.q8);
     pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {
       vk_.silu_mul(gate_.data() + t0 * n_ff, up_.data() + t0 * n_ff, gate_.data() + t0 * n_ff, (t1 - t0) * n_ff);
     });
@@ -201,9 +202,9 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   // This rank's heads: query head h (local) reads local KV head h / group, as globally.
   const int n_head = shard_.n_head(), n_head_kv = shard_.n_head_kv();
   const int64_t q_dim = int64_t{n_head} * hd, kv_dim = int64_t{n_head_kv} * hd;
-  matmul(pool_, vk_, mm_, l.wq, xn_.data(), T, q_.data(), opt_.q8);
-  matmul(pool_, vk_, mm_, l.wk, xn_.data(), T, k_.data(), opt_.q8);
-  matmul(pool_, vk_, mm_, l.wv, xn_.data(), T, v_.data(), opt_.q8);
+  const WeightMatrix* qkv[] = {&l.wq, &l.wk, &l.wv};
+  float* const qkv_out[] = {q_.data(), k_.data(), v_.data()};
+  matmul_shared_input(pool_, vk_, mm_, qkv, xn_.data(), T, qkv_out, opt_.q8);
   add_bias(q_.data(), l.bq, T);
   add_bias(k_.data(), l.bk, T);
   add_bias(v_.data(), l.bv, T);

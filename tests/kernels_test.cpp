@@ -318,6 +318,42 @@ TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch"
   }
 }
 
+TEST_CASE("matmuls sharing an input give the bits of separate matmuls", "[kernels]") {
+  std::mt19937 rng(14);
+  ThreadPool pool(2);
+  const int64_t K = 96;
+  const int64_t Ns[] = {48, 37, 80};  // different heights, one with a partial group
+  for (const VecKernels* vk : kernel_sets())
+    for (TensorType type : {TensorType::q8_0, TensorType::f32})
+      for (Q8Activations q8 : {Q8Activations::int8, Q8Activations::f32})
+        for (int64_t M : {1, 5, 16, 23}) {
+          INFO(vk->name << " " << to_string(type) << " " << to_string(q8) << " M=" << M);
+          MatmulScratch scratch;
+          std::vector<std::vector<uint8_t>> bytes;
+          std::vector<PackedQ8> packed(3);
+          WeightMatrix ws[3];
+          for (int i = 0; i < 3; ++i) {
+            const auto wf = random_vector(rng, Ns[i] * K);
+            bytes.push_back(encode_tensor(type, wf.data(), Ns[i] * K));
+            ws[i] = WeightMatrix{type, bytes.back().data(), Ns[i], K};
+            if (type == TensorType::q8_0) {
+              packed[i] = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.back().data()), Ns[i], K);
+              ws[i].packed = &packed[i];
+            }
+          }
+          const auto x = random_vector(rng, M * K);
+          std::vector<float> together[3], alone(M * 80);
+          for (int i = 0; i < 3; ++i) together[i].assign(M * Ns[i], -1.0f);
+          const WeightMatrix* w[] = {&ws[0], &ws[1], &ws[2]};
+          float* const y[] = {together[0].data(), together[1].data(), together[2].data()};
+          matmul_shared_input(pool, *vk, scratch, w, x.data(), M, y, q8);
+          for (int i = 0; i < 3; ++i) {
+            matmul(pool, *vk, scratch, ws[i], x.data(), M, alone.data(), q8);
+            REQUIRE(std::equal(together[i].begin(), together[i].end(), alone.begin()));
+          }
+        }
+}
+
 TEST_CASE("rmsnorm and rope match their definitions", "[kernels]") {
   std::mt19937 rng(5);
   const auto x = random_vector(rng, 77), w = random_vector(rng, 77);
