@@ -10,6 +10,7 @@
 #include <map>
 #include <optional>
 
+#include "kernels/attention.hpp"
 #include "runtime/block_pool.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/error.hpp"
@@ -313,6 +314,26 @@ TEST_CASE("the engine rejects bad steps with a clear error and stays usable", "[
   step({1, 403, 407, 261, 378}, 0, table);
   const auto refs = load_reference();
   CHECK(std::max_element(logits.begin(), logits.begin() + 512) - logits.begin() == refs[0].generated[0]);
+}
+
+TEST_CASE("a model whose heads are larger than the kernels take is refused by name", "[model]") {
+  TempDir dir;
+  ModelSpec spec;
+  spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/ggml-vocab-llama-spm.gguf";
+  spec.dim = 2 * kMaxHeadDim;
+  spec.heads = 1;
+  spec.kv_heads = 1;
+  spec.ffn = 64;
+  spec.layers = 1;
+  const std::string path = dir.path() + "/wide.gguf";
+  make_model(spec, path);
+  try {
+    Model m(path);
+    FAIL("loaded a model with heads of " << spec.dim);
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::unsupported);
+    CHECK(std::string(e.what()).find("head size 1024") != std::string::npos);
+  }
 }
 
 TEST_CASE("make-model refuses impossible shapes", "[model]") {
