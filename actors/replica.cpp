@@ -18,6 +18,9 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
   int64_t blocks = c.kv_cache_blocks;
   const TensorType kv_type = c.kv_cache_dtype.value_or(default_kv_type(*model));
+  if (kv_type == TensorType::q8_0 && m.head_dim % kQ8Block != 0)
+    throw Error(ErrorCode::invalid_argument, "kv_cache_dtype q8_0 needs a head size that is a multiple of 32; "
+                                             "the model's is " + std::to_string(m.head_dim));
   if (blocks <= 0)
     blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim, kv_type));
   s.kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, min_blocks, int64_t{1} << 30));

@@ -12,6 +12,21 @@ void kv_store(const VecKernels& vk, const KvLayerView& kv, int32_t block, int kv
               const float* v) {
   const int hd = kv.head_dim;
   const int64_t base = kv.block_offset(block, kv_head);
+  if (kv.type == TensorType::q8_0) {
+    // quantize_act_q8 gives int8 values and a scale per 32 (its bias is not needed here).
+    const int nc = hd / kQ8Block;
+    int8_t kq[kMaxHeadDim];
+    float kd[kMaxHeadDim / kQ8Block];
+    int32_t unused[kMaxHeadDim / kQ8Block];
+    vk.quantize_act_q8(k, kq, kd, unused, hd);
+    int8_t* kb = static_cast<int8_t*>(kv.k) + base + slot;
+    for (int d = 0; d < hd; ++d) kb[d * kKvBlock] = kq[d];
+    float* ks = kv.k_block_scales(block, kv_head);
+    for (int c = 0; c < nc; ++c) ks[c * kKvBlock + slot] = kd[c];
+    vk.quantize_act_q8(v, static_cast<int8_t*>(kv.v) + base + static_cast<int64_t>(slot) * hd,
+                       kv.v_block_scales(block, kv_head) + slot * nc, unused, hd);
+    return;
+  }
   if (kv.type == TensorType::f16) {
     uint16_t* kb = static_cast<uint16_t*>(kv.k) + base + slot;
     uint16_t kh[kMaxHeadDim];
@@ -50,7 +65,10 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
     if (b + 1 < n_blocks) prefetch(kv.k_block(block_table[b + 1], kv_head));
     else prefetch(kv.v_block(block_table[0], kv_head));
     for (int i = 0; i < nq; ++i) ss[i] = scores + i * scores_stride + b * kKvBlock;
-    if (kv.type == TensorType::f16)
+    if (kv.type == TensorType::q8_0)
+      vk.attn_scores_q8(reinterpret_cast<const int8_t*>(kv.k_block(block_table[b], kv_head)),
+                        kv.k_block_scales(block_table[b], kv_head), qs, nq, hd, scale, ss);
+    else if (kv.type == TensorType::f16)
       vk.attn_scores_f16(reinterpret_cast<const uint16_t*>(kv.k_block(block_table[b], kv_head)), qs, nq, hd, scale, ss);
     else
       vk.attn_scores(reinterpret_cast<const float*>(kv.k_block(block_table[b], kv_head)), qs, nq, hd, scale, ss);
@@ -68,7 +86,10 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
     if (b + 1 < n_blocks) prefetch(kv.v_block(block_table[b + 1], kv_head));
     const float* ps[kAttnRows];
     for (int i = 0; i < nq; ++i) ps[i] = scores + i * scores_stride + b * kKvBlock;
-    if (kv.type == TensorType::f16)
+    if (kv.type == TensorType::q8_0)
+      vk.attn_accumulate_q8(reinterpret_cast<const int8_t*>(kv.v_block(block_table[b], kv_head)),
+                            kv.v_block_scales(block_table[b], kv_head), ps, nq, hd, outs);
+    else if (kv.type == TensorType::f16)
       vk.attn_accumulate_f16(reinterpret_cast<const uint16_t*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);
     else
       vk.attn_accumulate(reinterpret_cast<const float*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);

@@ -21,17 +21,23 @@ constexpr int kMaxHeadDim = 512;
 // Elements are f32, or f16 (type f16): half the bytes every decode step reads for each position
 // of its context, as llama.cpp stores its cache by default. f16 values are rounded to nearest
 // and saturate at +-65504 (VecKernels::f32_to_f16_saturating), so the cache never holds an
-// infinity: a stale slot's weight of 0 must leave it out, and 0 * inf would not.
+// infinity: a stale slot's weight of 0 must leave it out, and 0 * inf would not. Or Q8_0 (type
+// q8_0, head_dim a multiple of 32): int8 values, each run of 32 dimensions of a slot with its
+// own f32 scale (absmax / 127, as quantize_act_q8 computes), a quarter of f32's bytes plus an
+// eighth for the scales; the scales live apart, K's as [block][head][head_dim / 32][16] (a run's
+// 16 slots together), V's as [block][head][16][head_dim / 32].
 struct KvLayerView {
   void* k = nullptr;
   void* v = nullptr;
   int n_kv_heads = 0;
   int head_dim = 0;
-  TensorType type = TensorType::f32;  // f32 or f16
+  TensorType type = TensorType::f32;  // f32, f16 or q8_0
+  float* k_scales = nullptr;          // q8_0 only
+  float* v_scales = nullptr;
   int64_t block_offset(int32_t block, int kv_head) const {  // in elements
     return (static_cast<int64_t>(block) * n_kv_heads + kv_head) * kKvBlock * head_dim;
   }
-  int64_t element_bytes() const { return type == TensorType::f16 ? 2 : 4; }
+  int64_t element_bytes() const { return type == TensorType::f16 ? 2 : type == TensorType::q8_0 ? 1 : 4; }
   // The view does not own the memory; like the pointers, the blocks it finds are writable.
   uint8_t* k_block(int32_t block, int kv_head) const {
     return static_cast<uint8_t*>(k) + block_offset(block, kv_head) * element_bytes();
@@ -39,15 +45,21 @@ struct KvLayerView {
   uint8_t* v_block(int32_t block, int kv_head) const {
     return static_cast<uint8_t*>(v) + block_offset(block, kv_head) * element_bytes();
   }
+  // A block's scales (q8_0): kKvBlock * head_dim / 32 of them per head, for K and for V.
+  float* k_block_scales(int32_t block, int kv_head) const { return k_scales + block_offset(block, kv_head) / 32; }
+  float* v_block_scales(int32_t block, int kv_head) const { return v_scales + block_offset(block, kv_head) / 32; }
   float k_value(int32_t block, int kv_head, int slot, int dim) const {
-    return element(k_block(block, kv_head), int64_t{dim} * kKvBlock + slot);
+    const float x = element(k_block(block, kv_head), int64_t{dim} * kKvBlock + slot);
+    return type == TensorType::q8_0 ? x * k_block_scales(block, kv_head)[(dim / 32) * kKvBlock + slot] : x;
   }
   float v_value(int32_t block, int kv_head, int slot, int dim) const {
-    return element(v_block(block, kv_head), int64_t{slot} * head_dim + dim);
+    const float x = element(v_block(block, kv_head), int64_t{slot} * head_dim + dim);
+    return type == TensorType::q8_0 ? x * v_block_scales(block, kv_head)[slot * (head_dim / 32) + dim / 32] : x;
   }
 
  private:
   float element(const uint8_t* base, int64_t i) const {
+    if (type == TensorType::q8_0) return static_cast<float>(static_cast<int8_t>(base[i]));
     if (type == TensorType::f16) {
       uint16_t h;
       std::memcpy(&h, base + 2 * i, 2);

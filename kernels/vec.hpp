@@ -73,6 +73,12 @@ struct VecKernels {
   // The same over a KV cache stored in f16 (widened exactly on load).
   void (*attn_scores_f16)(const uint16_t* kt, const float* const* q, int nq, int hd, float scale, float* const* s);
   void (*attn_accumulate_f16)(const uint16_t* v, const float* const* p, int nq, int hd, float* const* out);
+  // The same over a KV cache stored as Q8_0 (hd a multiple of 32): int8 values, each run of 32
+  // dimensions of a slot scaled by one f32. kd: [hd / 32][16] (a run's 16 slot scales
+  // together); vd: [16][hd / 32].
+  void (*attn_scores_q8)(const int8_t* kt, const float* kd, const float* const* q, int nq, int hd, float scale,
+                         float* const* s);
+  void (*attn_accumulate_q8)(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out);
   // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.

@@ -313,6 +313,48 @@ void attn_accumulate(const T* v, const float* const* ps, int nq, int hd, float* 
   }
 }
 
+inline __m256 load8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Q8_0 KV, one query at a time: per run of 32 dimensions, two halves of the block's 16 slots,
+// scaled by the run's slot scales into the total.
+void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* qs, int nq, int hd, float scale,
+                    float* const* ss) {
+  for (int i = 0; i < nq; ++i) {
+    const float* q = qs[i];
+    __m256 tlo = _mm256_setzero_ps(), thi = tlo;
+    for (int c = 0; c < hd / kQ8Block; ++c) {
+      __m256 lo = _mm256_setzero_ps(), hi = lo;
+      for (int d = c * kQ8Block; d < (c + 1) * kQ8Block; ++d) {
+        const __m256 qd = _mm256_set1_ps(q[d]);
+        lo = _mm256_fmadd_ps(qd, load8_i8(kt + d * 16), lo);
+        hi = _mm256_fmadd_ps(qd, load8_i8(kt + d * 16 + 8), hi);
+      }
+      tlo = _mm256_fmadd_ps(lo, _mm256_loadu_ps(kd + c * 16), tlo);
+      thi = _mm256_fmadd_ps(hi, _mm256_loadu_ps(kd + c * 16 + 8), thi);
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+    _mm256_storeu_ps(ss[i], _mm256_mul_ps(tlo, sc));
+    _mm256_storeu_ps(ss[i] + 8, _mm256_mul_ps(thi, sc));
+  }
+}
+
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* ps, int nq, int hd, float* const* outs) {
+  const int nc = hd / kQ8Block;
+  for (int i = 0; i < nq; ++i)
+    for (int c = 0; c < nc; ++c) {
+      float* out = outs[i] + c * kQ8Block;
+      __m256 acc[4];
+      for (int k = 0; k < 4; ++k) acc[k] = _mm256_loadu_ps(out + 8 * k);
+      for (int j = 0; j < 16; ++j) {
+        const __m256 w = _mm256_set1_ps(ps[i][j] * vd[j * nc + c]);
+        for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(w, load8_i8(v + j * hd + c * kQ8Block + 8 * k), acc[k]);
+      }
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
+    }
+}
+
 // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, and e^r by its Taylor polynomial
 // to r^6 (relative error below 2e-7 on that interval). ln 2 is split in two so n * ln2 is exact.
 inline __m256 exp_ps(__m256 x) {
@@ -361,7 +403,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 const VecKernels* vec_avx2() {
   static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
-                          attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
+                          attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
+                          attn_accumulate_q8, exp_sum, silu_mul};
   return &k;
 }
 

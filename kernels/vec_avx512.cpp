@@ -386,6 +386,75 @@ void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* c
   }
 }
 
+inline __m512 load16_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Q8_0 KV: per run of 32 dimensions, two partial sums per query (d mod 2) over int8 keys widened
+// exactly, then scaled by the run's 16 slot scales into the query's total.
+template <int NQ>
+void scores_q8_n(const int8_t* kt, const float* kd, const float* const* q, int hd, float scale, float* const* s) {
+  __m512 total[NQ];
+  for (int i = 0; i < NQ; ++i) total[i] = _mm512_setzero_ps();
+  for (int c = 0; c < hd / kQ8Block; ++c) {
+    __m512 a[NQ][2];
+    for (int i = 0; i < NQ; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int d = c * kQ8Block; d < (c + 1) * kQ8Block; d += 2)
+      for (int r = 0; r < 2; ++r) {
+        const __m512 k = load16_i8(kt + (d + r) * 16);
+        for (int i = 0; i < NQ; ++i) a[i][r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d + r]), k, a[i][r]);
+      }
+    const __m512 ks = _mm512_loadu_ps(kd + c * 16);
+    for (int i = 0; i < NQ; ++i) total[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), ks, total[i]);
+  }
+  for (int i = 0; i < NQ; ++i) _mm512_storeu_ps(s[i], _mm512_mul_ps(total[i], _mm512_set1_ps(scale)));
+}
+
+void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* q, int nq, int hd, float scale,
+                    float* const* s) {
+  switch (nq) {
+    case 1: scores_q8_n<1>(kt, kd, q, hd, scale, s); break;
+    case 2: scores_q8_n<2>(kt, kd, q, hd, scale, s); break;
+    case 3: scores_q8_n<3>(kt, kd, q, hd, scale, s); break;
+    default: scores_q8_n<4>(kt, kd, q, hd, scale, s); break;
+  }
+}
+
+// Q8_0 KV: a slot's run of 32 values meets the query's weight times the run's scale.
+template <int NQ>
+void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, int hd, float* const* out) {
+  const int nc = hd / kQ8Block;
+  for (int c = 0; c < nc; ++c) {
+    __m512 acc[NQ][2];
+    for (int i = 0; i < NQ; ++i) {
+      acc[i][0] = _mm512_loadu_ps(out[i] + c * kQ8Block);
+      acc[i][1] = _mm512_loadu_ps(out[i] + c * kQ8Block + 16);
+    }
+    for (int j = 0; j < 16; ++j) {
+      const int8_t* vr = v + j * hd + c * kQ8Block;
+      const __m512 v0 = load16_i8(vr), v1 = load16_i8(vr + 16);
+      for (int i = 0; i < NQ; ++i) {
+        const __m512 w = _mm512_set1_ps(p[i][j] * vd[j * nc + c]);
+        acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(w, v1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      _mm512_storeu_ps(out[i] + c * kQ8Block, acc[i][0]);
+      _mm512_storeu_ps(out[i] + c * kQ8Block + 16, acc[i][1]);
+    }
+  }
+}
+
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out) {
+  switch (nq) {
+    case 1: accumulate_q8_n<1>(v, vd, p, hd, out); break;
+    case 2: accumulate_q8_n<2>(v, vd, p, hd, out); break;
+    case 3: accumulate_q8_n<3>(v, vd, p, hd, out); break;
+    default: accumulate_q8_n<4>(v, vd, p, hd, out); break;
+  }
+}
+
 // exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6
 // (relative error below 2e-7); scalef applies 2^n without building exponent bits by hand. ln 2 is
 // split in two so that n * ln2 is exact.
@@ -437,7 +506,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 const VecKernels* vec_avx512() {
   static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
-                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
+                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
+                            attn_accumulate_q8, exp_sum, silu_mul};
   return &k;
 }
 

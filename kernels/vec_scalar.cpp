@@ -126,6 +126,31 @@ void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* c
       for (int d = 0; d < hd; ++d) out[i][d] += p[i][j] * kv_float(v[j * hd + d]);
 }
 
+// Q8_0 KV: each run of 32 dimensions is summed apart and scaled by its slot's scale.
+void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* q, int nq, int hd, float scale,
+                    float* const* s) {
+  for (int i = 0; i < nq; ++i) {
+    float total[16] = {};
+    for (int c = 0; c < hd / kQ8Block; ++c) {
+      float acc[16] = {};
+      for (int d = c * kQ8Block; d < (c + 1) * kQ8Block; ++d)
+        for (int j = 0; j < 16; ++j) acc[j] += q[i][d] * kt[d * 16 + j];
+      for (int j = 0; j < 16; ++j) total[j] += acc[j] * kd[c * 16 + j];
+    }
+    for (int j = 0; j < 16; ++j) s[i][j] = total[j] * scale;
+  }
+}
+
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out) {
+  const int nc = hd / kQ8Block;
+  for (int i = 0; i < nq; ++i)
+    for (int j = 0; j < 16; ++j)
+      for (int c = 0; c < nc; ++c) {
+        const float w = p[i][j] * vd[j * nc + c];
+        for (int d = c * kQ8Block; d < (c + 1) * kQ8Block; ++d) out[i][d] += w * v[j * hd + d];
+      }
+}
+
 float exp_sum(float* x, int64_t n, float max) {
   float sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - max));
@@ -141,7 +166,8 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 const VecKernels& vec_scalar() {
   static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
-                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, exp_sum, silu_mul};
+                            attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
+                            attn_accumulate_q8, exp_sum, silu_mul};
   return k;
 }
 

@@ -233,7 +233,7 @@ const Names<std::optional<TensorType>> kDtypes = {
     {"bf16", TensorType::bf16}, {"q8_0", TensorType::q8_0},
 };
 const Names<std::optional<TensorType>> kKvDtypes = {
-    {"auto", std::nullopt}, {"f32", TensorType::f32}, {"f16", TensorType::f16}};
+    {"auto", std::nullopt}, {"f32", TensorType::f32}, {"f16", TensorType::f16}, {"q8_0", TensorType::q8_0}};
 const Names<Q8Activations> kQ8Activations = {{"f32", Q8Activations::f32}, {"int8", Q8Activations::int8}};
 const Names<Priority> kPriorities = {
     {"interactive", Priority::interactive}, {"normal", Priority::normal}, {"batch", Priority::batch}};

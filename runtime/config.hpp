@@ -73,7 +73,7 @@ struct ClusterConfig {
   std::string model;                // path to a GGUF file; "": the CLI fills in the bundled model
   std::optional<TensorType> dtype;  // nullopt ("auto"): as stored, the only one the engine runs now
   Q8Activations q8_activations = Q8Activations::int8;
-  std::optional<TensorType> kv_cache_dtype;  // f32 or f16; nullopt ("auto"): default_kv_type(model)
+  std::optional<TensorType> kv_cache_dtype;  // f32, f16 or q8_0; nullopt ("auto"): default_kv_type(model)
   int32_t tensor_parallel_size = 1;  // 1..64
   int32_t threads = 0;               // per shard; 0: all cores divided by tensor_parallel_size
   int32_t max_batch_size = 16;       // sequences per step

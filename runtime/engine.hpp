@@ -32,7 +32,7 @@ struct EngineOptions {
   int32_t max_batch_tokens = 512; // most new tokens in one step (all sequences together)
   int32_t max_seqs = 16;          // most sequences in one step
   Q8Activations q8 = Q8Activations::int8;  // how Q8_0 weights meet activations (see matmul.hpp)
-  std::optional<TensorType> kv_type;       // KV cache elements, f32 or f16; unset: default_kv_type
+  std::optional<TensorType> kv_type;       // KV cache elements, f32, f16 or q8_0; unset: default_kv_type
   // Tensor parallelism: this engine is rank tp_rank of tp_size. With tp_size > 1, all_reduce is
   // required (rank and size must match it) and must outlive the engine. n_kv_blocks counts the
   // same blocks on every rank; each rank's blocks hold only its KV heads.

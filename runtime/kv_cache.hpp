@@ -13,23 +13,27 @@ namespace celer {
 
 class KvCache {
  public:
-  // type: the element type, f32 or f16 (KvLayerView); anything else throws Error.
+  // type: the element type, f32, f16 or q8_0 (KvLayerView); anything else, or q8_0 with a head
+  // size that is not a multiple of 32, throws Error.
   KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks, TensorType type = TensorType::f32);
 
   int32_t n_blocks() const { return n_blocks_; }
   TensorType type() const { return type_; }
   const KvLayerView& layer(int i) const { return layers_[i]; }
-  uint64_t bytes() const { return storage_.size(); }
+  uint64_t bytes() const { return storage_.size() + scales_.size() * sizeof(float); }
   void copy_block(int32_t src, int32_t dst);  // every layer's K and V
   // Bytes one block takes across all layers, K and V: what a memory budget divides by.
   static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim, TensorType type) {
-    return 2ull * n_layer * n_kv_heads * head_dim * kKvBlock * (type == TensorType::f16 ? 2 : 4);
+    const uint64_t values = 2ull * n_layer * n_kv_heads * head_dim * kKvBlock;
+    if (type == TensorType::q8_0) return values + values / 32 * sizeof(float);  // int8 and a scale per 32
+    return values * (type == TensorType::f16 ? 2 : 4);
   }
 
  private:
   int32_t n_blocks_;
   TensorType type_;
   AlignedVector<uint8_t> storage_;  // [n_layer][K|V][n_blocks ...] in KvLayerView's layouts
+  AlignedVector<float> scales_;     // q8_0: [n_layer][K|V][n_blocks ...] scales
   std::vector<KvLayerView> layers_;
 };
 

@@ -8,10 +8,12 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "actors/replica.hpp"
 #include "actors/scheduler_actor.hpp"
 #include "actors/shard_actor.hpp"
 #include "actors/supervisor_actor.hpp"
 #include "actors/wire.hpp"
+#include "runtime/error.hpp"
 #include "runtime/generation.hpp"
 
 using namespace celer;
@@ -147,6 +149,24 @@ std::vector<TokenId> solo(const Model& m, const GenerateRequest& r) {
 }
 
 }  // namespace
+
+TEST_CASE("replica setup: the KV element type follows the model or the config, and is checked", "[actors]") {
+  auto model = std::make_shared<Model>(std::string(CELER_TEST_DATA) + "/stories260K.gguf");  // F32, head size 8
+  ClusterConfig c = parse_config("kv_cache_memory: 16MiB", "t.yaml");
+  const ReplicaSetup f32 = replica_setup(c, model);
+  CHECK(f32.engine.kv_type == TensorType::f32);
+  c.kv_cache_dtype = TensorType::f16;
+  const ReplicaSetup f16 = replica_setup(c, model);
+  CHECK(f16.engine.kv_type == TensorType::f16);
+  CHECK(f16.kv_blocks == 2 * f32.kv_blocks);  // the same memory holds twice the blocks
+  c.kv_cache_dtype = TensorType::q8_0;
+  try {
+    replica_setup(c, model);
+    FAIL("q8_0 accepted for a head size of 8");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("multiple of 32") != std::string::npos);
+  }
+}
 
 TEST_CASE("actors: concurrent streams get their solo tokens and text", "[actors]") {
   Replica r;

@@ -181,6 +181,7 @@ TEST_CASE("kv_cache_blocks instead of kv_cache_memory; every dtype and priority 
   CHECK(parse_config("kv_cache_dtype: auto", "t.yaml").kv_cache_dtype == std::nullopt);
   CHECK(parse_config("kv_cache_dtype: f32", "t.yaml").kv_cache_dtype == TensorType::f32);
   CHECK(parse_config("kv_cache_dtype: f16", "t.yaml").kv_cache_dtype == TensorType::f16);
+  CHECK(parse_config("kv_cache_dtype: q8_0", "t.yaml").kv_cache_dtype == TensorType::q8_0);
   CHECK(parse_config("priorities: {default: batch}", "t.yaml").default_priority == Priority::batch);
   CHECK(parse_config("priorities: {default: normal}", "t.yaml").default_priority == Priority::normal);
 }
@@ -273,7 +274,7 @@ TEST_CASE("an out-of-range value names the key and the range", "[config]") {
 TEST_CASE("a bad enum value lists the names allowed", "[config]") {
   check_error("model: a\ndtype: f64\n", 2, "dtype", "auto, f32, f16, bf16, q8_0");
   check_error("q8_activations: int4", 1, "q8_activations", "f32, int8");
-  check_error("kv_cache_dtype: q8_0", 1, "kv_cache_dtype", "auto, f32, f16");
+  check_error("kv_cache_dtype: int4", 1, "kv_cache_dtype", "auto, f32, f16, q8_0");
   check_error("priorities:\n  default: urgent\n", 2, "priorities.default", "interactive, normal, batch");
 }
 

@@ -386,12 +386,14 @@ TEST_CASE("rmsnorm and rope match their definitions", "[kernels]") {
 TEST_CASE("paged attention matches the reference across scattered blocks, f32 and f16", "[kernels]") {
   std::mt19937 rng(6);
   const std::vector<int32_t> table{7, 2, 8, 0, 5};  // out of order, as a real pool hands them out
-  for (TensorType type : {TensorType::f32, TensorType::f16})
-    for (int hd : {8, 24, 64, 72}) {
+  for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::q8_0})
+    for (int hd : {8, 24, 64, 72, 96}) {
+      if (type == TensorType::q8_0 && hd % kQ8Block != 0) continue;
       const int n_kv = 2, n_blocks = 9;
       const int64_t elems = int64_t{n_blocks} * n_kv * kKvBlock * hd;
       AlignedVector<uint8_t> k(elems * 4), v(elems * 4);
-      KvLayerView kv{k.data(), v.data(), n_kv, hd, type};
+      std::vector<float> k_scales(elems / kQ8Block), v_scales(elems / kQ8Block);
+      KvLayerView kv{k.data(), v.data(), n_kv, hd, type, k_scales.data(), v_scales.data()};
       // Every slot filled through kv_store, which puts a position's vectors where k_value /
       // v_value find them (rounded to f16 in an f16 cache).
       for (int32_t b = 0; b < n_blocks; ++b)
@@ -400,6 +402,15 @@ TEST_CASE("paged attention matches the reference across scattered blocks, f32 an
             const auto k1 = random_vector(rng, hd), v1 = random_vector(rng, hd);
             kv_store(vec_scalar(), kv, b, h, slot, k1.data(), v1.data());
             for (int d = 0; d < hd; ++d) {
+              if (type == TensorType::q8_0) {  // within half a step of a scale of absmax / 127
+                const int c = d / kQ8Block;
+                float kmax = 0, vmax = 0;
+                for (int e = c * kQ8Block; e < (c + 1) * kQ8Block; ++e)
+                  kmax = std::max(kmax, std::fabs(k1[e])), vmax = std::max(vmax, std::fabs(v1[e]));
+                REQUIRE(std::fabs(kv.k_value(b, h, slot, d) - k1[d]) <= kmax / 127 * 0.5001f);
+                REQUIRE(std::fabs(kv.v_value(b, h, slot, d) - v1[d]) <= vmax / 127 * 0.5001f);
+                continue;
+              }
               const float kr = type == TensorType::f16 ? fp16_to_f32(f32_to_fp16(k1[d])) : k1[d];
               const float vr = type == TensorType::f16 ? fp16_to_f32(f32_to_fp16(v1[d])) : v1[d];
               REQUIRE((kv.k_value(b, h, slot, d) == kr && kv.v_value(b, h, slot, d) == vr));

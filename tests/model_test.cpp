@@ -206,6 +206,9 @@ TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy",
     const double ckv = cosine(logits[TensorType::f32],
                               last_logits(dir.path() + "/" + arch + "-f32.gguf", tokens, Q8Activations::int8, TensorType::f16));
     CHECK(ckv > 0.9999);
+    const double ckv8 = cosine(logits[TensorType::f32],
+                               last_logits(dir.path() + "/" + arch + "-f32.gguf", tokens, Q8Activations::int8, TensorType::q8_0));
+    CHECK(ckv8 > 0.999);
     const double c16 = cosine(logits[TensorType::f32], logits[TensorType::f16]);
     const double cb16 = cosine(logits[TensorType::f32], logits[TensorType::bf16]);
     const double c8 = cosine(logits[TensorType::f32], logits[TensorType::q8_0]);
@@ -220,28 +223,30 @@ TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy",
   }
 }
 
-TEST_CASE("a KV cache copies a block of every layer, f32 or f16, and refuses other types", "[model]") {
-  for (TensorType type : {TensorType::f32, TensorType::f16}) {
+TEST_CASE("a KV cache copies a block of every layer, f32, f16 or q8_0, and refuses what it cannot hold", "[model]") {
+  const int hd = 32;
+  for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::q8_0}) {
     INFO(to_string(type));
-    KvCache cache(3, 2, 8, 6, type);
-    CHECK(cache.bytes() == KvCache::block_bytes(3, 2, 8, type) * 6);
-    std::vector<float> k(8), v(8);
+    KvCache cache(3, 2, hd, 6, type);
+    CHECK(cache.bytes() == KvCache::block_bytes(3, 2, hd, type) * 6);
+    std::vector<float> k(hd), v(hd);
     for (int layer = 0; layer < 3; ++layer)
       for (int h = 0; h < 2; ++h)
         for (int slot = 0; slot < kKvBlock; ++slot) {
-          for (int d = 0; d < 8; ++d) k[d] = float(layer * 1000 + h * 100 + slot * 8 + d), v[d] = -k[d];
+          for (int d = 0; d < hd; ++d) k[d] = float(layer * 100 + h * 10 + slot) + 0.01f * d, v[d] = -k[d];
           kv_store(vec_best(), cache.layer(layer), 1, h, slot, k.data(), v.data());
         }
     cache.copy_block(1, 4);
     for (int layer = 0; layer < 3; ++layer)
       for (int h = 0; h < 2; ++h)
         for (int slot = 0; slot < kKvBlock; ++slot)
-          for (int d = 0; d < 8; ++d) {
+          for (int d = 0; d < hd; ++d) {
             REQUIRE(cache.layer(layer).k_value(4, h, slot, d) == cache.layer(layer).k_value(1, h, slot, d));
             REQUIRE(cache.layer(layer).v_value(4, h, slot, d) == -cache.layer(layer).k_value(1, h, slot, d));
           }
   }
-  CHECK_THROWS_AS(KvCache(1, 1, 8, 2, TensorType::q8_0), Error);
+  CHECK_THROWS_AS(KvCache(1, 1, 8, 2, TensorType::bf16), Error);
+  CHECK_THROWS_AS(KvCache(1, 1, 8, 2, TensorType::q8_0), Error);  // head size not a multiple of 32
 }
 
 TEST_CASE("a model without output.weight uses its token embeddings (tied)", "[model]") {

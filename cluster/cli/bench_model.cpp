@@ -273,7 +273,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
   c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
       ->check(CLI::IsMember({"f32", "int8"}));
-  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16"}));
+  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16", "q8_0"}));
   c->add_flag("--actors", a->actors, "Also decode through the in-process actor runtime and report its overhead");
   return [a] { return run_bench(*a); };
 }
