@@ -23,8 +23,8 @@ void kv_store(const VecKernels& vk, const KvLayerView& kv, int32_t block, int kv
     for (int d = 0; d < hd; ++d) kb[d * kKvBlock] = kq[d];
     float* ks = kv.k_block_scales(block, kv_head);
     for (int c = 0; c < nc; ++c) ks[c * kKvBlock + slot] = kd[c];
-    vk.quantize_act_q8(v, static_cast<int8_t*>(kv.v) + base + static_cast<int64_t>(slot) * hd,
-                       kv.v_block_scales(block, kv_head) + slot * nc, unused, hd);
+    float* vs = kv.v_block_scales(block, kv_head) + slot * nc;
+    vk.quantize_act_q8(v, static_cast<int8_t*>(kv.v) + base + static_cast<int64_t>(slot) * hd, vs, unused, hd);
     return;
   }
   if (kv.type == TensorType::f16) {
@@ -82,17 +82,22 @@ void attend(const VecKernels& vk, const float* q, int64_t q_stride, int nq, cons
     std::fill(s + n, s + n_blocks * kKvBlock, 0.0f);
     std::memset(outs[i], 0, sizeof(float) * hd);
   }
+  // The last query sees the most slots; past them a block may hold another sequence's stale
+  // values, which the weighted sum must not touch (0 * inf is NaN).
+  const int32_t n_seen = first_ctx + nq - 1;
   for (int32_t b = 0; b < n_blocks; ++b) {
     if (b + 1 < n_blocks) prefetch(kv.v_block(block_table[b + 1], kv_head));
+    const int n_slots = static_cast<int>(std::min<int32_t>(kKvBlock, n_seen - b * kKvBlock));
     const float* ps[kAttnRows];
     for (int i = 0; i < nq; ++i) ps[i] = scores + i * scores_stride + b * kKvBlock;
     if (kv.type == TensorType::q8_0)
       vk.attn_accumulate_q8(reinterpret_cast<const int8_t*>(kv.v_block(block_table[b], kv_head)),
-                            kv.v_block_scales(block_table[b], kv_head), ps, nq, hd, outs);
+                            kv.v_block_scales(block_table[b], kv_head), ps, nq, hd, n_slots, outs);
     else if (kv.type == TensorType::f16)
-      vk.attn_accumulate_f16(reinterpret_cast<const uint16_t*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);
+      vk.attn_accumulate_f16(reinterpret_cast<const uint16_t*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, n_slots,
+                             outs);
     else
-      vk.attn_accumulate(reinterpret_cast<const float*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, outs);
+      vk.attn_accumulate(reinterpret_cast<const float*>(kv.v_block(block_table[b], kv_head)), ps, nq, hd, n_slots, outs);
   }
   for (int i = 0; i < nq; ++i)
     for (int d = 0; d < hd; ++d) outs[i][d] *= inv_sum[i];

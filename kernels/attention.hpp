@@ -20,8 +20,8 @@ constexpr int kMaxHeadDim = 512;
 //   V: [n_blocks, n_kv_heads, kKvBlock, head_dim]  (a slot's vector contiguous)
 // Elements are f32, or f16 (type f16): half the bytes every decode step reads for each position
 // of its context, as llama.cpp stores its cache by default. f16 values are rounded to nearest
-// and saturate at +-65504 (VecKernels::f32_to_f16_saturating), so the cache never holds an
-// infinity: a stale slot's weight of 0 must leave it out, and 0 * inf would not. Or Q8_0 (type
+// and saturate at +-65504 (VecKernels::f32_to_f16_saturating): a value past f16's range stays
+// the largest finite one instead of becoming an infinity in the attention. Or Q8_0 (type
 // q8_0, head_dim a multiple of 32): int8 values, each run of 32 dimensions of a slot with its
 // own f32 scale (absmax / 127, as quantize_act_q8 computes), a quarter of f32's bytes plus an
 // eighth for the scales; the scales live apart, K's as [block][head][head_dim / 32][16] (a run's

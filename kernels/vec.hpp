@@ -67,18 +67,20 @@ struct VecKernels {
   // kAttnRows queries that share the block (consecutive tokens of one sequence, one head):
   // s[i][j] = scale * sum_d q[i][d] * kt[d][j] for the 16 slots j, kt: [hd][16].
   void (*attn_scores)(const float* kt, const float* const* q, int nq, int hd, float scale, float* const* s);
-  // out[i][d] += sum_j p[i][j] * v[j][d] over the 16 slots j, v: [16][hd]. A query's weights of
-  // slots it may not see are 0.
-  void (*attn_accumulate)(const float* v, const float* const* p, int nq, int hd, float* const* out);
+  // out[i][d] += sum_j p[i][j] * v[j][d] over the first n_slots <= 16 slots j, v: [16][hd]. A
+  // query's weights of slots it may not see are 0; slots from n_slots on are never read (another
+  // sequence may have left anything there, and 0 * inf would be NaN).
+  void (*attn_accumulate)(const float* v, const float* const* p, int nq, int hd, int n_slots, float* const* out);
   // The same over a KV cache stored in f16 (widened exactly on load).
   void (*attn_scores_f16)(const uint16_t* kt, const float* const* q, int nq, int hd, float scale, float* const* s);
-  void (*attn_accumulate_f16)(const uint16_t* v, const float* const* p, int nq, int hd, float* const* out);
+  void (*attn_accumulate_f16)(const uint16_t* v, const float* const* p, int nq, int hd, int n_slots, float* const* out);
   // The same over a KV cache stored as Q8_0 (hd a multiple of 32): int8 values, each run of 32
   // dimensions of a slot scaled by one f32. kd: [hd / 32][16] (a run's 16 slot scales
   // together); vd: [16][hd / 32].
   void (*attn_scores_q8)(const int8_t* kt, const float* kd, const float* const* q, int nq, int hd, float scale,
                          float* const* s);
-  void (*attn_accumulate_q8)(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out);
+  void (*attn_accumulate_q8)(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, int n_slots,
+                             float* const* out);
   // x[i] = exp(x[i] - max); returns the sum of the new x. The softmax body.
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.

@@ -298,18 +298,18 @@ void attn_scores(const T* kt, const float* const* qs, int nq, int hd, float scal
 }
 
 template <typename T>
-void attn_accumulate(const T* v, const float* const* ps, int nq, int hd, float* const* outs) {
+void attn_accumulate(const T* v, const float* const* ps, int nq, int hd, int n_slots, float* const* outs) {
   for (int i = 0; i < nq; ++i) {
     const float* p = ps[i];
     float* out = outs[i];
     int d = 0;
     for (; d + 8 <= hd; d += 8) {
       __m256 acc = _mm256_loadu_ps(out + d);
-      for (int j = 0; j < 16; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(v + j * hd + d), acc);
+      for (int j = 0; j < n_slots; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(v + j * hd + d), acc);
       _mm256_storeu_ps(out + d, acc);
     }
     for (; d < hd; ++d)
-      for (int j = 0; j < 16; ++j) out[d] += p[j] * kv_float(v[j * hd + d]);
+      for (int j = 0; j < n_slots; ++j) out[d] += p[j] * kv_float(v[j * hd + d]);
   }
 }
 
@@ -340,14 +340,15 @@ void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* qs, i
   }
 }
 
-void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* ps, int nq, int hd, float* const* outs) {
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* ps, int nq, int hd, int n_slots,
+                        float* const* outs) {
   const int nc = hd / kQ8Block;
   for (int i = 0; i < nq; ++i)
     for (int c = 0; c < nc; ++c) {
       float* out = outs[i] + c * kQ8Block;
       __m256 acc[4];
       for (int k = 0; k < 4; ++k) acc[k] = _mm256_loadu_ps(out + 8 * k);
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < n_slots; ++j) {
         const __m256 w = _mm256_set1_ps(ps[i][j] * vd[j * nc + c]);
         for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(w, load8_i8(v + j * hd + c * kQ8Block + 8 * k), acc[k]);
       }

@@ -350,7 +350,7 @@ void attn_scores(const T* kt, const float* const* q, int nq, int hd, float scale
 // NQ queries' weighted sums of one V block: 32 dimensions at a time in registers, even and odd
 // slots summed apart (independent FMA chains), each V row loaded once for all queries.
 template <int NQ, typename T>
-void accumulate_n(const T* v, const float* const* p, int hd, float* const* out) {
+void accumulate_n(const T* v, const float* const* p, int hd, int n_slots, float* const* out) {
   for (int d0 = 0; d0 < hd; d0 += 32) {
     __mmask16 m[2];
     __m512 even[NQ][2], odd[NQ][2];
@@ -362,14 +362,13 @@ void accumulate_n(const T* v, const float* const* p, int hd, float* const* out) 
         odd[i][c] = _mm512_setzero_ps();
       }
     }
-    for (int j = 0; j < 16; j += 2)
+    for (int j = 0; j < n_slots; j += 2)
       for (int c = 0; c < 2; ++c) {
         const __m512 ve = load16(v + j * hd + d0 + 16 * c, m[c]);
+        for (int i = 0; i < NQ; ++i) even[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), ve, even[i][c]);
+        if (j + 1 == n_slots) continue;
         const __m512 vo = load16(v + (j + 1) * hd + d0 + 16 * c, m[c]);
-        for (int i = 0; i < NQ; ++i) {
-          even[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), ve, even[i][c]);
-          odd[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), vo, odd[i][c]);
-        }
+        for (int i = 0; i < NQ; ++i) odd[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), vo, odd[i][c]);
       }
     for (int c = 0; c < 2; ++c)
       for (int i = 0; i < NQ; ++i) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, m[c], _mm512_add_ps(even[i][c], odd[i][c]));
@@ -377,12 +376,12 @@ void accumulate_n(const T* v, const float* const* p, int hd, float* const* out) 
 }
 
 template <typename T>
-void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* const* out) {
+void attn_accumulate(const T* v, const float* const* p, int nq, int hd, int n_slots, float* const* out) {
   switch (nq) {
-    case 1: accumulate_n<1, T>(v, p, hd, out); break;
-    case 2: accumulate_n<2, T>(v, p, hd, out); break;
-    case 3: accumulate_n<3, T>(v, p, hd, out); break;
-    default: accumulate_n<4, T>(v, p, hd, out); break;
+    case 1: accumulate_n<1, T>(v, p, hd, n_slots, out); break;
+    case 2: accumulate_n<2, T>(v, p, hd, n_slots, out); break;
+    case 3: accumulate_n<3, T>(v, p, hd, n_slots, out); break;
+    default: accumulate_n<4, T>(v, p, hd, n_slots, out); break;
   }
 }
 
@@ -422,7 +421,7 @@ void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* q, in
 
 // Q8_0 KV: a slot's run of 32 values meets the query's weight times the run's scale.
 template <int NQ>
-void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, int hd, float* const* out) {
+void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, int hd, int n_slots, float* const* out) {
   const int nc = hd / kQ8Block;
   for (int c = 0; c < nc; ++c) {
     __m512 acc[NQ][2];
@@ -430,7 +429,7 @@ void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, in
       acc[i][0] = _mm512_loadu_ps(out[i] + c * kQ8Block);
       acc[i][1] = _mm512_loadu_ps(out[i] + c * kQ8Block + 16);
     }
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < n_slots; ++j) {
       const int8_t* vr = v + j * hd + c * kQ8Block;
       const __m512 v0 = load16_i8(vr), v1 = load16_i8(vr + 16);
       for (int i = 0; i < NQ; ++i) {
@@ -446,12 +445,13 @@ void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, in
   }
 }
 
-void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out) {
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, int n_slots,
+                        float* const* out) {
   switch (nq) {
-    case 1: accumulate_q8_n<1>(v, vd, p, hd, out); break;
-    case 2: accumulate_q8_n<2>(v, vd, p, hd, out); break;
-    case 3: accumulate_q8_n<3>(v, vd, p, hd, out); break;
-    default: accumulate_q8_n<4>(v, vd, p, hd, out); break;
+    case 1: accumulate_q8_n<1>(v, vd, p, hd, n_slots, out); break;
+    case 2: accumulate_q8_n<2>(v, vd, p, hd, n_slots, out); break;
+    case 3: accumulate_q8_n<3>(v, vd, p, hd, n_slots, out); break;
+    default: accumulate_q8_n<4>(v, vd, p, hd, n_slots, out); break;
   }
 }
 

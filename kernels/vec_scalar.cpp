@@ -120,9 +120,9 @@ void attn_scores(const T* kt, const float* const* q, int nq, int hd, float scale
 }
 
 template <typename T>
-void attn_accumulate(const T* v, const float* const* p, int nq, int hd, float* const* out) {
+void attn_accumulate(const T* v, const float* const* p, int nq, int hd, int n_slots, float* const* out) {
   for (int i = 0; i < nq; ++i)
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < n_slots; ++j)
       for (int d = 0; d < hd; ++d) out[i][d] += p[i][j] * kv_float(v[j * hd + d]);
 }
 
@@ -141,10 +141,11 @@ void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* q, in
   }
 }
 
-void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, float* const* out) {
+void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, int n_slots,
+                        float* const* out) {
   const int nc = hd / kQ8Block;
   for (int i = 0; i < nq; ++i)
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < n_slots; ++j)
       for (int c = 0; c < nc; ++c) {
         const float w = p[i][j] * vd[j * nc + c];
         for (int d = c * kQ8Block; d < (c + 1) * kQ8Block; ++d) out[i][d] += w * v[j * hd + d];

@@ -462,6 +462,31 @@ TEST_CASE("an f16 KV cache rounds to nearest and saturates instead of storing in
   }
 }
 
+TEST_CASE("a slot holding infinities or NaN does not reach a query that may not see it", "[kernels]") {
+  std::mt19937 rng(15);
+  const int hd = 64;
+  for (const VecKernels* vk : kernel_sets())
+    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::q8_0}) {
+      INFO(vk->name << " " << to_string(type));
+      AlignedVector<uint8_t> k(kKvBlock * hd * 4), v(kKvBlock * hd * 4);
+      std::vector<float> ks(kKvBlock * hd / kQ8Block), vs(kKvBlock * hd / kQ8Block);
+      KvLayerView kv{k.data(), v.data(), 1, hd, type, ks.data(), vs.data()};
+      for (int slot = 0; slot < 3; ++slot) {
+        const auto k1 = random_vector(rng, hd), v1 = random_vector(rng, hd);
+        kv_store(*vk, kv, 0, 0, slot, k1.data(), v1.data());
+      }
+      // Slot 3 is another sequence's stale position: infinities and NaN.
+      std::vector<float> bad(hd, std::numeric_limits<float>::infinity());
+      bad[5] = std::numeric_limits<float>::quiet_NaN();
+      kv_store(*vk, kv, 0, 0, 3, bad.data(), bad.data());
+      const auto q = random_vector(rng, hd);
+      std::vector<float> scores(kKvBlock), out(hd);
+      const int32_t table[] = {0};
+      attend(*vk, q.data(), hd, 1, kv, 0, table, 3, 0.125f, scores.data(), kKvBlock, out.data(), hd);
+      for (float o : out) REQUIRE(std::isfinite(o));
+    }
+}
+
 TEST_CASE("the thread pool runs every index exactly once, many times over", "[kernels]") {
   ThreadPool pool(3);
   std::vector<int> hits(1000);
