@@ -85,7 +85,7 @@ std::optional<TokenChunk> Client::Stream::next() {
             s.ended = true;
             s.result = ClientError{ErrorKind::internal, "malformed reply from the server: " + d.error};
           } else if (auto* chunk = std::get_if<TokenChunk>(&*d.message)) {
-            if (chunk->tokens.empty() && chunk->text.empty()) return;  // the request actor's greeting
+            if (chunk->is_introduction()) return;
             s.partial.tokens.insert(s.partial.tokens.end(), chunk->tokens.begin(), chunk->tokens.end());
             s.partial.text += chunk->text;
             out = std::move(*chunk);

@@ -75,8 +75,7 @@ void on_event(Self self, const WireMessage& wm) {
         if (p.cancel_requested) self->send(p.request, cancel_atom::value);
       }
     }
-    const auto& chunk = std::get<TokenChunk>(*d.message);
-    if (chunk.tokens.empty() && chunk.text.empty()) return;  // the request actor introducing itself
+    if (std::get<TokenChunk>(*d.message).is_introduction()) return;
     p.job->deliver(p.choice, std::move(*d.message));
     return;
   }

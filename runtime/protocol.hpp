@@ -105,6 +105,8 @@ struct TokenChunk {
   std::vector<TokenId> tokens;
   std::string text;                   // the text these tokens complete (UTF-8 safe)
   std::vector<TokenLogprob> logprobs; // one per token when the request asked for logprobs
+  // The request actor's first chunk carries nothing: it introduces the actor to the client.
+  bool is_introduction() const { return tokens.empty() && text.empty(); }
 };
 
 struct Finished {

@@ -136,7 +136,6 @@ std::vector<RequestId> Scheduler::running_in_order() const {
 
 // The walk of BlockPlanner::plan over the running sequences, when nothing waits, nothing must be
 // freed and no sequence needs a block it does not hold: the same choice, with no block change.
-
 std::optional<BlockPlan> Scheduler::plan_locally(const std::vector<RequestId>& running) const {
   if (reset_pending_ || !ended_.empty() || n_waiting() > 0 || running_.empty()) return std::nullopt;
   BlockPlan plan;
