@@ -169,28 +169,19 @@ int run_bench(const BenchArgs& a) {
     engine.forward({&in, 1}, logits.data());
     return std::chrono::duration<double>(clock_type::now() - t0).count();
   };
-  auto run_tg = [&](int n) {
-    TokenId tok = any_token(rng);
-    const auto t0 = clock_type::now();
-    for (int i = 0; i < n; ++i) {
-      SequenceInput in{std::span<const TokenId>(&tok, 1), a.depth + i, table, true};
-      engine.forward({&in, 1}, logits.data());
-      tok = static_cast<TokenId>((tok + 1) % c.n_vocab);
-    }
-    return std::chrono::duration<double>(clock_type::now() - t0).count();
-  };
-
-  // Decode as a server does it: each token sampled (greedy) from the logits and fed back.
+  // n steps of one token each. tg feeds the next token id along, as llama-bench does; with
+  // `sample` each token is sampled (greedy) from the logits, as a server decodes.
   Sampler sampler(c.n_vocab);
   SamplingParams greedy;
   greedy.temperature = 0;
-  auto run_decode = [&](int n) {
+  auto run_tg = [&](int n, bool sample = false) {
     TokenId tok = any_token(rng);
     const auto t0 = clock_type::now();
     for (int i = 0; i < n; ++i) {
       SequenceInput in{std::span<const TokenId>(&tok, 1), a.depth + i, table, true};
       engine.forward({&in, 1}, logits.data());
-      tok = sampler.sample(greedy, logits, {}, static_cast<uint64_t>(a.depth + i + 1));
+      tok = sample ? sampler.sample(greedy, logits, {}, static_cast<uint64_t>(a.depth + i + 1))
+                   : static_cast<TokenId>((tok + 1) % c.n_vocab);
     }
     return std::chrono::duration<double>(clock_type::now() - t0).count();
   };
@@ -226,7 +217,7 @@ int run_bench(const BenchArgs& a) {
     std::vector<double> ratios;
     double direct_sum = 0, through_sum = 0;
     for (int r = 0; r < a.reps; ++r) {
-      const double direct = run_decode(a.n) / a.n;
+      const double direct = run_tg(a.n, true) / a.n;
       const double through = actors.seconds_per_token(a.n);
       ratios.push_back(through / direct);
       direct_sum += direct;
@@ -271,9 +262,7 @@ Command add_bench_model(CLI::App& app) {
   c->add_option("-r,--repetitions", a->reps, "Repetitions of each test");
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--json", a->json, "Also write the results as JSON to this file");
-  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
-      ->check(CLI::IsMember({"f32", "int8"}));
-  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16", "q8_0"}));
+  add_engine_options(c, a->q8, a->kv_type);
   c->add_flag("--actors", a->actors, "Also decode through the in-process actor runtime and report its overhead");
   return [a] { return run_bench(*a); };
 }

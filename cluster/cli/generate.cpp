@@ -156,9 +156,7 @@ Command add_generate(CLI::App& app) {
   c->add_option("--threads,-t", a->threads, "Threads (default: all cores)");
   c->add_option("--context,-c", a->context, "Context length (default: the model's)");
   c->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past end-of-sequence tokens");
-  c->add_option("--q8-activations", a->q8, "Q8_0 weights meet int8 activations (the default) or f32 ones (weights widened)")
-      ->check(CLI::IsMember({"f32", "int8"}));
-  c->add_option("--kv-cache-dtype", a->kv_type, kKvTypeHelp)->check(CLI::IsMember({"auto", "f32", "f16", "q8_0"}));
+  add_engine_options(c, a->q8, a->kv_type);
   return [a] { return run_generate(*a); };
 }
 
