@@ -14,8 +14,9 @@ constexpr int64_t kPanelRows = 64;
 // Decode steps have few rows: smaller panels let two threads share even a 768-row matrix evenly.
 constexpr int64_t kSmallPanelRows = 16;
 constexpr int64_t kSmallM = 16;
-// Packed Q8_0 prefill: four groups of 16 rows (64 rows, 34 bytes per 32 weights) per panel.
-constexpr int64_t kPanelGroups = 4;
+// Packed Q8_0 with many rows: chunks of consecutive weight pairs handed out per thread. More
+// chunks balance the threads better; each chunk's first pair comes without prefetching.
+constexpr int64_t kChunksPerThread = 2;
 
 // One packed matrix and where its product goes.
 struct PackedProduct {
@@ -27,7 +28,7 @@ struct PackedProduct {
 // (K columns each). Quantized once per call, row by row (the same row gives the same bytes
 // whatever M is). Then each pair of weight groups meets every tile of activation rows in turn:
 // the pair (2 x 16 rows x K bytes) stays in L1 while the activations, four bytes per row and
-// step, come from L2. The matrices' panels form one list for the threads, so several matrices
+// step, come from L2. The matrices' pairs form one list for the threads, so several matrices
 // cost one fork and join, not one each.
 void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, std::span<const PackedProduct> products,
                    const float* x, int64_t M) {
@@ -42,28 +43,53 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
     for (int64_t m = m0; m < m1; ++m) vk.quantize_act_q8(x + m * K, xq + m * K, xd + m * nb, xb + m * nb, K);
   });
 
-  // Decode streams one contiguous run of groups per thread (see matmul); prefill hands out panels.
+  // The unit of work is a pair of weight groups (one tile's worth of weight rows), which meets
+  // every tile of activation rows in turn. Decode (M < 16) streams one contiguous run of pairs
+  // per thread, prefetching each pair's own blocks just ahead (see matmul). With more rows the
+  // tiles of a pair are compute-bound, and meanwhile they fetch the pair that follows in the
+  // thread's chunk into L2, each tile a share of it; short chunks still balance the threads.
   const bool stream = M < kSmallM;
-  const int64_t P = stream ? kPackTileGroups : kPanelGroups;
-  int64_t n_panels = 0;
-  for (const PackedProduct& p : products) n_panels += (p.w->groups() + P - 1) / P;
-  const int64_t grain = stream ? (n_panels + pool.size() - 1) / pool.size() : 1;
-  pool.parallel_for(n_panels, grain, [&](int64_t p0, int64_t p1, int) {
-    size_t i = 0;        // the product panel p0 belongs to,
-    int64_t first = 0;   // and the index of that product's first panel
-    for (int64_t p = p0; p < p1; ++p) {
-      while (p - first >= (products[i].w->groups() + P - 1) / P) first += (products[i++].w->groups() + P - 1) / P;
+  const int64_t n_tiles = (M + kTileM - 1) / kTileM;
+  auto n_pairs_of = [](const PackedQ8& w) { return (w.groups() + kPackTileGroups - 1) / kPackTileGroups; };
+  int64_t n_pairs = 0;
+  for (const PackedProduct& p : products) n_pairs += n_pairs_of(*p.w);
+  const int64_t chunks = stream ? pool.size() : pool.size() * kChunksPerThread;
+  const int64_t grain = (n_pairs + chunks - 1) / chunks;
+  pool.parallel_for(n_pairs, grain, [&](int64_t q0, int64_t q1, int) {
+    size_t i = 0;       // the product pair q0 belongs to,
+    int64_t first = 0;  // and the index of that product's first pair
+    while (q0 - first >= n_pairs_of(*products[i].w)) first += n_pairs_of(*products[i++].w);
+    int64_t g0 = (q0 - first) * kPackTileGroups;
+    for (int64_t q = q0; q < q1; ++q) {
       const PackedQ8& w = *products[i].w;
-      const int64_t N = w.rows, G = w.groups(), g_end = std::min((p - first + 1) * P, G);
-      for (int64_t g0 = (p - first) * P; g0 < g_end; g0 += kPackTileGroups) {
-        const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, g_end - g0));
-        const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
-        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-          const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-          vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
-                            products[i].y + m0 * N + g0 * kPackRows, N, stream);
-        }
+      const int64_t N = w.rows, G = w.groups();
+      const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, G - g0));
+      const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
+      // The next pair: later in this matrix, or the first of the next product's.
+      size_t next_i = i;
+      int64_t next_g0 = g0 + ng;
+      if (next_g0 >= G) next_i = i + 1, next_g0 = 0;
+      const uint8_t* next = nullptr;
+      int64_t next_bytes = 0;
+      if (!stream && q + 1 < q1) {
+        const PackedQ8& nw = *products[next_i].w;
+        next = nw.group(next_g0);
+        next_bytes = std::min<int64_t>(kPackTileGroups, nw.groups() - next_g0) * nw.group_bytes();
       }
+      for (int64_t t = 0; t < n_tiles; ++t) {
+        const int64_t m0 = t * kTileM;
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        PackedPrefetch prefetch{stream};
+        if (next) {  // this tile's share of the next pair, in whole cache lines
+          const int64_t from = next_bytes * t / n_tiles / 64 * 64, to = next_bytes * (t + 1) / n_tiles / 64 * 64;
+          prefetch.next = next + from;
+          prefetch.next_bytes = to - from;
+        }
+        vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
+                          products[i].y + m0 * N + g0 * kPackRows, N, prefetch);
+      }
+      i = next_i;
+      g0 = next_g0;
     }
   });
 }

@@ -23,6 +23,18 @@ constexpr int kPackTileGroups = 2;
 // Queries attended together (they share each K and V block load).
 constexpr int kAttnRows = 4;
 
+// What a packed Q8_0 tile fetches from memory while it computes (hints only: results never
+// change). `stream` (decode, a tile or two per weight group): its own weights, a few blocks
+// ahead, for they come from memory just once. Otherwise its weights are in cache already, and
+// [next, next + next_bytes) (a share of the weights the caller needs next) is fetched into L2,
+// spread over the tile's blocks, so that the compute-bound tiles of one weight pair hide the
+// memory latency of the next pair instead of stalling on it.
+struct PackedPrefetch {
+  bool stream = false;
+  const uint8_t* next = nullptr;
+  int64_t next_bytes = 0;
+};
+
 struct VecKernels {
   const char* name;
   // dot(a, b) of k floats.
@@ -50,10 +62,10 @@ struct VecKernels {
   // 16 weight rows starting at w, ldg bytes apart, nb blocks each; the first n_rows of those rows
   // are real and y[i * ldy + r] gets row r's output for activation row i. Every output is
   // computed alike: f = 0, then for each block in K order f = fma(s, d_w * d_x, f), where s is
-  // the block's exact int32 sum of q_w * q_x. `stream`: the weights come from memory (decode),
-  // so prefetch them; otherwise they are in cache (a prefill panel).
+  // the block's exact int32 sum of q_w * q_x. `prefetch` says what to fetch meanwhile.
   void (*gemm_q8_packed)(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
-                         int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool stream);
+                         int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
+                         const PackedPrefetch& prefetch);
   // x (f32, k a multiple of 32) -> int8 q and per 32: a scale d = absmax / 127 (q = round(x /
   // d)) and bias = -128 * sum(q), which cancels the +128 offset of packed weights.
   void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k);

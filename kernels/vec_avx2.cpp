@@ -188,7 +188,7 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
 }
 
 void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t*, int64_t ldx, int mt, const uint8_t* w, int64_t ldg,
-                    int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool) {
+                    int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch&) {
   for (int g = 0; g < ng && g * kPackRows < n_rows; ++g)
     for (int i = 0; i < mt; i += 2) {
       const int8_t* x = xq + i * ldx;

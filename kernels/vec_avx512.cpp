@@ -157,9 +157,10 @@ void tile_q8_widened(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ld
 // signed one, and each block's sum starts at the activations' bias (-128 * sum(q)).
 template <bool Prefetch, int R, int C>
 void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t ldg,
-                    int64_t nb, int n_rows, float* y, int64_t ldy) {
+                    int64_t nb, int n_rows, float* y, int64_t ldy, const uint8_t* next, int64_t next_bytes) {
   const int64_t ldd = ldx / kQ8Block;
   const uint8_t* scales = w + nb * kPackQuantBytes;
+  const int64_t next_lines = (next_bytes + 63) / 64;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -170,9 +171,13 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
       const __m512i bias = _mm512_set1_epi32(xb[c * ldd + b]);
       for (int r = 0; r < R; ++r) s[r][c] = bias;
     }
-    if constexpr (Prefetch)  // the same block 4 blocks on: the weights stream from memory (decode)
+    if constexpr (Prefetch) {  // the same block 4 blocks on: the weights stream from memory (decode)
       for (int r = 0; r < R; ++r)
         for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(q + r * ldg + 4 * kPackQuantBytes + line * 64), _MM_HINT_T0);
+    } else {  // this block's share of the next weights
+      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
+    }
     for (int step = 0; step < kQ8Block / 4; ++step) {
       __m512i wv[R];
       for (int r = 0; r < R; ++r) wv[r] = _mm512_load_si512(q + r * ldg + step * 64);  // groups start on cache lines
@@ -212,7 +217,7 @@ constexpr auto make_tiles_q8_widened(std::index_sequence<I...>) {
   return std::array<Tile<Q8Rows>, sizeof...(I)>{tile_q8_widened<int(I / kTileN) + 1, int(I % kTileN) + 1>...};
 }
 using TileQ8 = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t, int64_t, int,
-                       float*, int64_t);
+                       float*, int64_t, const uint8_t*, int64_t);
 template <bool Prefetch, size_t... I>
 constexpr auto make_tiles_q8(std::index_sequence<I...>) {
   return std::array<TileQ8, sizeof...(I)>{tile_q8_packed<Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
@@ -247,12 +252,12 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
 }
 
 void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
-                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool stream) {
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch& prefetch) {
   const size_t shape = static_cast<size_t>((ng - 1) * kTileM + mt - 1);
-  if (stream)
-    kTilesQ8<true>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy);
+  if (prefetch.stream)
+    kTilesQ8<true>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, nullptr, 0);
   else
-    kTilesQ8<false>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy);
+    kTilesQ8<false>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, prefetch.next, prefetch.next_bytes);
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {

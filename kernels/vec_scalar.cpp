@@ -53,7 +53,7 @@ void gemm_q8_0_widened(const float* x, int64_t ldx, int mt, const BlockQ8_0* w, 
 
 // Walks the packed layout (q8_packed.hpp) one output at a time.
 void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
-                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, bool) {
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch&) {
   const int64_t ldd = ldx / kQ8Block;
   for (int i = 0; i < mt; ++i)
     for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {

@@ -171,14 +171,18 @@ TEST_CASE("Q8_0 activation quantization and packed integer tiles match the refer
       const PackedQ8 packed = pack_q8_0(w, n, k);
       for (int mt = 1; mt <= kTileM; ++mt)
         for (int ng = 1; ng <= kPackTileGroups; ++ng)
-          for (bool stream : {false, true}) {
-            INFO("mt " << mt << " groups " << ng << " stream " << stream);
+          for (int mode = 0; mode < 3; ++mode) {
+            // Prefetching is a hint: nothing, the tile's own weights ahead, or another region.
+            const PackedPrefetch prefetch = mode == 0   ? PackedPrefetch{}
+                                            : mode == 1 ? PackedPrefetch{true}
+                                                        : PackedPrefetch{false, packed.group(0), 3 * 64};
+            INFO("mt " << mt << " groups " << ng << " prefetch mode " << mode);
             const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
             std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
             vk->gemm_q8_packed(xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(), ng, nb, n_rows,
-                               y.data(), n, stream);
+                               y.data(), n, prefetch);
             vec_scalar().gemm_q8_packed(xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(), ng,
-                                        nb, n_rows, same.data(), n, stream);
+                                        nb, n_rows, same.data(), n, prefetch);
             for (int i = 0; i < mt; ++i)
               for (int j = 0; j < n; ++j) {
                 if (j >= n_rows) {  // outside the call's rows: untouched
