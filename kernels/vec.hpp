@@ -97,6 +97,9 @@ struct VecKernels {
   float (*exp_sum)(float* x, int64_t n, float max);
   // out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u: SwiGLU's gate.
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+  // The index of the first largest of x[0..n), n >= 1, as std::max_element gives it; NaNs are
+  // never chosen (all NaN: 0). Greedy sampling's scan of a logits row.
+  int64_t (*argmax)(const float* x, int64_t n);
 };
 
 const VecKernels& vec_scalar();

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "kernels/q8_packed.hpp"
@@ -478,6 +479,22 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Two passes: the largest value (max_ps drops a NaN when its other operand is a number), then
+// the first index holding it.
+int64_t argmax(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);
+  if (i < n) m = _mm512_mask_max_ps(m, tail_mask(n - i), _mm512_maskz_loadu_ps(tail_mask(n - i), x + i), m);
+  const __m512 b = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, x + i), b, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // every value NaN
+}
+
 float exp_sum(float* x, int64_t n, float max) {
   const __m512 vmax = _mm512_set1_ps(max);
   __m512 acc = _mm512_setzero_ps();
@@ -512,7 +529,7 @@ const VecKernels* vec_avx512() {
   static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
-                            attn_accumulate_q8, exp_sum, silu_mul};
+                            attn_accumulate_q8, exp_sum, silu_mul, argmax};
   return &k;
 }
 

@@ -152,6 +152,15 @@ void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p,
       }
 }
 
+int64_t argmax(const float* x, int64_t n) {
+  int64_t best = 0;
+  while (best < n - 1 && std::isnan(x[best])) ++best;
+  if (std::isnan(x[best])) return 0;
+  for (int64_t i = best + 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;
+  return best;
+}
+
 float exp_sum(float* x, int64_t n, float max) {
   float sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - max));
@@ -168,7 +177,7 @@ const VecKernels& vec_scalar() {
   static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
-                            attn_accumulate_q8, exp_sum, silu_mul};
+                            attn_accumulate_q8, exp_sum, silu_mul, argmax};
   return k;
 }
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/vec.hpp"
 #include "runtime/error.hpp"
 #include "runtime/protocol.hpp"
 
@@ -65,7 +66,7 @@ TokenId Sampler::sample(const SamplingParams& p, std::span<const float> logits, 
 
   if (p.temperature == 0.0f) {  // greedy: the first maximum, as argmax does
     if (recent_.empty())  // the common case, a plain scan (it runs once per token per sequence)
-      return static_cast<TokenId>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      return static_cast<TokenId>(vec_best().argmax(logits.data(), n_vocab));
     TokenId best = 0;
     float best_l = logit(0);
     for (TokenId i = 1; i < n_vocab; ++i) {

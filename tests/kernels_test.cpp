@@ -241,6 +241,35 @@ TEST_CASE("row conversions, exp_sum and silu_mul match the reference", "[kernels
   }
 }
 
+TEST_CASE("argmax finds the first largest value and never a NaN", "[kernels]") {
+  std::mt19937 rng(21);
+  for (const VecKernels* vk : kernel_sets()) {
+    for (int64_t n : {1, 2, 15, 16, 17, 31, 33, 100, 32000}) {
+      INFO(vk->name << " n=" << n);
+      // Few distinct values, so the largest one repeats and only the first occurrence is right.
+      std::vector<float> x(n);
+      for (float& v : x) v = static_cast<float>(static_cast<int>(rng() % 7)) - 3.0f;
+      REQUIRE(vk->argmax(x.data(), n) == std::max_element(x.begin(), x.end()) - x.begin());
+      const int64_t last = n - 1;  // a new maximum in the tail
+      x[last] = 10.0f;
+      REQUIRE(vk->argmax(x.data(), n) == last);
+      x[0] = 10.0f;  // tied with the tail: the first wins
+      REQUIRE(vk->argmax(x.data(), n) == 0);
+      // NaNs, anywhere (first included), are passed over.
+      x.assign(n, -1.0f);
+      for (int64_t i = 0; i < n; i += 3) x[i] = std::nanf("");
+      if (n > 1) {
+        x[n / 2 + (n / 2 % 3 == 0)] = 5.0f;
+        REQUIRE(vk->argmax(x.data(), n) == n / 2 + (n / 2 % 3 == 0));
+      }
+      x.assign(n, -std::numeric_limits<float>::infinity());
+      REQUIRE(vk->argmax(x.data(), n) == 0);
+      x.assign(n, std::nanf(""));
+      REQUIRE(vk->argmax(x.data(), n) == 0);
+    }
+  }
+}
+
 TEST_CASE("exp_sum stays finite and exact at the range limits", "[kernels]") {
   for (const VecKernels* vk : kernel_sets()) {
     std::vector<float> v{0.0f, -50.0f, -87.0f, -200.0f, -1e30f, 0.5f, -0.5f, -10.0f, 0.0f, 0.0f, 0.0f, 0.0f,
