@@ -18,9 +18,6 @@ constexpr int64_t kSmallM = 16;
 // from 8 rows on, the tiles of a pair hide the next pair's fetch better (measured on the 134M
 // model's matrices: 5-10% faster from 9 to 15 rows, even at 8).
 constexpr int64_t kStreamRowsQ8 = 8;
-// Packed Q8_0 with more rows: chunks of consecutive weight pairs handed out per thread. More
-// chunks balance the threads better; each chunk's first pair comes without prefetching.
-constexpr int64_t kChunksPerThread = 2;
 
 // One packed matrix and where its product goes.
 struct PackedProduct {
@@ -48,52 +45,50 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
   });
 
   // The unit of work is a pair of weight groups (one tile's worth of weight rows), which meets
-  // every tile of activation rows in turn. Few rows (M < 8) stream one contiguous run of pairs
-  // per thread, prefetching each pair's own blocks just ahead (see matmul). With more rows the
-  // tiles of a pair are compute-bound, and meanwhile they fetch the pair that follows in the
-  // thread's chunk into L2, each tile a share of it; short chunks still balance the threads.
+  // every tile of activation rows in turn. Each thread walks its own run of consecutive pairs
+  // (ThreadPool::parallel_runs). Few rows (M < 8): each pair is used once or twice, so the
+  // tiles fetch their own weights just ahead (the run streams from memory). More rows: a
+  // pair's tiles are compute-bound, and meanwhile they fetch the pair the thread takes next
+  // into L2, each tile a share of it, so the next pair's first tile does not wait on memory.
   const bool stream = M < kStreamRowsQ8;
   const int64_t n_tiles = (M + kTileM - 1) / kTileM;
   auto n_pairs_of = [](const PackedQ8& w) { return (w.groups() + kPackTileGroups - 1) / kPackTileGroups; };
   int64_t n_pairs = 0;
   for (const PackedProduct& p : products) n_pairs += n_pairs_of(*p.w);
-  const int64_t chunks = stream ? pool.size() : pool.size() * kChunksPerThread;
-  const int64_t grain = (n_pairs + chunks - 1) / chunks;
-  pool.parallel_for(n_pairs, grain, [&](int64_t q0, int64_t q1, int) {
-    size_t i = 0;       // the product pair q0 belongs to,
-    int64_t first = 0;  // and the index of that product's first pair
-    while (q0 - first >= n_pairs_of(*products[i].w)) first += n_pairs_of(*products[i++].w);
-    int64_t g0 = (q0 - first) * kPackTileGroups;
-    for (int64_t q = q0; q < q1; ++q) {
-      const PackedQ8& w = *products[i].w;
-      const int64_t N = w.rows, G = w.groups();
-      const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, G - g0));
-      const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
-      // The next pair: later in this matrix, or the first of the next product's.
-      size_t next_i = i;
-      int64_t next_g0 = g0 + ng;
-      if (next_g0 >= G) next_i = i + 1, next_g0 = 0;
-      const uint8_t* next = nullptr;
-      int64_t next_bytes = 0;
-      if (!stream && q + 1 < q1) {
-        const PackedQ8& nw = *products[next_i].w;
-        next = nw.group(next_g0);
-        next_bytes = std::min<int64_t>(kPackTileGroups, nw.groups() - next_g0) * nw.group_bytes();
+  // Pair q of the list: its product and first group.
+  auto locate = [&](int64_t q, size_t& i, int64_t& g0) {
+    for (i = 0; q >= n_pairs_of(*products[i].w); ++i) q -= n_pairs_of(*products[i].w);
+    g0 = q * kPackTileGroups;
+  };
+  pool.parallel_runs(n_pairs, [&](int64_t q, int, int64_t next_q) {
+    size_t i;
+    int64_t g0;
+    locate(q, i, g0);
+    const PackedQ8& w = *products[i].w;
+    const int64_t N = w.rows;
+    const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, w.groups() - g0));
+    const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
+    const uint8_t* next = nullptr;
+    int64_t next_bytes = 0;
+    if (!stream && next_q >= 0) {
+      size_t ni;
+      int64_t ng0;
+      locate(next_q, ni, ng0);
+      const PackedQ8& nw = *products[ni].w;
+      next = nw.group(ng0);
+      next_bytes = std::min<int64_t>(kPackTileGroups, nw.groups() - ng0) * nw.group_bytes();
+    }
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t m0 = t * kTileM;
+      const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+      PackedPrefetch prefetch{stream};
+      if (next) {  // this tile's share of the next pair, in whole cache lines
+        const int64_t from = next_bytes * t / n_tiles / 64 * 64, to = next_bytes * (t + 1) / n_tiles / 64 * 64;
+        prefetch.next = next + from;
+        prefetch.next_bytes = to - from;
       }
-      for (int64_t t = 0; t < n_tiles; ++t) {
-        const int64_t m0 = t * kTileM;
-        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-        PackedPrefetch prefetch{stream};
-        if (next) {  // this tile's share of the next pair, in whole cache lines
-          const int64_t from = next_bytes * t / n_tiles / 64 * 64, to = next_bytes * (t + 1) / n_tiles / 64 * 64;
-          prefetch.next = next + from;
-          prefetch.next_bytes = to - from;
-        }
-        vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
-                          products[i].y + m0 * N + g0 * kPackRows, N, prefetch);
-      }
-      i = next_i;
-      g0 = next_g0;
+      vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
+                        products[i].y + m0 * N + g0 * kPackRows, N, prefetch);
     }
   });
 }

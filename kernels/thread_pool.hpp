@@ -7,6 +7,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -26,6 +27,26 @@ class ThreadPool {
   template <typename F>
   void run(F&& fn) {
     run_impl(&fn, [](void* ctx, int thread) { (*static_cast<F*>(ctx))(thread); });
+  }
+
+  // [0, n) as one contiguous run per thread, walked front to back: fn(i, thread, next) where
+  // `next` is the index this thread expects to take after i (-1 if none), so that fn can fetch
+  // its data ahead. A thread done with its run takes what is left of the others' runs, one
+  // index at a time from their ends (then `next` is -1): the threads stay balanced to one item
+  // while each still walks memory in order. n < 2^31. No allocation.
+  template <typename F>
+  void parallel_runs(int64_t n, F&& fn) {
+    if (n <= 0) return;
+    if (n_threads_ == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i, 0, i + 1 < n ? i + 1 : int64_t{-1});
+      return;
+    }
+    for (int t = 0; t < n_threads_; ++t) runs_[t].bounds.store(pack(n * t / n_threads_, n * (t + 1) / n_threads_));
+    run([&](int thread) {
+      for (int64_t i; (i = take_front(thread)) >= 0;) fn(i, thread, peek_front(thread));
+      for (int k = 1; k < n_threads_; ++k)
+        for (int64_t i; (i = take_back((thread + k) % n_threads_)) >= 0;) fn(i, thread, int64_t{-1});
+    });
   }
 
   // Splits [0, n) into chunks of `grain` handed out dynamically; calls fn(begin, end, thread).
@@ -48,6 +69,33 @@ class ThreadPool {
   }
 
  private:
+  // A thread's run for parallel_runs: [front, back) packed in one word, so that its owner taking
+  // the front and another thread taking the back can never both take the last item.
+  struct alignas(64) Run {
+    std::atomic<uint64_t> bounds{0};
+  };
+  static uint64_t pack(int64_t front, int64_t back) { return static_cast<uint64_t>(back) << 32 | static_cast<uint64_t>(front); }
+  int64_t take_front(int t) {
+    uint64_t b = runs_[t].bounds.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = static_cast<int64_t>(b & 0xffffffffu), back = static_cast<int64_t>(b >> 32);
+      if (front >= back) return -1;
+      if (runs_[t].bounds.compare_exchange_weak(b, pack(front + 1, back), std::memory_order_relaxed)) return front;
+    }
+  }
+  int64_t take_back(int t) {
+    uint64_t b = runs_[t].bounds.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t front = static_cast<int64_t>(b & 0xffffffffu), back = static_cast<int64_t>(b >> 32);
+      if (front >= back) return -1;
+      if (runs_[t].bounds.compare_exchange_weak(b, pack(front, back - 1), std::memory_order_relaxed)) return back - 1;
+    }
+  }
+  int64_t peek_front(int t) const {
+    const uint64_t b = runs_[t].bounds.load(std::memory_order_relaxed);
+    return (b & 0xffffffffu) < (b >> 32) ? static_cast<int64_t>(b & 0xffffffffu) : -1;
+  }
+
   using Trampoline = void (*)(void*, int);
   void run_impl(void* ctx, Trampoline call);
   void worker(int index);
@@ -63,6 +111,7 @@ class ThreadPool {
   Trampoline job_call_ = nullptr;
   std::mutex mutex_;
   std::condition_variable wake_;
+  std::unique_ptr<Run[]> runs_;  // one per thread
 };
 
 }  // namespace celer

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -531,4 +532,30 @@ TEST_CASE("the thread pool runs every index exactly once, many times over", "[ke
   std::atomic<int> threads_seen{0};
   pool.run([&](int) { threads_seen.fetch_add(1); });
   CHECK(threads_seen.load() == 3);
+}
+
+TEST_CASE("parallel_runs takes every index once, each thread in order, with a true next hint", "[kernels]") {
+  for (int n_threads : {1, 2, 3}) {
+    ThreadPool pool(n_threads);
+    for (int64_t n : {1, 2, 5, 64, 1001}) {
+      INFO(n_threads << " threads, n=" << n);
+      for (int round = 0; round < 50; ++round) {
+        std::vector<std::atomic<int>> hits(n);
+        std::vector<std::vector<std::pair<int64_t, int64_t>>> seen(n_threads);  // (i, next) per thread
+        for (auto& v : seen) v.reserve(n);
+        pool.parallel_runs(n, [&](int64_t i, int thread, int64_t next) {
+          hits[i].fetch_add(1);
+          seen[thread].push_back({i, next});
+        });
+        for (auto& h : hits) REQUIRE(h.load() == 1);
+        // A thread's own run comes in order; a hint names the index right after (which the
+        // thread takes next unless another thread took it first).
+        for (const auto& v : seen)
+          for (const auto& [i, next] : v)
+            if (next >= 0) REQUIRE(next == i + 1);
+        if (n_threads == 1)
+          for (size_t k = 0; k < seen[0].size(); ++k) REQUIRE(seen[0][k].first == static_cast<int64_t>(k));
+      }
+    }
+  }
 }
