@@ -45,11 +45,12 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
   });
 
   // The unit of work is a pair of weight groups (one tile's worth of weight rows), which meets
-  // every tile of activation rows in turn. Each thread walks its own run of consecutive pairs
-  // (ThreadPool::parallel_runs). Few rows (M < 8): each pair is used once or twice, so the
-  // tiles fetch their own weights just ahead (the run streams from memory). More rows: a
-  // pair's tiles are compute-bound, and meanwhile they fetch the pair the thread takes next
-  // into L2, each tile a share of it, so the next pair's first tile does not wait on memory.
+  // every tile of activation rows in turn, and each thread walks a run of consecutive pairs.
+  // Few rows (M < 8): each pair is used once or twice, so the tiles fetch their own weights
+  // just ahead (the run streams from memory). More rows: a pair's tiles are compute-bound, and
+  // meanwhile they fetch the pair the thread takes next into L2, each tile a share of it, so
+  // the next pair's first tile does not wait on memory (ThreadPool::parallel_runs: the runs
+  // stay in order, and idle threads take over the ends of unfinished ones).
   const bool stream = M < kStreamRowsQ8;
   const int64_t n_tiles = (M + kTileM - 1) / kTileM;
   auto n_pairs_of = [](const PackedQ8& w) { return (w.groups() + kPackTileGroups - 1) / kPackTileGroups; };
@@ -60,7 +61,7 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
     for (i = 0; q >= n_pairs_of(*products[i].w); ++i) q -= n_pairs_of(*products[i].w);
     g0 = q * kPackTileGroups;
   };
-  pool.parallel_runs(n_pairs, [&](int64_t q, int, int64_t next_q) {
+  auto pair = [&](int64_t q, int64_t next_q) {
     size_t i;
     int64_t g0;
     locate(q, i, g0);
@@ -90,7 +91,14 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
       vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
                         products[i].y + m0 * N + g0 * kPackRows, N, prefetch);
     }
-  });
+  };
+  if (stream) {  // a run per thread, as in matmul's decode plan: nothing to fetch ahead
+    pool.parallel_for(n_pairs, (n_pairs + pool.size() - 1) / pool.size(), [&](int64_t q0, int64_t q1, int) {
+      for (int64_t q = q0; q < q1; ++q) pair(q, -1);
+    });
+    return;
+  }
+  pool.parallel_runs(n_pairs, [&](int64_t q, int, int64_t next_q) { pair(q, next_q); });
 }
 
 }  // namespace
