@@ -6,6 +6,7 @@
 #include <array>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/q8_packed.hpp"
@@ -321,6 +322,19 @@ inline __m512 load16(const uint16_t* p) { return load_f16(p); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 m) { return load_f16_mask(p, m); }
 
+// Calls f(std::integral_constant<int, NQ>) for nq queries, 1 <= nq <= kAttnRows: the attention
+// kernels are compiled per query count, so each keeps its accumulators in registers.
+template <typename F>
+void with_query_count(int nq, F&& f) {
+  static_assert(kAttnRows == 4);
+  switch (nq) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // NQ queries against one K block: four partial sums per query over the dimensions (d mod 4),
 // each K row loaded once for all queries. A query's arithmetic does not depend on NQ.
 template <int NQ, typename T>
@@ -345,12 +359,7 @@ void scores_n(const T* kt, const float* const* q, int hd, float scale, float* co
 
 template <typename T>
 void attn_scores(const T* kt, const float* const* q, int nq, int hd, float scale, float* const* s) {
-  switch (nq) {
-    case 1: scores_n<1, T>(kt, q, hd, scale, s); break;
-    case 2: scores_n<2, T>(kt, q, hd, scale, s); break;
-    case 3: scores_n<3, T>(kt, q, hd, scale, s); break;
-    default: scores_n<4, T>(kt, q, hd, scale, s); break;
-  }
+  with_query_count(nq, [&](auto n) { scores_n<n(), T>(kt, q, hd, scale, s); });
 }
 
 // NQ queries' weighted sums of one V block: 32 dimensions at a time in registers, even and odd
@@ -383,12 +392,7 @@ void accumulate_n(const T* v, const float* const* p, int hd, int n_slots, float*
 
 template <typename T>
 void attn_accumulate(const T* v, const float* const* p, int nq, int hd, int n_slots, float* const* out) {
-  switch (nq) {
-    case 1: accumulate_n<1, T>(v, p, hd, n_slots, out); break;
-    case 2: accumulate_n<2, T>(v, p, hd, n_slots, out); break;
-    case 3: accumulate_n<3, T>(v, p, hd, n_slots, out); break;
-    default: accumulate_n<4, T>(v, p, hd, n_slots, out); break;
-  }
+  with_query_count(nq, [&](auto n) { accumulate_n<n(), T>(v, p, hd, n_slots, out); });
 }
 
 inline __m512 load16_i8(const int8_t* p) {
@@ -417,12 +421,7 @@ void scores_q8_n(const int8_t* kt, const float* kd, const float* const* q, int h
 
 void attn_scores_q8(const int8_t* kt, const float* kd, const float* const* q, int nq, int hd, float scale,
                     float* const* s) {
-  switch (nq) {
-    case 1: scores_q8_n<1>(kt, kd, q, hd, scale, s); break;
-    case 2: scores_q8_n<2>(kt, kd, q, hd, scale, s); break;
-    case 3: scores_q8_n<3>(kt, kd, q, hd, scale, s); break;
-    default: scores_q8_n<4>(kt, kd, q, hd, scale, s); break;
-  }
+  with_query_count(nq, [&](auto n) { scores_q8_n<n()>(kt, kd, q, hd, scale, s); });
 }
 
 // Q8_0 KV: a slot's run of 32 values meets the query's weight times the run's scale.
@@ -453,12 +452,7 @@ void accumulate_q8_n(const int8_t* v, const float* vd, const float* const* p, in
 
 void attn_accumulate_q8(const int8_t* v, const float* vd, const float* const* p, int nq, int hd, int n_slots,
                         float* const* out) {
-  switch (nq) {
-    case 1: accumulate_q8_n<1>(v, vd, p, hd, n_slots, out); break;
-    case 2: accumulate_q8_n<2>(v, vd, p, hd, n_slots, out); break;
-    case 3: accumulate_q8_n<3>(v, vd, p, hd, n_slots, out); break;
-    default: accumulate_q8_n<4>(v, vd, p, hd, n_slots, out); break;
-  }
+  with_query_count(nq, [&](auto n) { accumulate_q8_n<n()>(v, vd, p, hd, n_slots, out); });
 }
 
 // exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6
