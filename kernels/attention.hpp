@@ -15,6 +15,11 @@ constexpr int kKvBlock = 16;
 // Largest head size the kernels take (real models use 64-256); models with more are refused.
 constexpr int kMaxHeadDim = 512;
 
+// Bytes of one KV element of a cache of this type (f32, f16 or q8_0; q8_0's scales apart).
+constexpr int64_t kv_element_bytes(TensorType type) {
+  return type == TensorType::f16 ? 2 : type == TensorType::q8_0 ? 1 : 4;
+}
+
 // One layer's KV memory for n_kv_heads heads of head_dim:
 //   K: [n_blocks, n_kv_heads, head_dim, kKvBlock]  (transposed: a dimension's 16 slots contiguous)
 //   V: [n_blocks, n_kv_heads, kKvBlock, head_dim]  (a slot's vector contiguous)
@@ -37,7 +42,7 @@ struct KvLayerView {
   int64_t block_offset(int32_t block, int kv_head) const {  // in elements
     return (static_cast<int64_t>(block) * n_kv_heads + kv_head) * kKvBlock * head_dim;
   }
-  int64_t element_bytes() const { return type == TensorType::f16 ? 2 : type == TensorType::q8_0 ? 1 : 4; }
+  int64_t element_bytes() const { return kv_element_bytes(type); }
   // The view does not own the memory; like the pointers, the blocks it finds are writable.
   uint8_t* k_block(int32_t block, int kv_head) const {
     return static_cast<uint8_t*>(k) + block_offset(block, kv_head) * element_bytes();

@@ -14,7 +14,7 @@ KvCache::KvCache(int n_layer, int n_kv_heads, int head_dim, int32_t n_blocks, Te
     throw Error(ErrorCode::unsupported, "a q8_0 KV cache needs a head size that is a multiple of 32, not " +
                                             std::to_string(head_dim));
   const size_t values = static_cast<size_t>(n_blocks) * n_kv_heads * kKvBlock * head_dim;  // per tensor
-  const size_t elem = type == TensorType::f16 ? 2 : type == TensorType::q8_0 ? 1 : 4;
+  const size_t elem = static_cast<size_t>(kv_element_bytes(type));
   storage_.assign(values * elem * 2 * n_layer, 0);
   if (type == TensorType::q8_0) scales_.assign(values / kQ8Block * 2 * n_layer, 0.0f);
   layers_.resize(n_layer);

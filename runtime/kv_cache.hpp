@@ -25,8 +25,8 @@ class KvCache {
   // Bytes one block takes across all layers, K and V: what a memory budget divides by.
   static uint64_t block_bytes(int n_layer, int n_kv_heads, int head_dim, TensorType type) {
     const uint64_t values = 2ull * n_layer * n_kv_heads * head_dim * kKvBlock;
-    if (type == TensorType::q8_0) return values + values / 32 * sizeof(float);  // int8 and a scale per 32
-    return values * (type == TensorType::f16 ? 2 : 4);
+    const uint64_t scales = type == TensorType::q8_0 ? values / kQ8Block * sizeof(float) : 0;  // a scale per 32
+    return values * kv_element_bytes(type) + scales;
   }
 
  private:
