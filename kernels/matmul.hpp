@@ -62,7 +62,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
 
 // y_i = x w_i^T for several matrices with the same input x (Q, K and V; gate and up). Packed
 // Q8_0 matrices with int8 activations (up to 4, the same K) share one quantization of x and
-// one parallel loop over all their panels; anything else runs as one matmul each. The results
+// one parallel loop over all their weight pairs; anything else runs as one matmul each. The results
 // are those of separate matmuls, bit for bit.
 void matmul_shared_input(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch,
                          std::span<const WeightMatrix* const> w, const float* x, int64_t M, std::span<float* const> y,

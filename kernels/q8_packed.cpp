@@ -14,12 +14,10 @@ PackedQ8 pack_q8_0(const BlockQ8_0* w, int64_t rows, int64_t cols) {
   const int64_t nb = p.blocks();
   p.data.assign(static_cast<size_t>(p.groups() * p.group_bytes()), 0);
   for (int64_t g = 0; g < p.groups(); ++g) {
-    uint8_t* quants = p.data.data() + g * p.group_bytes();
-    uint8_t* scales = quants + nb * kPackQuantBytes;
+    uint8_t* group = p.data.data() + g * p.group_bytes();
     for (int r = 0; r < kPackRows; ++r) {
       const int64_t row = g * kPackRows + r;
       for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* qb = quants + b * kPackQuantBytes;
         uint16_t d = 0;
         int8_t q[kQ8Block] = {};
         if (row < rows) {
@@ -27,10 +25,9 @@ PackedQ8 pack_q8_0(const BlockQ8_0* w, int64_t rows, int64_t cols) {
           d = blk.d;
           std::memcpy(q, blk.qs, kQ8Block);
         }
-        for (int s = 0; s < kQ8Block / 4; ++s)
-          for (int i = 0; i < 4; ++i)
-            qb[(s * kPackRows + r) * 4 + i] = static_cast<uint8_t>(std::max(-127, static_cast<int>(q[4 * s + i])) + 128);
-        std::memcpy(scales + (b * kPackRows + r) * 2, &d, 2);
+        for (int e = 0; e < kQ8Block; ++e)
+          group[packed_quant_offset(b, r, e)] = static_cast<uint8_t>(std::max(-127, static_cast<int>(q[e])) + 128);
+        std::memcpy(group + packed_scale_offset(nb, b, r), &d, 2);
       }
     }
   }
@@ -38,13 +35,12 @@ PackedQ8 pack_q8_0(const BlockQ8_0* w, int64_t rows, int64_t cols) {
 }
 
 float packed_q8_value(const PackedQ8& p, int64_t row, int64_t col) {
-  const uint8_t* quants = p.group(row / kPackRows);
+  const uint8_t* group = p.group(row / kPackRows);
   const int r = static_cast<int>(row % kPackRows);
   const int64_t b = col / kQ8Block;
-  const int e = static_cast<int>(col % kQ8Block);
-  const int q = int{quants[b * kPackQuantBytes + ((e / 4) * kPackRows + r) * 4 + e % 4]} - 128;
+  const int q = int{group[packed_quant_offset(b, r, static_cast<int>(col % kQ8Block))]} - 128;
   uint16_t d;
-  std::memcpy(&d, quants + p.blocks() * kPackQuantBytes + (b * kPackRows + r) * 2, 2);
+  std::memcpy(&d, group + packed_scale_offset(p.blocks(), b, r), 2);
   return fp16_to_f32(d) * static_cast<float>(q);
 }
 

@@ -29,6 +29,15 @@ constexpr int kPackRows = 16;                                   // weight rows p
 constexpr int64_t kPackQuantBytes = int64_t{kPackRows} * kQ8Block;  // one block's quants in a group
 constexpr int64_t kPackScaleBytes = int64_t{kPackRows} * 2;         // one block's scales in a group
 
+// Byte offsets inside a group: the quant of row r (of the group's 16) at column e of block b,
+// and that row's scale for block b (after the nb blocks of quants).
+constexpr int64_t packed_quant_offset(int64_t b, int r, int e) {
+  return b * kPackQuantBytes + ((e / 4) * kPackRows + r) * 4 + e % 4;
+}
+constexpr int64_t packed_scale_offset(int64_t nb, int64_t b, int r) {
+  return nb * kPackQuantBytes + (b * kPackRows + r) * 2;
+}
+
 struct PackedQ8 {
   int64_t rows = 0;  // of the original matrix
   int64_t cols = 0;  // a multiple of 32

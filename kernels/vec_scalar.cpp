@@ -57,16 +57,15 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
   const int64_t ldd = ldx / kQ8Block;
   for (int i = 0; i < mt; ++i)
     for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
-      const uint8_t* quants = w + (r / kPackRows) * ldg;
-      const uint8_t* scales = quants + nb * kPackQuantBytes;
+      const uint8_t* group = w + (r / kPackRows) * ldg;
       const int lane = r % kPackRows;
       float f = 0;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t s = xb[i * ldd + b];
         for (int e = 0; e < kQ8Block; ++e)
-          s += int32_t{quants[b * kPackQuantBytes + ((e / 4) * kPackRows + lane) * 4 + e % 4]} * xq[i * ldx + b * kQ8Block + e];
+          s += int32_t{group[packed_quant_offset(b, lane, e)]} * xq[i * ldx + b * kQ8Block + e];
         uint16_t d;
-        std::memcpy(&d, scales + (b * kPackRows + lane) * 2, 2);
+        std::memcpy(&d, group + packed_scale_offset(nb, b, lane), 2);
         f = std::fma(static_cast<float>(s), fp16_to_f32(d) * xd[i * ldd + b], f);
       }
       y[i * ldy + r] = f;
