@@ -85,7 +85,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   logit_rows_.reserve(opt_.max_seqs);
   scores_.resize(opt_.n_threads);
   scores_stride_ = (opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock;
-  for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnRows) * scores_stride_);
+  for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnHeads) * kAttnRows * scores_stride_);
   tasks_.reserve(T);
   const int64_t max_cols = std::max<int64_t>({c.n_embd, n_ff, int64_t(q_dim)});
   mm_.reserve(opt_.n_threads, T, max_cols);
@@ -229,7 +229,8 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
       }
   });
 
-  // Runs of up to kAttnRows consecutive tokens of one sequence attend together, head by head.
+  // Runs of up to kAttnRows consecutive tokens of one sequence attend together, kAttnHeads heads
+  // at a time.
   // tasks_ lists the runs: (first token row, count).
   tasks_.clear();
   for (int64_t t = 0; t < T;) {
@@ -240,15 +241,17 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = n_head / n_head_kv;
-  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * n_head;
-  pool_.parallel_for(n_tasks, 2, [&](int64_t i0, int64_t i1, int thread) {
+  // A task: one run and up to kAttnHeads consecutive query heads, walked block by block.
+  const int64_t head_groups = (n_head + kAttnHeads - 1) / kAttnHeads;
+  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * head_groups;
+  pool_.parallel_for(n_tasks, 1, [&](int64_t i0, int64_t i1, int thread) {
     for (int64_t i = i0; i < i1; ++i) {
-      const AttentionRun& run = tasks_[i / n_head];
-      const int h = static_cast<int>(i % n_head);
+      const AttentionRun& run = tasks_[i / head_groups];
+      const int h0 = static_cast<int>(i % head_groups) * kAttnHeads;
       const SequenceInput& in = batch[tok_seq_[run.first]];
-      attend(vk_, q_.data() + run.first * q_dim + h * hd, q_dim, run.count, kv, h / group, in.block_table.data(),
-             tok_pos_[run.first] + 1, scale, scores_[thread].data(), scores_stride_,
-             att_.data() + run.first * q_dim + h * hd, q_dim);
+      attend(vk_, q_.data() + run.first * q_dim + h0 * hd, q_dim, run.count, kv, h0, std::min(kAttnHeads, n_head - h0),
+             group, in.block_table.data(), tok_pos_[run.first] + 1, scale, scores_[thread].data(), scores_stride_,
+             att_.data() + run.first * q_dim + h0 * hd, q_dim);
     }
   });
 }

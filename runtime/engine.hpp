@@ -96,7 +96,7 @@ class Engine {
   AlignedVector<float> x_, xn_, q_, k_, v_, att_, tmp_, gate_, up_, cos_sin_;
   std::vector<int32_t> tok_seq_, tok_pos_;  // which sequence and position each token is
   std::vector<int32_t> logit_rows_;         // token rows whose logits are wanted
-  std::vector<AlignedVector<float>> scores_;  // per thread: [kAttnRows, scores_stride_]
+  std::vector<AlignedVector<float>> scores_;  // per thread: [kAttnHeads * kAttnRows, scores_stride_]
   int64_t scores_stride_ = 0;                 // max_context rounded up to a block
   struct AttentionRun {
     int32_t first;  // token row

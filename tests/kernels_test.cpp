@@ -454,17 +454,25 @@ TEST_CASE("paged attention matches the reference across scattered blocks, f32 an
         for (int32_t n_ctx : {1, 15, 16, 17, 40, 77}) {
           INFO(vk->name << " " << to_string(type) << " hd=" << hd << " n_ctx=" << n_ctx);
           // kAttnRows consecutive queries at positions n_ctx - 1, n_ctx, ...
-          const auto q = random_vector(rng, kAttnRows * hd, 2.0f);
+          // kAttnHeads query heads sharing the 2 KV heads (group 2: heads 0, 1 read KV head 0;
+          // 2, 3 read KV head 1), all attended in one call.
+          const int group = kAttnHeads / n_kv;
+          const int64_t q_dim = int64_t{kAttnHeads} * hd;
+          const auto q = random_vector(rng, kAttnRows * q_dim, 2.0f);
           const int64_t stride = 80;
-          std::vector<float> scores(kAttnRows * stride), out(kAttnRows * hd), ref(hd), alone(hd);
-          attend(*vk, q.data(), hd, kAttnRows, kv, 1, table.data(), n_ctx, 0.2f, scores.data(), stride, out.data(), hd);
-          for (int i = 0; i < kAttnRows; ++i) {
-            attend_reference(q.data() + i * hd, kv, 1, table.data(), n_ctx + i, 0.2f, ref.data());
-            for (int d = 0; d < hd; ++d) CHECK(out[i * hd + d] == Approx(ref[d]).margin(1e-5));
-            // The same query attended alone gives the same bits.
-            attend(*vk, q.data() + i * hd, hd, 1, kv, 1, table.data(), n_ctx + i, 0.2f, scores.data(), stride, alone.data(), hd);
-            for (int d = 0; d < hd; ++d) REQUIRE(alone[d] == out[i * hd + d]);
-          }
+          std::vector<float> scores(kAttnHeads * kAttnRows * stride), out(kAttnRows * q_dim), ref(hd), alone(hd);
+          attend(*vk, q.data(), q_dim, kAttnRows, kv, 0, kAttnHeads, group, table.data(), n_ctx, 0.2f, scores.data(),
+                 stride, out.data(), q_dim);
+          for (int j = 0; j < kAttnHeads; ++j)
+            for (int i = 0; i < kAttnRows; ++i) {
+              const float* got = out.data() + i * q_dim + j * hd;
+              attend_reference(q.data() + i * q_dim + j * hd, kv, j / group, table.data(), n_ctx + i, 0.2f, ref.data());
+              for (int d = 0; d < hd; ++d) CHECK(got[d] == Approx(ref[d]).margin(1e-5));
+              // The same query and head attended alone gives the same bits.
+              attend(*vk, q.data() + i * q_dim + j * hd, q_dim, 1, kv, j, 1, group, table.data(), n_ctx + i, 0.2f,
+                     scores.data(), stride, alone.data(), hd);
+              for (int d = 0; d < hd; ++d) REQUIRE(alone[d] == got[d]);
+            }
         }
       }
     }
@@ -516,7 +524,7 @@ TEST_CASE("a slot holding infinities or NaN does not reach a query that may not 
       const auto q = random_vector(rng, hd);
       std::vector<float> scores(kKvBlock), out(hd);
       const int32_t table[] = {0};
-      attend(*vk, q.data(), hd, 1, kv, 0, table, 3, 0.125f, scores.data(), kKvBlock, out.data(), hd);
+      attend(*vk, q.data(), hd, 1, kv, 0, 1, 1, table, 3, 0.125f, scores.data(), kKvBlock, out.data(), hd);
       for (float o : out) REQUIRE(std::isfinite(o));
     }
 }
