@@ -241,15 +241,19 @@ void Engine::attention_layer(int il, std::span<const SequenceInput> batch, int64
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int group = n_head / n_head_kv;
-  // A task: one run and up to kAttnHeads consecutive query heads, walked block by block.
-  const int64_t head_groups = (n_head + kAttnHeads - 1) / kAttnHeads;
-  const int64_t n_tasks = static_cast<int64_t>(tasks_.size()) * head_groups;
+  // A task: one run and up to kAttnHeads consecutive query heads, walked block by block. With
+  // few runs (a single decoding sequence) that would leave too few tasks to share the work
+  // evenly, so then a task is one head.
+  const int64_t n_runs = static_cast<int64_t>(tasks_.size());
+  const int heads_per_task = n_runs * ((n_head + kAttnHeads - 1) / kAttnHeads) >= 4 * pool_.size() ? kAttnHeads : 1;
+  const int64_t head_groups = (n_head + heads_per_task - 1) / heads_per_task;
+  const int64_t n_tasks = n_runs * head_groups;
   pool_.parallel_for(n_tasks, 1, [&](int64_t i0, int64_t i1, int thread) {
     for (int64_t i = i0; i < i1; ++i) {
       const AttentionRun& run = tasks_[i / head_groups];
-      const int h0 = static_cast<int>(i % head_groups) * kAttnHeads;
+      const int h0 = static_cast<int>(i % head_groups) * heads_per_task;
       const SequenceInput& in = batch[tok_seq_[run.first]];
-      attend(vk_, q_.data() + run.first * q_dim + h0 * hd, q_dim, run.count, kv, h0, std::min(kAttnHeads, n_head - h0),
+      attend(vk_, q_.data() + run.first * q_dim + h0 * hd, q_dim, run.count, kv, h0, std::min(heads_per_task, n_head - h0),
              group, in.block_table.data(), tok_pos_[run.first] + 1, scale, scores_[thread].data(), scores_stride_,
              att_.data() + run.first * q_dim + h0 * hd, q_dim);
     }
