@@ -58,29 +58,59 @@ const json* field(const json& body, const char* name) {
   return &*it;
 }
 
-int64_t get_int(const json& v, const std::string& param, int64_t lo, int64_t hi) {
+// A bound as docs/http.md writes it: 2, not 2.0.
+std::string bound_text(double d) {
+  return std::trunc(d) == d && std::abs(d) < 1e15 ? std::to_string(static_cast<int64_t>(d)) : dump(json(d));
+}
+
+// `range` is said as docs/http.md says it ("an integer in 1..16"); the value is shown as parsed
+// (17, 1e+23: nlohmann keeps no text of a number).
+[[noreturn]] void out_of_range(const std::string& param, const std::string& name, const std::string& range,
+                               const json& v) {
+  fail(param, "'" + name + "' is out of range: it must be " + range + ", got " + dump(v));
+}
+
+// An integer in [lo, hi], named `name` in the message (default: param). A whole number written as
+// a float (16.0, 1e3) is an integer; a fraction is not. A value past 64 bits arrives from nlohmann
+// as a uint64 or a float (1e+23): out of range like any other, not "not an integer".
+int64_t get_int(const json& v, const std::string& param, int64_t lo, int64_t hi, const std::string& name = {}) {
+  const std::string& shown = name.empty() ? param : name;
+  const std::string range = "an integer in " + std::to_string(lo) + ".." + std::to_string(hi);
+  if (!v.is_number()) fail(param, "'" + shown + "' must be an integer, not " + type_name(v));
   int64_t x = 0;
-  if (v.is_number_integer()) {
-    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-      fail(param, "'" + param + "' is out of range");
+  if (v.is_number_unsigned()) {
+    if (v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      out_of_range(param, shown, range, v);
     x = v.get<int64_t>();
-  } else if (v.is_number_float() && std::isfinite(v.get<double>()) && std::trunc(v.get<double>()) == v.get<double>() &&
-             std::abs(v.get<double>()) < 9e18) {
-    x = static_cast<int64_t>(v.get<double>());  // 16.0 is an integer too
+  } else if (v.is_number_integer()) {
+    x = v.get<int64_t>();
   } else {
-    fail(param, "'" + param + "' must be an integer, not " + type_name(v));
+    const double d = v.get<double>();
+    if (std::trunc(d) != d) fail(param, "'" + shown + "' must be an integer, not " + dump(v));
+    // (-2^63, 2^63): doubles that convert to an int64. -2^63 itself is left out: as a float it is
+    // what a literal just below int64's range (-9223372036854775809) rounds to; the int64 literal
+    // -9223372036854775808 arrives as an integer.
+    if (!(d > -0x1p63 && d < 0x1p63)) out_of_range(param, shown, range, v);
+    x = static_cast<int64_t>(d);
   }
-  if (x < lo || x > hi)
-    fail(param, "'" + param + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) + ", got " +
-                    std::to_string(x));
+  if (x < lo || x > hi) out_of_range(param, shown, range, v);
   return x;
 }
 
-double get_number(const json& v, const std::string& param, double lo, double hi) {
+// A number in [lo, hi], or (lo, hi] when lo_open (written so in the message, as docs/http.md does).
+// Checked as the float the sampler gets: 1e-50 for top_p would be 0 there, so it is out of range.
+float get_float(const json& v, const std::string& param, double lo, double hi, bool lo_open = false) {
   if (!v.is_number()) fail(param, "'" + param + "' must be a number, not " + type_name(v));
-  const double x = v.get<double>();
-  if (!(x >= lo && x <= hi))
-    fail(param, "'" + param + "' must be between " + json(lo).dump() + " and " + json(hi).dump());
+  const float x = static_cast<float>(v.get<double>());
+  if (!((lo_open ? x > lo : x >= lo) && x <= hi)) {
+    // Appended, not "(" + ...: GCC 12 warns falsely (-Wrestrict) on a literal prepended to a string.
+    std::string range = lo_open ? "a number in (" : "a number in ";
+    range += bound_text(lo);
+    range += lo_open ? ", " : "..";
+    range += bound_text(hi);
+    if (lo_open) range += "]";
+    out_of_range(param, param, range, v);
+  }
   return x;
 }
 
@@ -94,13 +124,14 @@ std::string get_string(const json& v, const std::string& param) {
   return v.get<std::string>();
 }
 
-std::vector<TokenId> get_tokens(const json& v, const std::string& param) {
+// `at` is the array's place in the request ("prompt", "prompt[0]"); a bad id's message names its
+// own ("prompt[0][2]"), the error's param stays `param`.
+std::vector<TokenId> get_tokens(const json& v, const std::string& param, const std::string& at) {
   std::vector<TokenId> out;
   out.reserve(v.size());
-  for (const auto& t : v) {
-    if (!t.is_number_integer()) fail(param, "'" + param + "' token arrays must hold integers, not " + type_name(t));
-    out.push_back(static_cast<TokenId>(get_int(t, param, 0, std::numeric_limits<TokenId>::max())));
-  }
+  for (size_t i = 0; i < v.size(); ++i)
+    out.push_back(static_cast<TokenId>(
+        get_int(v[i], param, 0, std::numeric_limits<TokenId>::max(), at + "[" + std::to_string(i) + "]")));
   return out;
 }
 
@@ -114,7 +145,7 @@ void read_prompt(const json& body, ApiRequest& r) {
   if (!p->is_array()) fail("prompt", "'prompt' must be a string, an array of token ids or an array of one string");
   if (p->empty()) fail("prompt", "'prompt' must not be empty");
   if ((*p)[0].is_number()) {
-    r.prompt_tokens = get_tokens(*p, "prompt");
+    r.prompt_tokens = get_tokens(*p, "prompt", "prompt");
     r.prompt_is_tokens = true;
     return;
   }
@@ -125,7 +156,7 @@ void read_prompt(const json& body, ApiRequest& r) {
     r.prompt_text = one.get<std::string>();
   } else if (one.is_array()) {
     if (one.empty()) fail("prompt", "'prompt' must not be empty");
-    r.prompt_tokens = get_tokens(one, "prompt");
+    r.prompt_tokens = get_tokens(one, "prompt", "prompt[0]");
     r.prompt_is_tokens = true;
   } else {
     fail("prompt", "'prompt' must be a string, an array of token ids or an array of one string");
@@ -174,7 +205,8 @@ void read_stop(const json& body, ApiRequest& r) {
     stops.push_back(s->get<std::string>());
   } else if (s->is_array()) {
     if (s->size() > static_cast<size_t>(kMaxStopStrings))
-      fail("stop", "'stop' holds at most " + std::to_string(kMaxStopStrings) + " strings");
+      fail("stop",
+           "'stop' holds at most " + std::to_string(kMaxStopStrings) + " strings, got " + std::to_string(s->size()));
     for (const auto& x : *s) stops.push_back(get_string(x, "stop"));
   } else {
     fail("stop", "'stop' must be a string or an array of strings, not " + std::string(type_name(*s)));
@@ -227,20 +259,17 @@ SamplingParams openai_sampling_defaults() {
 void read_sampling(const json& body, ApiRequest& r) {
   SamplingParams& p = r.generate.sampling;
   p = openai_sampling_defaults();
-  if (const json* v = field(body, "temperature")) p.temperature = static_cast<float>(get_number(*v, "temperature", 0, 2));
-  if (const json* v = field(body, "top_p")) {
-    p.top_p = static_cast<float>(get_number(*v, "top_p", 0, 1));
-    if (p.top_p <= 0) fail("top_p", "'top_p' must be greater than 0");
-  }
-  if (const json* v = field(body, "min_p")) p.min_p = static_cast<float>(get_number(*v, "min_p", 0, 1));
+  if (const json* v = field(body, "temperature")) p.temperature = get_float(*v, "temperature", 0, 2);
+  if (const json* v = field(body, "top_p")) p.top_p = get_float(*v, "top_p", 0, 1, /*lo_open=*/true);
+  if (const json* v = field(body, "min_p")) p.min_p = get_float(*v, "min_p", 0, 1);
   if (const json* v = field(body, "top_k")) {
     // -1 means "off" in vLLM's API; 0 means off in celer's.
     const int64_t k = get_int(*v, "top_k", -1, std::numeric_limits<int32_t>::max());
     p.top_k = k < 0 ? 0 : static_cast<int32_t>(k);
   }
+  // (0, 100]: the sampler takes any finite value > 0; 100 is this API's sanity bound.
   if (const json* v = field(body, "repetition_penalty"))
-    p.repeat_penalty = static_cast<float>(get_number(*v, "repetition_penalty", 0, 100));
-  if (!(p.repeat_penalty > 0)) fail("repetition_penalty", "'repetition_penalty' must be greater than 0");
+    p.repeat_penalty = get_float(*v, "repetition_penalty", 0, 100, /*lo_open=*/true);
   if (const json* v = field(body, "seed")) {
     // OpenAI's seed is a signed 64-bit integer; celer's a uint64: the bits are kept.
     p.seed = static_cast<uint64_t>(get_int(*v, "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));

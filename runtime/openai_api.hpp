@@ -67,7 +67,8 @@ struct ApiRequest {
 };
 
 // Parses and validates a request body. Unknown fields are ignored (clients send many optional
-// ones); a known field of the wrong type or out of range is an ApiError naming it in `param`.
+// ones); a known field of the wrong type or out of range is an ApiError naming it in `param`,
+// whose message states the allowed range as docs/http.md does ("an integer in 1..16").
 std::variant<ApiRequest, ApiError> parse_request(Endpoint endpoint, std::string_view body);
 
 // max_tokens when the request gave none: 16 for completions; for chat, "until the end of the

@@ -148,6 +148,173 @@ TEST_CASE("openai: wrong types and ranges name the field", "[openai]") {
   }
 }
 
+// A value beyond 64 bits is parsed by nlohmann as a float (1e+23) or a uint64: it is out of range,
+// and the message says so with the range, not "must be an integer, not number".
+TEST_CASE("openai: an integer beyond 64 bits is out of range and the message gives the range", "[openai]") {
+  const std::string big = "99999999999999999999999";
+  struct Case {
+    Endpoint endpoint;
+    std::string fields;  // after {"prompt":"x", or {"messages":[...],
+    std::string param;
+    std::string range;
+  };
+  const std::string max_tokens = "1..9223372036854775807", seed = "-9223372036854775808..9223372036854775807";
+  const std::vector<Case> cases = {
+      {Endpoint::completions, R"("max_tokens":)" + big, "max_tokens", max_tokens},
+      {Endpoint::completions, R"("max_tokens":-)" + big, "max_tokens", max_tokens},
+      {Endpoint::chat, R"("max_completion_tokens":)" + big, "max_completion_tokens", max_tokens},
+      {Endpoint::chat, R"("max_completion_tokens":-)" + big, "max_completion_tokens", max_tokens},
+      {Endpoint::completions, R"("seed":)" + big, "seed", seed},
+      {Endpoint::completions, R"("seed":-)" + big, "seed", seed},
+      {Endpoint::completions, R"("seed":18446744073709551615)", "seed", seed},  // a uint64, past int64
+      {Endpoint::completions, R"("seed":9223372036854775808)", "seed", seed},
+      {Endpoint::completions, R"("seed":-9223372036854775809)", "seed", seed},  // a float that rounds to -2^63
+      {Endpoint::completions, R"("n":)" + big, "n", "1..16"},
+      {Endpoint::completions, R"("n":-)" + big, "n", "1..16"},
+      {Endpoint::completions, R"("top_k":)" + big, "top_k", "-1..2147483647"},
+      {Endpoint::completions, R"("top_k":-)" + big, "top_k", "-1..2147483647"},
+      {Endpoint::completions, R"("logprobs":)" + big, "logprobs", "0..20"},
+      {Endpoint::chat, R"("logprobs":true,"top_logprobs":)" + big, "top_logprobs", "0..20"},
+      {Endpoint::chat, R"("logprobs":true,"top_logprobs":-)" + big, "top_logprobs", "0..20"},
+      {Endpoint::completions, R"("priority":)" + big, "priority", "0..2"},
+      {Endpoint::completions, R"("best_of":)" + big, "best_of", "1..16"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.fields);
+    const std::string head =
+        c.endpoint == Endpoint::completions ? R"({"prompt":"x",)" : R"({"messages":[{"role":"user","content":"x"}],)";
+    ApiError e = bad(c.endpoint, head + c.fields + "}");
+    INFO(e.message);
+    CHECK(e.param == c.param);
+    CHECK(e.message.find("'" + c.param + "'") != std::string::npos);
+    CHECK(e.message.find("out of range") != std::string::npos);
+    CHECK(e.message.find(c.range) != std::string::npos);
+    CHECK(e.message.find("must be an integer, not") == std::string::npos);
+  }
+}
+
+TEST_CASE("openai: a token id beyond 64 bits is out of range and the message names the token", "[openai]") {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"([1,99999999999999999999999])", "prompt[1]"},
+      {R"([-99999999999999999999999])", "prompt[0]"},
+      {R"([[1,2,99999999999999999999999]])", "prompt[0][2]"},
+      {R"([[-99999999999999999999999]])", "prompt[0][0]"},
+      {R"([18446744073709551615])", "prompt[0]"},
+      {R"([2147483648])", "prompt[0]"},
+      {R"([-1])", "prompt[0]"}};
+  for (const auto& [prompt, name] : cases) {
+    INFO(prompt);
+    ApiError e = bad(Endpoint::completions, R"({"prompt":)" + prompt + "}");
+    INFO(e.message);
+    CHECK(e.param == "prompt");
+    CHECK(e.message.find("'" + name + "'") != std::string::npos);
+    CHECK(e.message.find("out of range") != std::string::npos);
+    CHECK(e.message.find("0..2147483647") != std::string::npos);
+  }
+  CHECK(ok(Endpoint::completions, R"({"prompt":[0,2147483647]})").prompt_tokens == std::vector<TokenId>{0, 2147483647});
+}
+
+// An integer field takes a whole number however it is written (16, 16.0, 1.6e1), token ids too; a
+// fraction is "must be an integer", with the value.
+TEST_CASE("openai: a fraction is not an integer; a whole number written as a float is", "[openai]") {
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","max_tokens":16.0})").generate.max_tokens == 16);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","n":1.6e1})").n == 16);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","seed":-3.0})").generate.sampling.seed ==
+        static_cast<uint64_t>(int64_t{-3}));
+  CHECK(ok(Endpoint::completions, R"({"prompt":[1.0,2]})").prompt_tokens == std::vector<TokenId>{1, 2});
+  // Past 2^20 a max_tokens is clamped, up to the largest int64 (and a float that rounds below 2^63).
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","max_tokens":9223372036854775807})").generate.max_tokens ==
+        kMaxMaxTokens);
+  CHECK(ok(Endpoint::completions, R"({"prompt":"x","max_tokens":1e18})").generate.max_tokens == kMaxMaxTokens);
+  const std::vector<std::pair<std::string, std::string>> fractions = {
+      {R"("max_tokens":3.5)", "max_tokens"}, {R"("seed":-0.5)", "seed"},        {R"("n":1.5)", "n"},
+      {R"("top_k":2.25)", "top_k"},          {R"("logprobs":1.5)", "logprobs"}, {R"("priority":0.5)", "priority"}};
+  for (const auto& [field, param] : fractions) {
+    INFO(field);
+    ApiError e = bad(Endpoint::completions, R"({"prompt":"x",)" + field + "}");
+    INFO(e.message);
+    CHECK(e.param == param);
+    CHECK(e.message.find("'" + param + "' must be an integer") != std::string::npos);
+    CHECK(e.message.find("out of range") == std::string::npos);
+  }
+  ApiError e = bad(Endpoint::completions, R"({"prompt":"x","max_tokens":3.5})");
+  CHECK(e.message.find("3.5") != std::string::npos);
+  e = bad(Endpoint::completions, R"({"prompt":[1,2.5]})");
+  CHECK(e.message.find("'prompt[1]' must be an integer") != std::string::npos);
+  e = bad(Endpoint::completions, R"({"prompt":"x","n":17.0})");
+  CHECK(e.message.find("out of range") != std::string::npos);
+  CHECK(e.message.find("1..16") != std::string::npos);
+  CHECK(bad(Endpoint::completions, R"({"prompt":"x","max_tokens":"ten"})").message ==
+        "'max_tokens' must be an integer, not string");
+}
+
+// docs/http.md states each range in the same words (a..b closed, (a, b] open below); a change to
+// a range changes both.
+TEST_CASE("openai: each range check's message states the range the code enforces", "[openai]") {
+  struct Case {
+    Endpoint endpoint;
+    std::string fields;
+    std::string param;
+    std::string range;  // as the message (and docs/http.md) states it
+  };
+  const std::vector<Case> cases = {
+      {Endpoint::completions, R"("temperature":2.5)", "temperature", "a number in 0..2"},
+      {Endpoint::completions, R"("temperature":-0.1)", "temperature", "a number in 0..2"},
+      {Endpoint::completions, R"("top_p":0)", "top_p", "a number in (0, 1]"},
+      {Endpoint::completions, R"("top_p":1.5)", "top_p", "a number in (0, 1]"},
+      {Endpoint::completions, R"("top_p":1e-50)", "top_p", "a number in (0, 1]"},  // 0 as a float
+      {Endpoint::completions, R"("min_p":-0.1)", "min_p", "a number in 0..1"},
+      {Endpoint::completions, R"("min_p":1.1)", "min_p", "a number in 0..1"},
+      {Endpoint::completions, R"("repetition_penalty":0)", "repetition_penalty", "a number in (0, 100]"},
+      {Endpoint::completions, R"("repetition_penalty":100.5)", "repetition_penalty", "a number in (0, 100]"},
+      {Endpoint::completions, R"("repetition_penalty":1e-50)", "repetition_penalty", "a number in (0, 100]"},
+      {Endpoint::completions, R"("temperature":1e300)", "temperature", "a number in 0..2"},  // inf as a float
+      {Endpoint::completions, R"("top_k":-2)", "top_k", "an integer in -1..2147483647"},
+      {Endpoint::completions, R"("top_k":2147483648)", "top_k", "an integer in -1..2147483647"},
+      {Endpoint::completions, R"("seed":9223372036854775808)", "seed",
+       "an integer in -9223372036854775808..9223372036854775807"},
+      {Endpoint::completions, R"("n":0)", "n", "an integer in 1..16"},
+      {Endpoint::completions, R"("n":17)", "n", "an integer in 1..16"},
+      {Endpoint::completions, R"("best_of":17)", "best_of", "an integer in 1..16"},
+      {Endpoint::completions, R"("max_tokens":0)", "max_tokens", "an integer in 1..9223372036854775807"},
+      {Endpoint::chat, R"("max_completion_tokens":-1)", "max_completion_tokens",
+       "an integer in 1..9223372036854775807"},
+      {Endpoint::completions, R"("logprobs":21)", "logprobs", "an integer in 0..20"},
+      {Endpoint::completions, R"("logprobs":-1)", "logprobs", "an integer in 0..20"},
+      {Endpoint::chat, R"("logprobs":true,"top_logprobs":21)", "top_logprobs", "an integer in 0..20"},
+      {Endpoint::completions, R"("priority":3)", "priority", "an integer in 0..2"},
+      {Endpoint::completions, R"("priority":-1)", "priority", "an integer in 0..2"},
+      {Endpoint::completions, R"("stop":["a","b","c","d","e","f","g","h","i"])", "stop", "at most 8 strings"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.fields);
+    const std::string head =
+        c.endpoint == Endpoint::completions ? R"({"prompt":"x",)" : R"({"messages":[{"role":"user","content":"x"}],)";
+    ApiError e = bad(c.endpoint, head + c.fields + "}");
+    INFO(e.message);
+    CHECK(e.param == c.param);
+    CHECK(e.message.find("'" + c.param + "'") != std::string::npos);
+    CHECK(e.message.find(c.range) != std::string::npos);
+  }
+  // The bounds themselves are accepted: the stated range is the enforced one.
+  ApiRequest lo =
+      ok(Endpoint::completions, R"({"prompt":"x","temperature":0,"top_p":1e-9,"min_p":0,"repetition_penalty":1e-9,
+      "top_k":-1,"seed":-9223372036854775808,"n":1,"best_of":1,"max_tokens":1,"logprobs":0,"priority":0})");
+  CHECK(lo.generate.sampling.top_k == 0);
+  CHECK(lo.generate.sampling.seed == uint64_t{1} << 63);
+  CHECK(lo.generate.max_tokens == 1);
+  ApiRequest hi =
+      ok(Endpoint::completions, R"({"prompt":"x","temperature":2,"top_p":1,"min_p":1,"repetition_penalty":100,
+      "top_k":2147483647,"seed":9223372036854775807,"n":16,"best_of":16,"max_tokens":9223372036854775807,"logprobs":20,
+      "priority":2,"stop":["a","b","c","d","e","f","g","h"]})");
+  CHECK(hi.generate.sampling.top_k == 2147483647);
+  CHECK(hi.n == 16);
+  CHECK(hi.logprobs == 20);
+  CHECK(hi.generate.stop.size() == 8);
+  CHECK(ok(Endpoint::chat, R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":20})")
+            .logprobs == 20);
+}
+
 TEST_CASE("openai: malformed bodies are 400s, never exceptions", "[openai]") {
   for (const std::string body : {"", "{", "[1,2]", "\"x\"", "{\"prompt\":\"\xff\"}", "null", "{\"prompt\":\"x\"} trailing"}) {
     INFO(body);
