@@ -2,11 +2,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "actors/transport.hpp"
 #include "actors/wire.hpp"
+#include "runtime/error.hpp"
 
 namespace celer {
 namespace {
@@ -20,6 +23,7 @@ constexpr auto kIdleTimeout = std::chrono::minutes(10);
 struct Client::Impl {
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
+  std::unique_ptr<Transport> transport;
   caf::actor server;
   std::atomic<RequestId> next_id{1};
 };
@@ -37,7 +41,8 @@ struct Client::Stream::Impl {
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Client::~Client() = default;
 
-std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::string& host, uint16_t port) {
+std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::string& host, uint16_t port,
+                                                                   const ConnectOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->cfg.load<caf::io::middleman>();
   add_message_types(impl->cfg);
@@ -46,11 +51,16 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
   impl->cfg.set("scheduler.policy", caf::atom("sharing"));
   impl->cfg.set("scheduler.max-threads", 2);
   impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
-  auto server = impl->sys->middleman().remote_actor(host, port);
-  if (!server)
-    return ClientError{ErrorKind::unavailable,
-                       "cannot connect to celer at " + host + ":" + std::to_string(port) + ": " + impl->sys->render(server.error())};
-  impl->server = *server;
+  TransportLimits limits;
+  limits.token = options.token;
+  if (limits.token.empty())
+    if (const char* env = std::getenv("CELER_TOKEN")) limits.token = env;
+  try {
+    impl->transport = std::make_unique<Transport>(*impl->sys, std::move(limits));
+    impl->server = impl->transport->connect(host, port, std::chrono::milliseconds(std::max<int64_t>(1, options.timeout_ms)));
+  } catch (const Error& e) {
+    return ClientError{ErrorKind::unavailable, e.what()};
+  }
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 

@@ -346,7 +346,11 @@ void Gateway::Impl::health(const std::shared_ptr<HttpExchange>& ex) {
 void Gateway::Impl::metrics_page(const std::shared_ptr<HttpExchange>& ex) {
   auto cb = std::make_shared<std::function<void(std::optional<ReplicaStats>)>>(
       [this, post = post, ex](std::optional<ReplicaStats> stats) {
-        post([this, ex, stats] { reply(*ex, 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(stats)); });
+        post([this, ex, stats] {
+          std::optional<TransportStats> transport;
+          if (options.transport_stats) transport = options.transport_stats();
+          reply(*ex, 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(stats, transport));
+        });
       });
   caf::anon_send(actor, health_atom::value, ReplicaStatsCallback(cb));
 }

@@ -31,6 +31,8 @@ struct GatewayOptions {
   // replica (StageTimes) and at the gateway (received, first and last token sent, end sent),
   // token counts and finish reason. Written from the I/O thread, one flush per line.
   std::string stage_log;
+  // The client port's guard counters, for /metrics (absent: not shown).
+  std::function<TransportStats()> transport_stats;
 };
 
 class Gateway {

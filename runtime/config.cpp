@@ -293,6 +293,24 @@ void read_http(const Value& v, HttpConfig& c) {
                 });
 }
 
+void read_listen(const Value& v, ListenConfig& c) {
+  read_endpoint(v, c,
+                {
+                    {"token",
+                     [&](const Value& x) {
+                       c.token = x.string(true);
+                       if (c.token.size() > 64) x.fail("must be at most 64 bytes, got " + std::to_string(c.token.size()));
+                     }},
+                    {"max_message_bytes",
+                     [&](const Value& x) {
+                       c.max_message_bytes = x.positive_size();
+                       if (c.max_message_bytes < 4096 || c.max_message_bytes > (uint64_t{1} << 32))
+                         x.fail("must be a size in 4KiB..4GiB, got " + std::to_string(c.max_message_bytes) + " bytes");
+                     }},
+                    {"max_buffered_bytes", [&](const Value& x) { c.max_buffered_bytes = x.positive_size(); }},
+                });
+}
+
 void read_supervision(const Value& v, SupervisionConfig& c) {
   read_fields(v, {
                      {"max_restarts", [&](const Value& x) { c.max_restarts = x.count(0, 1'000'000); }},
@@ -339,7 +357,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"priorities", read_priorities},
                         {"rate_limits", [&](const Value& x) { read_rate_limits(x, c.rate_limits); }},
                         {"deadline", [&](const Value& x) { c.deadline = x.duration(0); }},
-                        {"listen", [&](const Value& x) { read_endpoint(x, c.listen); }},
+                        {"listen", [&](const Value& x) { read_listen(x, c.listen); }},
                         {"http", [&](const Value& x) { read_http(x, c.http.emplace()); }},
                         {"supervision", [&](const Value& x) { read_supervision(x, c.supervision); }},
                     });
@@ -393,6 +411,9 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   out << YAML::EndMap << YAML::EndMap;
   out << YAML::Key << "deadline" << YAML::Value << format_duration(c.deadline);
   begin_endpoint(out, "listen", c.listen);
+  out << YAML::Key << "token" << YAML::Value << YAML::DoubleQuoted << c.listen.token;
+  out << YAML::Key << "max_message_bytes" << YAML::Value << format_with_unit(c.listen.max_message_bytes, kSizeUnits);
+  out << YAML::Key << "max_buffered_bytes" << YAML::Value << format_with_unit(c.listen.max_buffered_bytes, kSizeUnits);
   out << YAML::EndMap;
   if (c.http) {
     begin_endpoint(out, "http", *c.http);

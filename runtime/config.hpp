@@ -41,10 +41,13 @@ struct RateLimitsConfig {
   bool operator==(const RateLimitsConfig&) const = default;
 };
 
-// The client-library endpoint.
+// The client-library endpoint and the guard on it (actors/transport.hpp, docs/security.md).
 struct ListenConfig {
   std::string host = "127.0.0.1";
   uint16_t port = 7411;  // 0: ephemeral
+  std::string token;     // the secret clients present first; required when host is not loopback
+  uint64_t max_message_bytes = uint64_t{8} << 20;    // one message from a peer
+  uint64_t max_buffered_bytes = uint64_t{64} << 20;  // all large messages being received at once
   bool operator==(const ListenConfig&) const = default;
 };
 

@@ -110,7 +110,13 @@ void ServingMetrics::observe_stages(const StageTimes& t) {
   if (t.admitted_us > 0 && t.prefill_done_us >= t.admitted_us) prefill_.observe((t.prefill_done_us - t.admitted_us) * 1e-6);
 }
 
-std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) const {
+uint64_t ServingMetrics::active() const {
+  std::lock_guard lock(mu_);
+  return active_;
+}
+
+std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
+                                  const std::optional<TransportStats>& transport) const {
   std::string out;
   out.reserve(8192);
   {
@@ -137,6 +143,25 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica) c
     queue_wait_.render(out, "celer_queue_wait_seconds");
     header(out, "celer_prefill_seconds", "histogram", "Time from first running to the end of the prompt's prefill.");
     prefill_.render(out, "celer_prefill_seconds");
+  }
+  if (transport) {
+    const TransportStats& t = *transport;
+    header(out, "celer_transport_connections_total", "counter",
+           "Client-port connections that presented a valid preamble (token and version).");
+    append(out, "celer_transport_connections_total %" PRIu64 "\n", t.accepted);
+    header(out, "celer_transport_refused_total", "counter",
+           "Client-port connections closed by the transport guard, by reason.");
+    append(out, "celer_transport_refused_total{reason=\"bad_preamble\"} %" PRIu64 "\n", t.bad_preamble);
+    append(out, "celer_transport_refused_total{reason=\"bad_token\"} %" PRIu64 "\n", t.bad_token);
+    append(out, "celer_transport_refused_total{reason=\"malformed\"} %" PRIu64 "\n", t.malformed);
+    append(out, "celer_transport_refused_total{reason=\"oversized\"} %" PRIu64 "\n", t.oversized);
+    append(out, "celer_transport_refused_total{reason=\"over_budget\"} %" PRIu64 "\n", t.over_budget);
+    header(out, "celer_transport_buffered_bytes", "gauge", "Bytes held now for large messages being received.");
+    append(out, "celer_transport_buffered_bytes %" PRIu64 "\n", t.buffered_bytes);
+    header(out, "celer_transport_max_message_bytes", "gauge", "The largest message a connection may send.");
+    append(out, "celer_transport_max_message_bytes %" PRIu64 "\n", t.max_message_bytes);
+    header(out, "celer_transport_max_buffered_bytes", "gauge", "The bound on bytes held for large messages at once.");
+    append(out, "celer_transport_max_buffered_bytes %" PRIu64 "\n", t.max_buffered_bytes);
   }
   header(out, "celer_replica_up", "gauge", "1 when the replica answered this scrape.");
   append(out, "celer_replica_up %d\n", replica ? 1 : 0);

@@ -35,6 +35,20 @@ class Histogram {
   double sum_ = 0;
 };
 
+// What a guarded port (actors/transport.hpp) accepted and refused, for
+// celer_transport_connections_total and celer_transport_refused_total{reason=...}.
+struct TransportStats {
+  uint64_t accepted = 0;      // connections that presented a valid preamble
+  uint64_t bad_preamble = 0;  // not celer (or another version): closed before any BASP byte
+  uint64_t bad_token = 0;     // a celer peer with the wrong token
+  uint64_t malformed = 0;     // a BASP header out of place or with fields its kind forbids
+  uint64_t oversized = 0;     // a message over max_message_bytes
+  uint64_t over_budget = 0;   // a large message while max_buffered_bytes were taken
+  uint64_t max_message_bytes = 0;
+  uint64_t max_buffered_bytes = 0;
+  uint64_t buffered_bytes = 0;  // large payloads being received now
+};
+
 // How a request ended, as counted by celer_requests_total{outcome=...}.
 enum class RequestOutcome : uint8_t { finished_stop, finished_length, cancelled, error };
 
@@ -56,10 +70,13 @@ class ServingMetrics {
   void observe_itl(double seconds);
   void observe_e2e(double seconds);
   void observe_stages(const StageTimes& t);  // queue wait and prefill time on the replica
+  uint64_t active() const;                    // requests started and not yet ended
 
   // The whole exposition; `replica` is absent when the replica did not answer (then
   // celer_replica_up is 0 and its gauges are left out).
-  std::string render(const std::optional<ReplicaStats>& replica) const;
+  // `transport`, when given, adds the client port's guard counters.
+  std::string render(const std::optional<ReplicaStats>& replica,
+                     const std::optional<TransportStats>& transport = std::nullopt) const;
 
  private:
   mutable std::mutex mu_;

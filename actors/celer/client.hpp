@@ -58,10 +58,19 @@ struct Completion {
 
 using GenerateOutcome = std::variant<Completion, ClientError>;
 
+struct ConnectOptions {
+  // The server's listen.token; a server that listens beyond loopback requires one. Empty: the
+  // CELER_TOKEN environment variable's value, if set.
+  std::string token;
+  int64_t timeout_ms = 10'000;  // to connect and complete the handshake
+};
+
 class Client {
  public:
-  // Connects to a celer server; the error says why not (refused, unreachable, wrong service).
-  static std::variant<std::unique_ptr<Client>, ClientError> connect(const std::string& host, uint16_t port);
+  // Connects to a celer server; the error says why not (refused, unreachable, not a celer port,
+  // wrong token).
+  static std::variant<std::unique_ptr<Client>, ClientError> connect(const std::string& host, uint16_t port,
+                                                                    const ConnectOptions& options = {});
   ~Client();
 
   class Stream {

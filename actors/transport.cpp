@@ -1,0 +1,435 @@
+// How the guard hooks into CAF 0.17: the BASP broker reads through scribes (one per connection)
+// and asks each for the next read's size with configure_read(exactly(n)); the scribe's stream
+// resizes its buffer to n when the read starts. GuardedScribe is CAF's own TCP scribe with that
+// one call checked (and the preamble read before BASP sees anything); GuardedDoorman accepts
+// connections as GuardedScribes. publish() and connect() build both and hand them to the BASP
+// broker with the same messages CAF's middleman actor sends it, so everything above the socket
+// (handshakes, proxies, monitors, heartbeats) is CAF's.
+#include "actors/transport.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <set>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+#include <caf/io/basp_broker.hpp>
+#include <caf/io/network/default_multiplexer.hpp>
+#include <caf/io/network/doorman_impl.hpp>
+#include <caf/io/network/scribe_impl.hpp>
+
+#include "runtime/error.hpp"
+
+namespace celer {
+
+namespace io = caf::io;
+namespace net = caf::io::network;
+
+struct Transport::Guard {
+  TransportLimits limits;
+  std::atomic<uint64_t> accepted{0}, bad_preamble{0}, bad_token{0}, malformed{0}, oversized{0}, over_budget{0};
+  std::atomic<uint64_t> buffered{0};
+
+  // Takes n bytes of the shared budget for large payloads, if that many are left.
+  bool reserve(uint64_t n) {
+    uint64_t now = buffered.load();
+    do {
+      if (now + n > limits.max_buffered_bytes) return false;
+    } while (!buffered.compare_exchange_weak(now, now + n));
+    return true;
+  }
+  void release(uint64_t n) { buffered.fetch_sub(n); }
+};
+
+namespace {
+
+// The preamble: magic and version (8 bytes), the token's length (1), zeros (7), the token
+// zero-padded to 64 bytes. Fixed-size, so the guard reads exactly this much before deciding.
+constexpr char kMagic[8] = {'C', 'E', 'L', 'E', 'R', 'T', 'P', '1'};
+constexpr size_t kPreambleSize = 16 + kMaxTransportToken;
+
+// Payloads up to this size are read without asking the budget: BASP headers, handshakes,
+// requests and token chunks are all far smaller.
+constexpr uint64_t kUnbudgeted = 64 * 1024;
+
+std::array<char, kPreambleSize> make_preamble(const std::string& token) {
+  std::array<char, kPreambleSize> p{};
+  std::memcpy(p.data(), kMagic, sizeof(kMagic));
+  p[8] = static_cast<char>(token.size());
+  std::memcpy(p.data() + 16, token.data(), token.size());
+  return p;
+}
+
+enum class PreambleCheck { ok, not_celer, wrong_token };
+
+PreambleCheck check_preamble(const char* p, const std::string& token) {
+  if (std::memcmp(p, kMagic, sizeof(kMagic)) != 0) return PreambleCheck::not_celer;
+  const auto length = static_cast<unsigned char>(p[8]);
+  for (int i = 9; i < 16; ++i)
+    if (p[i] != 0) return PreambleCheck::not_celer;
+  if (length > kMaxTransportToken) return PreambleCheck::not_celer;
+  // Compared in full whatever the first difference, so timing tells nothing about the token.
+  const auto expected = make_preamble(token);
+  unsigned char diff = 0;
+  for (size_t i = 8; i < kPreambleSize; ++i) diff |= static_cast<unsigned char>(p[i] ^ expected[i]);
+  return diff == 0 ? PreambleCheck::ok : PreambleCheck::wrong_token;
+}
+
+uint64_t big_endian(const char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v = (v << 8) | static_cast<unsigned char>(p[i]);
+  return v;
+}
+
+// Whether a BASP header (CAF 0.17's layout: operation, two pads, flags, payload_len,
+// operation_data, source and destination actor, big-endian) may reach CAF here. CAF's own check
+// lets through headers its handlers then trust, such as a handshake without a payload (a null
+// dereference that takes the process down), and a handshake of the wrong side. The rules here
+// are what a celer peer sends: the handshake of its side (first, and again when CAF repeats it),
+// with its payload; messages only after it, each with the fields its kind needs.
+bool header_allowed(const char* h, bool accepting, bool handshaken) {
+  const auto op = static_cast<io::basp::message_type>(h[0]);
+  const uint64_t len = big_endian(h + 4, 4), data = big_endian(h + 8, 8);
+  const uint64_t source = big_endian(h + 16, 8), dest = big_endian(h + 24, 8);
+  using io::basp::message_type;
+  const bool own_handshake = accepting ? op == message_type::client_handshake && len > 0 && source == 0 && dest == 0
+                                       : op == message_type::server_handshake && len > 0 && data != 0 && dest == 0;
+  if (own_handshake) return true;
+  if (!handshaken) return false;
+  switch (op) {
+    case message_type::direct_message:
+    case message_type::routed_message: return len > 0 && dest != 0;
+    case message_type::monitor_message: return len > 0 && data == 0;
+    case message_type::down_message: return len > 0 && source != 0 && dest == 0 && data == 0;
+    case message_type::heartbeat: return len == 0 && source == 0 && dest == 0 && data == 0;
+    default: return false;  // the other side's handshake, or no such operation
+  }
+}
+
+class GuardedScribe final : public net::scribe_impl {
+ public:
+  GuardedScribe(net::default_multiplexer& mx, net::native_socket fd, std::shared_ptr<Transport::Guard> guard,
+                bool expect_preamble)
+      : net::scribe_impl(mx, fd), guard_(std::move(guard)), accepting_(expect_preamble), awaiting_preamble_(expect_preamble) {}
+
+  ~GuardedScribe() override { release(); }
+
+  void configure_read(io::receive_policy::config config) override {
+    if (refused_) return;
+    if (awaiting_preamble_) {
+      // BASP's first read waits until the peer has shown it is one of ours: the magic first,
+      // so that a stranger's first 8 bytes already close it, then the rest.
+      requested_ = config;
+      const size_t next = preamble_got_ == 0 ? sizeof(kMagic) : kPreambleSize - preamble_got_;
+      net::scribe_impl::configure_read(io::receive_policy::exactly(next));
+      return;
+    }
+    const uint64_t n = config.second;
+    if (n > guard_->limits.max_message_bytes) return refuse(guard_->oversized);
+    if (n > kUnbudgeted) {
+      if (!guard_->reserve(n)) return refuse(guard_->over_budget);
+      reserved_ += n;
+    }
+    net::scribe_impl::configure_read(config);
+  }
+
+  // BASP writes its server handshake as soon as a connection is accepted: it stays in the
+  // buffer until the peer has shown it is one of ours, so a stranger learns nothing.
+  void flush() override {
+    if (!awaiting_preamble_ && !refused_) net::scribe_impl::flush();
+  }
+
+  bool consume(caf::execution_unit* ctx, const void* buf, size_t n) override {
+    if (refused_) return true;  // dropped: the connection is being closed
+    if (awaiting_preamble_) {
+      std::memcpy(preamble_.data() + preamble_got_, buf, std::min(n, kPreambleSize - preamble_got_));
+      preamble_got_ += n;
+      if (preamble_got_ == sizeof(kMagic)) {
+        if (std::memcmp(preamble_.data(), kMagic, sizeof(kMagic)) != 0) {
+          refuse(guard_->bad_preamble);
+          return true;
+        }
+        net::scribe_impl::configure_read(io::receive_policy::exactly(kPreambleSize - sizeof(kMagic)));
+        return true;
+      }
+      switch (check_preamble(preamble_.data(), guard_->limits.token)) {
+        case PreambleCheck::not_celer: refuse(guard_->bad_preamble); return true;
+        case PreambleCheck::wrong_token: refuse(guard_->bad_token); return true;
+        case PreambleCheck::ok: break;
+      }
+      ++guard_->accepted;
+      awaiting_preamble_ = false;
+      configure_read(requested_);
+      net::scribe_impl::flush();
+      return true;
+    }
+    // BASP reads a header, then its payload when it has one: the same framing, followed here.
+    if (!awaiting_payload_) {
+      if (n != io::basp::header_size || !header_allowed(static_cast<const char*>(buf), accepting_, handshaken_)) {
+        refuse(guard_->malformed);
+        return true;
+      }
+      handshaken_ = true;
+      awaiting_payload_ = big_endian(static_cast<const char*>(buf) + 4, 4) > 0;
+    } else {
+      awaiting_payload_ = false;
+    }
+    const uint64_t held = reserved_;  // reserved for this read (one made while BASP reads the header is not)
+    const bool ok = io::scribe::consume(ctx, buf, n);
+    if (held > 0) {
+      // The large payload has been delivered: give its memory back now, not when the
+      // connection closes (a vector keeps its capacity when it shrinks).
+      release();
+      std::vector<char>().swap(stream_.rd_buf());
+    }
+    return ok;
+  }
+
+ private:
+  void release() {
+    if (reserved_ > 0) guard_->release(reserved_);
+    reserved_ = 0;
+  }
+
+  // Counts the refusal and closes the connection: reads stop growing the buffer now, and the
+  // close runs on the multiplexer once the current event is handled (BASP may be mid-call).
+  void refuse(std::atomic<uint64_t>& counter) {
+    ++counter;
+    refused_ = true;
+    release();
+    net::scribe_impl::configure_read(io::receive_policy::at_most(1024));
+    ::shutdown(stream_.fd(), SHUT_RDWR);
+    caf::intrusive_ptr<GuardedScribe> self{this};
+    stream_.backend().post([self] {
+      if (!self->detached()) self->io_failure(&self->stream_.backend(), net::operation::read);
+    });
+  }
+
+  std::shared_ptr<Transport::Guard> guard_;
+  const bool accepting_;  // the accepting end (expects a preamble and a client handshake)
+  bool awaiting_preamble_;
+  bool handshaken_ = false;
+  bool awaiting_payload_ = false;
+  std::array<char, kPreambleSize> preamble_{};
+  size_t preamble_got_ = 0;
+  bool refused_ = false;
+  uint64_t reserved_ = 0;
+  io::receive_policy::config requested_ = io::receive_policy::exactly(io::basp::header_size);
+};
+
+class GuardedDoorman final : public net::doorman_impl {
+ public:
+  GuardedDoorman(net::default_multiplexer& mx, net::native_socket fd, std::shared_ptr<Transport::Guard> guard)
+      : net::doorman_impl(mx, fd), guard_(std::move(guard)) {}
+
+  bool new_connection() override {
+    if (detached()) return false;  // closed while the multiplexer still had its events
+    auto& mx = acceptor_.backend();
+    const net::native_socket fd = acceptor_.accepted_socket();
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // tokens leave at once
+    io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(mx, fd, guard_, true);
+    auto hdl = scribe->hdl();
+    parent()->add_scribe(std::move(scribe));
+    return io::doorman::new_connection(&mx, hdl);
+  }
+
+ private:
+  std::shared_ptr<Transport::Guard> guard_;
+};
+
+std::string errno_text(int err) {
+  std::string s = std::strerror(err);
+  if (!s.empty()) s[0] = static_cast<char>(std::tolower(static_cast<unsigned char>(s[0])));
+  return s;
+}
+
+struct AddrInfo {
+  addrinfo* list = nullptr;
+  ~AddrInfo() {
+    if (list) freeaddrinfo(list);
+  }
+};
+
+// getaddrinfo for TCP; the error text on failure.
+std::string resolve(const std::string& host, uint16_t port, bool passive, AddrInfo& out) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &out.list);
+  if (rc != 0) return std::string("cannot resolve '") + host + "': " + gai_strerror(rc);
+  return {};
+}
+
+net::default_multiplexer& multiplexer(caf::actor_system& sys) {
+  return static_cast<net::default_multiplexer&>(sys.middleman().backend());
+}
+
+caf::actor basp_broker(caf::actor_system& sys) { return sys.middleman().named_broker<io::basp_broker>(caf::atom("BASP")); }
+
+// A blocking TCP connection to host:port within `timeout`, or the reason there is none.
+int connect_tcp(const std::string& host, uint16_t port, std::chrono::milliseconds timeout, std::string& why) {
+  AddrInfo ai;
+  if (why = resolve(host, port, false, ai); !why.empty()) return -1;
+  why = "no address";
+  for (addrinfo* a = ai.list; a; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      why = errno_text(errno);
+      continue;
+    }
+    const int flags = fcntl(fd, F_GETFL, 0);
+    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int err = 0;
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      err = errno;
+      if (err == EINPROGRESS) {
+        pollfd p{fd, POLLOUT, 0};
+        const int ready = ::poll(&p, 1, static_cast<int>(timeout.count()));
+        socklen_t len = sizeof(err);
+        if (ready <= 0) err = ETIMEDOUT;
+        else getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      }
+    }
+    if (err != 0) {
+      why = errno_text(err);
+      ::close(fd);
+      continue;
+    }
+    fcntl(fd, F_SETFL, flags);
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return fd;
+  }
+  return -1;
+}
+
+bool send_all(int fd, const char* data, size_t n) {
+  while (n > 0) {
+    const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    data += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+}  // namespace
+
+bool is_loopback_host(const std::string& host) {
+  if (host == "localhost" || host == "::1" || host == "[::1]") return true;
+  in_addr a{};
+  if (inet_pton(AF_INET, host.c_str(), &a) == 1) return (ntohl(a.s_addr) >> 24) == 127;
+  return false;
+}
+
+Transport::Transport(caf::actor_system& sys, TransportLimits limits) : sys_(sys), guard_(std::make_shared<Guard>()) {
+  if (limits.token.size() > kMaxTransportToken)
+    throw Error(ErrorCode::invalid_argument, "the transport token is " + std::to_string(limits.token.size()) +
+                                                 " bytes; at most " + std::to_string(kMaxTransportToken) + " are allowed");
+  guard_->limits = std::move(limits);
+}
+
+Transport::~Transport() = default;
+
+const TransportLimits& Transport::limits() const { return guard_->limits; }
+
+TransportStats Transport::stats() const {
+  TransportStats s;
+  s.accepted = guard_->accepted;
+  s.bad_preamble = guard_->bad_preamble;
+  s.bad_token = guard_->bad_token;
+  s.malformed = guard_->malformed;
+  s.oversized = guard_->oversized;
+  s.over_budget = guard_->over_budget;
+  s.max_message_bytes = guard_->limits.max_message_bytes;
+  s.max_buffered_bytes = guard_->limits.max_buffered_bytes;
+  s.buffered_bytes = guard_->buffered;
+  return s;
+}
+
+uint16_t Transport::publish(const caf::actor& whom, const std::string& host, uint16_t port) {
+  const std::string where = host + ":" + std::to_string(port);
+  AddrInfo ai;
+  if (std::string why = resolve(host, port, true, ai); !why.empty())
+    throw Error(ErrorCode::io, "cannot listen on " + where + ": " + why);
+  int fd = -1;
+  std::string why = "no address";
+  for (addrinfo* a = ai.list; a && fd < 0; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      why = errno_text(errno);
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, SOMAXCONN) != 0) {
+      why = errno_text(errno);
+      ::close(fd);
+      fd = -1;
+    }
+  }
+  if (fd < 0) throw Error(ErrorCode::io, "cannot listen on " + where + ": " + why);
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+  const uint16_t actual = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6&>(bound).sin6_port
+                                                             : reinterpret_cast<sockaddr_in&>(bound).sin_port);
+  io::doorman_ptr doorman = caf::make_counted<GuardedDoorman>(multiplexer(sys_), fd, guard_);
+  caf::anon_send(basp_broker(sys_), caf::publish_atom::value, std::move(doorman), actual,
+                 caf::actor_cast<caf::strong_actor_ptr>(whom), std::set<std::string>{});
+  return actual;
+}
+
+void Transport::unpublish(const caf::actor& whom, uint16_t port) {
+  static_cast<void>(sys_.middleman().unpublish(whom, port));
+}
+
+caf::actor Transport::connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout) {
+  const std::string where = host + ":" + std::to_string(port);
+  std::string why;
+  const int fd = connect_tcp(host, port, timeout, why);
+  if (fd < 0) throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + why);
+  const auto preamble = make_preamble(guard_->limits.token);
+  if (!send_all(fd, preamble.data(), preamble.size())) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + errno_text(err));
+  }
+  io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(multiplexer(sys_), fd, guard_, false);
+  caf::scoped_actor self{sys_};
+  caf::actor server;
+  self->request(basp_broker(sys_), timeout, caf::connect_atom::value, std::move(scribe), port)
+      .receive(
+          [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
+            if (ptr) server = caf::actor_cast<caf::actor>(std::move(ptr));
+            else why = "no actor is published there";
+          },
+          [&](const caf::error& e) {
+            // The server closes a connection whose token or version it does not accept before
+            // its handshake.
+            if (e == caf::sec::request_timeout) why = "no celer handshake within " + std::to_string(timeout.count()) + " ms";
+            else if (e == caf::sec::disconnect_during_handshake)
+              why = "the server closed the connection before its handshake: the token is wrong (listen.token, CELER_TOKEN) "
+                    "or it is not a celer port of this version";
+            else why = sys_.render(e);
+          });
+  if (!server) throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + why);
+  return server;
+}
+
+}  // namespace celer

@@ -1,0 +1,71 @@
+// The guard on every TCP port celer's actors talk through (docs/security.md). CAF's middleman
+// carries actor messages between processes as BASP frames: a 32-byte header whose payload_len
+// (up to 4 GiB) CAF allocates and zero-fills before a byte of the payload has arrived, with no
+// setting that bounds it. celer therefore opens its ports and its outgoing connections itself and
+// hands CAF's BASP broker connections that are guarded:
+//
+// - A connection first presents a fixed 80-byte preamble (magic, version, a shared token) before
+//   any BASP byte is read; a peer that is not celer, or has the wrong token, is closed at once.
+// - A message whose payload is larger than max_message_bytes closes its connection at once;
+//   nothing of that size is allocated.
+// - Payloads over 64 KiB are counted against max_buffered_bytes, shared by every connection of
+//   the process while they are being received, and freed as soon as they are delivered, so any
+//   number of connections that announce large messages and never finish them hold at most that.
+// - Each refusal is counted (TransportStats, /metrics) and never harms another connection.
+//
+// Both ends speak this: `celer serve` publishes through Transport::publish and the client
+// library connects through Transport::connect.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <caf/fwd.hpp>
+
+#include "runtime/metrics.hpp"  // TransportStats
+
+namespace celer {
+
+struct TransportLimits {
+  uint64_t max_message_bytes = uint64_t{8} << 20;    // one message's payload
+  uint64_t max_buffered_bytes = uint64_t{64} << 20;  // all large payloads being received at once
+  std::string token;  // the shared secret a connection presents first ("" on both ends: none)
+};
+
+// The longest token a preamble carries.
+constexpr size_t kMaxTransportToken = 64;
+
+// True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost).
+bool is_loopback_host(const std::string& host);
+
+class Transport {
+ public:
+  // Throws Error(invalid_argument) for a token longer than kMaxTransportToken.
+  Transport(caf::actor_system& sys, TransportLimits limits);
+  ~Transport();
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  // Listens on host:port (0: ephemeral) and makes `whom` the actor that connecting clients
+  // reach there; returns the bound port. Throws Error(io) naming the address and the reason
+  // ("address already in use").
+  uint16_t publish(const caf::actor& whom, const std::string& host, uint16_t port);
+  void unpublish(const caf::actor& whom, uint16_t port);
+
+  // Connects to the actor published at host:port within `timeout`. Throws Error(unavailable)
+  // naming the address and the reason (refused, no answer, wrong token, not a celer port).
+  caf::actor connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout);
+
+  const TransportLimits& limits() const;
+  TransportStats stats() const;
+
+  struct Guard;
+
+ private:
+  caf::actor_system& sys_;
+  std::shared_ptr<Guard> guard_;
+};
+
+}  // namespace celer
