@@ -1,5 +1,6 @@
 #include "actors/cache_actor.hpp"
 
+#include "actors/failure.hpp"
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
 
@@ -30,6 +31,7 @@ std::optional<CachedResponse> read_entry(Self* self, const WireMessage& wm) {
 }  // namespace
 
 caf::behavior cache_actor(Self* self, CacheSetup setup) {
+  exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   auto& st = self->state;
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
   st.planner = std::make_unique<BlockPlanner>(*st.blocks);

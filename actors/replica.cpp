@@ -7,6 +7,7 @@
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
 #include "runtime/kv_cache.hpp"
+#include "runtime/memory_info.hpp"
 
 namespace celer {
 
@@ -21,9 +22,28 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   if (kv_type == TensorType::q8_0 && m.head_dim % kQ8Block != 0)
     throw Error(ErrorCode::invalid_argument, "kv_cache_dtype q8_0 needs a head size that is a multiple of 32; "
                                              "the model's is " + std::to_string(m.head_dim));
-  if (blocks <= 0)
-    blocks = static_cast<int64_t>(c.kv_cache_memory / KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim, kv_type));
-  s.kv_blocks = static_cast<int32_t>(std::clamp<int64_t>(blocks, min_blocks, int64_t{1} << 30));
+  const uint64_t block_bytes = KvCache::block_bytes(m.n_layer, m.n_head_kv, m.head_dim, kv_type);
+  const std::string asked = c.kv_cache_blocks > 0
+                                ? "kv_cache_blocks: " + std::to_string(c.kv_cache_blocks) + " blocks of " + format_bytes(block_bytes)
+                                : "kv_cache_memory: " + format_bytes(c.kv_cache_memory);
+  if (blocks <= 0) blocks = static_cast<int64_t>(std::min<uint64_t>(c.kv_cache_memory / block_bytes, uint64_t{INT64_MAX}));
+  blocks = std::max<int64_t>(blocks, min_blocks);
+  // Checked before anything is allocated: a cache that cannot fit would only fail its start
+  // over and over with std::bad_alloc.
+  const double kv_bytes = static_cast<double>(blocks) * static_cast<double>(block_bytes);
+  const MemoryInfo mem = memory_info();
+  if (mem.available > 0 && kv_bytes > static_cast<double>(mem.available))
+    throw Error(ErrorCode::invalid_argument,
+                asked + " asks for " + format_bytes(static_cast<uint64_t>(std::min(kv_bytes, 1.8e19))) + " of KV cache (" +
+                    std::to_string(blocks) + " blocks" +
+                    (blocks == min_blocks ? ", the fewest that hold one " + std::to_string(context) + "-token sequence" : "") +
+                    "), but this machine has " + format_bytes(mem.available) + " of memory available (" +
+                    format_bytes(mem.total) + " in all)");
+  constexpr int64_t kMaxBlocks = int64_t{1} << 30;
+  if (blocks > kMaxBlocks)
+    throw Error(ErrorCode::invalid_argument, asked + " makes " + std::to_string(blocks) + " KV blocks; at most " +
+                                                 std::to_string(kMaxBlocks) + " are supported");
+  s.kv_blocks = static_cast<int32_t>(blocks);
 
   const int tp = std::max(1, c.tensor_parallel_size);
   s.engine.tp_size = tp;

@@ -1,6 +1,7 @@
 #include "actors/scheduler_actor.hpp"
 
 #include "actors/cache_actor.hpp"
+#include "actors/failure.hpp"
 #include "actors/request_actor.hpp"
 #include "actors/shard_actor.hpp"
 #include "actors/wire.hpp"
@@ -10,6 +11,8 @@ namespace celer {
 namespace {
 
 using Self = caf::stateful_actor<SchedulerActorState>;
+
+const char* const kShuttingDown = "the server is shutting down";
 
 int64_t now_ms(Self* self) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
@@ -187,23 +190,30 @@ void spawn_cache(Self* self) {
   self->monitor(st.cache);
 }
 
-// Counts a dead child's restart (in the window and in all); when it died max_restarts times
-// within the window the requests fail, since nothing can serve them for now (the child is still
-// respawned, for new requests).
-void count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
-                   const char* what) {
+// Counts a dead child's restart (in the window and in all). When it has died more than
+// max_restarts times within the window, restarting it again would only fail again: the
+// requests fail, the supervisor is told why, and this scheduler stops (the supervisor then
+// takes the replica down rather than restart it). False then: no respawn.
+bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
+                   const char* what, const std::string& why) {
   auto& s = self->state;
   const auto now = std::chrono::steady_clock::now();
   restarts.erase(std::remove_if(restarts.begin(), restarts.end(), [&](auto t) { return now - t > s.setup.restart_window; }),
                  restarts.end());
   if (static_cast<int>(restarts.size()) >= s.setup.max_restarts) {
+    const std::string reason = std::string("the ") + what + " failed " + std::to_string(restarts.size() + 1) +
+                               " times within " + std::to_string(s.setup.restart_window.count()) +
+                               " ms (supervision.max_restarts " + std::to_string(s.setup.max_restarts) + "): " + why;
     std::vector<SchedulerEvent> ev;
-    s.scheduler->fail_all(ErrorKind::unavailable, std::string("the ") + what + " failed " + std::to_string(restarts.size() + 1) +
-                                                      " times within the restart window", ev);
+    s.scheduler->fail_all(ErrorKind::unavailable, reason, ev);
     dispatch(self, ev);
+    if (s.supervisor) self->send(s.supervisor, failed_atom::value, reason);
+    self->quit(caf::make_error(caf::sec::runtime_error, reason));
+    return false;
   }
   restarts.push_back(now);
   ++total;
+  return true;
 }
 
 // Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group sharing one
@@ -230,6 +240,10 @@ void spawn_shard(Self* self) {
 // `cacheable`: its answer goes to the response cache when it finishes.
 void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cacheable) {
   auto& s = self->state;
+  if (s.stopping) {  // its response-cache lookup was on its way when the stop came
+    self->send(request, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
+    return;
+  }
   if (auto rejected = s.scheduler->admit(req, now_ms(self))) {
     self->send(request, event_atom::value, encode(*rejected));
     return;
@@ -250,6 +264,7 @@ std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateReque
 }  // namespace
 
 caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervisor) {
+  exit_with_exception_text(self);
   auto& st = self->state;
   st.setup = setup;
   st.supervisor = supervisor;
@@ -265,8 +280,8 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
       // shards is intact but unaddressed). Every sequence recomputes on the new cache.
       s.cache_up = false;
       s.scheduler->reset_kv();
-      count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache");
-      self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
+      if (count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache", failure_text(self->system(), dm.reason)))
+        self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
       return;
     }
     const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const caf::actor& r) { return dm.source == r.address(); });
@@ -275,8 +290,8 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
     for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
     // The shard died: its KV is gone.
     s.scheduler->reset_kv();
-    count_restart(self, s.restarts, s.total_restarts, "model shard");
-    self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
+    if (count_restart(self, s.restarts, s.total_restarts, "model shard", failure_text(self->system(), dm.reason)))
+      self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
   });
   self->attach_functor([ranks = st.shard_for_exit, cache = st.cache_for_exit](const caf::error&) {
     for (const caf::actor& r : *ranks) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
@@ -298,6 +313,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
           return;
         }
         GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
+        if (s.stopping) {
+          if (client) self->send(client, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
+          return;
+        }
         const RequestId client_id = req.id;
         req.id = s.next_id++;
         const Tokenizer& tok = s.setup.model->tokenizer();
@@ -389,6 +408,16 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         run_step(self);
       },
       [=](kick_atom) { run_step(self); },
+      [=](stop_atom) {
+        // The server is shutting down: every request ends now with an error its client sees
+        // (an SSE error event, the client library's error value), and new ones are refused.
+        auto& s = self->state;
+        s.stopping = true;
+        std::vector<SchedulerEvent> ev;
+        s.scheduler->fail_all(ErrorKind::unavailable, kShuttingDown, ev);
+        dispatch(self, ev);
+        return true;
+      },
       [=](shard_atom, bool respawn) {
         if (!respawn) return;
         spawn_shard(self);

@@ -83,6 +83,7 @@ struct SchedulerActorState {
   uint64_t total_restarts = 0;
   RequestId next_id = 1;
   uint64_t malformed = 0;
+  bool stopping = false;  // after stop_atom: requests are refused
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.scheduler";
 };

@@ -1,5 +1,6 @@
 #include "actors/shard_actor.hpp"
 
+#include "actors/failure.hpp"
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
 
@@ -7,6 +8,7 @@ namespace celer {
 
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group) {
+  exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   if (group) options.all_reduce = &group->rank(options.tp_rank);
   self->state.engine = std::make_unique<Engine>(*model, options);
   self->state.executor = std::make_unique<StepExecutor>(*self->state.engine);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "actors/failure.hpp"
 #include "actors/wire.hpp"
 
 namespace celer {
@@ -43,12 +44,22 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
     auto& st = self->state;
     if (dm.source != st.scheduler.address()) return;
     st.up = false;
+    if (st.stopping) return;
+    if (!st.given_up.empty()) {
+      // The scheduler gave up on a child that kept failing: a new scheduler would only fail the
+      // same way, so the replica goes down with the reason (celer serve reports it and exits).
+      self->quit(caf::make_error(caf::sec::runtime_error, st.given_up));
+      return;
+    }
     const auto now = std::chrono::steady_clock::now();
     st.restarts.erase(std::remove_if(st.restarts.begin(), st.restarts.end(),
                                      [&](auto t) { return now - t > st.setup.restart_window; }),
                       st.restarts.end());
     if (static_cast<int>(st.restarts.size()) >= st.setup.max_restarts) {
-      self->quit(caf::make_error(caf::sec::runtime_error));  // clients see the replica go down
+      // Clients see the replica go down.
+      self->quit(caf::make_error(caf::sec::runtime_error, "the scheduler failed " + std::to_string(st.restarts.size() + 1) +
+                                                              " times within the restart window: " +
+                                                              failure_text(self->system(), dm.reason)));
       return;
     }
     st.restarts.push_back(now);
@@ -66,6 +77,20 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         // for the successor (the down message is on its way and starts the restart).
         if (dead == self->state.scheduler) self->state.up = false;
         forward(self, true, wm);
+      },
+      [=](failed_atom, const std::string& why) { self->state.given_up = why; },
+      [=](stop_atom) {
+        // Shutting down: the scheduler fails what runs; no scheduler is restarted from here on.
+        auto& st = self->state;
+        st.stopping = true;
+        auto rp = self->make_response_promise<bool>();
+        if (!st.up) {
+          rp.deliver(true);
+          return rp;
+        }
+        self->request(st.scheduler, std::chrono::seconds(2), stop_atom::value)
+            .then([=](bool) mutable { rp.deliver(true); }, [=](caf::error&) mutable { rp.deliver(true); });
+        return rp;
       },
       [=](sched_atom, bool respawn) {
         if (respawn && !self->state.up) spawn_scheduler(self);

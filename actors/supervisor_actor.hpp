@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <caf/all.hpp>
@@ -26,6 +27,8 @@ struct SupervisorState {
   bool up = false;
   std::vector<std::chrono::steady_clock::time_point> restarts;
   uint64_t total_restarts = 0;
+  bool stopping = false;  // after stop_atom: nothing is restarted
+  std::string given_up;   // why the scheduler gave up on a child (failed_atom), if it did
   // Messages that arrived while the scheduler was restarting: (original sender, atom, content).
   struct Pending {
     caf::actor sender;

@@ -21,7 +21,7 @@ fail() {
   exit 1
 }
 
-"$CELER" serve --port 0 --http-port 0 >"$WORK/server.log" 2>&1 &
+"$CELER" serve --port 0 --http-port 0 --model "$(dirname "$0")/data/stories260K.gguf" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
 PORT=

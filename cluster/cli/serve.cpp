@@ -2,17 +2,24 @@
 // CPU) that accepts client-library connections on a TCP port through CAF's middleman, and, when
 // the config has an `http:` section or --http-port is given, OpenAI-compatible HTTP requests
 // through the gateway (actors/gateway.hpp, docs/http.md).
-#include <csignal>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
 #include "actors/gateway.hpp"
+#include "actors/failure.hpp"
 #include "actors/replica.hpp"
+#include "actors/transport.hpp"
 #include "actors/wire.hpp"
 #include "cluster/cli/commands.hpp"
+#include "cluster/cli/stop_signals.hpp"
 #include "runtime/error.hpp"
 
 namespace celer::cli {
@@ -31,12 +38,151 @@ struct ServeArgs {
   bool print_config = false;
 };
 
+// How long a stop (a signal, or a failure being cleaned up) may take before the process exits
+// regardless.
+constexpr auto kStopGrace = std::chrono::seconds(10);
+
+// The checks a start can make before it loads or allocates anything.
+void check_startable(const ClusterConfig& config, const ServeArgs& a) {
+  if (config.model.empty())
+    throw Error(ErrorCode::invalid_argument,
+                (a.config.empty() ? std::string("no model to serve") : a.config + ": no model to serve") +
+                    ": name a GGUF file with `model: FILE.gguf` in the config or with --model FILE.gguf");
+  if (!is_loopback_host(config.listen.host) && config.listen.token.empty())
+    throw Error(ErrorCode::invalid_argument,
+                "listen.host " + config.listen.host +
+                    " reaches beyond this machine: set listen.token (or CELER_TOKEN) so that only clients that know it "
+                    "connect");
+  if (config.http && !config.http->stage_log.empty()) {
+    std::FILE* f = std::fopen(config.http->stage_log.c_str(), "a");
+    if (!f)
+      throw Error(ErrorCode::io, "http.stage_log: cannot open " + config.http->stage_log + " for appending: " +
+                                     std::strerror(errno));
+    std::fclose(f);
+  }
+}
+
+// The running node: its actor system, replica, client port and gateway. Stopping it (on a
+// signal, on a failure, or when the replica goes down) ends every stream with an error its
+// client sees, then takes everything down, so the actor system's destructor has nothing left
+// to wait for.
+struct Node {
+  caf::actor_system& sys;
+  caf::actor replica;
+  std::unique_ptr<Transport> transport;
+  uint16_t port = 0;
+  std::unique_ptr<Gateway> gateway;
+
+  void stop() {
+    if (transport && port) transport->unpublish(replica, port);  // no new client connections
+    port = 0;
+    if (replica) {
+      // The replica fails its requests ("the server is shutting down"): SSE streams get an
+      // error event and their end, client-library streams an error value.
+      caf::scoped_actor self{sys};
+      self->request(replica, std::chrono::seconds(3), stop_atom::value).receive([](bool) {}, [](const caf::error&) {});
+    }
+    if (gateway) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+      while (gateway->metrics().active() > 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    // The error replies to client-library streams leave through the middleman's sockets.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (gateway) gateway->stop();
+    gateway.reset();
+    if (replica) caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+    replica = nullptr;
+  }
+};
+
+int serve(const ClusterConfig& config, StopSignals& signals) {
+  auto model = std::make_shared<Model>(config.model);
+  const ReplicaSetup setup = replica_setup(config, model);  // refuses a KV cache that cannot fit
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  configure_serving_node(cfg);
+  caf::actor_system sys{cfg};
+  Node node{sys, spawn_replica(sys, setup)};
+
+  // Why the replica went down, if it does (a child that kept failing, its restarts spent).
+  auto down = std::make_shared<std::pair<std::mutex, std::string>>();
+  node.replica->attach_functor([down, &sys, &signals](const caf::error& reason) {
+    {
+      std::lock_guard lock(down->first);
+      down->second = reason ? failure_text(sys, reason) : "it stopped";
+    }
+    signals.wake();
+  });
+  auto went_down = [&] {
+    std::lock_guard lock(down->first);
+    return down->second;
+  };
+
+  try {
+    try {
+      wait_until_ready(sys, node.replica, std::chrono::minutes(10));
+    } catch (const Error& e) {
+      // The replica's own reason says more than the unanswered request.
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (const std::string why = went_down(); !why.empty())
+        throw Error(ErrorCode::io, "the replica did not start: " + why);
+      throw;
+    }
+    TransportLimits limits;
+    limits.token = config.listen.token;
+    limits.max_message_bytes = config.listen.max_message_bytes;
+    limits.max_buffered_bytes = config.listen.max_buffered_bytes;
+    node.transport = std::make_unique<Transport>(sys, limits);
+    node.port = node.transport->publish(node.replica, config.listen.host, config.listen.port);
+    std::printf("celer: serving %s (%s) on %s:%u: %d KV blocks, batch %d sequences / %d tokens, context %d\n",
+                model->name().c_str(), config.model.c_str(), config.listen.host.c_str(), static_cast<unsigned>(node.port),
+                setup.kv_blocks, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens, setup.scheduler.max_context);
+    std::fflush(stdout);
+
+    if (config.http) {
+      GatewayOptions go;
+      go.http.host = config.http->host;
+      go.http.port = config.http->port;
+      go.http.request_timeout = config.http->request_timeout;
+      go.http.idle_timeout = config.http->idle_timeout;
+      go.stage_log = config.http->stage_log;
+      Transport* transport = node.transport.get();
+      go.transport_stats = [transport] { return transport->stats(); };
+      node.gateway = std::make_unique<Gateway>(sys, node.replica, model, config.model, setup.scheduler.max_context, go);
+      const uint16_t http_port = node.gateway->start();
+      std::printf("celer: http on %s:%u (model id '%s')\n", config.http->host.c_str(), static_cast<unsigned>(http_port),
+                  node.gateway->model_id().c_str());
+      std::fflush(stdout);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    signals.exit_within("a failed start");
+    node.stop();
+    return 1;
+  }
+
+  signals.serving();
+  const int sig = signals.wait();
+  if (sig != 0) {
+    std::printf("celer: stopping (%s)\n", signal_name(sig));
+    std::fflush(stdout);
+    node.stop();
+    return 0;
+  }
+  std::fprintf(stderr, "error: the replica went down: %s\n", went_down().c_str());
+  signals.exit_within("the replica went down");
+  node.stop();
+  return 1;
+}
+
 int run_serve(const ServeArgs& a) {
   ClusterConfig config = a.config.empty() ? parse_config("{}", "defaults") : load_config(a.config);
   if (!a.model.empty()) config.model = a.model;
-  if (config.model.empty()) config.model = CELER_DEFAULT_MODEL;
   if (!a.host.empty()) config.listen.host = a.host;
   if (a.port >= 0) config.listen.port = static_cast<uint16_t>(a.port);
+  if (config.listen.token.empty())
+    if (const char* env = std::getenv("CELER_TOKEN")) config.listen.token = env;
   if (a.http_port >= 0 || !a.http_host.empty()) {
     HttpConfig& http = config.http ? *config.http : config.http.emplace();
     if (a.http_port >= 0) http.port = static_cast<uint16_t>(a.http_port);
@@ -51,62 +197,10 @@ int run_serve(const ServeArgs& a) {
     std::fputs(to_yaml(config).c_str(), stdout);
     return 0;
   }
-
-  // Block the stop signals in every thread (CAF's threads inherit the mask) and wait for them here.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-
-  auto model = std::make_shared<Model>(config.model);
-  const ReplicaSetup setup = replica_setup(config, model);
-  caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  configure_serving_node(cfg);
-  caf::actor_system sys{cfg};
-  caf::actor replica = spawn_replica(sys, setup);
-  wait_until_ready(sys, replica, std::chrono::minutes(10));
-  auto port = sys.middleman().publish(replica, config.listen.port, config.listen.host.c_str(), true);
-  if (!port) {
-    caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
-    throw Error(ErrorCode::io, "cannot listen on " + config.listen.host + ":" + std::to_string(config.listen.port) +
-                                   ": " + sys.render(port.error()));
-  }
-  std::printf("celer: serving %s (%s) on %s:%u: %d KV blocks, batch %d sequences / %d tokens, context %d\n",
-              model->name().c_str(), config.model.c_str(), config.listen.host.c_str(), static_cast<unsigned>(*port),
-              setup.kv_blocks, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens, setup.scheduler.max_context);
-  std::fflush(stdout);
-
-  std::unique_ptr<Gateway> gateway;
-  if (config.http) {
-    GatewayOptions go;
-    go.http.host = config.http->host;
-    go.http.port = config.http->port;
-    go.http.request_timeout = config.http->request_timeout;
-    go.http.idle_timeout = config.http->idle_timeout;
-    go.stage_log = config.http->stage_log;
-    gateway = std::make_unique<Gateway>(sys, replica, model, config.model, setup.scheduler.max_context, go);
-    uint16_t http_port = 0;
-    try {
-      http_port = gateway->start();
-    } catch (...) {
-      static_cast<void>(sys.middleman().unpublish(replica, *port));
-      caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
-      throw;
-    }
-    std::printf("celer: http on %s:%u (model id '%s')\n", config.http->host.c_str(), static_cast<unsigned>(http_port),
-                gateway->model_id().c_str());
-    std::fflush(stdout);
-  }
-
-  int sig = 0;
-  sigwait(&stop, &sig);
-  std::printf("celer: stopping (%s)\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
-  if (gateway) gateway->stop();  // no new requests; the I/O thread is joined
-  static_cast<void>(sys.middleman().unpublish(replica, *port));
-  caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
-  return 0;
+  check_startable(config, a);
+  // Before any thread: every thread started later inherits the blocked stop signals.
+  StopSignals signals(kStopGrace);
+  return serve(config, signals);
 }
 
 }  // namespace
@@ -115,7 +209,7 @@ Command add_serve(CLI::App& app) {
   auto a = std::make_shared<ServeArgs>();
   CLI::App* c = app.add_subcommand("serve", "Serve a model: one-process cluster listening for client connections");
   c->add_option("--config", a->config, "Deployment config (YAML)");
-  c->add_option("--model,-m", a->model, "GGUF model file (overrides the config's model)");
+  c->add_option("--model,-m", a->model, "GGUF model file (overrides the config's model; one of the two is required)");
   c->add_option("--host", a->host, "Listen address (overrides listen.host)");
   c->add_option("--port", a->port, "Listen port, 0 for any (overrides listen.port)")->check(CLI::Range(0, 65535));
   c->add_option("--http-host", a->http_host, "HTTP gateway address (overrides http.host; turns the gateway on)");

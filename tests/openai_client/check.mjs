@@ -8,12 +8,13 @@ import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 
-const [celer, work] = process.argv.slice(2);
+const [celer, work, modelFile] = process.argv.slice(2);
 
-// `celer serve --config FILE` whose config has an http section; resolves with the HTTP port.
+// `celer serve --config FILE` whose config has an http section, serving the bundled model;
+// resolves with the HTTP port.
 function serve(name, yaml) {
   const config = `${work}/${name}.yaml`;
-  writeFileSync(config, yaml);
+  writeFileSync(config, `model: ${modelFile}\n${yaml}`);
   const proc = spawn(celer, ["serve", "--config", config, "--port", "0"], { stdio: ["ignore", "pipe", "inherit"] });
   return new Promise((resolve, reject) => {
     const lines = createInterface({ input: proc.stdout });

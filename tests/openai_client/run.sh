@@ -7,4 +7,4 @@ work=$2
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../npm_prepare.sh"
 npm_prepare "$here" "$work" openai
-node "$work/check.mjs" "$celer" "$work"
+node "$work/check.mjs" "$celer" "$work" "$here/../data/stories260K.gguf"
