@@ -67,6 +67,9 @@ deadline: 1m
 listen:
   host: 0.0.0.0
   port: 0
+  token: "s3cret: with # marks"
+  max_message_bytes: 2MiB
+  max_buffered_bytes: 1GiB
 http:
   host: example.org
   port: 8081
@@ -118,6 +121,9 @@ TEST_CASE("an empty document is the default config", "[config]") {
   CHECK(defaults.deadline == milliseconds(0));
   CHECK(defaults.listen.host == "127.0.0.1");
   CHECK(defaults.listen.port == 7411);
+  CHECK(defaults.listen.token.empty());
+  CHECK(defaults.listen.max_message_bytes == uint64_t{8} << 20);
+  CHECK(defaults.listen.max_buffered_bytes == uint64_t{64} << 20);
   CHECK_FALSE(defaults.http.has_value());
   CHECK(defaults.supervision.max_restarts == 5);
   CHECK(defaults.supervision.window == milliseconds(60'000));
@@ -160,6 +166,9 @@ TEST_CASE("every key of a full document", "[config]") {
   CHECK(c.deadline == milliseconds(60'000));
   CHECK(c.listen.host == "0.0.0.0");
   CHECK(c.listen.port == 0);
+  CHECK(c.listen.token == "s3cret: with # marks");
+  CHECK(c.listen.max_message_bytes == uint64_t{2} << 20);
+  CHECK(c.listen.max_buffered_bytes == uint64_t{1} << 30);
   REQUIRE(c.http.has_value());
   CHECK(c.http->host == "example.org");
   CHECK(c.http->port == 8081);
@@ -263,6 +272,10 @@ TEST_CASE("an out-of-range value names the key and the range", "[config]") {
   check_error("http: {request_timeout: 0ms}", 1, "http.request_timeout", "");
   check_error("http: {stage_log: [1]}", 1, "http.stage_log", "");
   check_error("listen: {host: \"\"}", 1, "listen.host", "empty");
+  check_error("listen: {token: " + std::string(65, 'x') + "}", 1, "listen.token", "at most 64 bytes");
+  check_error("listen: {max_message_bytes: 1KiB}", 1, "listen.max_message_bytes", "4KiB..4GiB");
+  check_error("listen: {max_message_bytes: 5GiB}", 1, "listen.max_message_bytes", "4KiB..4GiB");
+  check_error("listen: {max_buffered_bytes: 0}", 1, "listen.max_buffered_bytes", "above 0");
   check_error("response_cache: {max_entries: 0}", 1, "response_cache.max_entries", "1..");
   check_error("rate_limits:\n  tenants:\n    bob:\n      burst: -1\n", 4, "rate_limits.tenants.bob.burst", ">= 0");
   check_error("rate_limits: {default: {burst: .inf}}", 1, "rate_limits.default.burst", ">= 0");

@@ -110,3 +110,31 @@ TEST_CASE("the exposition is valid Prometheus text with the replica's figures", 
   CHECK(sample(text, "celer_actor_restarts_total{actor=\"scheduler\"}") == 1);
   CHECK(sample(text, "celer_actor_restarts_total{actor=\"cache\"}") == 3);
 }
+
+TEST_CASE("the client port's guard counters appear when given", "[metrics]") {
+  ServingMetrics m;
+  CHECK(m.render(std::nullopt).find("celer_transport") == std::string::npos);
+  TransportStats t;
+  t.accepted = 7;
+  t.bad_preamble = 1;
+  t.bad_token = 2;
+  t.malformed = 3;
+  t.oversized = 4;
+  t.over_budget = 5;
+  t.max_message_bytes = 8 << 20;
+  t.max_buffered_bytes = 64 << 20;
+  t.buffered_bytes = 1024;
+  const std::string text = m.render(std::nullopt, t);
+  for (const char* line : {"celer_transport_connections_total 7\n", "celer_transport_refused_total{reason=\"bad_preamble\"} 1\n",
+                           "celer_transport_refused_total{reason=\"bad_token\"} 2\n",
+                           "celer_transport_refused_total{reason=\"malformed\"} 3\n",
+                           "celer_transport_refused_total{reason=\"oversized\"} 4\n",
+                           "celer_transport_refused_total{reason=\"over_budget\"} 5\n",
+                           "celer_transport_max_message_bytes 8388608\n", "celer_transport_max_buffered_bytes 67108864\n",
+                           "celer_transport_buffered_bytes 1024\n"})
+    CHECK(text.find(line) != std::string::npos);
+  CHECK(text.find("# TYPE celer_transport_refused_total counter") != std::string::npos);
+  CHECK(m.active() == 0);
+  m.request_started();
+  CHECK(m.active() == 1);
+}
