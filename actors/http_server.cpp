@@ -59,6 +59,38 @@ bool is_http_error(const beast::error_code& ec) {
   return ec.category() == http::make_error_code(http::error::bad_method).category();
 }
 
+// A request's Transfer-Encoding: all its lines joined in order, as one list (RFC 9110 section 5.3).
+std::string transfer_encoding(const http::fields& fields) {
+  std::string joined;
+  for (auto [it, end] = fields.equal_range(http::field::transfer_encoding); it != end; ++it) {
+    if (!joined.empty()) joined += ", ";
+    joined += std::string(it->value());
+  }
+  return joined;
+}
+
+// Whether a Transfer-Encoding list ends with chunked and names it only there, the one framing
+// RFC 9112 section 6.1 lets a request's body have. Codings compare case-insensitively with
+// spaces and tabs around them trimmed; empty list elements are skipped (RFC 9110 section 5.6.1).
+bool chunked_once_and_last(beast::string_view codings) {
+  int chunked = 0;
+  bool last_chunked = false;
+  size_t pos = 0;
+  while (pos <= codings.size()) {
+    size_t comma = codings.find(',', pos);
+    if (comma == beast::string_view::npos) comma = codings.size();
+    beast::string_view coding = codings.substr(pos, comma - pos);
+    while (!coding.empty() && (coding.front() == ' ' || coding.front() == '\t')) coding.remove_prefix(1);
+    while (!coding.empty() && (coding.back() == ' ' || coding.back() == '\t')) coding.remove_suffix(1);
+    if (!coding.empty()) {
+      last_chunked = beast::iequals(coding, "chunked");
+      chunked += last_chunked;
+    }
+    pos = comma + 1;
+  }
+  return last_chunked && chunked == 1;
+}
+
 class Session;
 
 class Exchange final : public HttpExchange {
@@ -72,6 +104,10 @@ class Exchange final : public HttpExchange {
   void end() override;
   bool gone() const override { return gone_; }
   void on_gone(std::function<void()> callback) override { on_gone_ = std::move(callback); }
+
+  // No request follows this one on the connection (its client half-closed): the answer says
+  // Connection: close when its header is still to be written, and the connection closes after it.
+  void last_on_connection() { keep_alive_ = false; }
 
   // The connection broke before the answer was complete.
   void mark_gone() {
@@ -97,7 +133,10 @@ class Exchange final : public HttpExchange {
 // Reads and writes through the beast::tcp_stream never overlap, so its one timeout serves both:
 // idle_timeout while waiting for a request's first byte, request_timeout for the rest of it,
 // write_timeout for each write. While an answer is being produced, a wait on the raw socket
-// notices a client that closes its end (EOF) so its request can be cancelled.
+// notices a client that resets the connection, so its request is cancelled at once. A FIN there
+// is a half-close (`nc -N`, shutdown(SHUT_WR) after the request): the client still reads, so the
+// answers to what it sent are written in full and then the connection is closed. A client that
+// closed both ways is noticed when a write to it fails.
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, HttpServer::Impl* server) : stream_(std::move(socket)), server_(server) {
@@ -142,6 +181,7 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->header_limit(static_cast<uint32_t>(opts().header_limit));
     parser_->body_limit(opts().body_limit);
     if (buffer_.size() > 0) return read_header();  // a pipelined request is already here
+    if (half_closed_) return close();              // and no other will come
     stream_.expires_after(opts().idle_timeout);
     stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
       if (ec) return self->close();
@@ -161,6 +201,15 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_header() {
     auto& req = parser_->get();
+    // A body whose last transfer coding is not chunked has no length this server can find, and
+    // Beast would take it as empty, so it would be read as the next request (a request a proxy
+    // in front sees as one body: request smuggling). RFC 9112 section 6.1: answer 400 and close.
+    if (req.count(http::field::transfer_encoding) > 0) {
+      const std::string codings = transfer_encoding(req);
+      if (!chunked_once_and_last(codings))
+        return refuse(400, "Transfer-Encoding '" + codings +
+                               "' is not supported: a request's last transfer coding must be chunked, applied once");
+    }
     // curl sends bodies over 1 KiB only after "100 Continue" (or a 1 s pause).
     if (beast::iequals(req[http::field::expect], "100-continue") && !parser_->is_done()) {
       auto msg = std::make_shared<std::string>("HTTP/1.1 100 Continue\r\n\r\n");
@@ -227,21 +276,32 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
-  // Readable while an answer is pending means EOF (the client left) or a pipelined request
-  // (data): peek to tell which. A pipelined request stops the watch; a failed write still
-  // notices a client that left.
+  // Readable while an answer is pending means a pipelined request (data), a half-close (EOF)
+  // or a reset (an error): peek to tell which. A pipelined request stops the watch, and so does
+  // a half-close (the socket stays readable at EOF, so a further wait would spin); from then on
+  // a failed write notices a client that left. A reset closes at once, cancelling the request.
   void watch() {
+    if (half_closed_) return on_half_close();  // a pipelined request after the FIN was read
     if (watching_ || closed_) return;
     watching_ = true;
     stream_.socket().async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
       self->watching_ = false;
-      if (ec || self->closed_ || !self->active_) return;
+      if (ec == net::error::operation_aborted || self->closed_ || !self->active_) return;
+      if (ec) return self->close();
       char c;
       beast::error_code peek_ec;
       const size_t n = self->stream_.socket().receive(net::buffer(&c, 1), tcp::socket::message_peek, peek_ec);
       if (peek_ec == net::error::would_block) return self->watch();
-      if (peek_ec || n == 0) self->close();
+      if (peek_ec == net::error::eof || (!peek_ec && n == 0)) return self->on_half_close();
+      if (peek_ec) self->close();  // ECONNRESET: the client is gone
     });
+  }
+
+  // The client sent its last byte. Requests already buffered (pipelined before the FIN) are
+  // still answered in turn; the answer to the last one closes the connection.
+  void on_half_close() {
+    half_closed_ = true;
+    if (active_ && buffer_.size() == 0) active_->last_on_connection();
   }
 
   void write_pending() {
@@ -308,6 +368,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string inflight_;  // bytes of the current write
   bool writing_ = false;
   bool watching_ = false;
+  bool half_closed_ = false;  // the client's FIN was seen: no bytes follow those in buffer_
   bool closed_ = false;
   AfterFlush after_flush_ = AfterFlush::nothing;
   std::shared_ptr<Exchange> active_;

@@ -8,8 +8,13 @@
 // larger than body_limit 413, both then closed; a request that has begun must arrive whole within
 // request_timeout (a slowloris client that never finishes its header is closed); a connection
 // waiting for its next request is closed after idle_timeout; a client that does not read what is
-// written for write_timeout is dropped. Malformed HTTP gets 400. Error bodies come from the
-// error_body hook (the gateway makes them OpenAI error JSON).
+// written for write_timeout is dropped. Malformed HTTP gets 400, and so does a request whose
+// Transfer-Encoding does not end with chunked (RFC 9112 section 6.1), both then closed. Error
+// bodies come from the error_body hook (the gateway makes them OpenAI error JSON).
+//
+// A client that half-closes (shutdown(SHUT_WR) after its request, as `nc -N` does) still gets
+// its answers in full, then the connection is closed. A reset while an answer is pending is
+// noticed at once; a client that closed both ways is noticed at the first write that fails.
 //
 // Threads: the handler, HttpExchange's methods and the callbacks run on the I/O thread only.
 // Other threads hand work to it with post().
@@ -50,8 +55,9 @@ class HttpExchange {
   virtual void start_stream(int status, const std::string& content_type) = 0;
   virtual void write(std::string data) = 0;
   virtual void end() = 0;
-  // The client went away (closed its connection, or a write failed or timed out): later writes
-  // are dropped. on_gone's callback runs once when that happens before the exchange ended.
+  // The client went away (reset its connection, or a write failed or timed out; a half-close is
+  // not leaving): later writes are dropped. on_gone's callback runs once when that happens
+  // before the exchange ended.
   virtual bool gone() const = 0;
   virtual void on_gone(std::function<void()> callback) = 0;
 };

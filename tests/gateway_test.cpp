@@ -1,10 +1,12 @@
 // The HTTP gateway of a `celer serve` in another process, through a Beast client and raw
 // sockets: routes, completions streamed and not (the same tokens as the client library),
 // errors with their statuses, limits, a slowloris client and a client that leaves mid-stream
-// while others keep being served.
+// while others keep being served, half-closed connections and Transfer-Encoding framing.
 #include <catch2/catch.hpp>
 
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -95,6 +97,69 @@ std::vector<std::string> sse_events(const std::string& body) {
     pos = end + 2;
   }
   return out;
+}
+
+// What the server sends on a connection until it closes it; `closed` is false when it was
+// still open after `timeout` (a server that forgot to close must fail a test, not hang it).
+struct Received {
+  std::string bytes;
+  bool closed = false;
+};
+
+Received read_until_closed(tcp::socket& socket, std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  Received r;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    using std::chrono::duration_cast, std::chrono::milliseconds;
+    const auto left = duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd p{socket.native_handle(), POLLIN, 0};
+    if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return r;
+    char buf[4096];
+    const ssize_t n = ::recv(socket.native_handle(), buf, sizeof buf, 0);
+    if (n <= 0) {  // FIN (or a reset)
+      r.closed = true;
+      return r;
+    }
+    r.bytes.append(buf, static_cast<size_t>(n));
+  }
+}
+
+// The responses in `bytes`, in order; every one of them must be complete.
+std::vector<Reply> parse_replies(const std::string& bytes) {
+  std::vector<Reply> out;
+  size_t at = 0;
+  while (at < bytes.size()) {
+    http::response_parser<http::string_body> parser;
+    parser.eager(true);
+    parser.body_limit(64 << 20);
+    beast::error_code ec;
+    while (!parser.is_done() && at < bytes.size()) {
+      at += parser.put(net::buffer(bytes.data() + at, bytes.size() - at), ec);
+      if (ec == http::error::need_more) ec = {};
+      REQUIRE(!ec);
+    }
+    REQUIRE(parser.is_done());
+    Reply r;
+    r.status = static_cast<int>(parser.get().result_int());
+    r.body = parser.get().body();
+    r.content_type = std::string(parser.get()[http::field::content_type]);
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+// Sends `bytes` on a new connection and half-closes it (shutdown(SHUT_WR), as `nc -N` does),
+// then reads until the server closes.
+Received half_closed_exchange(uint16_t port, const std::string& bytes) {
+  Conn conn(port);
+  net::write(conn.socket(), net::buffer(bytes));
+  conn.socket().shutdown(tcp::socket::shutdown_send);
+  return read_until_closed(conn.socket());
+}
+
+std::string post_bytes(const std::string& target, const std::string& body) {
+  return "POST " + target + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+         std::to_string(body.size()) + "\r\n\r\n" + body;
 }
 
 Completion client_library(uint16_t port, const std::string& prompt, int max_tokens, float temperature, uint64_t seed) {
@@ -455,7 +520,11 @@ TEST_CASE("gateway: a client that leaves while its request waits in the queue ca
     while (metric(port, "celer_queue_depth{priority=\"normal\"}") < 1 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     CHECK(metric(port, "celer_queue_depth{priority=\"normal\"}") == 1);
-  }  // B hangs up while queued
+    // B hangs up while queued, abortively (SO_LINGER 0: a reset), which is how a client that is
+    // gone differs from one that only half-closed (a FIN) and still waits for its answer.
+    b.socket().set_option(net::socket_base::linger(true, 0));
+    b.socket().close();
+  }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (metric(port, "celer_queue_depth{priority=\"normal\"}") != 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -468,4 +537,116 @@ TEST_CASE("gateway: a client that leaves while its request waits in the queue ca
   CHECK(metric(port, "celer_requests_total{outcome=\"length\"}") == 1);
   const double queried = metric(port, "celer_prefix_cache_queried_tokens_total");
   CHECK(queried == 5);  // "Once upon a time" with BOS
+}
+
+TEST_CASE("gateway: a half-closed GET /health is answered and then the connection is closed", "[gateway][half-close]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  // A few times: a server that takes the FIN for a disconnect loses the answer only when it sees
+  // the FIN before the replica answers, which is a race (it nearly always did).
+  for (int round = 0; round < 5; ++round) {
+    INFO("round " << round);
+    Received one = half_closed_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(one.closed);
+    auto replies = parse_replies(one.bytes);
+    REQUIRE(replies.size() == 1);
+    CHECK(replies[0].status == 200);
+    CHECK(replies[0].j()["status"] == "ok");
+  }
+  // Requests pipelined before the FIN are all answered, in order.
+  Received two =
+      half_closed_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n");
+  CHECK(two.closed);
+  auto replies = parse_replies(two.bytes);
+  REQUIRE(replies.size() == 2);
+  CHECK(replies[0].j()["status"] == "ok");
+  CHECK(replies[1].j()["object"] == "list");
+}
+
+TEST_CASE("gateway: a half-closed completion gets its whole answer", "[gateway][half-close]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  const std::string expected = client_library_text(server.port(), "Once upon a time", 12, 0, 0);
+  const json body = {{"prompt", "Once upon a time"}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}};
+  Received plain = half_closed_exchange(port, post_bytes("/v1/completions", body.dump()));
+  CHECK(plain.closed);
+  auto replies = parse_replies(plain.bytes);
+  REQUIRE(replies.size() == 1);
+  REQUIRE(replies[0].status == 200);
+  CHECK(replies[0].j()["choices"][0]["text"] == expected);
+  CHECK(replies[0].j()["usage"]["completion_tokens"] == 12);
+  // It was not taken for a client that left.
+  CHECK(metric(port, "celer_client_disconnects_total") == 0);
+  CHECK(metric(port, "celer_requests_total{outcome=\"cancelled\"}") == 0);
+}
+
+TEST_CASE("gateway: a half-closed streamed completion gets its whole stream", "[gateway][half-close]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  const std::string expected = client_library_text(server.port(), "Once upon a time", 12, 0, 0);
+  const json body = {{"prompt", "Once upon a time"}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true},
+                     {"stream", true}};
+  Received streamed = half_closed_exchange(port, post_bytes("/v1/completions", body.dump()));
+  CHECK(streamed.closed);
+  // The last SSE event, then the chunked body's terminator.
+  const std::string tail = "data: [DONE]\n\n\r\n0\r\n\r\n";
+  REQUIRE(streamed.bytes.size() > tail.size());
+  CHECK(streamed.bytes.compare(streamed.bytes.size() - tail.size(), tail.size(), tail) == 0);
+  auto replies = parse_replies(streamed.bytes);
+  REQUIRE(replies.size() == 1);
+  REQUIRE(replies[0].status == 200);
+  CHECK(replies[0].content_type == "text/event-stream");
+  std::string text;
+  for (const auto& e : sse_events(replies[0].body))
+    if (e != "[DONE]") text += json::parse(e)["choices"][0]["text"].get<std::string>();
+  CHECK(text == expected);
+  CHECK(metric(port, "celer_client_disconnects_total") == 0);
+  CHECK(metric(port, "celer_requests_total{outcome=\"cancelled\"}") == 0);
+}
+
+TEST_CASE("gateway: a Transfer-Encoding that does not end with chunked is a 400 and closes the connection",
+          "[gateway][transfer-encoding]") {
+  Server server;
+  const uint16_t port = server.http_port();
+  // Each body is a valid request of its own: it must not be read as the next, pipelined one.
+  const std::string smuggled = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+  for (const std::string coding : {"gzip", "identity", "chunked, gzip", "xchunked", "chunked, chunked"}) {
+    INFO("Transfer-Encoding: " << coding);
+    Conn conn(port);
+    const std::string bytes = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              "Transfer-Encoding: " + coding + "\r\n\r\n" + smuggled;
+    net::write(conn.socket(), net::buffer(bytes));
+    Received got = read_until_closed(conn.socket(), std::chrono::seconds(5));
+    CHECK(got.closed);
+    auto replies = parse_replies(got.bytes);
+    CHECK(replies.size() == 1);  // (not fatal: every coding is tried)
+    if (replies.empty()) continue;
+    CHECK(replies[0].status == 400);
+    CHECK(replies[0].j()["error"]["code"] == "invalid_http");
+    CHECK(replies[0].j()["error"]["message"].get<std::string>().find("'" + coding + "'") != std::string::npos);
+  }
+  // chunked alone is still a body (in any case), and the connection stays open after it.
+  for (const std::string coding : {"chunked", "CHUNKED"}) {
+    INFO("Transfer-Encoding: " << coding);
+    Conn conn(port);
+    const std::string body = json{{"prompt", "Once upon a time"}, {"max_tokens", 3}, {"ignore_eos", true}}.dump();
+    const std::string first = body.substr(0, 10), rest = body.substr(10);
+    auto hex = [](size_t n) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%zx", n);
+      return std::string(buf);
+    };
+    // Two chunks, then the last (empty) one.
+    const std::string chunks =
+        hex(first.size()) + "\r\n" + first + "\r\n" + hex(rest.size()) + "\r\n" + rest + "\r\n0\r\n\r\n";
+    const std::string bytes = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              "Transfer-Encoding: " + coding + "\r\n\r\n" + chunks;
+    net::write(conn.socket(), net::buffer(bytes));
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    http::read(conn.socket(), buffer, parser);
+    REQUIRE(parser.get().result_int() == 200);
+    CHECK(json::parse(parser.get().body())["usage"]["completion_tokens"] == 3);
+    CHECK(conn.request("GET", "/health").status == 200);
+  }
 }
