@@ -133,7 +133,16 @@ TEST_CASE("serve: a port in use says so, with the port", "[serve]") {
   CelerRun r = run_celer(CELER_BIN, {"serve", "--model", kModel, "--port", port}, 20s);
   INFO(r.output);
   CHECK(r.exited(1));
-  CHECK_THAT(r.output, Catch::Contains("address already in use") && Catch::Contains(":" + port));
+  CHECK_THAT(r.output, Catch::Contains("listen: ") && Catch::Contains("address already in use") &&
+                           Catch::Contains(":" + port));
+  // The HTTP port too.
+  ServeProcess with_http(CELER_BIN, {"--http-port", "0"});
+  const std::string http_port = std::to_string(with_http.http_port());
+  CelerRun h = run_celer(CELER_BIN, {"serve", "--model", kModel, "--port", "0", "--http-port", http_port}, 20s);
+  INFO(h.output);
+  CHECK(h.exited(1));
+  CHECK_THAT(h.output, Catch::Contains("address already in use", Catch::CaseSensitive::No) &&
+                           Catch::Contains(":" + http_port));
 }
 
 TEST_CASE("serve: SIGTERM with live streams stops within the grace period; every stream ends with an error",

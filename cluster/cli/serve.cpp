@@ -134,7 +134,11 @@ int serve(const ClusterConfig& config, StopSignals& signals) {
     limits.max_message_bytes = config.listen.max_message_bytes;
     limits.max_buffered_bytes = config.listen.max_buffered_bytes;
     node.transport = std::make_unique<Transport>(sys, limits);
-    node.port = node.transport->publish(node.replica, config.listen.host, config.listen.port);
+    try {
+      node.port = node.transport->publish(node.replica, config.listen.host, config.listen.port);
+    } catch (const Error& e) {
+      throw Error(ErrorCode::io, std::string("listen: ") + e.what());
+    }
     std::printf("celer: serving %s (%s) on %s:%u: %d KV blocks, batch %d sequences / %d tokens, context %d\n",
                 model->name().c_str(), config.model.c_str(), config.listen.host.c_str(), static_cast<unsigned>(node.port),
                 setup.kv_blocks, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens, setup.scheduler.max_context);
