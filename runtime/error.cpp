@@ -10,6 +10,7 @@ const char* to_string(ErrorCode code) {
     case ErrorCode::io: return "io";
     case ErrorCode::out_of_memory: return "out_of_memory";
     case ErrorCode::context_overflow: return "context_overflow";
+    case ErrorCode::unavailable: return "unavailable";
   }
   return "unknown";
 }

@@ -14,6 +14,7 @@ enum class ErrorCode {
   io,                // the operating system refused (open, mmap, write)
   out_of_memory,     // no KV blocks, no scratch
   context_overflow,  // a sequence longer than the model's context
+  unavailable,       // a peer is gone or silent (a tensor-parallel rank, a node)
 };
 
 const char* to_string(ErrorCode code);

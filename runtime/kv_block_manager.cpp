@@ -16,7 +16,7 @@ KvBlockManager::KvBlockManager(int32_t n_blocks, bool prefix_caching)
   for (int32_t b = 0; b < n_blocks; ++b) push_free(b);
 }
 
-uint64_t KvBlockManager::block_hash(uint64_t parent, std::span<const TokenId> tokens) const {
+uint64_t prefix_block_hash(uint64_t parent, std::span<const TokenId> tokens) {
   // FNV-1a over the parent hash and the tokens, then a splitmix finalizer to spread the bits.
   uint64_t h = 0xcbf29ce484222325ull ^ parent;
   for (TokenId t : tokens) {
@@ -68,6 +68,7 @@ int32_t KvBlockManager::take_free() {
     index_.erase(blk.hash);
     blk.indexed = false;
     ++evictions_;
+    ++index_version_;
   }
   if (blk.partial > 0) {
     auto it = partial_index_.find(blk.partial_parent);
@@ -104,7 +105,7 @@ int32_t KvBlockManager::begin(RequestId id, std::span<const TokenId> tokens, std
   uint64_t parent = 0;
   for (size_t i = 0; i < usable; ++i) {
     const auto blk_tokens = tokens.subspan(i * kKvBlock, kKvBlock);
-    const uint64_t h = block_hash(parent, blk_tokens);
+    const uint64_t h = prefix_block_hash(parent, blk_tokens);
     const int32_t b = lookup(h, parent, blk_tokens);
     if (b < 0) break;
     if (blocks_[b].in_free) unlink_free(b);
@@ -157,12 +158,13 @@ void KvBlockManager::commit(RequestId id, std::span<const TokenId> tokens, int32
   const int32_t full = std::min<int32_t>(n_computed / kKvBlock, static_cast<int32_t>(s.table.size()));
   for (int32_t i = s.n_committed_blocks; i < full; ++i) {
     const auto blk_tokens = tokens.subspan(static_cast<size_t>(i) * kKvBlock, kKvBlock);
-    const uint64_t h = block_hash(s.last_hash, blk_tokens);
+    const uint64_t h = prefix_block_hash(s.last_hash, blk_tokens);
     const int32_t b = s.table[i];
     // A block with these contents may already be indexed (computed by a concurrent sequence):
     // keep the first one indexed; this one is freed as usual when its sequence ends.
     if (!blocks_[b].indexed && !index_.count(h)) {
       index_[h] = b;
+      ++index_version_;
       blocks_[b].indexed = true;
       blocks_[b].hash = h;
       block_parent_[b] = s.last_hash;
@@ -213,6 +215,25 @@ void KvBlockManager::forget_cached() {
   }
   index_.clear();
   partial_index_.clear();
+  ++index_version_;
+}
+
+std::vector<uint64_t> KvBlockManager::cached_block_hashes() const {
+  std::vector<uint64_t> hashes;
+  hashes.reserve(index_.size());
+  for (const auto& [hash, block] : index_) hashes.push_back(hash);
+  return hashes;
+}
+
+std::vector<uint64_t> prefix_block_hashes(std::span<const TokenId> tokens) {
+  std::vector<uint64_t> hashes;
+  hashes.reserve(tokens.size() / kKvBlock);
+  uint64_t parent = 0;
+  for (size_t i = 0; i + kKvBlock <= tokens.size(); i += kKvBlock) {
+    parent = prefix_block_hash(parent, tokens.subspan(i, kKvBlock));
+    hashes.push_back(parent);
+  }
+  return hashes;
 }
 
 void KvBlockManager::fork(RequestId src, RequestId dst) {

@@ -28,6 +28,14 @@
 
 namespace celer {
 
+// The prefix cache's hash of a full block: it covers the parent block's hash (0 for the first
+// block) and the block's kKvBlock tokens, so one value names the whole prefix up to it. The
+// router hashes prompts the same way to find the replica that caches the longest prefix.
+uint64_t prefix_block_hash(uint64_t parent, std::span<const TokenId> tokens);
+
+// The hashes of the full blocks of `tokens`, in order (tokens.size() / kKvBlock of them).
+std::vector<uint64_t> prefix_block_hashes(std::span<const TokenId> tokens);
+
 class KvBlockManager {
  public:
   KvBlockManager(int32_t n_blocks, bool prefix_caching);
@@ -55,6 +63,11 @@ class KvBlockManager {
 
   // Ends the sequence: drops its references. Committed full blocks stay cached until evicted.
   void release(RequestId seq);
+
+  // The hash of every full block in the prefix index, in no particular order.
+  std::vector<uint64_t> cached_block_hashes() const;
+  // Changes whenever a block enters or leaves the prefix index.
+  uint64_t index_version() const { return index_version_; }
 
   // Forgets every cached block (their KV memory was lost with a shard). Only valid while no
   // sequence holds blocks.
@@ -96,7 +109,6 @@ class KvBlockManager {
     int32_t n_computed = 0;          // positions whose KV is computed (from commit)
   };
 
-  uint64_t block_hash(uint64_t parent, std::span<const TokenId> tokens) const;
   int32_t lookup(uint64_t hash, uint64_t parent, std::span<const TokenId> tokens) const;
   int32_t take_free();  // front of the free queue, evicted from the index; -1 if none
   void push_free(int32_t block);
@@ -113,6 +125,7 @@ class KvBlockManager {
   std::unordered_map<RequestId, Sequence> seqs_;
   int32_t free_head_ = -1, free_tail_ = -1, free_count_ = 0;
   uint64_t queried_ = 0, hits_ = 0, evictions_ = 0;
+  uint64_t index_version_ = 0;
 };
 
 }  // namespace celer

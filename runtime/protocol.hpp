@@ -237,3 +237,67 @@ struct ReplicaStats {
 };
 
 }  // namespace celer
+
+namespace celer {
+
+// ---- The cluster's messages (docs/cluster.md) ----
+
+// What a node needs to build one tensor-parallel rank of a replica's shard: the node loads the
+// model from its own copy of the file and sizes the engine as the replica's scheduler says.
+struct ShardSpec {
+  std::string replica;     // the replica's name, for logs and status
+  std::string model_path;  // the GGUF file, as the node sees it
+  std::string device = "cpu";
+  int32_t rank = 0;        // 0 <= rank < size
+  int32_t size = 1;        // the replica's tensor-parallel size
+  int32_t threads = 0;     // compute threads; 0: the node's default
+  int32_t max_context = 0;
+  int32_t max_batch_tokens = 512;
+  int32_t max_seqs = 16;
+  int32_t n_kv_blocks = 0;
+  uint8_t q8_activations = 0;  // Q8Activations as its integer value
+  int32_t kv_type = -1;        // TensorType as its integer value; -1: the model's default
+};
+
+// A replica's state as its scheduler reports it to the router, every few tens of milliseconds
+// while it has work and at least once a second when idle.
+struct ReplicaReport {
+  std::string replica;
+  int32_t waiting = 0;             // requests queued, all priorities
+  int32_t running = 0;             // sequences in the running batch
+  int64_t outstanding_tokens = 0;  // prompt tokens still to compute + tokens still to generate
+  int32_t kv_blocks_used = 0;
+  int32_t kv_blocks_free = 0;
+  uint64_t prefix_queries = 0;
+  uint64_t prefix_hits = 0;
+  uint64_t tokens_generated = 0;   // since the replica started
+  bool draining = false;           // takes no new requests
+  // The hash chain of every full block in the replica's prefix cache (KvBlockManager's hashes),
+  // sent only when it changed since the last report: `blocks_changed` says whether it did.
+  bool blocks_changed = false;
+  std::vector<uint64_t> cached_blocks;
+};
+
+// The one routing message per request: what the router needs to pick a replica.
+struct RouteQuery {
+  std::string session_id;         // "" for none
+  int32_t prompt_tokens = 0;
+  int32_t max_tokens = 0;
+  std::vector<uint64_t> block_hashes;  // the prompt's full blocks, hashed as the prefix cache does
+  std::vector<std::string> exclude;    // replicas not to pick (a resumed request's dead replica)
+};
+
+// The model a cluster serves, as clients need to know it (celer bench sizes its prompts by it).
+struct ModelInfo {
+  std::string name;
+  int32_t n_vocab = 0;
+  int32_t max_context = 0;  // the serving context (max_context or the model's, capped)
+};
+
+// `celer status`: the cluster as its router sees it, as a JSON document (docs/cluster.md lists
+// the fields); kept as text so that the command prints it without knowing its every field.
+struct ClusterStatus {
+  std::string json;
+};
+
+}  // namespace celer

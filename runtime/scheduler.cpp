@@ -25,6 +25,16 @@ int32_t Scheduler::n_waiting() const {
   return n;
 }
 
+int64_t Scheduler::outstanding_tokens() const {
+  int64_t n = 0;
+  for (const auto& [id, s] : seqs_) {
+    const auto generated = static_cast<int32_t>(s.tokens.size()) - s.n_prompt;
+    n += std::max(0, static_cast<int32_t>(s.tokens.size()) - s.n_computed) +
+         std::max(0, s.request.max_tokens - generated);
+  }
+  return n;
+}
+
 bool Scheduler::before(const Sequence& a, const Sequence& b) {
   if (a.request.priority != b.request.priority) return a.request.priority < b.request.priority;
   return a.arrival < b.arrival;

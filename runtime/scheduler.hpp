@@ -109,6 +109,9 @@ class Scheduler {
   int32_t n_running() const { return static_cast<int32_t>(running_.size()); }
   bool idle() const { return seqs_.empty(); }
   uint64_t n_preemptions() const { return preemptions_; }
+  // The work still ahead, in tokens: prompt positions not yet computed plus tokens still to
+  // generate (up to max_tokens), over every request. What load-aware routing compares.
+  int64_t outstanding_tokens() const;
   uint64_t n_local_plans() const { return local_plans_; }  // steps planned without the cache
   // Counts reset_kv() calls: a plan asked for before a reset must not be applied after it.
   uint64_t kv_epoch() const { return kv_epoch_; }
