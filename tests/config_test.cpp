@@ -377,3 +377,320 @@ TEST_CASE("to_yaml writes sizes and durations in the largest exact unit", "[conf
   CHECK_THAT(yaml, Contains("window: 1m"));
   CHECK_THAT(yaml, !Contains("http:"));
 }
+
+namespace {
+
+// Three nodes, two replicas: r0 split over a and b, r1 whole on c; every cluster key given.
+const char* kCluster = R"(model: m.gguf
+cluster:
+  secret: "s3cret"
+  heartbeat_interval: 250ms
+  node_timeout: 3s
+  drain_timeout: 0
+  connect_timeout: 1m
+nodes:
+  - name: a
+    host: 10.0.0.1
+    port: 7501
+    threads: 4
+    http:
+      host: 0.0.0.0
+      port: 8080
+  - name: b
+    host: 10.0.0.2
+    port: 7501
+  - name: node_c-3
+    port: 7503
+replicas:
+  - name: big
+    scheduler: b
+    cache: a
+    shards:
+      - {node: a, device: cpu}
+      - {node: b}
+  - shards: [{node: node_c-3}]
+router:
+  node: b
+  standby: a
+routing:
+  policy: least-connections
+  prefix_load_guard: 2.25
+)";
+
+// Two loopback nodes and a replica of one shard on each: the smallest cluster, for the errors.
+const char* kSmallCluster = R"(nodes:
+  - {name: a, port: 7501}
+  - {name: b, port: 7502}
+replicas:
+  - shards: [{node: a}]
+  - shards: [{node: b}]
+)";
+
+}  // namespace
+
+TEST_CASE("a single-process config has no cluster sections", "[config][cluster]") {
+  ClusterConfig c = parse_config(kFull, "full.yaml");
+  CHECK_FALSE(c.is_cluster());
+  CHECK(c.nodes.empty());
+  CHECK(c.replicas.empty());
+  CHECK(c.router == RouterConfig{});
+  CHECK(c.cluster == MembershipConfig{});
+  CHECK(c.routing == RoutingConfig{});
+  const ClusterConfig defaults;
+  const std::string yaml = to_yaml(defaults);
+  for (const char* key : {"cluster:", "nodes:", "replicas:", "router:", "routing:"}) CHECK_THAT(yaml, !Contains(key));
+
+  MembershipConfig m;
+  CHECK(m.secret.empty());
+  CHECK(m.heartbeat_interval == milliseconds(500));
+  CHECK(m.node_timeout == milliseconds(2'000));
+  CHECK(m.drain_timeout == milliseconds(30'000));
+  CHECK(m.connect_timeout == milliseconds(30'000));
+  CHECK(RoutingConfig{}.policy == RoutingPolicy::standard);
+  CHECK(RoutingConfig{}.prefix_load_guard == 1.5);
+}
+
+TEST_CASE("every key of a cluster", "[config][cluster]") {
+  ClusterConfig c = parse_config(kCluster, "cluster.yaml");
+  REQUIRE(c.is_cluster());
+  CHECK(c.cluster.secret == "s3cret");
+  CHECK(c.cluster.heartbeat_interval == milliseconds(250));
+  CHECK(c.cluster.node_timeout == milliseconds(3'000));
+  CHECK(c.cluster.drain_timeout == milliseconds(0));
+  CHECK(c.cluster.connect_timeout == milliseconds(60'000));
+
+  REQUIRE(c.nodes.size() == 3);
+  HttpConfig http;
+  http.host = "0.0.0.0";
+  CHECK(c.nodes[0] == NodeConfig{"a", "10.0.0.1", 7501, 4, http});
+  CHECK(c.nodes[1] == NodeConfig{"b", "10.0.0.2", 7501, 0, std::nullopt});
+  CHECK(c.nodes[2] == NodeConfig{"node_c-3", "127.0.0.1", 7503, 0, std::nullopt});
+
+  REQUIRE(c.replicas.size() == 2);
+  const ReplicaConfig& big = c.replicas[0];
+  CHECK(big.name == "big");
+  CHECK(big.scheduler == "b");
+  CHECK(big.cache == "a");
+  CHECK(big.shards == std::vector<ShardConfig>{{"a", "cpu"}, {"b", "cpu"}});
+  CHECK(big.source == "cluster.yaml");
+  CHECK(big.line == 25);
+  CHECK(big.column == 5);
+  CHECK(config_location(big) == "cluster.yaml:25:5");
+  const ReplicaConfig& r1 = c.replicas[1];
+  CHECK(r1.name == "r1");
+  CHECK(r1.scheduler == "node_c-3");
+  CHECK(r1.cache == "node_c-3");
+  CHECK(r1.shards == std::vector<ShardConfig>{{"node_c-3", "cpu"}});
+  CHECK(config_location(r1) == "cluster.yaml:28:5");
+
+  CHECK(c.router == RouterConfig{"b", "a"});
+  CHECK(c.routing.policy == RoutingPolicy::least_connections);
+  CHECK(c.routing.prefix_load_guard == 2.25);
+  CHECK(routing_policy_name(c.routing.policy) == "least-connections");
+}
+
+TEST_CASE("a cluster's defaults", "[config][cluster]") {
+  ClusterConfig c = parse_config(kSmallCluster, "t.yaml");
+  REQUIRE(c.replicas.size() == 2);
+  CHECK(c.replicas[0].name == "r0");
+  CHECK(c.replicas[1].name == "r1");
+  CHECK(c.replicas[0].scheduler == "a");  // shard 0's node
+  CHECK(c.replicas[1].scheduler == "b");
+  CHECK(c.replicas[1].cache == "b");  // the scheduler's node
+  CHECK(c.router.node == "a");        // the first node
+  CHECK(c.router.standby.empty());
+  CHECK(c.cluster == MembershipConfig{});
+  CHECK(c.routing == RoutingConfig{});
+  CHECK(c.nodes[0].host == "127.0.0.1");
+  CHECK(c.nodes[0].threads == 0);
+  CHECK_FALSE(c.nodes[0].http.has_value());
+
+  // The cache defaults to the scheduler's node, not to shard 0's.
+  ClusterConfig s = parse_config(std::string(kSmallCluster) + "  - {scheduler: b, shards: [{node: a}]}\n", "t.yaml");
+  CHECK(s.replicas[2].name == "r2");
+  CHECK(s.replicas[2].cache == "b");
+}
+
+TEST_CASE("every routing policy and a node's HTTP gateway", "[config][cluster]") {
+  const std::pair<const char*, RoutingPolicy> policies[] = {
+      {"default", RoutingPolicy::standard},
+      {"session", RoutingPolicy::session},
+      {"prefix", RoutingPolicy::prefix},
+      {"least-loaded", RoutingPolicy::least_loaded},
+      {"least-connections", RoutingPolicy::least_connections},
+      {"round-robin", RoutingPolicy::round_robin},
+  };
+  for (const auto& [name, policy] : policies) {
+    INFO(name);
+    CHECK(parse_config(std::string("routing: {policy: ") + name + "}", "t.yaml").routing.policy == policy);
+    CHECK(routing_policy_name(policy) == name);
+  }
+  ClusterConfig c = parse_config(
+      "nodes:\n  - name: a\n    port: 7501\n    http: {port: 9000, request_timeout: 5s, stage_log: s.jsonl}\n"
+      "replicas:\n  - shards: [{node: a}]\n",
+      "t.yaml");
+  REQUIRE(c.nodes[0].http.has_value());
+  CHECK(c.nodes[0].http->port == 9000);
+  CHECK(c.nodes[0].http->host == "127.0.0.1");
+  CHECK(c.nodes[0].http->request_timeout == milliseconds(5'000));
+  CHECK(c.nodes[0].http->stage_log == "s.jsonl");
+}
+
+TEST_CASE("a cluster round-trips through to_yaml", "[config][cluster]") {
+  check_round_trip(parse_config(kCluster, "cluster.yaml"));
+  check_round_trip(parse_config(kSmallCluster, "small.yaml"));
+  const std::string yaml = to_yaml(parse_config(kCluster, "cluster.yaml"));
+  CHECK_THAT(yaml, !Contains("listen:") && !Contains("tensor_parallel_size"));
+  CHECK_THAT(yaml, Contains("prefix_load_guard: 2.25") && Contains("policy: least-connections"));
+
+  // Cluster sections away from their defaults in a single-process config are written too.
+  ClusterConfig single;
+  single.cluster.drain_timeout = milliseconds(1500);
+  single.routing.prefix_load_guard = 100;
+  check_round_trip(single);
+}
+
+TEST_CASE("the cluster: section's ranges", "[config][cluster]") {
+  check_error("cluster:\n  heartbeat_interval: 5ms\n", 2, "cluster.heartbeat_interval", "10ms..1m");
+  check_error("cluster: {heartbeat_interval: 2m}", 1, "cluster.heartbeat_interval", "10ms..1m");
+  check_error("cluster: {node_timeout: 11m}", 1, "cluster.node_timeout", "100ms..10m");
+  check_error("cluster: {drain_timeout: 2h}", 1, "cluster.drain_timeout", "0..1h");
+  check_error("cluster: {connect_timeout: 50ms}", 1, "cluster.connect_timeout", "100ms..1h");
+  check_error("cluster: {secret: " + std::string(65, 'x') + "}", 1, "cluster.secret", "at most 64 bytes");
+  check_error("cluster: {bogus: 1}", 1, "cluster.bogus", "secret, heartbeat_interval, node_timeout");
+  check_error("routing: {prefix_load_guard: 0.5}", 1, "routing.prefix_load_guard", "1..100");
+  check_error("routing: {prefix_load_guard: 101}", 1, "routing.prefix_load_guard", "1..100");
+  check_error("routing:\n  policy: random\n", 2, "routing.policy",
+              "default, session, prefix, least-loaded, least-connections, round-robin");
+  // node_timeout must exceed heartbeat_interval: at the later key, or the one given.
+  check_error("cluster:\n  heartbeat_interval: 1s\n  node_timeout: 1s\n", 3, "cluster.node_timeout",
+              "heartbeat_interval");
+  check_error("cluster:\n  node_timeout: 1s\n  heartbeat_interval: 2s\n", 3, "cluster.heartbeat_interval",
+              "must be longer");
+  check_error("cluster:\n  heartbeat_interval: 5s\n", 2, "cluster.heartbeat_interval", "node_timeout (2s)");
+  CHECK(parse_config("cluster: {secret: \"\"}", "t.yaml").cluster.secret.empty());
+}
+
+TEST_CASE("a bad node entry names its key", "[config][cluster]") {
+  const std::string replicas = "replicas:\n  - shards: [{node: a}]\n";
+  check_error("nodes:\n  - port: 7501\n" + replicas, 2, "nodes[0]", "name: is required");
+  check_error("nodes:\n  - name: a\n" + replicas, 2, "nodes[0]", "port: is required");
+  check_error("nodes:\n  - name: a\n    port: 0\n" + replicas, 3, "nodes[0].port", "1..65535");
+  check_error("nodes:\n  - name: a b\n    port: 1\n" + replicas, 2, "nodes[0].name", "A-Z, a-z, 0-9, _ and -");
+  check_error("nodes:\n  - name: " + std::string(33, 'n') + "\n    port: 1\n" + replicas, 2, "nodes[0].name", "1..32");
+  check_error("nodes:\n  - {name: a, port: 1, threads: 1025}\n" + replicas, 2, "nodes[0].threads", "0..1024");
+  check_error("nodes:\n  - {name: a, port: 1, gpu: 1}\n" + replicas, 2, "nodes[0].gpu",
+              "valid keys of nodes[0]: name, host, port, threads, http");
+  check_error("nodes:\n  - {name: a, port: 1, http: {bind: x}}\n" + replicas, 2, "nodes[0].http.bind", "host, port");
+  check_error("nodes:\n  - a\n" + replicas, 2, "nodes[0]", "mapping");
+  check_error("nodes: {a: 1}\n" + replicas, 1, "nodes", "must be a list");
+  check_error("nodes: []\n" + replicas, 1, "nodes", "at least one node");
+}
+
+TEST_CASE("duplicate node names and endpoints", "[config][cluster]") {
+  const std::string replicas = "replicas:\n  - shards: [{node: a}]\n";
+  check_error("nodes:\n  - {name: a, port: 7501}\n  - {name: b, port: 7502}\n  - {name: a, port: 7503}\n" + replicas, 4,
+              "nodes[2].name", "already the name of nodes[0]");
+  check_error("nodes:\n  - {name: a, port: 7501}\n  - name: b\n    port: 7501\n" + replicas, 4, "nodes[1].port",
+              "127.0.0.1:7501 is already nodes[0]'s node port");
+  // A node's HTTP port on a host:port another node listens on, given before or after it.
+  check_error(
+      "nodes:\n  - {name: a, port: 7501}\n  - name: b\n    port: 7502\n    http:\n      port: 7501\n" + replicas, 6,
+      "nodes[1].http.port", "already nodes[0]'s node port");
+  check_error("nodes:\n  - {name: a, port: 7501, http: {port: 7502}}\n  - {name: b, port: 7502}\n" + replicas, 3,
+              "nodes[1].port", "already nodes[0]'s HTTP port");
+  // The same port on different hosts is fine, as is an HTTP port on another host.
+  CHECK_NOTHROW(
+      parse_config("cluster: {secret: x}\nnodes:\n  - {name: a, host: 10.0.0.1, port: 7501}\n"
+                   "  - {name: b, host: 10.0.0.2, port: 7501, http: {host: 10.0.0.2, port: 7502}}\n"
+                   "  - {name: c, port: 7502}\n" +
+                       replicas,
+                   "t.yaml"));
+}
+
+TEST_CASE("a node host other machines reach needs cluster.secret", "[config][cluster]") {
+  const std::string rest = "replicas:\n  - shards: [{node: a}]\n";
+  check_error("nodes:\n  - name: a\n    host: 10.0.0.1\n    port: 7501\n" + rest, 3, "nodes[0].host", "cluster.secret");
+  check_error("nodes:\n  - {name: a, host: example.org, port: 7501}\n" + rest, 2, "nodes[0].host", "not a loopback");
+  for (const char* host : {"127.0.0.1", "127.1.2.3", "localhost", "::1"}) {
+    INFO(host);
+    CHECK_NOTHROW(
+        parse_config("nodes:\n  - {name: a, host: \"" + std::string(host) + "\", port: 7501}\n" + rest, "t.yaml"));
+  }
+  CHECK_NOTHROW(
+      parse_config("cluster: {secret: k}\nnodes:\n  - {name: a, host: 10.0.0.1, port: 7501}\n" + rest, "t.yaml"));
+}
+
+TEST_CASE("a replica, router or shard naming an unknown node says which exist", "[config][cluster]") {
+  const std::string nodes = "nodes:\n  - {name: a, port: 7501}\n  - {name: b, port: 7502}\n";
+  check_error(nodes + "replicas:\n  - shards:\n      - {node: a}\n      - {node: z}\n", 7, "replicas[0].shards[1].node",
+              "'z' is not a node; the nodes are a, b");
+  check_error(nodes + "replicas:\n  - scheduler: z\n    shards: [{node: a}]\n", 5, "replicas[0].scheduler", "a, b");
+  check_error(nodes + "replicas:\n  - cache: z\n    shards: [{node: a}]\n", 5, "replicas[0].cache", "not a node");
+  check_error(std::string(kSmallCluster) + "router:\n  node: z\n", 8, "router.node", "the nodes are a, b");
+  check_error(std::string(kSmallCluster) + "router:\n  standby: z\n", 8, "router.standby", "not a node");
+  check_error(std::string(kSmallCluster) + "router:\n  node: b\n  standby: b\n", 9, "router.standby", "must differ");
+  check_error(std::string(kSmallCluster) + "router: {standby: a}\n", 7, "router.standby", "router.node ('a')");
+  check_error("router: {node: a}", 1, "router.node", "no nodes: are given");
+}
+
+TEST_CASE("a bad replica entry names its key", "[config][cluster]") {
+  const std::string nodes = "nodes:\n  - {name: a, port: 7501}\n";
+  check_error(nodes + "replicas:\n  - name: r0\n", 4, "replicas[0]", "shards: is required");
+  check_error(nodes + "replicas:\n  - shards: []\n", 4, "replicas[0].shards", "1..64 shards");
+  check_error(nodes + "replicas:\n  - shards:\n", 4, "replicas[0].shards", "1..64 shards");
+  std::string many = nodes + "replicas:\n  - shards:\n";
+  for (int i = 0; i < 65; ++i) many += "      - {node: a}\n";
+  check_error(many, 4, "replicas[0].shards", "got 65");
+  check_error(nodes + "replicas:\n  - shards: [{device: cpu}]\n", 4, "replicas[0].shards[0]", "node: is required");
+  check_error(nodes + "replicas:\n  - shards: [{node: a, gpu: 0}]\n", 4, "replicas[0].shards[0].gpu", "node, device");
+  check_error(nodes + "replicas:\n  - {shards: [{node: a}], tp: 2}\n", 4, "replicas[0].tp",
+              "name, scheduler, cache, shards");
+  check_error(nodes + "replicas:\n  - {name: x, shards: [{node: a}]}\n  - {name: x, shards: [{node: a}]}\n", 5,
+              "replicas[1].name", "already the name of replicas[0]");
+  check_error(nodes + "replicas:\n  - {name: r1, shards: [{node: a}]}\n  - {shards: [{node: a}]}\n", 5, "replicas[1]",
+              "'r1' (its default name) is already");
+  check_error(nodes + "replicas: []\n", 3, "replicas", "at least one replica");
+}
+
+TEST_CASE("a shard's device: cpu; cuda:N needs a GPU build; anything else lists the forms", "[config][cluster]") {
+  const std::string nodes = "nodes:\n  - {name: a, port: 7501}\n";
+  CHECK(parse_config(nodes + "replicas:\n  - shards: [{node: a, device: cpu}]\n", "t.yaml")
+            .replicas[0]
+            .shards[0]
+            .device == "cpu");
+  for (const char* device : {"cuda:0", "cuda:12"}) {
+    INFO(device);
+    const std::string yaml = nodes + "replicas:\n  - shards:\n      - node: a\n        device: " + device + "\n";
+    check_error(yaml, 6, "replicas[0].shards[0].device", "GPU shards need a CUDA build with the GPU backend");
+    CHECK_THAT(error_of(yaml), Contains(device) && Contains("not"));
+  }
+  for (const char* device : {"gpu", "cuda", "cuda:", "cuda:-1", "cuda:x", "CPU"}) {
+    INFO(device);
+    check_error(nodes + "replicas:\n  - shards: [{node: a, device: \"" + device + "\"}]\n", 4,
+                "replicas[0].shards[0].device", "must be cpu, or cuda:N with N a non-negative integer");
+  }
+}
+
+TEST_CASE("nodes: and replicas: go together, and replace the single-process keys", "[config][cluster]") {
+  check_error("model: m\nreplicas:\n  - shards: [{node: a}]\n", 2, "replicas", "needs nodes:");
+  check_error("model: m\nnodes:\n  - {name: a, port: 7501}\n", 2, "nodes", "needs replicas:");
+  check_error("tensor_parallel_size: 2\n" + std::string(kSmallCluster), 1, "tensor_parallel_size",
+              "each replica's shards list sets its tensor-parallel size");
+  check_error(std::string(kSmallCluster) + "http:\n  port: 8080\n", 7, "http", "put http: under the node");
+  check_error(std::string(kSmallCluster) + "listen:\n  port: 7411\n", 7, "listen", "each node's host and port replace");
+  // Without nodes, cluster: and routing: are allowed and change nothing else.
+  ClusterConfig c =
+      parse_config("cluster: {drain_timeout: 1s}\nrouting: {policy: prefix}\nlisten: {port: 1}\n", "t.yaml");
+  CHECK_FALSE(c.is_cluster());
+  CHECK(c.listen.port == 1);
+}
+
+TEST_CASE("dtype names for the serving code's mismatch check", "[config]") {
+  CHECK(dtype_name(std::nullopt) == "auto");
+  CHECK(dtype_name(TensorType::f32) == "f32");
+  CHECK(dtype_name(TensorType::f16) == "f16");
+  CHECK(dtype_name(TensorType::bf16) == "bf16");
+  CHECK(dtype_name(TensorType::q8_0) == "q8_0");
+  CHECK(parse_config("dtype: q8_0", "t.yaml").dtype == TensorType::q8_0);
+}
