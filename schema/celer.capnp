@@ -203,6 +203,56 @@ struct CachedResponse {
   reason @3 :FinishReason;
 }
 
+# ---- The cluster's messages (docs/cluster.md) ----
+
+struct ShardSpec {
+  replica @0 :Text;
+  modelPath @1 :Text;
+  device @2 :Text = "cpu";  # always written: an empty string must not read back as the default
+  rank @3 :Int32;
+  size @4 :Int32 = 1;
+  threads @5 :Int32;
+  maxContext @6 :Int32;
+  maxBatchTokens @7 :Int32 = 512;
+  maxSeqs @8 :Int32 = 16;
+  nKvBlocks @9 :Int32;
+  q8Activations @10 :UInt8;  # Q8Activations as its integer value
+  kvType @11 :Int32 = -1;    # TensorType as its integer value; -1: the model's default
+}
+
+struct ReplicaReport {
+  replica @0 :Text;
+  waiting @1 :Int32;
+  running @2 :Int32;
+  outstandingTokens @3 :Int64;
+  kvBlocksUsed @4 :Int32;
+  kvBlocksFree @5 :Int32;
+  prefixQueries @6 :UInt64;
+  prefixHits @7 :UInt64;
+  tokensGenerated @8 :UInt64;
+  draining @9 :Bool;
+  blocksChanged @10 :Bool;
+  cachedBlocks @11 :List(UInt64);
+}
+
+struct RouteQuery {
+  sessionId @0 :Text;
+  promptTokens @1 :Int32;
+  maxTokens @2 :Int32;
+  blockHashes @3 :List(UInt64);
+  exclude @4 :List(Text);
+}
+
+struct ModelInfo {
+  name @0 :Text;
+  nVocab @1 :Int32;
+  maxContext @2 :Int32;
+}
+
+struct ClusterStatus {
+  json @0 :Text;
+}
+
 # The root of every message on the wire.
 struct Envelope {
   version @0 :UInt16;  # must equal celer::kProtocolVersion
@@ -218,5 +268,10 @@ struct Envelope {
     blockPlanRequest @9 :BlockPlanRequest;
     blockPlan @10 :BlockPlan;
     cachedResponse @11 :CachedResponse;
+    shardSpec @12 :ShardSpec;
+    replicaReport @13 :ReplicaReport;
+    routeQuery @14 :RouteQuery;
+    modelInfo @15 :ModelInfo;
+    clusterStatus @16 :ClusterStatus;
   }
 }

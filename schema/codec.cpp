@@ -15,6 +15,8 @@
 #include <exception>
 #include <string>
 
+#include "kernels/matmul.hpp"
+#include "kernels/types.hpp"
 #include "runtime/error.hpp"
 #include "runtime/sampler.hpp"
 #include "schema/celer.capnp.h"
@@ -230,6 +232,59 @@ void put(cs::CachedResponse::Builder b, const CachedResponse& m) {
   b.setReason(static_cast<cs::FinishReason>(static_cast<uint16_t>(m.reason)));
 }
 
+void put(cs::ShardSpec::Builder b, const ShardSpec& m) {
+  put_text(m.replica, [&](auto t) { b.setReplica(t); });
+  put_text(m.model_path, [&](auto t) { b.setModelPath(t); });
+  b.setDevice(text(m.device));  // always: "" left null would read back as the default "cpu"
+  b.setRank(m.rank);
+  b.setSize(m.size);
+  b.setThreads(m.threads);
+  b.setMaxContext(m.max_context);
+  b.setMaxBatchTokens(m.max_batch_tokens);
+  b.setMaxSeqs(m.max_seqs);
+  b.setNKvBlocks(m.n_kv_blocks);
+  b.setQ8Activations(m.q8_activations);
+  b.setKvType(m.kv_type);
+}
+
+void put(cs::ReplicaReport::Builder b, const ReplicaReport& m) {
+  put_text(m.replica, [&](auto t) { b.setReplica(t); });
+  b.setWaiting(m.waiting);
+  b.setRunning(m.running);
+  b.setOutstandingTokens(m.outstanding_tokens);
+  b.setKvBlocksUsed(m.kv_blocks_used);
+  b.setKvBlocksFree(m.kv_blocks_free);
+  b.setPrefixQueries(m.prefix_queries);
+  b.setPrefixHits(m.prefix_hits);
+  b.setTokensGenerated(m.tokens_generated);
+  b.setDraining(m.draining);
+  b.setBlocksChanged(m.blocks_changed);
+  if (!m.cached_blocks.empty())
+    put_ints(b.initCachedBlocks(list_size(m.cached_blocks.size(), "cached_blocks")), m.cached_blocks);
+}
+
+void put(cs::RouteQuery::Builder b, const RouteQuery& m) {
+  put_text(m.session_id, [&](auto t) { b.setSessionId(t); });
+  b.setPromptTokens(m.prompt_tokens);
+  b.setMaxTokens(m.max_tokens);
+  if (!m.block_hashes.empty())
+    put_ints(b.initBlockHashes(list_size(m.block_hashes.size(), "block_hashes")), m.block_hashes);
+  if (!m.exclude.empty()) {
+    auto exclude = b.initExclude(list_size(m.exclude.size(), "exclude"));
+    for (unsigned i = 0; i < m.exclude.size(); ++i) exclude.set(i, text(m.exclude[i]));
+  }
+}
+
+void put(cs::ModelInfo::Builder b, const ModelInfo& m) {
+  put_text(m.name, [&](auto t) { b.setName(t); });
+  b.setNVocab(m.n_vocab);
+  b.setMaxContext(m.max_context);
+}
+
+void put(cs::ClusterStatus::Builder b, const ClusterStatus& m) {
+  put_text(m.json, [&](auto t) { b.setJson(t); });
+}
+
 struct PutInEnvelope {
   cs::Envelope::Builder env;
   void operator()(const GenerateRequest& m) { put(env.initGenerateRequest(), m); }
@@ -243,6 +298,11 @@ struct PutInEnvelope {
   void operator()(const BlockPlanRequest& m) { put(env.initBlockPlanRequest(), m); }
   void operator()(const BlockPlan& m) { put(env.initBlockPlan(), m); }
   void operator()(const CachedResponse& m) { put(env.initCachedResponse(), m); }
+  void operator()(const ShardSpec& m) { put(env.initShardSpec(), m); }
+  void operator()(const ReplicaReport& m) { put(env.initReplicaReport(), m); }
+  void operator()(const RouteQuery& m) { put(env.initRouteQuery(), m); }
+  void operator()(const ModelInfo& m) { put(env.initModelInfo(), m); }
+  void operator()(const ClusterStatus& m) { put(env.initClusterStatus(), m); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -290,10 +350,14 @@ Enum read_enum(WireEnum w, int n_values, const At& at, const char* field) {
   return static_cast<Enum>(raw);
 }
 
-std::string read_text(capnp::Text::Reader t, const At& at, const char* field, int64_t elem = -1) {
-  if (t.size() > lim::kMaxTextBytes)
-    reject(at, field, std::to_string(t.size()) + " bytes, more than " + std::to_string(lim::kMaxTextBytes), elem);
+// A string of at most `max` bytes.
+std::string read_text(capnp::Text::Reader t, size_t max, const At& at, const char* field, int64_t elem = -1) {
+  if (t.size() > max) reject(at, field, std::to_string(t.size()) + " bytes, more than " + std::to_string(max), elem);
   return std::string(t.cStr(), t.size());
+}
+
+std::string read_text(capnp::Text::Reader t, const At& at, const char* field, int64_t elem = -1) {
+  return read_text(t, lim::kMaxTextBytes, at, field, elem);
 }
 
 void check_count(size_t n, size_t max, const At& at, const char* field) {
@@ -529,7 +593,8 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   return m;
 }
 
-std::vector<RequestId> read_request_ids(capnp::List<uint64_t>::Reader list, size_t max, const At& at, const char* field) {
+// Request ids and block hashes alike: any 64-bit value, at most `max` of them.
+std::vector<uint64_t> read_u64s(capnp::List<uint64_t>::Reader list, size_t max, const At& at, const char* field) {
   check_count(list.size(), max, at, field);
   std::vector<RequestId> out(list.size());
   for (unsigned i = 0; i < list.size(); ++i) out[i] = list[i];
@@ -553,7 +618,7 @@ BlockPlanRequest read(cs::BlockPlanRequest::Reader r) {
       reject(c_at, "new_tokens", std::to_string(m.commits[i].new_tokens.size()) + " new tokens, more than n_computed " +
                                      std::to_string(m.commits[i].n_computed));
   }
-  m.ended = read_request_ids(r.getEnded(), lim::kMaxPlanSequences, at, "ended");
+  m.ended = read_u64s(r.getEnded(), lim::kMaxPlanSequences, at, "ended");
   const auto cands = r.getCandidates();
   check_count(cands.size(), lim::kMaxPlanSequences, at, "candidates");
   m.candidates.resize(cands.size());
@@ -594,7 +659,7 @@ BlockPlan read(cs::BlockPlan::Reader r) {
                                 std::to_string(lim::kMaxPositions));
     p.block_table = read_block_table(chosen[i].getBlockTable(), positions, p_at, "");
   }
-  m.preempted = read_request_ids(r.getPreempted(), lim::kMaxPlanSequences, at, "preempted");
+  m.preempted = read_u64s(r.getPreempted(), lim::kMaxPlanSequences, at, "preempted");
   m.copies = read_copies(r.getCopies(), at, "BlockPlan.copies");
   m.kv_blocks_used = non_negative(r.getKvBlocksUsed(), at, "kv_blocks_used");
   m.kv_blocks_free = non_negative(r.getKvBlocksFree(), at, "kv_blocks_free");
@@ -613,6 +678,84 @@ CachedResponse read(cs::CachedResponse::Reader r) {
   return m;
 }
 
+// ---- the cluster's messages ----
+
+ShardSpec read(cs::ShardSpec::Reader r) {
+  const At at{"ShardSpec"};
+  ShardSpec m;
+  m.replica = read_text(r.getReplica(), lim::kMaxNameBytes, at, "replica");
+  m.model_path = read_text(r.getModelPath(), lim::kMaxPathBytes, at, "model_path");
+  if (m.model_path.empty()) reject(at, "model_path", "must not be empty");
+  m.device = read_text(r.getDevice(), lim::kMaxNameBytes, at, "device");
+  m.size = in_range<int32_t>(r.getSize(), 1, lim::kMaxTpSize, at, "size");
+  m.rank = in_range<int32_t>(r.getRank(), 0, m.size - 1, at, "rank");
+  m.threads = in_range<int32_t>(r.getThreads(), 0, lim::kMaxShardThreads, at, "threads");
+  m.max_context = in_range<int32_t>(r.getMaxContext(), 1, lim::kMaxPositions, at, "max_context");
+  m.max_batch_tokens = in_range<int32_t>(r.getMaxBatchTokens(), 1, lim::kMaxBatchTokens, at, "max_batch_tokens");
+  m.max_seqs = in_range<int32_t>(r.getMaxSeqs(), 1, static_cast<int32_t>(lim::kMaxStepSequences), at, "max_seqs");
+  m.n_kv_blocks = in_range<int32_t>(r.getNKvBlocks(), 1, lim::kMaxKvBlocks, at, "n_kv_blocks");
+  m.q8_activations = r.getQ8Activations();
+  if (m.q8_activations > static_cast<uint8_t>(Q8Activations::int8))
+    reject(at, "q8_activations", "unknown Q8Activations value " + std::to_string(m.q8_activations) + " (expected " +
+                                     std::to_string(static_cast<int>(Q8Activations::f32)) + " or " +
+                                     std::to_string(static_cast<int>(Q8Activations::int8)) + ")");
+  // The KV cache's element types, or -1 for the model's default.
+  m.kv_type = r.getKvType();
+  if (m.kv_type != -1 && m.kv_type != static_cast<int32_t>(TensorType::f32) &&
+      m.kv_type != static_cast<int32_t>(TensorType::f16) && m.kv_type != static_cast<int32_t>(TensorType::q8_0))
+    reject(at, "kv_type", "must be -1 (the model's default) or the TensorType of f32 (" +
+                              std::to_string(static_cast<int32_t>(TensorType::f32)) + "), f16 (" +
+                              std::to_string(static_cast<int32_t>(TensorType::f16)) + ") or q8_0 (" +
+                              std::to_string(static_cast<int32_t>(TensorType::q8_0)) + "), got " + std::to_string(m.kv_type));
+  return m;
+}
+
+ReplicaReport read(cs::ReplicaReport::Reader r) {
+  const At at{"ReplicaReport"};
+  ReplicaReport m;
+  m.replica = read_text(r.getReplica(), lim::kMaxNameBytes, at, "replica");
+  m.waiting = non_negative(r.getWaiting(), at, "waiting");
+  m.running = non_negative(r.getRunning(), at, "running");
+  m.outstanding_tokens = non_negative(r.getOutstandingTokens(), at, "outstanding_tokens");
+  m.kv_blocks_used = non_negative(r.getKvBlocksUsed(), at, "kv_blocks_used");
+  m.kv_blocks_free = non_negative(r.getKvBlocksFree(), at, "kv_blocks_free");
+  m.prefix_queries = r.getPrefixQueries();
+  m.prefix_hits = in_range<uint64_t>(r.getPrefixHits(), 0, m.prefix_queries, at, "prefix_hits");
+  m.tokens_generated = r.getTokensGenerated();
+  m.draining = r.getDraining();
+  m.blocks_changed = r.getBlocksChanged();
+  m.cached_blocks = read_u64s(r.getCachedBlocks(), lim::kMaxCachedBlocks, at, "cached_blocks");
+  return m;
+}
+
+RouteQuery read(cs::RouteQuery::Reader r) {
+  const At at{"RouteQuery"};
+  RouteQuery m;
+  m.session_id = read_text(r.getSessionId(), at, "session_id");
+  m.prompt_tokens = non_negative(r.getPromptTokens(), at, "prompt_tokens");
+  m.max_tokens = non_negative(r.getMaxTokens(), at, "max_tokens");
+  m.block_hashes = read_u64s(r.getBlockHashes(), lim::kMaxRouteBlocks, at, "block_hashes");
+  const auto exclude = r.getExclude();
+  check_count(exclude.size(), lim::kMaxExcluded, at, "exclude");
+  m.exclude.reserve(exclude.size());
+  for (unsigned i = 0; i < exclude.size(); ++i)
+    m.exclude.push_back(read_text(exclude[i], lim::kMaxNameBytes, at, "exclude", i));
+  return m;
+}
+
+ModelInfo read(cs::ModelInfo::Reader r) {
+  const At at{"ModelInfo"};
+  ModelInfo m;
+  m.name = read_text(r.getName(), at, "name");
+  m.n_vocab = non_negative(r.getNVocab(), at, "n_vocab");
+  m.max_context = in_range<int32_t>(r.getMaxContext(), 0, lim::kMaxPositions, at, "max_context");
+  return m;
+}
+
+ClusterStatus read(cs::ClusterStatus::Reader r) {
+  return ClusterStatus{read_text(r.getJson(), lim::kMaxStatusBytes, At{"ClusterStatus"}, "json")};
+}
+
 Message read(cs::Envelope::Reader env) {
   switch (env.which()) {
     case cs::Envelope::GENERATE_REQUEST: return read(env.getGenerateRequest());
@@ -626,6 +769,11 @@ Message read(cs::Envelope::Reader env) {
     case cs::Envelope::BLOCK_PLAN_REQUEST: return read(env.getBlockPlanRequest());
     case cs::Envelope::BLOCK_PLAN: return read(env.getBlockPlan());
     case cs::Envelope::CACHED_RESPONSE: return read(env.getCachedResponse());
+    case cs::Envelope::SHARD_SPEC: return read(env.getShardSpec());
+    case cs::Envelope::REPLICA_REPORT: return read(env.getReplicaReport());
+    case cs::Envelope::ROUTE_QUERY: return read(env.getRouteQuery());
+    case cs::Envelope::MODEL_INFO: return read(env.getModelInfo());
+    case cs::Envelope::CLUSTER_STATUS: return read(env.getClusterStatus());
   }
   throw Error(ErrorCode::invalid_argument,
               "Envelope: unknown message kind " + std::to_string(static_cast<uint16_t>(env.which())));
@@ -719,7 +867,8 @@ const char* message_name(const Message& m) {
   // Indexed by the variant's alternatives, in order.
   static constexpr const char* kNames[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
                                            "Cancel",          "Step",       "StepResult", "ReplicaStats",
-                                           "BlockPlanRequest", "BlockPlan", "CachedResponse"};
+                                           "BlockPlanRequest", "BlockPlan", "CachedResponse", "ShardSpec",
+                                           "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus"};
   static_assert(std::size(kNames) == std::variant_size_v<Message>);
   return m.index() < std::size(kNames) ? kNames[m.index()] : "valueless";
 }

@@ -26,7 +26,8 @@ struct WireMessage {
 };
 
 using Message = std::variant<GenerateRequest, TokenChunk, Finished, ErrorReply, Cancel, Step, StepResult,
-                             ReplicaStats, BlockPlanRequest, BlockPlan, CachedResponse>;
+                             ReplicaStats, BlockPlanRequest, BlockPlan, CachedResponse, ShardSpec, ReplicaReport,
+                             RouteQuery, ModelInfo, ClusterStatus>;
 
 // Limits decode() enforces. Sizes are element counts, text lengths are bytes.
 namespace wire_limits {
@@ -45,6 +46,17 @@ constexpr int32_t kBlockTokens = 16;                     // KV block size the bl
 constexpr size_t kMaxRecentTokens = size_t{1} << 20;
 constexpr size_t kMaxSampledTokens = kMaxStepSequences;  // at most one per StepSequence
 constexpr size_t kMaxPlanSequences = size_t{1} << 16;    // commits, ended ids, candidates, preempted ids of one plan
+// The cluster's messages.
+constexpr size_t kMaxNameBytes = 64;                     // a replica's name (ShardSpec, ReplicaReport, RouteQuery.exclude), a device
+constexpr size_t kMaxPathBytes = 4096;                   // ShardSpec.model_path (PATH_MAX)
+constexpr int32_t kMaxTpSize = 64;                       // ShardSpec.size: ranks of one tensor-parallel group
+constexpr int32_t kMaxShardThreads = 1024;               // ShardSpec.threads
+constexpr int32_t kMaxBatchTokens = int32_t{1} << 20;    // ShardSpec.max_batch_tokens
+constexpr int32_t kMaxKvBlocks = int32_t{1} << 30;       // ShardSpec.n_kv_blocks (what replica_setup allows)
+constexpr size_t kMaxCachedBlocks = size_t{1} << 22;     // ReplicaReport.cached_blocks: 32 MiB of hashes
+constexpr size_t kMaxRouteBlocks = kMaxPromptTokens / kBlockTokens;  // RouteQuery.block_hashes: a longest prompt's full blocks
+constexpr size_t kMaxExcluded = 64;                      // RouteQuery.exclude
+constexpr size_t kMaxStatusBytes = size_t{16} << 20;     // ClusterStatus.json (kMaxTextBytes does not apply to it)
 }  // namespace wire_limits
 
 // Serializes `m` inside an Envelope with version = kProtocolVersion. Does not validate (the

@@ -13,6 +13,8 @@
 #include <limits>
 #include <random>
 
+#include "kernels/matmul.hpp"
+#include "kernels/types.hpp"
 #include "schema/celer.capnp.h"
 #include "schema/codec.hpp"
 
@@ -149,10 +151,59 @@ BlockPlan sample_plan() {
 
 CachedResponse sample_cached() { return CachedResponse{sample_request(), true, {11, 12, 13}, FinishReason::length}; }
 
+ShardSpec sample_shard_spec() {
+  ShardSpec m;
+  m.replica = "replica-b";
+  m.model_path = "/models/tiny-\xc3\xa9.gguf";
+  m.device = "gpu:1";
+  m.rank = 2;
+  m.size = 4;
+  m.threads = 12;
+  m.max_context = 8192;
+  m.max_batch_tokens = 1024;
+  m.max_seqs = 48;
+  m.n_kv_blocks = 4096;
+  m.q8_activations = static_cast<uint8_t>(Q8Activations::int8);
+  m.kv_type = static_cast<int32_t>(TensorType::q8_0);
+  return m;
+}
+
+ReplicaReport sample_report() {
+  ReplicaReport m;
+  m.replica = "replica-a";
+  m.waiting = 7;
+  m.running = 12;
+  m.outstanding_tokens = int64_t{1} << 40;
+  m.kv_blocks_used = 300;
+  m.kv_blocks_free = 212;
+  m.prefix_queries = 5000;
+  m.prefix_hits = 4096;
+  m.tokens_generated = 0xfedcba9876543210ull;
+  m.draining = true;
+  m.blocks_changed = true;
+  m.cached_blocks = {0, 1, 0xffffffffffffffffull, 0x0123456789abcdefull};
+  return m;
+}
+
+RouteQuery sample_route() {
+  RouteQuery m;
+  m.session_id = "chat-9";
+  m.prompt_tokens = 333;
+  m.max_tokens = 64;
+  m.block_hashes = {0xdeadbeefull, 0xffffffffffffffffull, 0};
+  m.exclude = {"replica-c", "", "replica-d"};
+  return m;
+}
+
+ModelInfo sample_model_info() { return ModelInfo{"llama-\xc3\xa9-7b", 32000, 4096}; }
+
+ClusterStatus sample_status() { return ClusterStatus{R"({"replicas":[{"name":"r0","up":true}],"routing":"prefix"})"}; }
+
 std::vector<Message> every_kind() {
   return {sample_request(), sample_chunk(), sample_finished(), sample_error(),
           sample_cancel(),  sample_step(),  sample_step_result(), sample_stats(),
-          sample_plan_request(), sample_plan(), sample_cached()};
+          sample_plan_request(), sample_plan(), sample_cached(), sample_shard_spec(),
+          sample_report(), sample_route(), sample_model_info(), sample_status()};
 }
 
 // ---- field-by-field comparisons ----
@@ -310,6 +361,52 @@ void require_equal(const CachedResponse& a, const CachedResponse& b) {
   REQUIRE(a.reason == b.reason);
 }
 
+void require_equal(const ShardSpec& a, const ShardSpec& b) {
+  REQUIRE(a.replica == b.replica);
+  REQUIRE(a.model_path == b.model_path);
+  REQUIRE(a.device == b.device);
+  REQUIRE(a.rank == b.rank);
+  REQUIRE(a.size == b.size);
+  REQUIRE(a.threads == b.threads);
+  REQUIRE(a.max_context == b.max_context);
+  REQUIRE(a.max_batch_tokens == b.max_batch_tokens);
+  REQUIRE(a.max_seqs == b.max_seqs);
+  REQUIRE(a.n_kv_blocks == b.n_kv_blocks);
+  REQUIRE(a.q8_activations == b.q8_activations);
+  REQUIRE(a.kv_type == b.kv_type);
+}
+
+void require_equal(const ReplicaReport& a, const ReplicaReport& b) {
+  REQUIRE(a.replica == b.replica);
+  REQUIRE(a.waiting == b.waiting);
+  REQUIRE(a.running == b.running);
+  REQUIRE(a.outstanding_tokens == b.outstanding_tokens);
+  REQUIRE(a.kv_blocks_used == b.kv_blocks_used);
+  REQUIRE(a.kv_blocks_free == b.kv_blocks_free);
+  REQUIRE(a.prefix_queries == b.prefix_queries);
+  REQUIRE(a.prefix_hits == b.prefix_hits);
+  REQUIRE(a.tokens_generated == b.tokens_generated);
+  REQUIRE(a.draining == b.draining);
+  REQUIRE(a.blocks_changed == b.blocks_changed);
+  REQUIRE(a.cached_blocks == b.cached_blocks);
+}
+
+void require_equal(const RouteQuery& a, const RouteQuery& b) {
+  REQUIRE(a.session_id == b.session_id);
+  REQUIRE(a.prompt_tokens == b.prompt_tokens);
+  REQUIRE(a.max_tokens == b.max_tokens);
+  REQUIRE(a.block_hashes == b.block_hashes);
+  REQUIRE(a.exclude == b.exclude);
+}
+
+void require_equal(const ModelInfo& a, const ModelInfo& b) {
+  REQUIRE(a.name == b.name);
+  REQUIRE(a.n_vocab == b.n_vocab);
+  REQUIRE(a.max_context == b.max_context);
+}
+
+void require_equal(const ClusterStatus& a, const ClusterStatus& b) { REQUIRE(a.json == b.json); }
+
 void require_equal(const Message& a, const Message& b) {
   REQUIRE(a.index() == b.index());
   std::visit([&](const auto& x) { require_equal(x, std::get<std::decay_t<decltype(x)>>(b)); }, a);
@@ -387,6 +484,11 @@ TEST_CASE("every message kind round-trips field by field", "[schema]") {
   require_equal(round_trip(sample_plan_request()), sample_plan_request());
   require_equal(round_trip(sample_plan()), sample_plan());
   require_equal(round_trip(sample_cached()), sample_cached());
+  require_equal(round_trip(sample_shard_spec()), sample_shard_spec());
+  require_equal(round_trip(sample_report()), sample_report());
+  require_equal(round_trip(sample_route()), sample_route());
+  require_equal(round_trip(sample_model_info()), sample_model_info());
+  require_equal(round_trip(sample_status()), sample_status());
 }
 
 TEST_CASE("default-constructed messages round-trip", "[schema]") {
@@ -401,6 +503,21 @@ TEST_CASE("default-constructed messages round-trip", "[schema]") {
   require_equal(round_trip(ReplicaStats{}), ReplicaStats{});
   require_equal(round_trip(BlockPlan{}), BlockPlan{});
   require_equal(round_trip(CachedResponse{}), CachedResponse{});
+  require_equal(round_trip(ReplicaReport{}), ReplicaReport{});
+  require_equal(round_trip(RouteQuery{}), RouteQuery{});
+  require_equal(round_trip(ModelInfo{}), ModelInfo{});
+  require_equal(round_trip(ClusterStatus{}), ClusterStatus{});
+
+  // A ShardSpec needs a model path, a context and a KV cache size (the scheduler always resolves
+  // them); with those three set, every other field keeps its default through the wire.
+  require_rejected(ShardSpec{}, "ShardSpec.model_path");
+  ShardSpec spec;
+  spec.model_path = "m.gguf";
+  spec.max_context = 1;
+  spec.n_kv_blocks = 1;
+  require_equal(round_trip(spec), spec);
+  spec.device = "";  // not the default "cpu": an empty device is sent as such
+  require_equal(round_trip(spec), spec);
 }
 
 TEST_CASE("boundary values are accepted", "[schema]") {
@@ -440,11 +557,71 @@ TEST_CASE("boundary values are accepted", "[schema]") {
   require_equal(round_trip(st), st);
 }
 
+TEST_CASE("boundary values of the cluster's messages are accepted", "[schema]") {
+  ShardSpec spec = sample_shard_spec();
+  spec.replica.assign(lim::kMaxNameBytes, 'r');
+  spec.device.assign(lim::kMaxNameBytes, 'd');
+  spec.model_path.assign(lim::kMaxPathBytes, 'p');
+  spec.size = lim::kMaxTpSize;
+  spec.rank = spec.size - 1;
+  spec.threads = lim::kMaxShardThreads;
+  spec.max_context = int32_t{1} << 24;
+  spec.max_batch_tokens = int32_t{1} << 20;
+  spec.max_seqs = 4096;
+  spec.n_kv_blocks = int32_t{1} << 30;
+  require_equal(round_trip(spec), spec);
+  spec = sample_shard_spec();
+  spec.rank = 0;
+  spec.size = 1;
+  spec.threads = 0;
+  spec.max_context = 1;
+  spec.max_batch_tokens = 1;
+  spec.max_seqs = 1;
+  spec.n_kv_blocks = 1;
+  require_equal(round_trip(spec), spec);
+  for (Q8Activations q8 : {Q8Activations::f32, Q8Activations::int8}) {
+    spec.q8_activations = static_cast<uint8_t>(q8);
+    require_equal(round_trip(spec), spec);
+  }
+  for (int32_t kv : {-1, 0, 1, 8}) {
+    spec.kv_type = kv;
+    require_equal(round_trip(spec), spec);
+  }
+
+  ReplicaReport rep = sample_report();
+  rep.replica.assign(lim::kMaxNameBytes, 'r');
+  rep.cached_blocks.resize(size_t{1} << 22);
+  for (size_t i = 0; i < rep.cached_blocks.size(); ++i) rep.cached_blocks[i] = i * 0x9e3779b97f4a7c15ull;
+  rep.prefix_hits = rep.prefix_queries;
+  require_equal(round_trip(rep), rep);
+
+  RouteQuery q = sample_route();
+  q.block_hashes.assign(lim::kMaxPromptTokens / 16, 7);
+  q.exclude.assign(64, std::string(lim::kMaxNameBytes, 'x'));
+  q.prompt_tokens = std::numeric_limits<int32_t>::max();
+  q.max_tokens = std::numeric_limits<int32_t>::max();
+  q.session_id.assign(lim::kMaxTextBytes, 's');
+  require_equal(round_trip(q), q);
+
+  ModelInfo info = sample_model_info();
+  info.n_vocab = std::numeric_limits<int32_t>::max();
+  info.max_context = int32_t{1} << 24;
+  require_equal(round_trip(info), info);
+
+  // The status document is not bound by kMaxTextBytes.
+  static_assert(lim::kMaxStatusBytes == size_t{16} << 20 && lim::kMaxStatusBytes > lim::kMaxTextBytes);
+  const ClusterStatus status{std::string(lim::kMaxStatusBytes, 'j')};
+  require_equal(round_trip(status), status);
+}
+
 TEST_CASE("message_name names each kind", "[schema]") {
   const char* expected[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
                             "Cancel",          "Step",       "StepResult", "ReplicaStats",
-                            "BlockPlanRequest", "BlockPlan", "CachedResponse"};
+                            "BlockPlanRequest", "BlockPlan", "CachedResponse", "ShardSpec",
+                            "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus"};
   const auto all = every_kind();
+  REQUIRE(all.size() == std::size(expected));
+  REQUIRE(all.size() == std::variant_size_v<Message>);
   for (size_t i = 0; i < all.size(); ++i) REQUIRE(std::string(message_name(all[i])) == expected[i]);
 }
 
@@ -585,6 +762,63 @@ TEST_CASE("BlockPlanRequest, BlockPlan and CachedResponse validation", "[schema]
   rejects(c, [](CachedResponse& m) { m.request.max_tokens = 0; }, "GenerateRequest.max_tokens");
 }
 
+TEST_CASE("ShardSpec validation", "[schema]") {
+  const ShardSpec ok = sample_shard_spec();
+  using M = ShardSpec;
+  rejects(ok, [](M& m) { m.replica.assign(lim::kMaxNameBytes + 1, 'r'); }, "ShardSpec.replica");
+  rejects(ok, [](M& m) { m.model_path.clear(); }, "ShardSpec.model_path");
+  rejects(ok, [](M& m) { m.model_path.assign(lim::kMaxPathBytes + 1, 'p'); }, "ShardSpec.model_path");
+  rejects(ok, [](M& m) { m.device.assign(lim::kMaxNameBytes + 1, 'd'); }, "ShardSpec.device");
+  rejects(ok, [](M& m) { m.rank = -1; }, "ShardSpec.rank");
+  rejects(ok, [](M& m) { m.rank = m.size; }, "ShardSpec.rank");
+  rejects(ok, [](M& m) { m.size = 0; }, "ShardSpec.size");
+  rejects(ok, [](M& m) { m.size = -4; }, "ShardSpec.size");
+  rejects(ok, [](M& m) { m.size = lim::kMaxTpSize + 1; m.rank = 0; }, "ShardSpec.size");
+  rejects(ok, [](M& m) { m.threads = -1; }, "ShardSpec.threads");
+  rejects(ok, [](M& m) { m.threads = 1025; }, "ShardSpec.threads");
+  rejects(ok, [](M& m) { m.max_context = 0; }, "ShardSpec.max_context");
+  rejects(ok, [](M& m) { m.max_context = (int32_t{1} << 24) + 1; }, "ShardSpec.max_context");
+  rejects(ok, [](M& m) { m.max_batch_tokens = 0; }, "ShardSpec.max_batch_tokens");
+  rejects(ok, [](M& m) { m.max_batch_tokens = (int32_t{1} << 20) + 1; }, "ShardSpec.max_batch_tokens");
+  rejects(ok, [](M& m) { m.max_seqs = 0; }, "ShardSpec.max_seqs");
+  rejects(ok, [](M& m) { m.max_seqs = 4097; }, "ShardSpec.max_seqs");
+  rejects(ok, [](M& m) { m.n_kv_blocks = 0; }, "ShardSpec.n_kv_blocks");
+  rejects(ok, [](M& m) { m.n_kv_blocks = -1; }, "ShardSpec.n_kv_blocks");
+  rejects(ok, [](M& m) { m.n_kv_blocks = (int32_t{1} << 30) + 1; }, "ShardSpec.n_kv_blocks");
+  rejects(ok, [](M& m) { m.q8_activations = 2; }, "ShardSpec.q8_activations");
+  rejects(ok, [](M& m) { m.q8_activations = 255; }, "ShardSpec.q8_activations");
+  for (int32_t kv : {-2, 2, 7, static_cast<int32_t>(TensorType::bf16), std::numeric_limits<int32_t>::max()})
+    rejects(ok, [kv](M& m) { m.kv_type = kv; }, "ShardSpec.kv_type");
+}
+
+TEST_CASE("ReplicaReport, RouteQuery, ModelInfo and ClusterStatus validation", "[schema]") {
+  const ReplicaReport rep = sample_report();
+  rejects(rep, [](ReplicaReport& m) { m.replica.assign(lim::kMaxNameBytes + 1, 'r'); }, "ReplicaReport.replica");
+  rejects(rep, [](ReplicaReport& m) { m.waiting = -1; }, "ReplicaReport.waiting");
+  rejects(rep, [](ReplicaReport& m) { m.running = -1; }, "ReplicaReport.running");
+  rejects(rep, [](ReplicaReport& m) { m.outstanding_tokens = -1; }, "ReplicaReport.outstanding_tokens");
+  rejects(rep, [](ReplicaReport& m) { m.kv_blocks_used = -1; }, "ReplicaReport.kv_blocks_used");
+  rejects(rep, [](ReplicaReport& m) { m.kv_blocks_free = -1; }, "ReplicaReport.kv_blocks_free");
+  rejects(rep, [](ReplicaReport& m) { m.prefix_hits = m.prefix_queries + 1; }, "ReplicaReport.prefix_hits");
+  rejects(rep, [](ReplicaReport& m) { m.cached_blocks.assign((size_t{1} << 22) + 1, 3); }, "ReplicaReport.cached_blocks");
+
+  const RouteQuery q = sample_route();
+  rejects(q, [](RouteQuery& m) { m.session_id = kHugeText; }, "RouteQuery.session_id");
+  rejects(q, [](RouteQuery& m) { m.prompt_tokens = -1; }, "RouteQuery.prompt_tokens");
+  rejects(q, [](RouteQuery& m) { m.max_tokens = -1; }, "RouteQuery.max_tokens");
+  rejects(q, [](RouteQuery& m) { m.block_hashes.assign(lim::kMaxPromptTokens / 16 + 1, 1); }, "RouteQuery.block_hashes");
+  rejects(q, [](RouteQuery& m) { m.exclude.assign(65, "r"); }, "RouteQuery.exclude");
+  rejects(q, [](RouteQuery& m) { m.exclude[2].assign(lim::kMaxNameBytes + 1, 'x'); }, "RouteQuery.exclude[2]");
+
+  const ModelInfo info = sample_model_info();
+  rejects(info, [](ModelInfo& m) { m.name = kHugeText; }, "ModelInfo.name");
+  rejects(info, [](ModelInfo& m) { m.n_vocab = -1; }, "ModelInfo.n_vocab");
+  rejects(info, [](ModelInfo& m) { m.max_context = -1; }, "ModelInfo.max_context");
+  rejects(info, [](ModelInfo& m) { m.max_context = (int32_t{1} << 24) + 1; }, "ModelInfo.max_context");
+
+  require_rejected(ClusterStatus{std::string(lim::kMaxStatusBytes + 1, 'j')}, "ClusterStatus.json");
+}
+
 TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
   SECTION("wrong versions are rejected") {
     for (uint16_t v : {uint16_t{0}, uint16_t{kProtocolVersion + 1}, uint16_t{0xffff}}) {
@@ -608,8 +842,9 @@ TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
     WireMessage w = encode(Message{sample_cancel()});
     // Single segment: [segment table][root pointer][Envelope data: version (16 bits), which (16 bits)].
     REQUIRE(w.words[0] >> 32 == w.words.size() - 1);
-    w.words[2] = (w.words[2] & ~(uint64_t{0xffff} << 16)) | (uint64_t{12} << 16);
-    require_rejected(decode(w), "unknown message kind 12");
+    const uint64_t unknown = std::variant_size_v<Message>;  // one past the last union member
+    w.words[2] = (w.words[2] & ~(uint64_t{0xffff} << 16)) | (unknown << 16);
+    require_rejected(decode(w), "unknown message kind " + std::to_string(unknown));
   }
   SECTION("a null or absent body reads as the defaults") {
     // A sender that set the union tag but no body: the Cancel reads as Cancel{}.
@@ -637,6 +872,40 @@ TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
     const DecodeResult r2 = decode(flatten(e));
     REQUIRE(r2.message);
     require_equal(std::get<ErrorReply>(*r2.message), ErrorReply{});
+
+    // The cluster's messages: a ShardSpec with only what has no usable default set.
+    capnp::MallocMessageBuilder sb;
+    auto senv = sb.initRoot<cs::Envelope>();
+    senv.setVersion(kProtocolVersion);
+    auto spec_b = senv.initShardSpec();
+    spec_b.setModelPath("m.gguf");
+    spec_b.setMaxContext(64);
+    spec_b.setNKvBlocks(4);
+    const DecodeResult rs = decode(flatten(sb));
+    INFO(rs.error);
+    REQUIRE(rs.message);
+    ShardSpec spec;
+    spec.model_path = "m.gguf";
+    spec.max_context = 64;
+    spec.n_kv_blocks = 4;
+    require_equal(std::get<ShardSpec>(*rs.message), spec);
+    REQUIRE(std::get<ShardSpec>(*rs.message).device == "cpu");
+    REQUIRE(std::get<ShardSpec>(*rs.message).kv_type == -1);
+
+    auto empty_body = [](auto init) {
+      capnp::MallocMessageBuilder mb;
+      auto menv = mb.initRoot<cs::Envelope>();
+      menv.setVersion(kProtocolVersion);
+      init(menv);
+      const DecodeResult d = decode(flatten(mb));
+      INFO(d.error);
+      REQUIRE(d.message);
+      return *d.message;
+    };
+    require_equal(std::get<ReplicaReport>(empty_body([](auto env) { env.initReplicaReport(); })), ReplicaReport{});
+    require_equal(std::get<RouteQuery>(empty_body([](auto env) { env.initRouteQuery(); })), RouteQuery{});
+    require_equal(std::get<ModelInfo>(empty_body([](auto env) { env.initModelInfo(); })), ModelInfo{});
+    require_equal(std::get<ClusterStatus>(empty_body([](auto env) { env.initClusterStatus(); })), ClusterStatus{});
   }
   SECTION("trailing words after the message are rejected") {
     WireMessage w = encode(Message{sample_chunk()});
@@ -694,6 +963,19 @@ TEST_CASE("every truncation of an encoded Step is an error", "[schema]") {
     const DecodeResult r = decode_bytes(shifted.data() + 1, len);
     REQUIRE_FALSE(r.message);
     REQUIRE_FALSE(r.error.empty());
+  }
+}
+
+TEST_CASE("every truncation of the cluster's messages is an error", "[schema]") {
+  for (const Message& m : {Message{sample_shard_spec()}, Message{sample_report()}, Message{sample_route()},
+                           Message{sample_model_info()}, Message{sample_status()}}) {
+    const WireMessage w = encode(m);
+    for (size_t len = 0; len < w.words.size(); ++len) {
+      INFO(message_name(m) << ": prefix of " << len << " of " << w.words.size() << " words");
+      const DecodeResult r = decode(w.words.data(), len);
+      REQUIRE_FALSE(r.message);
+      REQUIRE_FALSE(r.error.empty());
+    }
   }
 }
 
