@@ -26,7 +26,13 @@ struct Client::Impl {
   std::unique_ptr<Transport> transport;
   caf::actor server;
   std::atomic<RequestId> next_id{1};
+  uint64_t max_message_bytes = 0;
 };
+
+namespace {
+// What CAF adds to a WireMessage on the wire (BASP header, message header, type name), with room.
+constexpr uint64_t kMessageOverhead = 1024;
+}  // namespace
 
 struct Client::Stream::Impl {
   std::unique_ptr<caf::scoped_actor> self;
@@ -53,6 +59,7 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
   impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
   TransportLimits limits;
   limits.token = options.token;
+  impl->max_message_bytes = options.max_message_bytes;
   if (limits.token.empty())
     if (const char* env = std::getenv("CELER_TOKEN")) limits.token = env;
   try {
@@ -130,7 +137,17 @@ Client::Stream Client::start(GenerateRequest request) {
   s->server = impl_->server;
   (*s->self)->monitor(s->server);
   request.id = impl_->next_id.fetch_add(1);
-  (*s->self)->send(s->server, generate_atom::value, encode(request));
+  WireMessage wm = encode(request);
+  const uint64_t bytes = wm.words.size() * sizeof(uint64_t) + kMessageOverhead;
+  if (bytes > impl_->max_message_bytes) {
+    s->ended = true;
+    s->result = ClientError{ErrorKind::invalid_request,
+                            "the request is " + std::to_string(bytes) + " bytes on the wire, over the server's bound of " +
+                                std::to_string(impl_->max_message_bytes) +
+                                " (listen.max_message_bytes; ConnectOptions::max_message_bytes)"};
+    return Stream(std::move(s));
+  }
+  (*s->self)->send(s->server, generate_atom::value, std::move(wm));
   return Stream(std::move(s));
 }
 

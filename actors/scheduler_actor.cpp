@@ -385,6 +385,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         }
         GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
         req.id = s.next_id++;
+        if (s.stopping) {
+          self->send(request, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
+          return;
+        }
         const int64_t now = now_ms(self);
         req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms) : 0;
         std::optional<ErrorReply> refused = check_prompt(s.setup.model->tokenizer(), req);
@@ -408,9 +412,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         run_step(self);
       },
       [=](kick_atom) { run_step(self); },
-      [=](stop_atom) {
+      [=](stop_atom) -> caf::result<bool> {
         // The server is shutting down: every request ends now with an error its client sees
         // (an SSE error event, the client library's error value), and new ones are refused.
+        if (!sent_from_this_node(self)) return caf::make_error(caf::sec::unexpected_message);
         auto& s = self->state;
         s.stopping = true;
         std::vector<SchedulerEvent> ev;
@@ -419,13 +424,13 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         return true;
       },
       [=](shard_atom, bool respawn) {
-        if (!respawn) return;
+        if (!respawn || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         spawn_shard(self);
         run_step(self);
       },
       [=](shard_atom) { return self->state.shard; },
       [=](cache_atom, bool respawn) {
-        if (!respawn) return;
+        if (!respawn || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         spawn_cache(self);
         run_step(self);
       },

@@ -35,6 +35,17 @@ void forward(Self* self, bool resume, const WireMessage& wm) {
   else caf::send_as(sender, st.scheduler, generate_atom::value, wm);
 }
 
+// Fails what waited for a scheduler that will not come: a client's request gets its error, a
+// request actor's resume too (it then ends its stream with it).
+void fail_pending(Self* self, const std::string& why) {
+  for (auto& p : self->state.pending) {
+    DecodeResult d = decode(p.message);
+    const GenerateRequest* req = d.message ? std::get_if<GenerateRequest>(&*d.message) : nullptr;
+    self->send(p.sender, event_atom::value, encode(ErrorReply{req ? req->id : 0, ErrorKind::unavailable, why}));
+  }
+  self->state.pending.clear();
+}
+
 }  // namespace
 
 caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
@@ -78,12 +89,19 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         if (dead == self->state.scheduler) self->state.up = false;
         forward(self, true, wm);
       },
-      [=](failed_atom, const std::string& why) { self->state.given_up = why; },
+      [=](failed_atom, const std::string& why) {
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) == self->state.scheduler.address()) self->state.given_up = why;
+      },
       [=](stop_atom) {
         // Shutting down: the scheduler fails what runs; no scheduler is restarted from here on.
         auto& st = self->state;
-        st.stopping = true;
         auto rp = self->make_response_promise<bool>();
+        if (!sent_from_this_node(self)) {
+          rp.deliver(caf::make_error(caf::sec::unexpected_message));
+          return rp;
+        }
+        st.stopping = true;
+        fail_pending(self, "the server is shutting down");
         if (!st.up) {
           rp.deliver(true);
           return rp;
@@ -93,7 +111,8 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         return rp;
       },
       [=](sched_atom, bool respawn) {
-        if (respawn && !self->state.up) spawn_scheduler(self);
+        const bool from_self = caf::actor_cast<caf::actor_addr>(self->current_sender()) == self->address();
+        if (respawn && from_self && !self->state.up && !self->state.stopping) spawn_scheduler(self);
       },
       [=](sched_atom) { return self->state.scheduler; },
       [=](stats_atom) {

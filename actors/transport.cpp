@@ -46,7 +46,7 @@ struct Transport::Guard {
   bool reserve(uint64_t n) {
     uint64_t now = buffered.load();
     do {
-      if (now + n > limits.max_buffered_bytes) return false;
+      if (n > limits.max_buffered_bytes - std::min(now, limits.max_buffered_bytes)) return false;  // now + n, without overflow
     } while (!buffered.compare_exchange_weak(now, now + n));
     return true;
   }
@@ -235,9 +235,12 @@ class GuardedDoorman final : public net::doorman_impl {
       : net::doorman_impl(mx, fd), guard_(std::move(guard)) {}
 
   bool new_connection() override {
-    if (detached()) return false;  // closed while the multiplexer still had its events
-    auto& mx = acceptor_.backend();
     const net::native_socket fd = acceptor_.accepted_socket();
+    if (detached()) {  // closed while the multiplexer still had its events: the socket is ours to close
+      if (fd != net::invalid_native_socket) net::close_socket(fd);
+      return false;
+    }
+    auto& mx = acceptor_.backend();
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // tokens leave at once
     io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(mx, fd, guard_, true);
@@ -285,6 +288,8 @@ int connect_tcp(const std::string& host, uint16_t port, std::chrono::millisecond
   AddrInfo ai;
   if (why = resolve(host, port, false, ai); !why.empty()) return -1;
   why = "no address";
+  // One deadline for all of the host's addresses, not one timeout each.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (addrinfo* a = ai.list; a; a = a->ai_next) {
     const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0) {
@@ -298,7 +303,11 @@ int connect_tcp(const std::string& host, uint16_t port, std::chrono::millisecond
       err = errno;
       if (err == EINPROGRESS) {
         pollfd p{fd, POLLOUT, 0};
-        const int ready = ::poll(&p, 1, static_cast<int>(timeout.count()));
+        int ready;
+        do {
+          const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+          ready = left.count() <= 0 ? 0 : ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
+        } while (ready < 0 && errno == EINTR);
         socklen_t len = sizeof(err);
         if (ready <= 0) err = ETIMEDOUT;
         else getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
@@ -403,12 +412,12 @@ caf::actor Transport::connect(const std::string& host, uint16_t port, std::chron
   const std::string where = host + ":" + std::to_string(port);
   std::string why;
   const int fd = connect_tcp(host, port, timeout, why);
-  if (fd < 0) throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + why);
+  if (fd < 0) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
   const auto preamble = make_preamble(guard_->limits.token);
   if (!send_all(fd, preamble.data(), preamble.size())) {
     const int err = errno;
     ::close(fd);
-    throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + errno_text(err));
+    throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + errno_text(err));
   }
   io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(multiplexer(sys_), fd, guard_, false);
   caf::scoped_actor self{sys_};
@@ -428,7 +437,7 @@ caf::actor Transport::connect(const std::string& host, uint16_t port, std::chron
                     "or it is not a celer port of this version";
             else why = sys_.render(e);
           });
-  if (!server) throw Error(ErrorCode::io, "cannot connect to celer at " + where + ": " + why);
+  if (!server) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
   return server;
 }
 

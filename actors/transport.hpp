@@ -10,8 +10,12 @@
 //   nothing of that size is allocated.
 // - Payloads over 64 KiB are counted against max_buffered_bytes, shared by every connection of
 //   the process while they are being received, and freed as soon as they are delivered, so any
-//   number of connections that announce large messages and never finish them hold at most that.
-// - Each refusal is counted (TransportStats, /metrics) and never harms another connection.
+//   number of connections that announce large messages and never finish them hold at most that
+//   (plus, each, a payload of up to 64 KiB, which is not counted: bound the number of
+//   connections with the process's file limit).
+// - Each refusal is counted (TransportStats, /metrics) and closes only its own connection.
+// - Not bounded: how long a connection may wait before it sends its preamble (it holds a socket
+//   and nothing else).
 //
 // Both ends speak this: `celer serve` publishes through Transport::publish and the client
 // library connects through Transport::connect.

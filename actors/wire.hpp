@@ -16,14 +16,22 @@ using step_atom = caf::atom_constant<caf::atom("step")>;          // scheduler -
 using kick_atom = caf::atom_constant<caf::atom("kick")>;          // scheduler -> itself: build the next step
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> scheduler: ReplicaStats
 using resume_atom = caf::atom_constant<caf::atom("resume")>;      // request <-> scheduler after a scheduler restart
-using sched_atom = caf::atom_constant<caf::atom("sched")>;        // anyone -> supervisor: the current scheduler
+using sched_atom = caf::atom_constant<caf::atom("sched")>;        // anyone -> supervisor: the current scheduler; (this node) restart it
 using shard_atom = caf::atom_constant<caf::atom("shard")>;        // anyone -> scheduler: the current shard actor
 using cache_atom = caf::atom_constant<caf::atom("cache")>;        // anyone -> scheduler: the current cache actor
-using stop_atom = caf::atom_constant<caf::atom("stop")>;          // anyone -> supervisor -> scheduler: shut down, fail what runs
+using stop_atom = caf::atom_constant<caf::atom("stop")>;          // this node -> supervisor -> scheduler: shut down, fail what runs
 using failed_atom = caf::atom_constant<caf::atom("failed")>;      // scheduler -> supervisor: a child spent its restarts; why
 using plan_atom = caf::atom_constant<caf::atom("plan")>;          // scheduler -> cache: BlockPlanRequest, reply BlockPlan
 using lookup_atom = caf::atom_constant<caf::atom("lookup")>;      // scheduler -> cache: response-cache lookup
 using store_atom = caf::atom_constant<caf::atom("store")>;        // scheduler -> cache: response-cache insert
+
+// Whether the message being handled came from an actor on this node. The operations that stop or
+// restart a replica's actors are its own business: a client (or any peer that reaches a
+// published actor) may ask for tokens and figures, never for those.
+inline bool sent_from_this_node(caf::local_actor* self) {
+  const caf::strong_actor_ptr& sender = self->current_sender();
+  return sender && sender->node() == self->node();
+}
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {

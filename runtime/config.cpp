@@ -370,6 +370,11 @@ void read_listen(const Value& v, ListenConfig& c) {
                      }},
                     {"max_buffered_bytes", [&](const Value& x) { c.max_buffered_bytes = x.positive_size(); }},
                 });
+  // A budget smaller than one message would refuse every message between the two.
+  if (c.max_buffered_bytes < c.max_message_bytes)
+    v.at(v.find("max_buffered_bytes") ? "max_buffered_bytes" : "max_message_bytes")
+        .fail("max_buffered_bytes (" + std::to_string(c.max_buffered_bytes) + " bytes) must be at least max_message_bytes (" +
+              std::to_string(c.max_message_bytes) + " bytes): a message larger than the budget could never be received");
 }
 
 void read_supervision(const Value& v, SupervisionConfig& c) {

@@ -19,7 +19,7 @@ uint64_t meminfo_field(const std::string& text, const std::string& name) {
 }
 
 // A cgroup v2 file holding one number ("max" means none: 0).
-uint64_t cgroup_value(const char* path) {
+uint64_t cgroup_value(const std::string& path) {
   std::ifstream in(path);
   std::string word;
   if (!(in >> word) || word == "max") return 0;
@@ -28,6 +28,24 @@ uint64_t cgroup_value(const char* path) {
   } catch (...) {
     return 0;
   }
+}
+
+// A field of a cgroup's memory.stat ("inactive_file 123"), or 0.
+uint64_t cgroup_stat(const std::string& dir, const std::string& name) {
+  std::ifstream in(dir + "/memory.stat");
+  std::string key;
+  uint64_t value = 0;
+  while (in >> key >> value)
+    if (key == name) return value;
+  return 0;
+}
+
+// This process's cgroup v2 directory ("0::/path" in /proc/self/cgroup), or "" without one.
+std::string own_cgroup_dir() {
+  std::ifstream in("/proc/self/cgroup");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("0::", 0) == 0) return "/sys/fs/cgroup" + (line.size() > 3 && line[3] == '/' ? line.substr(3) : "");
+  return "";
 }
 
 }  // namespace
@@ -39,10 +57,23 @@ MemoryInfo memory_info() {
   MemoryInfo m;
   m.total = meminfo_field(text.str(), "MemTotal");
   m.available = meminfo_field(text.str(), "MemAvailable");
-  if (const uint64_t limit = cgroup_value("/sys/fs/cgroup/memory.max"); limit > 0) {
-    const uint64_t used = cgroup_value("/sys/fs/cgroup/memory.current");
-    m.total = m.total ? std::min(m.total, limit) : limit;
-    m.available = std::min(m.available, limit > used ? limit - used : 0);
+  // The tightest limit of this process's cgroup and its ancestors (a container's limit may sit
+  // on a parent). What a cgroup counts as used includes page cache it would reclaim first
+  // (inactive_file), which is not taken from what is available, as MemAvailable does.
+  std::string dir = own_cgroup_dir();
+  if (dir.empty()) dir = "/sys/fs/cgroup";
+  for (;;) {
+    if (const uint64_t limit = cgroup_value(dir + "/memory.max"); limit > 0) {
+      const uint64_t current = cgroup_value(dir + "/memory.current");
+      const uint64_t reclaimable = std::min(current, cgroup_stat(dir, "inactive_file"));
+      const uint64_t used = current - reclaimable;
+      const uint64_t left = limit > used ? limit - used : 0;
+      m.total = m.total ? std::min(m.total, limit) : limit;
+      m.available = text.str().find("MemAvailable:") != std::string::npos ? std::min(m.available, left) : left;
+    }
+    const size_t slash = dir.rfind('/');
+    if (dir == "/sys/fs/cgroup" || slash == std::string::npos || slash < std::string("/sys/fs/cgroup").size()) break;
+    dir.resize(slash);
   }
   return m;
 }

@@ -236,10 +236,6 @@ struct ReplicaStats {
   uint64_t cache_restarts = 0;        // cache actors respawned by the scheduler
 };
 
-}  // namespace celer
-
-namespace celer {
-
 // ---- The cluster's messages (docs/cluster.md) ----
 
 // What a node needs to build one tensor-parallel rank of a replica's shard: the node loads the

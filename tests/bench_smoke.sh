@@ -21,6 +21,7 @@ fail() {
   exit 1
 }
 
+: >"$WORK/server.log"  # before the server starts: the loop below reads it at once
 "$CELER" serve --port 0 --http-port 0 --model "$(dirname "$0")/data/stories260K.gguf" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 

@@ -17,6 +17,7 @@ rc=$?
 set -e
 [ "$rc" -eq 3 ] || { echo "expected an error value (exit 3) from a closed port, got exit $rc"; exit 1; }
 
+: >"$work/serve.log"  # before the server starts: the loop below reads it at once
 "$celer" serve --port 0 --model "$(dirname "$0")/data/stories260K.gguf" >"$work/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

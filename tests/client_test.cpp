@@ -8,6 +8,11 @@
 #include <cstdio>
 #include <string>
 
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/transport.hpp"
+#include "actors/wire.hpp"
 #include "celer/client.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/generation.hpp"
@@ -131,4 +136,63 @@ TEST_CASE("client: connecting to nothing is an error value", "[client]") {
   auto c = Client::connect("127.0.0.1", 1);
   REQUIRE(std::holds_alternative<ClientError>(c));
   CHECK(std::get<ClientError>(c).kind == ErrorKind::unavailable);
+}
+
+TEST_CASE("client: a request larger than the server's message bound is an error value, not a dropped connection",
+          "[client]") {
+  Server server;
+  ConnectOptions small;
+  small.max_message_bytes = 64 << 10;
+  auto connected = Client::connect("127.0.0.1", server.port(), small);
+  REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(connected));
+  Client& client = *std::get<std::unique_ptr<Client>>(connected);
+  RequestOptions o;
+  o.max_tokens = 4;
+  o.sampling.temperature = 0;
+  auto big = client.generate_tokens(std::vector<TokenId>(40'000, 1), o);  // 160 KB of token ids
+  REQUIRE(std::holds_alternative<ClientError>(big));
+  CHECK(std::get<ClientError>(big).kind == ErrorKind::invalid_request);
+  CHECK_THAT(std::get<ClientError>(big).message, Catch::Contains("max_message_bytes"));
+  // The connection is whole: the next request is served.
+  CHECK(std::holds_alternative<Completion>(client.generate("Lily", o)));
+}
+
+TEST_CASE("client: a peer may not stop or restart the server's actors", "[client]") {
+  Server server;
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  Transport transport(sys, TransportLimits{});
+  const caf::actor supervisor = transport.connect("127.0.0.1", server.port(), std::chrono::seconds(10));
+  caf::scoped_actor self{sys};
+  // stop, from another node: refused, and the server keeps serving.
+  bool refused = false;
+  self->request(supervisor, std::chrono::seconds(5), stop_atom::value)
+      .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
+  CHECK(refused);
+  caf::actor scheduler;
+  self->request(supervisor, std::chrono::seconds(5), sched_atom::value)
+      .receive([&](const caf::actor& s) { scheduler = s; }, [&](const caf::error&) {});
+  REQUIRE(scheduler);
+  refused = false;
+  self->request(scheduler, std::chrono::seconds(5), stop_atom::value)
+      .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
+  CHECK(refused);
+  // A forged "respawn" and a forged "gave up" change nothing either.
+  self->send(supervisor, sched_atom::value, true);
+  self->send(supervisor, failed_atom::value, std::string("forged"));
+  self->send(scheduler, shard_atom::value, true);
+  self->send(scheduler, cache_atom::value, true);
+  auto client = connect(server.port());
+  RequestOptions o;
+  o.max_tokens = 8;
+  o.sampling.temperature = 0;
+  auto r = client->generate("Once upon a time", o);
+  REQUIRE(std::holds_alternative<Completion>(r));
+  CHECK(std::get<Completion>(r).tokens.size() == 8);
+  caf::actor same;
+  self->request(supervisor, std::chrono::seconds(5), sched_atom::value)
+      .receive([&](const caf::actor& s) { same = s; }, [&](const caf::error&) {});
+  CHECK(same == scheduler);  // no second scheduler was started
 }

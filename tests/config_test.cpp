@@ -276,6 +276,8 @@ TEST_CASE("an out-of-range value names the key and the range", "[config]") {
   check_error("listen: {max_message_bytes: 1KiB}", 1, "listen.max_message_bytes", "4KiB..4GiB");
   check_error("listen: {max_message_bytes: 5GiB}", 1, "listen.max_message_bytes", "4KiB..4GiB");
   check_error("listen: {max_buffered_bytes: 0}", 1, "listen.max_buffered_bytes", "above 0");
+  check_error("listen:\n  max_buffered_bytes: 4MiB\n", 2, "listen.max_buffered_bytes", "at least max_message_bytes");
+  check_error("listen:\n  port: 1\n  max_message_bytes: 128MiB\n", 3, "listen.max_message_bytes", "at least max_message_bytes");
   check_error("response_cache: {max_entries: 0}", 1, "response_cache.max_entries", "1..");
   check_error("rate_limits:\n  tenants:\n    bob:\n      burst: -1\n", 4, "rate_limits.tenants.bob.burst", ">= 0");
   check_error("rate_limits: {default: {burst: .inf}}", 1, "rate_limits.default.burst", ">= 0");

@@ -83,13 +83,6 @@ class ServeProcess {
     std::fclose(f);
     return kb;
   }
-  // What it prints after the port lines, up to `max_lines` or its end.
-  std::string read_output(int max_lines) {
-    std::string out;
-    char line[1024];
-    for (int i = 0; i < max_lines && out_ && std::fgets(line, sizeof line, out_); ++i) out += line;
-    return out;
-  }
   uint16_t port() const { return port_; }
   uint16_t http_port() const { return http_port_; }
 

@@ -63,6 +63,10 @@ struct ConnectOptions {
   // CELER_TOKEN environment variable's value, if set.
   std::string token;
   int64_t timeout_ms = 10'000;  // to connect and complete the handshake
+  // The server's listen.max_message_bytes. A request larger than this is answered here with an
+  // invalid_request error, not sent: the server would close the connection on it, and every
+  // other stream on the connection with it.
+  uint64_t max_message_bytes = uint64_t{8} << 20;
 };
 
 class Client {

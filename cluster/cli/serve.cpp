@@ -198,7 +198,11 @@ int run_serve(const ServeArgs& a) {
     if (!a.stage_log.empty()) config.http->stage_log = a.stage_log;
   }
   if (a.print_config) {
-    std::fputs(to_yaml(config).c_str(), stdout);
+    // Secrets are not printed: the output goes to terminals, logs and bug reports.
+    ClusterConfig shown = config;
+    if (!shown.listen.token.empty()) shown.listen.token = "(redacted)";
+    if (!shown.cluster.secret.empty()) shown.cluster.secret = "(redacted)";
+    std::fputs(to_yaml(shown).c_str(), stdout);
     return 0;
   }
   check_startable(config, a);
@@ -227,7 +231,7 @@ Command add_serve(CLI::App& app) {
       ->check(CLI::Range(int64_t{1}, int64_t{86'400'000}));
   c->add_option("--stage-log", a->stage_log,
                 "Append each finished HTTP request's stage times as a JSON line to this file (overrides http.stage_log)");
-  c->add_flag("--print-config", a->print_config, "Print the effective config as YAML and exit");
+  c->add_flag("--print-config", a->print_config, "Print the effective config as YAML (secrets redacted) and exit");
   return [a] { return run_serve(*a); };
 }
 

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <csignal>
-#include <cstdio>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -44,6 +43,18 @@ sigset_t stop_set() {
   return set;
 }
 
+// Ends the process at once. write(2), not stdio: the thread being waited for may hold a stdio
+// lock (it may be the reason the process is stuck), and an exit that waits for it is no exit.
+[[noreturn]] void exit_now(const std::string& text, int code) {
+  const std::string line = "celer: " + text + "\n";
+  for (size_t off = 0; off < line.size();) {
+    const ssize_t n = ::write(STDERR_FILENO, line.data() + off, line.size() - off);
+    if (n <= 0) break;
+    off += static_cast<size_t>(n);
+  }
+  _exit(code);
+}
+
 // Waits in slices, so that a deadline set by exit_within() is noticed without a signal.
 void watch(std::shared_ptr<StopSignals::State> st) {
   const sigset_t set = stop_set();
@@ -53,23 +64,16 @@ void watch(std::shared_ptr<StopSignals::State> st) {
     const int64_t deadline = st->deadline_ns;
     if (sig < 0) {
       if (deadline != 0 && std::chrono::steady_clock::now().time_since_epoch().count() > deadline) {
-        std::fprintf(stderr, "celer: still running %lld ms after %s; exiting now\n",
-                     static_cast<long long>(st->grace.count()), st->why.c_str());
-        std::fflush(nullptr);
-        _exit(1);
+        exit_now("still running " + std::to_string(st->grace.count()) + " ms after " + st->why + "; exiting now", 1);
       }
       continue;
     }
     std::unique_lock lock(st->mu);
     if (!st->serving) {
-      std::fprintf(stderr, "celer: %s before the server was up; exiting\n", signal_name(sig));
-      std::fflush(nullptr);
-      _exit(128 + sig);
+      exit_now(std::string(signal_name(sig)) + " before the server was up; exiting", 128 + sig);
     }
     if (st->signal != 0) {
-      std::fprintf(stderr, "celer: a second stop signal (%s); exiting now\n", signal_name(sig));
-      std::fflush(nullptr);
-      _exit(1);
+      exit_now(std::string("a second stop signal (") + signal_name(sig) + "); exiting now", 1);
     }
     st->signal = sig;
     lock.unlock();
