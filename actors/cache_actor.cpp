@@ -28,6 +28,22 @@ std::optional<CachedResponse> read_entry(Self* self, const WireMessage& wm) {
   return std::move(std::get<CachedResponse>(*d.message));
 }
 
+// Tells the router the prefix index changed, no more often than kPrefixReportInterval: the
+// first change sends at once and schedules the next look.
+void report_prefixes(Self* self, const CacheSetup& setup) {
+  auto& st = self->state;
+  if (setup.routers.empty() || st.report_scheduled || st.blocks->index_version() == st.reported_version) return;
+  st.reported_version = st.blocks->index_version();
+  ReplicaReport r;
+  r.replica = setup.replica;
+  r.blocks_changed = true;
+  r.cached_blocks = st.blocks->cached_block_hashes();
+  const WireMessage wire = encode(r);
+  for (const caf::actor& router : setup.routers) self->send(router, report_atom::value, cache_atom::value, wire);
+  st.report_scheduled = true;
+  self->delayed_send(self, kPrefixReportInterval, report_atom::value);
+}
+
 }  // namespace
 
 caf::behavior cache_actor(Self* self, CacheSetup setup) {
@@ -43,7 +59,9 @@ caf::behavior cache_actor(Self* self, CacheSetup setup) {
         if (!std::holds_alternative<BlockPlanRequest>(*d.message))
           return refuse(self, std::string("expected a BlockPlanRequest, got ") + message_name(*d.message));
         try {
-          return encode(self->state.planner->plan(std::get<BlockPlanRequest>(*d.message)));
+          WireMessage plan = encode(self->state.planner->plan(std::get<BlockPlanRequest>(*d.message)));
+          report_prefixes(self, setup);
+          return plan;
         } catch (const Error& e) {
           return refuse(self, e.what());
         }
@@ -61,6 +79,10 @@ caf::behavior cache_actor(Self* self, CacheSetup setup) {
         }
         q->request.prompt_tokens.clear();  // the asker has them
         return encode(*q);
+      },
+      [=](report_atom) {
+        self->state.report_scheduled = false;
+        report_prefixes(self, setup);
       },
       [=](store_atom, const WireMessage& wm) {
         if (std::optional<CachedResponse> e = read_entry(self, wm))

@@ -7,6 +7,8 @@
 // Messages: (plan_atom, WireMessage{BlockPlanRequest}) -> WireMessage{BlockPlan | ErrorReply}
 //           (lookup_atom, WireMessage{CachedResponse}) -> WireMessage{CachedResponse}: found or not
 //           (store_atom, WireMessage{CachedResponse}): remember an answer
+// Out, in a cluster: (report_atom, cache_atom, WireMessage{ReplicaReport}) to the router, with the
+//           hashes of the cached blocks (only `replica`, `blocks_changed` and `cached_blocks` set)
 // Anything malformed or contradictory is answered with an ErrorReply (or dropped, for a store)
 // and counted; the scheduler then resets the replica's KV, as after a lost shard.
 //
@@ -15,6 +17,8 @@
 #pragma once
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <caf/all.hpp>
 
@@ -29,13 +33,23 @@ struct CacheSetup {
   bool prefix_caching = true;
   size_t response_cache_entries = 0;  // 0: off
   int64_t response_cache_ttl_ms = 60000;
+  // In a cluster: the routers (the router and its standby) that learn which prefixes this
+  // replica caches, and the replica's name there.
+  std::vector<caf::actor> routers;
+  std::string replica;
 };
+
+// The router hears of a changed prefix index at most this often (the hashes of every cached
+// block, a few KiB for a few hundred blocks).
+constexpr auto kPrefixReportInterval = std::chrono::milliseconds(50);
 
 struct CacheState {
   std::unique_ptr<KvBlockManager> blocks;
   std::unique_ptr<BlockPlanner> planner;
   std::unique_ptr<ResponseCache> responses;
   uint64_t malformed = 0;
+  uint64_t reported_version = ~uint64_t{0};  // the prefix index version the router last heard (none yet)
+  bool report_scheduled = false;
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.cache";
 };

@@ -168,6 +168,22 @@ GenerateRequest make_request(const RequestOptions& o) {
 }
 }  // namespace
 
+std::variant<ModelInfo, ClientError> Client::model_info(int64_t timeout_ms) {
+  caf::scoped_actor self{*impl_->sys};
+  std::variant<ModelInfo, ClientError> out = ClientError{ErrorKind::unavailable, "no answer"};
+  self->request(impl_->server, std::chrono::milliseconds(std::max<int64_t>(1, timeout_ms)), info_atom::value)
+      .receive(
+          [&](const WireMessage& wm) {
+            DecodeResult d = decode(wm);
+            if (d.message && std::holds_alternative<ModelInfo>(*d.message)) out = std::get<ModelInfo>(*d.message);
+            else out = ClientError{ErrorKind::internal, "malformed model info from the server: " + (d.message ? std::string(message_name(*d.message)) : d.error)};
+          },
+          [&](const caf::error& e) {
+            out = ClientError{ErrorKind::unavailable, "the server did not say which model it serves: " + impl_->sys->render(e)};
+          });
+  return out;
+}
+
 Client::Stream Client::stream(const std::string& prompt, const RequestOptions& options) {
   GenerateRequest r = make_request(options);
   r.prompt_text = prompt;

@@ -11,11 +11,15 @@
 
 namespace celer {
 
+int32_t serving_context(const ClusterConfig& c, const Model& model) {
+  return c.max_context > 0 ? c.max_context : std::min(model.config().n_ctx_train, 4096);
+}
+
 ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> model) {
   const ModelConfig& m = model->config();
   ReplicaSetup s;
   s.model = model;
-  const int32_t context = c.max_context > 0 ? c.max_context : std::min(m.n_ctx_train, 4096);
+  const int32_t context = serving_context(c, *model);
   const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
   int64_t blocks = c.kv_cache_blocks;
   const TensorType kv_type = c.kv_cache_dtype.value_or(default_kv_type(*model));
@@ -76,16 +80,22 @@ caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { re
 
 void wait_until_ready(caf::actor_system& sys, const caf::actor& replica, std::chrono::milliseconds timeout) {
   caf::scoped_actor self{sys};
+  const auto until = std::chrono::steady_clock::now() + timeout;
   std::string problem;
   caf::actor shard;
-  self->request(replica, timeout, shard_atom::value)
-      .receive([&](const caf::actor& a) { shard = a; }, [&](const caf::error& e) { problem = sys.render(e); });
+  // Shards placed on other nodes are built there and connected first: until the group is up
+  // the replica names no shard.
+  while (!shard && problem.empty()) {
+    self->request(replica, timeout, shard_atom::value)
+        .receive([&](const caf::actor& a) { shard = a; }, [&](const caf::error& e) { problem = sys.render(e); });
+    if (shard || !problem.empty()) break;
+    if (std::chrono::steady_clock::now() >= until) problem = "the replica has no shard after " + std::to_string(timeout.count()) + " ms";
+    else std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   // A shard answers its first message once its engine exists; an empty step computes nothing.
   if (shard)
     self->request(shard, timeout, step_atom::value, encode(Step{}))
         .receive([&](const WireMessage&) {}, [&](const caf::error& e) { problem = sys.render(e); });
-  else if (problem.empty())
-    problem = "the replica has no shard";
   if (!problem.empty()) throw Error(ErrorCode::io, "the replica did not become ready: " + problem);
 }
 

@@ -13,6 +13,8 @@ namespace celer {
 
 // The model's context capped at 4096 unless max_context says otherwise; KV blocks from
 // kv_cache_blocks or kv_cache_memory, never fewer than one full-length sequence needs.
+int32_t serving_context(const ClusterConfig& config, const Model& model);
+
 ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
 
 caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup);

@@ -14,6 +14,11 @@ size_t stop_reach(const std::vector<std::string>& stop) {
   return n == 0 ? 0 : n - 1;
 }
 
+// Waits for a scheduler to take the request (over): a bounded wait.
+void await_scheduler(caf::stateful_actor<RequestState>* self) {
+  self->delayed_send(self, kTakeoverTimeout, resume_atom::value, self->state.takeovers);
+}
+
 }  // namespace
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
@@ -35,18 +40,19 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   st.keep_alive = caf::actor_cast<caf::actor>(self);
   // A client that goes away cancels its request; a scheduler that dies hands it to its successor.
   self->monitor(st.client);
-  self->monitor(st.scheduler);
+  if (st.scheduler) self->monitor(st.scheduler);
+  else await_scheduler(self);  // a cluster's entry: a replica takes it over first
   // An empty first chunk names this actor to the client at once, so a client that leaves (or
   // cancels) while the request still waits or prefills can cancel it then, not at its first token.
   self->send(st.client, event_atom::value, encode(TokenChunk{st.client_id, 0, {}, {}, {}}));
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
     if (dm.source == s.client.address()) {
-      self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
+      if (s.scheduler) self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
       self->quit();
       return;
     }
-    if (dm.source != s.scheduler.address()) return;
+    if (!s.scheduler || dm.source != s.scheduler.address()) return;
     GenerateRequest rest = s.original;
     rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
     rest.prompt_text.clear();
@@ -69,6 +75,8 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
     s.base = s.sent;
     // Names the scheduler that died: the supervisor may hear of its death after this message.
     self->send(s.supervisor, resume_atom::value, encode(rest), s.scheduler);
+    s.scheduler = nullptr;
+    await_scheduler(self);
   });
 
   // Sends text (and tokens) to the client, cutting at a stop string. Returns true at a stop.
@@ -140,11 +148,27 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
         auto& s = self->state;
         s.scheduler = scheduler;
         s.id = id;
+        ++s.takeovers;
         self->monitor(scheduler);
+        if (s.cancel_pending) self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
+      },
+      [=](resume_atom, uint64_t takeovers) {
+        // Nobody took the request over in time (its replica and every other one are gone).
+        auto& s = self->state;
+        if (s.scheduler || takeovers != s.takeovers) return;
+        self->send(s.client, event_atom::value,
+                   encode(ErrorReply{s.client_id, ErrorKind::unavailable,
+                                     "no replica took the request over within " +
+                                         std::to_string(std::chrono::duration_cast<std::chrono::seconds>(kTakeoverTimeout).count()) + " s"}));
+        self->quit();
       },
       [=](cancel_atom) {
-        self->send(self->state.scheduler, cancel_atom::value, self->state.id,
-                   static_cast<uint8_t>(FinishReason::cancelled));
+        auto& s = self->state;
+        if (!s.scheduler) {
+          s.cancel_pending = true;
+          return;
+        }
+        self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
       },
   };
 }

@@ -10,12 +10,14 @@
 //
 // Messages in:  (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) from the scheduler
 //               (resume_atom, scheduler, id) from a new scheduler that took the request over
+//               (a null scheduler at spawn: the first one takes it this way too)
 //               (cancel_atom) from the client
 // Messages out: (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) to the client, with
 //               the client's request id, the first being an empty TokenChunk that introduces
 //               this actor; (cancel_atom, id, reason) to the scheduler.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +28,10 @@
 #include "runtime/protocol.hpp"
 
 namespace celer {
+
+// How long a request waits for a scheduler to take it over after its own died (or, at a
+// cluster's entry, to take it at all) before it fails.
+constexpr auto kTakeoverTimeout = std::chrono::seconds(30);
 
 struct RequestState {
   caf::actor client;
@@ -44,6 +50,8 @@ struct RequestState {
   bool stopped = false;     // a stop string was found: later tokens are dropped
   int64_t received_us = 0;  // when the replica received the request (StageTimes::received_us)
   caf::actor keep_alive;    // itself: see request_actor()
+  uint64_t takeovers = 0;   // schedulers that took the request (over)
+  bool cancel_pending = false;  // cancelled while no scheduler held it
   static inline const char* name = "celer.request";
 };
 

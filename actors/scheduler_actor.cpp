@@ -14,6 +14,11 @@ using Self = caf::stateful_actor<SchedulerActorState>;
 
 const char* const kShuttingDown = "the server is shutting down";
 
+// How often the router hears this replica's load: often enough that a burst of requests spreads
+// by the figures (the router also counts what it sent since), rarely enough to cost nothing.
+constexpr auto kBusyReportInterval = std::chrono::milliseconds(20);
+constexpr auto kIdleReportInterval = std::chrono::milliseconds(500);
+
 int64_t now_ms(Self* self) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
 }
@@ -31,6 +36,7 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
     if (it == st.requests.end()) continue;
     switch (e.kind) {
       case SchedulerEvent::Kind::token: {
+        ++st.tokens_generated;
         if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
         TokenChunk chunk{e.id, e.index, {e.token}, {}, {}};
         if (e.has_logprob) chunk.logprobs.push_back(e.logprob);
@@ -68,8 +74,8 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
   const WireMessage wire = encode(*step);
   // Ranks other than 0 only answer that they are done; a failing rank shows up as a down message.
   for (size_t r = 1; r < st.ranks.size(); ++r)
-    self->request(st.ranks[r], caf::infinite, step_atom::value, wire).then([](const WireMessage&) {}, [](const caf::error&) {});
-  self->request(st.shard, caf::infinite, step_atom::value, wire)
+    self->request(st.ranks[r], kStepTimeout, step_atom::value, wire).then([](const WireMessage&) {}, [](const caf::error&) {});
+  self->request(st.shard, kStepTimeout, step_atom::value, wire)
       .then(
           [=](const WireMessage& reply) {
             auto& s = self->state;
@@ -89,11 +95,14 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
             dispatch(self, ev);
             run_step(self);
           },
-          [=](const caf::error&) {
-            // The shard died with the step (its down message restarts it) or could not be
-            // reached: either way its KV is gone.
+          [=](const caf::error& e) {
+            // The shard died with the step (its down message restarts it), could not be
+            // reached, or hung past kStepTimeout (it is stopped, and so replaced): either way
+            // its KV is gone.
             auto& s = self->state;
             s.step_in_flight = false;
+            if (e == caf::sec::request_timeout && s.shard_up)
+              for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
             if (s.shard_up) ++s.step_failures;
             s.scheduler->reset_kv();
             self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
@@ -175,6 +184,22 @@ void run_step(Self* self) {
           });
 }
 
+void cache_up(Self* self, caf::actor cache) {
+  auto& st = self->state;
+  st.cache = std::move(cache);
+  *st.cache_for_exit = st.cache;
+  st.cache_up = true;
+  st.kv_blocks_used = 0;
+  st.kv_blocks_free = st.setup.kv_blocks;
+  self->monitor(st.cache);
+  run_step(self);
+}
+
+bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
+                   const char* what, const std::string& why);
+
+// Spawns the replica's cache here, or asks its node to (the answer may come after the node has
+// loaded; until then the replica waits).
 void spawn_cache(Self* self) {
   auto& st = self->state;
   CacheSetup cs;
@@ -182,12 +207,32 @@ void spawn_cache(Self* self) {
   cs.prefix_caching = st.setup.prefix_caching;
   cs.response_cache_entries = st.setup.response_cache_entries;
   cs.response_cache_ttl_ms = st.setup.response_cache_ttl_ms;
-  st.cache = self->spawn(cache_actor, cs);
-  *st.cache_for_exit = st.cache;
-  st.cache_up = true;
-  st.kv_blocks_used = 0;
-  st.kv_blocks_free = st.setup.kv_blocks;
-  self->monitor(st.cache);
+  cs.routers = st.setup.routers;
+  cs.replica = st.setup.name;
+  const uint64_t generation = ++st.cache_generation;
+  st.cache_up = false;
+  if (!st.setup.cache_node) {
+    cache_up(self, self->spawn(cache_actor, cs));
+    return;
+  }
+  self->request(st.setup.cache_node, kShardSpawnTimeout, spawn_atom::value, cache_atom::value, cs.kv_blocks,
+                cs.prefix_caching, static_cast<int32_t>(cs.response_cache_entries), cs.response_cache_ttl_ms,
+                st.setup.name)
+      .then(
+          [=](const caf::actor& cache) {
+            if (generation != self->state.cache_generation) {
+              caf::anon_send_exit(cache, caf::exit_reason::user_shutdown);
+              return;
+            }
+            cache_up(self, cache);
+          },
+          [=](const caf::error& e) {
+            auto& s = self->state;
+            if (generation != s.cache_generation) return;
+            if (count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache",
+                              "its node did not build it: " + failure_text(self->system(), e)))
+              self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
+          });
 }
 
 // Counts a dead child's restart (in the window and in all). When it has died more than
@@ -216,24 +261,118 @@ bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point
   return true;
 }
 
-// Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group sharing one
-// all-reduce. They fail together: when one goes down the scheduler stops the others (whose
-// all-reduce was aborted) and respawns the group.
+// The replica's shard group is complete and connected: steps may run.
+void group_up(Self* self, uint64_t generation) {
+  auto& st = self->state;
+  if (generation != st.shard_generation) return;
+  st.shard = st.ranks[0];
+  st.shard_up = true;
+  run_step(self);
+}
+
+// A rank could not be built or connected: the group is given up like a dead one.
+void group_failed(Self* self, uint64_t generation, const std::string& why) {
+  auto& st = self->state;
+  if (generation != st.shard_generation) return;
+  ++st.shard_generation;  // answers still on their way are for a group that is gone
+  for (const caf::actor& r : st.ranks)
+    if (r) caf::anon_send_exit(r, caf::exit_reason::kill);
+  st.shard_up = false;
+  st.scheduler->reset_kv();
+  if (count_restart(self, st.restarts, st.total_restarts, "model shard", why))
+    self->delayed_send(self, st.setup.restart_backoff, shard_atom::value, true);
+}
+
+// Connects a network group: every rank learns every rank's all-reduce endpoint.
+void connect_group(Self* self, uint64_t generation) {
+  auto& st = self->state;
+  const size_t tp = st.ranks.size();
+  auto endpoints = std::make_shared<std::vector<caf::actor>>(tp);
+  auto answered = std::make_shared<size_t>(0);
+  for (size_t r = 0; r < tp; ++r)
+    self->request(st.ranks[r], std::chrono::seconds(30), collective_atom::value)
+        .then(
+            [=](const caf::actor& endpoint) {
+              if (generation != self->state.shard_generation) return;
+              if (!endpoint) return group_failed(self, generation, "rank " + std::to_string(r) + " has no all-reduce endpoint");
+              (*endpoints)[r] = endpoint;
+              if (++*answered < tp) return;
+              auto connected = std::make_shared<size_t>(0);
+              for (size_t q = 0; q < tp; ++q)
+                self->request(self->state.ranks[q], std::chrono::seconds(30), peers_atom::value, *endpoints)
+                    .then(
+                        [=](bool ok) {
+                          if (!ok) return group_failed(self, generation, "rank " + std::to_string(q) + " refused its peers");
+                          if (++*connected == tp) group_up(self, generation);
+                        },
+                        [=](const caf::error& e) {
+                          group_failed(self, generation, "rank " + std::to_string(q) + ": " + failure_text(self->system(), e));
+                        });
+            },
+            [=](const caf::error& e) {
+              group_failed(self, generation, "rank " + std::to_string(r) + ": " + failure_text(self->system(), e));
+            });
+}
+
+// Spawns the replica's shards: one, or the tp_size ranks of a tensor-parallel group. In one
+// process the ranks share one in-process all-reduce; placed on nodes (setup.shard_nodes), each
+// node builds its rank from a ShardSpec and the ranks sum over the network. The ranks fail
+// together: when one goes down the scheduler stops the others (whose all-reduce was aborted)
+// and respawns the group.
 void spawn_shard(Self* self) {
   auto& st = self->state;
   const int tp = std::max(1, st.setup.engine.tp_size);
-  auto group = tp > 1 ? std::make_shared<LocalAllReduceGroup>(tp) : nullptr;
-  st.ranks.clear();
-  for (int r = 0; r < tp; ++r) {
-    EngineOptions eo = st.setup.engine;
-    eo.tp_rank = r;
-    eo.tp_size = tp;
-    st.ranks.push_back(self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group));
+  const uint64_t generation = ++st.shard_generation;
+  st.shard_up = false;
+  st.ranks.assign(static_cast<size_t>(tp), caf::actor{});
+  if (st.setup.shard_nodes.empty()) {
+    auto group = tp > 1 ? std::make_shared<LocalAllReduceGroup>(tp) : nullptr;
+    for (int r = 0; r < tp; ++r) {
+      EngineOptions eo = st.setup.engine;
+      eo.tp_rank = r;
+      eo.tp_size = tp;
+      st.ranks[r] = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group);
+      self->monitor(st.ranks[r]);
+    }
+    *st.shard_for_exit = st.ranks;
+    group_up(self, generation);
+    return;
   }
-  st.shard = st.ranks[0];
-  *st.shard_for_exit = st.ranks;
-  st.shard_up = true;
-  for (const caf::actor& r : st.ranks) self->monitor(r);
+  auto built = std::make_shared<int>(0);
+  for (int r = 0; r < tp; ++r) {
+    const EngineOptions& e = st.setup.engine;
+    ShardSpec spec;
+    spec.replica = st.setup.name;
+    spec.model_path = st.setup.model_path;
+    spec.rank = r;
+    spec.size = tp;
+    spec.threads = 0;  // the node's own thread count
+    spec.max_context = e.max_context;
+    spec.max_batch_tokens = e.max_batch_tokens;
+    spec.max_seqs = e.max_seqs;
+    spec.n_kv_blocks = e.n_kv_blocks;
+    spec.q8_activations = static_cast<uint8_t>(e.q8);
+    spec.kv_type = e.kv_type ? static_cast<int32_t>(*e.kv_type) : -1;
+    self->request(st.setup.shard_nodes[r], kShardSpawnTimeout, spawn_atom::value, encode(spec))
+        .then(
+            [=](const caf::actor& shard) {
+              auto& s = self->state;
+              if (generation != s.shard_generation) {
+                caf::anon_send_exit(shard, caf::exit_reason::kill);
+                return;
+              }
+              s.ranks[r] = shard;
+              *s.shard_for_exit = s.ranks;
+              self->monitor(shard);
+              if (++*built < tp) return;
+              if (tp == 1) group_up(self, generation);
+              else connect_group(self, generation);
+            },
+            [=](const caf::error& e) {
+              group_failed(self, generation,
+                           "its node did not build rank " + std::to_string(r) + ": " + failure_text(self->system(), e));
+            });
+  }
 }
 
 // Admits a tokenized request (or tells its request actor why not) and starts an iteration.
@@ -251,6 +390,25 @@ void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cach
   s.requests[req.id] = request;
   if (cacheable) s.cacheable[req.id] = std::move(req);
   run_step(self);
+}
+
+// Tells the router this replica's load (and whether it takes new requests).
+void send_report(Self* self) {
+  auto& s = self->state;
+  if (s.setup.routers.empty()) return;
+  ReplicaReport r;
+  r.replica = s.setup.name;
+  r.waiting = s.scheduler->n_waiting();
+  r.running = s.scheduler->n_running();
+  r.outstanding_tokens = s.scheduler->outstanding_tokens();
+  r.kv_blocks_used = s.kv_blocks_used;
+  r.kv_blocks_free = s.kv_blocks_free;
+  r.prefix_queries = s.prefix_queries;
+  r.prefix_hits = s.prefix_hits;
+  r.tokens_generated = s.tokens_generated;
+  r.draining = s.stopping || s.draining;
+  const WireMessage wire = encode(r);
+  for (const caf::actor& router : s.setup.routers) self->send(router, report_atom::value, wire);
 }
 
 // Checks a request's prompt against the vocabulary; the error to send back, if any.
@@ -273,6 +431,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
                                              [model](TokenId t) { return model->tokenizer().is_end_of_generation(t); });
   spawn_cache(self);
   spawn_shard(self);
+  if (!st.setup.routers.empty()) self->send(self, report_atom::value);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
     if (dm.source == s.cache.address()) {
@@ -412,6 +571,25 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         run_step(self);
       },
       [=](kick_atom) { run_step(self); },
+      [=](report_atom) {
+        // The router's view of this replica: often while it works, now and then while idle.
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;  // one timer chain
+        send_report(self);
+        self->delayed_send(self, self->state.scheduler->idle() ? kIdleReportInterval : kBusyReportInterval,
+                           report_atom::value);
+      },
+      [=](drain_atom) -> caf::result<bool> {
+        // Its node is leaving: the router learns at once and routes nothing new here.
+        if (!sent_from_this_node(self)) return caf::make_error(caf::sec::unexpected_message);
+        auto& s = self->state;
+        s.draining = true;
+        send_report(self);
+        return true;
+      },
+      [=](info_atom) -> WireMessage {
+        const auto& s = self->state;
+        return encode(ModelInfo{s.setup.model->name(), s.setup.model->tokenizer().n_vocab(), s.setup.scheduler.max_context});
+      },
       [=](stop_atom) -> caf::result<bool> {
         // The server is shutting down: every request ends now with an error its client sees
         // (an SSE error event, the client library's error value), and new ones are refused.
@@ -428,7 +606,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         spawn_shard(self);
         run_step(self);
       },
-      [=](shard_atom) { return self->state.shard; },
+      [=](shard_atom) { return self->state.shard_up ? self->state.shard : caf::actor{}; },
       [=](cache_atom, bool respawn) {
         if (!respawn || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         spawn_cache(self);

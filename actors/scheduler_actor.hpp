@@ -49,7 +49,21 @@ struct ReplicaSetup {
   int max_restarts = 5;               // shard restarts allowed within restart_window
   std::chrono::milliseconds restart_window{60000};
   std::chrono::milliseconds restart_backoff{100};
+  // In a cluster (docs/cluster.md): the replica's name, the GGUF file as its nodes see it, the
+  // node actors (actors/node_actor.hpp) that build its cache and each shard rank there (null /
+  // empty: spawned in this process, as a one-process server does), and the router it reports
+  // its load to (null: none).
+  std::string name = "r0";
+  std::string model_path;
+  caf::actor cache_node;
+  std::vector<caf::actor> shard_nodes;  // [tp] or empty
+  std::vector<caf::actor> routers;      // the router, then its standby (if any)
 };
+
+// How long a step may take before its shard counts as hung; it is then replaced like a dead one.
+constexpr auto kStepTimeout = std::chrono::minutes(2);
+// How long a node may take to build a shard (load and pack its slice of the weights).
+constexpr auto kShardSpawnTimeout = std::chrono::minutes(10);
 
 struct SchedulerActorState {
   ReplicaSetup setup;
@@ -69,6 +83,10 @@ struct SchedulerActorState {
   caf::actor shard;                // rank 0: runs the step and samples
   std::vector<caf::actor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
+  uint64_t shard_generation = 0;   // counts groups spawned: answers for an older group are dropped
+  uint64_t cache_generation = 0;
+  uint64_t tokens_generated = 0;
+  bool report_scheduled = false;
   std::shared_ptr<std::vector<caf::actor>> shard_for_exit = std::make_shared<std::vector<caf::actor>>();  // stopped with the scheduler
   std::unordered_map<RequestId, caf::actor> requests;
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
@@ -84,6 +102,7 @@ struct SchedulerActorState {
   RequestId next_id = 1;
   uint64_t malformed = 0;
   bool stopping = false;  // after stop_atom: requests are refused
+  bool draining = false;  // after drain_atom: the router sends nothing new; what runs finishes
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.scheduler";
 };

@@ -1,5 +1,6 @@
 #include "actors/shard_actor.hpp"
 
+#include "actors/collective.hpp"
 #include "actors/failure.hpp"
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
@@ -9,13 +10,22 @@ namespace celer {
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group) {
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
-  if (group) options.all_reduce = &group->rank(options.tp_rank);
+  // How long a rank waits for its peers' partial sums before it counts them lost: longer than
+  // any forward pass takes between two all-reduces.
+  constexpr auto kPeerTimeout = std::chrono::seconds(60);
+  if (group) {
+    options.all_reduce = &group->rank(options.tp_rank);
+  } else if (options.tp_size > 1) {
+    self->state.network = std::make_shared<NetworkAllReduce>(self->system(), options.tp_rank, options.tp_size, kPeerTimeout);
+    options.all_reduce = self->state.network.get();
+  }
   self->state.engine = std::make_unique<Engine>(*model, options);
   self->state.executor = std::make_unique<StepExecutor>(*self->state.engine);
   // The model and the group must outlive the engine: keep them alive as long as this actor.
   // A rank that exits aborts its group, so peers blocked in an all-reduce fail instead of hang.
-  self->attach_functor([model, group] {
+  self->attach_functor([model, group, network = self->state.network] {
     if (group) group->abort();
+    if (network) network->abort("a rank of the group stopped");
   });
   return {
       [=](step_atom, const WireMessage& wm) -> WireMessage {
@@ -29,11 +39,45 @@ caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr
           ++self->state.steps;
           return encode(self->state.executor->run(std::get<Step>(*d.message)));
         } catch (const Error& e) {
+          if (e.code() == ErrorCode::unavailable && self->state.network) {
+            // The group is broken (a peer died or went silent mid-step): this rank's KV is as
+            // lost as the peer's. The scheduler sees it go down and rebuilds the group.
+            self->quit(caf::make_error(caf::sec::runtime_error, std::string("shard: ") + e.what()));
+            return encode(ErrorReply{0, ErrorKind::unavailable, std::string("shard: ") + e.what()});
+          }
           ++self->state.malformed;
           return encode(ErrorReply{0, ErrorKind::invalid_request, std::string("shard: step refused: ") + e.what()});
         }
       },
+      [=](collective_atom) -> caf::actor {
+        if (!self->state.network) return caf::actor{};
+        return self->state.network->endpoint();
+      },
+      [=](peers_atom, std::vector<caf::actor> peers) -> bool {
+        if (!self->state.network) return false;
+        try {
+          self->state.network->connect(std::move(peers));
+          return true;
+        } catch (const Error& e) {
+          self->quit(caf::make_error(caf::sec::runtime_error, std::string("shard: ") + e.what()));
+          return false;
+        }
+      },
   };
+}
+
+EngineOptions engine_options(const ShardSpec& spec, int default_threads) {
+  EngineOptions o;
+  o.n_threads = spec.threads > 0 ? spec.threads : std::max(1, default_threads);
+  o.n_kv_blocks = spec.n_kv_blocks;
+  o.max_context = spec.max_context;
+  o.max_batch_tokens = spec.max_batch_tokens;
+  o.max_seqs = spec.max_seqs;
+  o.q8 = static_cast<Q8Activations>(spec.q8_activations);
+  if (spec.kv_type >= 0) o.kv_type = static_cast<TensorType>(spec.kv_type);
+  o.tp_rank = spec.rank;
+  o.tp_size = spec.size;
+  return o;
 }
 
 }  // namespace celer

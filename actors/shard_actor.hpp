@@ -3,7 +3,11 @@
 // and must not hold up the actors sharing CAF's scheduler threads.
 //
 // Messages:  (step_atom, WireMessage{Step}) -> WireMessage{StepResult} or WireMessage{ErrorReply}
-// A malformed or refused step gets an ErrorReply (and counts); the shard keeps serving.
+//            (collective_atom) -> its all-reduce endpoint (a network group's rank)
+//            (peers_atom, [endpoint per rank]): connects a network group; sent before the first step
+// A malformed or refused step gets an ErrorReply (and counts); the shard keeps serving. A broken
+// all-reduce (a peer gone or silent) ends the shard with the reason: its scheduler rebuilds
+// the group.
 #pragma once
 
 #include <memory>
@@ -13,10 +17,14 @@
 #include "runtime/engine.hpp"
 #include "runtime/step_executor.hpp"
 #include "runtime/tensor_parallel.hpp"
+#include "schema/codec.hpp"
 
 namespace celer {
 
+class NetworkAllReduce;
+
 struct ShardState {
+  std::shared_ptr<NetworkAllReduce> network;  // a network group's rank; null otherwise
   std::unique_ptr<Engine> engine;
   std::unique_ptr<StepExecutor> executor;
   uint64_t steps = 0;
@@ -25,8 +33,12 @@ struct ShardState {
 };
 
 // With options.tp_size > 1 the shard is one rank of a tensor-parallel group whose all-reduce is
-// `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever).
+// `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever), or,
+// with no group, a network group (actors/collective.hpp) that peers_atom connects.
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group);
+
+// The engine options a ShardSpec describes (threads: the spec's, else `default_threads`).
+EngineOptions engine_options(const ShardSpec& spec, int default_threads);
 
 }  // namespace celer

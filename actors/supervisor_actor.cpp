@@ -138,6 +138,8 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
         return rp;
       },
       [=](shard_atom) { return self->delegate(self->state.scheduler, shard_atom::value); },
+      [=](info_atom) { return self->delegate(self->state.scheduler, info_atom::value); },
+      [=](drain_atom) { return self->delegate(self->state.scheduler, drain_atom::value); },
       [=](cache_atom) { return self->delegate(self->state.scheduler, cache_atom::value); },
   };
 }

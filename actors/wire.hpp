@@ -24,6 +24,18 @@ using failed_atom = caf::atom_constant<caf::atom("failed")>;      // scheduler -
 using plan_atom = caf::atom_constant<caf::atom("plan")>;          // scheduler -> cache: BlockPlanRequest, reply BlockPlan
 using lookup_atom = caf::atom_constant<caf::atom("lookup")>;      // scheduler -> cache: response-cache lookup
 using store_atom = caf::atom_constant<caf::atom("store")>;        // scheduler -> cache: response-cache insert
+using collective_atom = caf::atom_constant<caf::atom("collective")>;  // scheduler -> shard: its all-reduce endpoint
+using spawn_atom = caf::atom_constant<caf::atom("spawn")>;        // scheduler -> node: build a shard or cache here
+using route_atom = caf::atom_constant<caf::atom("route")>;        // node -> router: RouteQuery, reply the replica
+using report_atom = caf::atom_constant<caf::atom("report")>;      // scheduler -> router: ReplicaReport
+using join_atom = caf::atom_constant<caf::atom("join")>;          // replica -> router: (name, supervisor); node -> node: hello
+using hello_atom = caf::atom_constant<caf::atom("hello")>;        // node -> router, every heartbeat interval: (name, node actor)
+using router_atom = caf::atom_constant<caf::atom("router")>;      // anyone -> node: the router it uses
+using info_atom = caf::atom_constant<caf::atom("info")>;          // client -> node or replica: ModelInfo
+using status_atom = caf::atom_constant<caf::atom("status")>;      // client -> node -> router: ClusterStatus
+using reduce_atom = caf::atom_constant<caf::atom("reduce")>;      // rank -> peer rank's endpoint: ReducePart
+using peers_atom = caf::atom_constant<caf::atom("peers")>;        // scheduler -> shard: every rank's endpoint
+using drain_atom = caf::atom_constant<caf::atom("drain")>;        // client -> node: stop taking requests, then leave
 
 // Whether the message being handled came from an actor on this node. The operations that stop or
 // restart a replica's actors are its own business: a client (or any peer that reaches a
@@ -38,10 +50,25 @@ typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {
   return f(caf::meta::type_name("celer.WireMessage"), x.words);
 }
 
+// One tensor-parallel rank's partial sum of one all-reduce call (actors/collective.hpp): the
+// one message that is not a Cap'n Proto structure, because it is a bare float array that CAF
+// copies as one block of bytes.
+struct ReducePart {
+  uint64_t call = 0;  // 1, 2, ...: the sender's sum() count since the group was connected
+  int32_t rank = 0;
+  std::vector<uint8_t> bytes;  // n floats in the machine's byte order
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ReducePart& x) {
+  return f(caf::meta::type_name("celer.ReducePart"), x.call, x.rank, x.bytes);
+}
+
 // Every type celer sends, registered on every node (a type missing on one end arrives there as
 // an unexpected message).
 inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<WireMessage>("celer.WireMessage");
+  cfg.add_message_type<ReducePart>("celer.ReducePart");
 }
 
 // A node that runs shards: celer's message types, and CAF's threads kept out of the way of the

@@ -95,6 +95,9 @@ class Client {
     std::unique_ptr<Impl> impl_;
   };
 
+  // The model the server serves: its name, vocabulary size and serving context length.
+  std::variant<ModelInfo, ClientError> model_info(int64_t timeout_ms = 10'000);
+
   Stream stream(const std::string& prompt, const RequestOptions& options);
   Stream stream_tokens(std::vector<TokenId> prompt, const RequestOptions& options);
 

@@ -53,18 +53,9 @@ struct BenchArgs {
   float temperature = 0;
   std::string json;
   std::string label;
+  bool vocab_size_given = false;  // --vocab-size on the command line; else the served model's
+  int32_t context = 0;            // the served model's context (with --connect)
 };
-
-std::pair<std::string, uint16_t> parse_host_port(const std::string& s) {
-  const auto colon = s.rfind(':');
-  if (colon == std::string::npos)
-    throw Error(ErrorCode::invalid_argument, "--connect wants HOST:PORT, not '" + s + "'");
-  char* end = nullptr;
-  const long port = std::strtol(s.c_str() + colon + 1, &end, 10);
-  if (colon + 1 == s.size() || *end != '\0' || port <= 0 || port > 65535)
-    throw Error(ErrorCode::invalid_argument, "--connect: bad port in '" + s + "'");
-  return {s.substr(0, colon), static_cast<uint16_t>(port)};
-}
 
 // A positive number of requests per second, or inf (also "infinity").
 double parse_rate(const std::string& s) {
@@ -337,15 +328,37 @@ int run_bench(BenchArgs& a) {
     http.model = a.model;
   }
   const auto [host, port] = a.url.empty() ? parse_host_port(a.connect) : std::pair<std::string, uint16_t>{};
-  const wl::Dataset data = wl::make_dataset(a.data);  // validates the dataset options
-  const std::vector<double> arrivals = wl::arrival_times(data.jobs.size(), rate, a.data.seed);
-
   std::unique_ptr<Client> client;
   if (a.url.empty()) {
     auto connected = Client::connect(host, port);
     if (auto* err = std::get_if<ClientError>(&connected)) throw Error(ErrorCode::io, err->message);
     client = std::move(std::get<std::unique_ptr<Client>>(connected));
+    // Prompts are drawn from the served model's vocabulary, and must fit its context.
+    auto info = client->model_info();
+    if (auto* err = std::get_if<ClientError>(&info)) throw Error(ErrorCode::io, err->message);
+    const ModelInfo& m = std::get<ModelInfo>(info);
+    if (!a.vocab_size_given) a.data.vocab_size = m.n_vocab;
+    else if (a.data.vocab_size > m.n_vocab)
+      throw Error(ErrorCode::invalid_argument, "--vocab-size " + std::to_string(a.data.vocab_size) + " is larger than the " +
+                                                   std::to_string(m.n_vocab) + " tokens of the served model (" + m.name +
+                                                   "): its prompts would be refused");
+    a.context = m.max_context;
   }
+  const wl::Dataset data = wl::make_dataset(a.data);  // validates the dataset options
+  if (a.context > 0)
+    for (const wl::Job& job : data.jobs) {
+      int64_t history = 0;  // multi-turn: the earlier turns' prompts and outputs are re-sent
+      for (const wl::BenchRequest& r : job.requests) {
+        const int64_t prompt = history + static_cast<int64_t>(r.prompt.size());
+        if (prompt + r.output_len > a.context)
+          throw Error(ErrorCode::invalid_argument,
+                      "a request of " + std::to_string(prompt) + " prompt and " + std::to_string(r.output_len) +
+                          " output tokens does not fit the served model's context of " + std::to_string(a.context) +
+                          " tokens: shorten the lengths (or the turns)");
+        history = prompt + r.output_len;
+      }
+    }
+  const std::vector<double> arrivals = wl::arrival_times(data.jobs.size(), rate, a.data.seed);
 
   RequestOptions options;
   options.sampling = SamplingParams{};
@@ -415,9 +428,9 @@ Command add_bench(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--dataset", a->dataset, "random, shared-prefix or multi-turn")->capture_default_str();
   c->add_option("--vocab-size", d.vocab_size,
-                "Prompt token ids are drawn from [3, this); it must not exceed the served model's vocabulary, "
-                "since the server rejects out-of-range ids as invalid requests")
-      ->capture_default_str();
+                "Prompt token ids are drawn from [3, this); default with --connect: the served model's vocabulary "
+                "(a larger value is refused), with --url: 32000")
+      ->each([a](const std::string&) { a->vocab_size_given = true; });
   c->add_option("--random-input-len", d.random_input_len, "random: prompt tokens per request")->capture_default_str();
   c->add_option("--random-output-len", d.random_output_len, "random: tokens to generate per request")
       ->capture_default_str();

@@ -31,10 +31,17 @@ inline std::optional<TensorType> parse_kv_type(const std::string& s) {
   return std::nullopt;
 }
 
+// --connect HOST:PORT -> host and port; Error(invalid_argument) naming the text otherwise.
+std::pair<std::string, uint16_t> parse_host_port(const std::string& text);
+
 Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);
 Command add_bench_model(CLI::App& app);
 Command add_serve(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_node(CLI::App& app);
+Command add_launch(CLI::App& app);
+Command add_status(CLI::App& app);
+Command add_drain(CLI::App& app);
 
 }  // namespace celer::cli

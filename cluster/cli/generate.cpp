@@ -31,18 +31,8 @@ struct GenerateArgs {
 };
 
 int run_remote(const GenerateArgs& a) {
-  const auto colon = a.connect.rfind(':');
-  if (colon == std::string::npos)
-    throw Error(ErrorCode::invalid_argument, "--connect wants HOST:PORT, not '" + a.connect + "'");
-  const std::string host = a.connect.substr(0, colon);
-  int port = 0;
-  try {
-    port = std::stoi(a.connect.substr(colon + 1));
-  } catch (...) {
-    port = -1;
-  }
-  if (port <= 0 || port > 65535) throw Error(ErrorCode::invalid_argument, "--connect: bad port in '" + a.connect + "'");
-  auto connected = Client::connect(host, static_cast<uint16_t>(port));
+  const auto [host, port] = parse_host_port(a.connect);
+  auto connected = Client::connect(host, port);
   if (auto* err = std::get_if<ClientError>(&connected)) throw Error(ErrorCode::io, err->message);
   Client& client = *std::get<std::unique_ptr<Client>>(connected);
   RequestOptions o;

@@ -20,6 +20,10 @@ int main(int argc, char** argv) {
   add(celer::cli::add_bench_model);
   add(celer::cli::add_serve);
   add(celer::cli::add_bench);
+  add(celer::cli::add_node);
+  add(celer::cli::add_launch);
+  add(celer::cli::add_status);
+  add(celer::cli::add_drain);
   CLI11_PARSE(app, argc, argv);
   try {
     for (auto& [sub, run] : commands)

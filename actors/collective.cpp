@@ -1,0 +1,150 @@
+#include "actors/collective.hpp"
+
+#include <cstring>
+
+#include "runtime/error.hpp"
+
+namespace celer {
+
+// What the endpoint actor and the summing thread share.
+struct NetworkAllReduce::Inbox {
+  std::mutex mutex;
+  std::condition_variable arrived;
+  int size = 1;
+  struct Call {
+    std::vector<std::vector<uint8_t>> parts;  // [size]
+    int count = 0;
+  };
+  std::map<uint64_t, Call> calls;  // by call number
+  std::string aborted;             // why, once the group is broken
+
+  void abort(const std::string& why) {
+    {
+      std::lock_guard lock(mutex);
+      if (aborted.empty()) aborted = why;
+    }
+    arrived.notify_all();
+  }
+};
+
+namespace {
+
+// A peer runs at most one call ahead (it cannot finish call k + 1 before this rank's share of
+// k + 1 arrives); more calls pending than this means a peer that is not following the protocol.
+constexpr size_t kMaxPendingCalls = 4;
+
+struct EndpointState {
+  static inline const char* name = "celer.collective";
+};
+
+caf::behavior endpoint_actor(caf::stateful_actor<EndpointState>* self, std::shared_ptr<NetworkAllReduce::Inbox> inbox,
+                             int rank) {
+  self->set_down_handler([=](const caf::down_msg& dm) {
+    inbox->abort("tensor-parallel peer " + to_string(dm.source) + " went down: " + self->system().render(dm.reason));
+  });
+  self->attach_functor([inbox] { inbox->abort("the all-reduce endpoint stopped"); });
+  return {
+      [=](reduce_atom, ReducePart& part) {
+        if (part.rank < 0 || part.rank >= inbox->size || part.rank == rank || part.call == 0) {
+          inbox->abort("a partial sum from an invalid rank " + std::to_string(part.rank));
+          return;
+        }
+        {
+          std::lock_guard lock(inbox->mutex);
+          if (!inbox->aborted.empty()) return;
+          auto [it, fresh] = inbox->calls.try_emplace(part.call);
+          NetworkAllReduce::Inbox::Call& call = it->second;
+          if (fresh) call.parts.resize(static_cast<size_t>(inbox->size));
+          if (!call.parts[part.rank].empty() || inbox->calls.size() > kMaxPendingCalls) {
+            inbox->aborted = "rank " + std::to_string(part.rank) + " sent call " + std::to_string(part.call) +
+                             (fresh ? " too far ahead" : " twice");
+          } else {
+            call.parts[part.rank] = std::move(part.bytes);
+            ++call.count;
+          }
+        }
+        inbox->arrived.notify_all();
+      },
+      [=](peers_atom, const std::vector<caf::actor>& peers) {
+        for (const caf::actor& p : peers)
+          if (p && p != self) self->monitor(p);
+      },
+  };
+}
+
+}  // namespace
+
+NetworkAllReduce::NetworkAllReduce(caf::actor_system& sys, int rank, int size, std::chrono::milliseconds timeout)
+    : rank_(rank), size_(size), timeout_(timeout), inbox_(std::make_shared<Inbox>()) {
+  if (size < 1 || size > 64 || rank < 0 || rank >= size)
+    throw Error(ErrorCode::invalid_argument,
+                "all-reduce rank " + std::to_string(rank) + " of " + std::to_string(size) + " is out of range");
+  inbox_->size = size;
+  endpoint_ = sys.spawn(endpoint_actor, inbox_, rank);
+}
+
+NetworkAllReduce::~NetworkAllReduce() { caf::anon_send_exit(endpoint_, caf::exit_reason::user_shutdown); }
+
+void NetworkAllReduce::connect(std::vector<caf::actor> endpoints) {
+  if (static_cast<int>(endpoints.size()) != size_ || endpoints[rank_] != endpoint_)
+    throw Error(ErrorCode::invalid_argument, "all-reduce: " + std::to_string(endpoints.size()) + " endpoints for a group of " +
+                                                 std::to_string(size_) + ", or rank " + std::to_string(rank_) +
+                                                 "'s is not its own");
+  for (const caf::actor& e : endpoints)
+    if (!e) throw Error(ErrorCode::invalid_argument, "all-reduce: a rank without an endpoint");
+  peers_ = std::move(endpoints);
+  caf::anon_send(endpoint_, peers_atom::value, peers_);
+}
+
+bool NetworkAllReduce::connected() const { return !peers_.empty(); }
+
+void NetworkAllReduce::abort(const std::string& why) { inbox_->abort(why); }
+
+void NetworkAllReduce::sum(float* data, int64_t n) {
+  if (size_ == 1) return;
+  if (peers_.empty()) throw Error(ErrorCode::unavailable, "all-reduce: the group is not connected yet");
+  const uint64_t call = ++calls_;
+  const size_t n_bytes = static_cast<size_t>(n) * sizeof(float);
+  own_.assign(data, data + n);
+  ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
+  std::memcpy(part.bytes.data(), data, n_bytes);
+  for (int r = 0; r < size_; ++r)
+    if (r != rank_) caf::anon_send(peers_[r], reduce_atom::value, part);
+
+  Inbox::Call arrived;
+  {
+    std::unique_lock lock(inbox_->mutex);
+    const bool complete = inbox_->arrived.wait_for(lock, timeout_, [&] {
+      if (!inbox_->aborted.empty()) return true;
+      auto it = inbox_->calls.find(call);
+      return it != inbox_->calls.end() && it->second.count == size_ - 1;
+    });
+    if (!complete && inbox_->aborted.empty())
+      inbox_->aborted = "all-reduce: no partial sums from every peer within " + std::to_string(timeout_.count()) + " ms";
+    if (!inbox_->aborted.empty())
+      throw Error(ErrorCode::unavailable, "rank " + std::to_string(rank_) + ": " + inbox_->aborted);
+    auto it = inbox_->calls.find(call);
+    arrived = std::move(it->second);
+    inbox_->calls.erase(it);
+  }
+  // Every rank adds the same partials in the same (rank) order: the same bits everywhere.
+  const float* parts[64];
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) {
+      parts[r] = own_.data();
+      continue;
+    }
+    if (arrived.parts[r].size() != n_bytes) {
+      const std::string why = "rank " + std::to_string(r) + " sent " + std::to_string(arrived.parts[r].size() / 4) +
+                              " values, expected " + std::to_string(n);
+      abort(why);
+      throw Error(ErrorCode::unavailable, "all-reduce: " + why);
+    }
+    parts[r] = reinterpret_cast<const float*>(arrived.parts[r].data());
+  }
+  for (int64_t i = 0; i < n; ++i) data[i] = parts[0][i];
+  for (int r = 1; r < size_; ++r)
+    for (int64_t i = 0; i < n; ++i) data[i] += parts[r][i];
+}
+
+}  // namespace celer

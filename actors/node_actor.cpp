@@ -1,0 +1,252 @@
+#include "actors/node_actor.hpp"
+
+#include <algorithm>
+
+#include "actors/cache_actor.hpp"
+#include "actors/failure.hpp"
+#include "actors/request_actor.hpp"
+#include "actors/shard_actor.hpp"
+#include "actors/wire.hpp"
+#include "runtime/error.hpp"
+#include "runtime/kv_block_manager.hpp"
+
+namespace celer {
+namespace {
+
+using Self = caf::stateful_actor<NodeState>;
+
+void send_error(Self* self, const caf::actor& client, RequestId id, ErrorKind kind, const std::string& message) {
+  if (client) self->send(client, event_atom::value, encode(ErrorReply{id, kind, message}));
+}
+
+// Keeps a child built here, so that it stops with the node; forgotten when it ends.
+void adopt(Self* self, const caf::actor& child) {
+  self->state.children->push_back(child);
+  self->monitor(child);
+}
+
+// The router in use (null before join_atom, or once the router and its standby are both gone).
+caf::actor router_of(Self* self) {
+  auto& st = self->state;
+  return st.router < st.setup.routers.size() ? st.setup.routers[st.router] : caf::actor{};
+}
+
+// Asks the router for a replica and hands it the request as if `request` (the request actor
+// here) had sent it: the replica's scheduler then streams to the request actor. `avoid`: the
+// replica that just lost the request, tried only when no other is up.
+void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid) {
+  auto& st = self->state;
+  RouteQuery q;
+  q.session_id = req->session_id;
+  q.prompt_tokens = static_cast<int32_t>(req->prompt_tokens.size());
+  q.max_tokens = req->max_tokens;
+  q.block_hashes = prefix_block_hashes(req->prompt_tokens);
+  if (!avoid.empty()) q.exclude.push_back(avoid);
+  auto fail = [=](const std::string& why) {
+    ++self->state.route_failures;
+    self->send(request, event_atom::value, encode(ErrorReply{req->id, ErrorKind::unavailable, why}));
+  };
+  const caf::actor router = router_of(self);
+  if (!router) {
+    fail("no router is up");
+    return;
+  }
+  self->request(router, kRouteTimeout, route_atom::value, encode(q))
+      .then(
+          [=](const caf::actor& replica, const std::string& name) {
+            ++self->state.routed;
+            self->state.serving[request.address()] = name;
+            caf::send_as(request, replica, resume_atom::value, encode(*req), caf::actor{});
+          },
+          [=](const caf::error& e) {
+            if (router != router_of(self)) {  // the router went down meanwhile: ask its standby
+              route(self, request, req, avoid);
+              return;
+            }
+            if (!avoid.empty()) {
+              route(self, request, req, "");
+              return;
+            }
+            fail("no replica took the request: " + failure_text(self->system(), e));
+          });
+}
+
+}  // namespace
+
+caf::behavior node_actor(Self* self, NodeSetup setup) {
+  self->state.setup = std::move(setup);
+  self->set_down_handler([=](const caf::down_msg& dm) {
+    auto& st = self->state;
+    // The router in use went down: its standby (which heard every report too) takes over.
+    while (st.router < st.setup.routers.size() && st.setup.routers[st.router].address() == dm.source) ++st.router;
+    self->state.serving.erase(dm.source);
+    auto& children = *self->state.children;
+    children.erase(std::remove_if(children.begin(), children.end(), [&](const caf::actor& c) { return c.address() == dm.source; }),
+                   children.end());
+  });
+  self->attach_functor([children = self->state.children](const caf::error&) {
+    for (const caf::actor& c : *children) caf::anon_send_exit(c, caf::exit_reason::user_shutdown);
+  });
+  return {
+      [=](spawn_atom, const WireMessage& wm) -> caf::result<caf::actor> {
+        auto& st = self->state;
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<ShardSpec>(*d.message)) {
+          ++st.malformed;
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "node " + st.setup.name + ": not a ShardSpec: " + (d.message ? message_name(*d.message) : d.error));
+        }
+        const ShardSpec& spec = std::get<ShardSpec>(*d.message);
+        if (spec.device != "cpu")
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "node " + st.setup.name + ": device " + spec.device + " is not supported by this build");
+        if (spec.model_path != st.setup.model_path)
+          return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name + " serves " + st.setup.model_path +
+                                                                 ", not " + spec.model_path);
+        // The shard builds its engine in its own thread: a large model's packing does not hold
+        // up this actor, and a failure (std::bad_alloc) is the shard's exit reason.
+        auto shard = self->spawn<caf::detached>(shard_actor, st.setup.model, engine_options(spec, st.setup.shard_threads),
+                                                std::shared_ptr<LocalAllReduceGroup>{});
+        adopt(self, shard);
+        return shard;
+      },
+      [=](spawn_atom, cache_atom, int32_t kv_blocks, bool prefix_caching, int32_t response_entries, int64_t ttl_ms,
+          const std::string& replica) -> caf::result<caf::actor> {
+        auto& st = self->state;
+        if (kv_blocks < 1 || response_entries < 0 || ttl_ms < 0)
+          return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name + ": a cache of " +
+                                                                 std::to_string(kv_blocks) + " blocks cannot be built");
+        CacheSetup cs;
+        cs.kv_blocks = kv_blocks;
+        cs.prefix_caching = prefix_caching;
+        cs.response_cache_entries = static_cast<size_t>(response_entries);
+        cs.response_cache_ttl_ms = ttl_ms;
+        cs.routers = st.setup.routers;
+        cs.replica = replica;
+        auto cache = self->spawn(cache_actor, cs);
+        adopt(self, cache);
+        return cache;
+      },
+      [=](generate_atom, const WireMessage& wm) {
+        auto& st = self->state;
+        auto client = caf::actor_cast<caf::actor>(self->current_sender());
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+          ++st.malformed;
+          send_error(self, client, 0, ErrorKind::invalid_request,
+                     d.message ? std::string("expected a GenerateRequest, got ") + message_name(*d.message) : d.error);
+          return;
+        }
+        auto req = std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message)));
+        if (st.draining) {
+          ++st.route_failures;
+          send_error(self, client, req->id, ErrorKind::unavailable,
+                     "node " + st.setup.name + " is draining: send new requests to another node");
+          return;
+        }
+        if (!router_of(self)) {
+          ++st.route_failures;
+          send_error(self, client, req->id, ErrorKind::unavailable, "node " + st.setup.name + " has no router yet");
+          return;
+        }
+        // Tokenized here, once: the router hashes the tokens, and the scheduler's loop never
+        // stalls on a long prompt.
+        if (req->prompt_tokens.empty()) {
+          const Tokenizer& tok = st.setup.model->tokenizer();
+          try {
+            req->prompt_tokens = tok.encode(req->prompt_text, req->add_bos && tok.add_bos_default(), req->parse_special);
+          } catch (const Error& e) {
+            send_error(self, client, req->id, ErrorKind::invalid_request, e.what());
+            return;
+          }
+        }
+        // The request actor lives here, on the client's node: it outlives the replica that
+        // serves it, and resumes the request elsewhere if that replica's node dies.
+        const RequestId client_id = req->id;
+        auto request = self->spawn(request_actor, client, caf::actor{}, caf::actor_cast<caf::actor>(self), client_id, *req,
+                                   st.setup.model, unix_us());
+        self->monitor(request);
+        route(self, request, std::move(req), "");
+      },
+      [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
+        // A request actor of this node whose scheduler died: the rest of its request goes to
+        // another replica if there is one, else to the same one (its supervisor may be
+        // restarting the scheduler).
+        auto& st = self->state;
+        auto request = caf::actor_cast<caf::actor>(self->current_sender());
+        DecodeResult d = decode(wm);
+        if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+          ++st.malformed;
+          return;
+        }
+        (void)dead;
+        auto it = st.serving.find(request.address());
+        const std::string previous = it != st.serving.end() ? it->second : "";
+        route(self, request, std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message))), previous);
+      },
+      [=](info_atom) -> WireMessage {
+        const auto& st = self->state;
+        return encode(ModelInfo{st.setup.model->name(), st.setup.model->tokenizer().n_vocab(), st.setup.max_context});
+      },
+      [=](stats_atom) -> caf::result<WireMessage> {
+        // A replica's figures, as the router would route to it: what the gateway's /health asks.
+        auto& st = self->state;
+        if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
+        auto rp = self->make_response_promise<WireMessage>();
+        self->request(router_of(self), kRouteTimeout, route_atom::value, encode(RouteQuery{}))
+            .then(
+                [=](const caf::actor& replica, const std::string&) mutable {
+                  self->request(replica, kRouteTimeout, stats_atom::value)
+                      .then([=](const WireMessage& stats) mutable { rp.deliver(stats); },
+                            [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+                },
+                [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+        return rp;
+      },
+      [=](status_atom) -> caf::result<WireMessage> {
+        auto& st = self->state;
+        if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
+        auto rp = self->make_response_promise<WireMessage>();
+        self->request(router_of(self), kRouteTimeout, status_atom::value)
+            .then([=](const WireMessage& status) mutable { rp.deliver(status); },
+                  [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+        return rp;
+      },
+      [=](join_atom, const std::vector<caf::actor>& routers) {
+        auto& st = self->state;
+        const bool first = st.setup.routers.empty();
+        st.setup.routers = routers;
+        st.router = 0;
+        for (const caf::actor& r : routers) self->monitor(r);
+        if (first) self->send(self, hello_atom::value);
+      },
+      [=](hello_atom) {
+        // The routers' view of this node: up while they keep hearing this.
+        auto& st = self->state;
+        for (const caf::actor& r : st.setup.routers) self->send(r, hello_atom::value, st.setup.name, caf::actor_cast<caf::actor>(self));
+        self->delayed_send(self, st.setup.heartbeat_interval, hello_atom::value);
+      },
+      [=](router_atom) { return self->state.setup.local_router; },
+      [=](drain_atom) -> int32_t {
+        auto& st = self->state;
+        st.draining = true;
+        return static_cast<int32_t>(st.serving.size());
+      },
+      [=](drain_atom, const std::string& node) {
+        auto& st = self->state;
+        auto rp = self->make_response_promise<bool>();
+        if (node == st.setup.name) {
+          if (st.setup.on_drain) st.setup.on_drain();
+          rp.deliver(true);
+        } else if (!router_of(self)) {
+          rp.deliver(caf::make_error(caf::sec::request_receiver_down, "no router"));
+        } else {
+          self->request(router_of(self), kRouteTimeout, drain_atom::value, node)
+              .then([=](bool ok) mutable { rp.deliver(ok); }, [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+        }
+        return rp;
+      },
+  };
+}
+
+}  // namespace celer

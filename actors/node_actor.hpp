@@ -1,0 +1,81 @@
+// The node actor: one per cluster node (`celer node`), published on the node's port, the actor
+// that clients, gateways and the other nodes talk to there (docs/cluster.md).
+//
+// - It is the per-node factory: a scheduler anywhere asks it to build a shard rank from a
+//   ShardSpec, or a cache, on this node; it loads the model from its own copy of the file.
+// - It is the cluster's entry: a client's request is tokenized here (never on a scheduler's
+//   loop) and gets its request actor here, on the client's node; the router is asked once (one
+//   RouteQuery) and the replica it picks takes the request from the request actor, so tokens
+//   flow from the replica to the request actor and on to the client, never through the router.
+//   When the replica's scheduler dies (its node with it), the request actor resumes the rest
+//   of the request (prompt + tokens sent) through this actor on another replica, dropping any
+//   token it already sent: the client sees each token once, in order.
+// - It answers what clients ask of a server: the model (info), a replica's stats (for the
+//   gateway's /health), and the cluster's status (from the router).
+//
+// Messages: (spawn_atom, WireMessage{ShardSpec}) -> shard actor
+//           (spawn_atom, cache_atom, kv_blocks, prefix_caching, response_entries, ttl_ms, replica) -> cache actor
+//           (generate_atom, WireMessage{GenerateRequest}) from a client: a request actor here, routed
+//           (resume_atom, WireMessage{GenerateRequest}, dead scheduler) from such a request actor: routed again
+//           (info_atom) -> WireMessage{ModelInfo}; (stats_atom) -> WireMessage{ReplicaStats}
+//           (status_atom) -> WireMessage{ClusterStatus}
+//           (join_atom, [router, standby]) from the node: the routers to use from now on; when
+//           the first goes down, the standby takes its place (clients never see the switch)
+//           (router_atom) -> the router or standby that runs on this node (null: none)
+//           (drain_atom, node name) from `celer drain`: that node (this one, or another through
+//           the router) drains and leaves -> bool
+//           (drain_atom) from its own process: refuse new requests from now on -> the number of
+//           this node's requests still in flight
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "runtime/model.hpp"
+
+namespace celer {
+
+struct NodeSetup {
+  std::string name;
+  std::string model_path;
+  std::shared_ptr<const Model> model;
+  int32_t max_context = 0;   // the serving context (ModelInfo)
+  int shard_threads = 1;     // compute threads of each shard built here unless its spec says
+  // The router and its standby (if any), set with join_atom once they are known; requests go to
+  // the first that is up.
+  std::vector<caf::actor> routers;
+  caf::actor local_router;   // the router (or standby) running on this node, for router_atom
+  std::chrono::milliseconds heartbeat_interval{500};  // how often the router hears from this node
+  // Called (on an actor thread) when a `celer drain` names this node: the process drains and
+  // leaves as on SIGTERM.
+  std::function<void()> on_drain;
+};
+
+struct NodeState {
+  NodeSetup setup;
+  // Shards and caches built here: stopped with the node (shared with its exit handler).
+  std::shared_ptr<std::vector<caf::actor>> children = std::make_shared<std::vector<caf::actor>>();
+  // The replica serving each request actor of this node (what a resume avoids).
+  std::unordered_map<caf::actor_addr, std::string> serving;
+  size_t router = 0;      // index in setup.routers of the one in use
+  bool draining = false;  // new client requests are refused
+  uint64_t routed = 0;
+  uint64_t route_failures = 0;
+  uint64_t malformed = 0;
+  static inline const char* name = "celer.node";
+};
+
+caf::behavior node_actor(caf::stateful_actor<NodeState>* self, NodeSetup setup);
+
+// How long the entry waits for the router's answer before it tells the client no replica took
+// the request.
+constexpr auto kRouteTimeout = std::chrono::seconds(5);
+
+}  // namespace celer

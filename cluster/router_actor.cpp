@@ -1,0 +1,199 @@
+#include "cluster/router_actor.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include "actors/wire.hpp"
+
+namespace celer {
+namespace {
+
+using Self = caf::stateful_actor<RouterState>;
+
+int64_t now_ms(Self* self) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
+}
+
+// The table index of a replica the config lists (added on first mention), or -1.
+int32_t replica_index(Self* self, const std::string& name) {
+  auto& st = self->state;
+  if (auto it = st.index.find(name); it != st.index.end()) return it->second;
+  if (std::find(st.setup.replicas.begin(), st.setup.replicas.end(), name) == st.setup.replicas.end()) return -1;
+  const int32_t i = st.table->add(name);
+  st.index[name] = i;
+  st.supervisors.resize(static_cast<size_t>(i) + 1);
+  st.reports.resize(static_cast<size_t>(i) + 1);
+  return i;
+}
+
+std::optional<ReplicaReport> read_report(Self* self, const WireMessage& wm) {
+  DecodeResult d = decode(wm);
+  if (!d.message || !std::holds_alternative<ReplicaReport>(*d.message)) {
+    ++self->state.malformed;
+    return std::nullopt;
+  }
+  return std::move(std::get<ReplicaReport>(*d.message));
+}
+
+std::string status_json(Self* self) {
+  auto& st = self->state;
+  const int64_t now = now_ms(self);
+  nlohmann::json j;
+  j["policy"] = st.setup.policy_name;
+  j["routed"] = st.routed;
+  j["unroutable"] = st.unroutable;
+  j["malformed_messages"] = st.malformed;
+  j["nodes"] = nlohmann::json::array();
+  for (const std::string& name : st.setup.nodes) {
+    auto it = st.nodes.find(name);
+    const bool known = it != st.nodes.end();
+    const bool up = known && it->second.up && now - it->second.last_seen_ms <= st.setup.node_timeout.count();
+    nlohmann::json n{{"name", name}, {"up", up}};
+    n["last_heartbeat_ms_ago"] = known && it->second.last_seen_ms >= 0 ? nlohmann::json(now - it->second.last_seen_ms) : nlohmann::json();
+    j["nodes"].push_back(n);
+  }
+  j["actors"] = nlohmann::json::array();
+  for (const RouterSetup::Placement& p : st.setup.actors) {
+    nlohmann::json a{{"role", p.role}, {"replica", p.replica}, {"node", p.node}};
+    if (p.rank >= 0) a["rank"] = p.rank;
+    j["actors"].push_back(a);
+  }
+  j["replicas"] = nlohmann::json::array();
+  for (const std::string& name : st.setup.replicas) {
+    auto it = st.index.find(name);
+    nlohmann::json r{{"name", name}, {"up", false}};
+    if (it != st.index.end()) {
+      const int32_t i = it->second;
+      const RouterState::Seen& seen = st.reports[i];
+      const ReplicaReport& rep = seen.report;
+      r["up"] = st.table->up(i);
+      r["draining"] = rep.draining;
+      r["waiting"] = rep.waiting;
+      r["running"] = rep.running;
+      r["outstanding_tokens"] = rep.outstanding_tokens;
+      r["kv_blocks_used"] = rep.kv_blocks_used;
+      r["kv_blocks_free"] = rep.kv_blocks_free;
+      r["prefix_queries"] = rep.prefix_queries;
+      r["prefix_hits"] = rep.prefix_hits;
+      r["prefix_hit_rate"] = rep.prefix_queries ? static_cast<double>(rep.prefix_hits) / static_cast<double>(rep.prefix_queries) : 0.0;
+      r["tokens_generated"] = rep.tokens_generated;
+      r["tokens_per_second"] = seen.tokens_per_second;
+      r["cached_blocks"] = seen.cached_blocks;
+      r["routed"] = seen.routed;
+    }
+    j["replicas"].push_back(r);
+  }
+  return j.dump();
+}
+
+}  // namespace
+
+caf::behavior router_actor(Self* self, RouterSetup setup) {
+  auto& st = self->state;
+  st.setup = std::move(setup);
+  st.table = std::make_unique<ReplicaTable>(st.setup.routing);
+  for (const std::string& name : st.setup.replicas) replica_index(self, name);
+  self->set_down_handler([=](const caf::down_msg& dm) {
+    auto& s = self->state;
+    for (size_t i = 0; i < s.supervisors.size(); ++i)
+      if (s.supervisors[i] && s.supervisors[i].address() == dm.source) {
+        s.table->set_up(static_cast<int32_t>(i), false);
+        s.supervisors[i] = nullptr;
+      }
+    for (auto& [name, node] : s.nodes)
+      if (node.actor && node.actor.address() == dm.source) {
+        node.up = false;
+        node.actor = nullptr;
+      }
+  });
+  return {
+      [=](join_atom, const std::string& replica, const caf::actor& supervisor) -> bool {
+        const int32_t i = replica_index(self, replica);
+        if (i < 0 || !supervisor) {
+          ++self->state.malformed;
+          return false;
+        }
+        self->state.supervisors[i] = supervisor;
+        self->monitor(supervisor);
+        self->state.table->set_up(i, true);
+        return true;
+      },
+      [=](hello_atom, const std::string& node, const caf::actor& actor) {
+        auto& s = self->state;
+        if (std::find(s.setup.nodes.begin(), s.setup.nodes.end(), node) == s.setup.nodes.end() || !actor) {
+          ++s.malformed;
+          return;
+        }
+        RouterState::Node& n = s.nodes[node];
+        if (n.actor != actor) {
+          n.actor = actor;
+          self->monitor(actor);
+        }
+        n.up = true;
+        n.last_seen_ms = now_ms(self);
+      },
+      [=](report_atom, const WireMessage& wm) {
+        auto r = read_report(self, wm);
+        if (!r) return;
+        const int32_t i = replica_index(self, r->replica);
+        if (i < 0) {
+          ++self->state.malformed;
+          return;
+        }
+        auto& s = self->state;
+        RouterState::Seen& seen = s.reports[i];
+        const int64_t now = now_ms(self);
+        if (seen.at_ms >= 0 && now > seen.at_ms && r->tokens_generated >= seen.report.tokens_generated) {
+          const double rate = 1000.0 * static_cast<double>(r->tokens_generated - seen.report.tokens_generated) /
+                              static_cast<double>(now - seen.at_ms);
+          // Smoothed over about a second of reports.
+          seen.tokens_per_second = seen.tokens_per_second * 0.9 + rate * 0.1;
+        }
+        seen.at_ms = now;
+        r->blocks_changed = false;  // the cache reports those
+        s.table->report(i, *r);
+        seen.report = std::move(*r);
+      },
+      [=](report_atom, cache_atom, const WireMessage& wm) {
+        auto r = read_report(self, wm);
+        if (!r) return;
+        const int32_t i = replica_index(self, r->replica);
+        if (i < 0) {
+          ++self->state.malformed;
+          return;
+        }
+        self->state.reports[i].cached_blocks = static_cast<int64_t>(r->cached_blocks.size());
+        self->state.table->set_cached_blocks(i, std::move(r->cached_blocks));
+      },
+      [=](route_atom, const WireMessage& wm) -> caf::result<caf::actor, std::string> {
+        auto& s = self->state;
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<RouteQuery>(*d.message)) {
+          ++s.malformed;
+          return caf::make_error(caf::sec::invalid_argument, "router: not a RouteQuery");
+        }
+        const std::optional<RouteDecision> pick = s.table->route(std::get<RouteQuery>(*d.message));
+        if (!pick) {
+          ++s.unroutable;
+          return caf::make_error(caf::sec::request_receiver_down, "no replica is up");
+        }
+        ++s.routed;
+        ++s.reports[pick->replica].routed;
+        return {s.supervisors[pick->replica], s.table->name(pick->replica)};
+      },
+      [=](status_atom) -> WireMessage { return encode(ClusterStatus{status_json(self)}); },
+      [=](drain_atom, const std::string& node) {
+        // `celer drain` through another node: passed to the named node's actor.
+        auto rp = self->make_response_promise<bool>();
+        auto it = self->state.nodes.find(node);
+        if (it == self->state.nodes.end() || !it->second.actor) {
+          rp.deliver(caf::make_error(caf::sec::invalid_argument, "no node named '" + node + "' is up"));
+          return rp;
+        }
+        self->request(it->second.actor, std::chrono::seconds(10), drain_atom::value, node)
+            .then([=](bool ok) mutable { rp.deliver(ok); }, [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+        return rp;
+      },
+  };
+}
+
+}  // namespace celer
