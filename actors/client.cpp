@@ -159,7 +159,8 @@ GenerateRequest make_request(const RequestOptions& o) {
   r.stop = o.stop;
   r.ignore_eos = o.ignore_eos;
   r.add_bos = o.add_bos;
-  r.priority = o.priority;
+  r.priority = o.priority.value_or(Priority::normal);
+  r.priority_given = o.priority.has_value();
   r.tenant = o.tenant;
   r.session_id = o.session_id;
   r.deadline_ms = o.timeout_ms > 0 ? unix_us() / 1000 + o.timeout_ms : 0;

@@ -22,6 +22,13 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   const int32_t context = serving_context(c, *model);
   const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
   int64_t blocks = c.kv_cache_blocks;
+  // The engine runs the weights as the file stores them: a dtype that asks for another type is
+  // refused, never ignored.
+  if (c.dtype && *c.dtype != model->main_type())
+    throw Error(ErrorCode::invalid_argument,
+                "dtype: " + dtype_name(c.dtype) + ", but the model's weights are stored as " + dtype_name(model->main_type()) +
+                    " and celer runs them as stored: write dtype: auto (or " + dtype_name(model->main_type()) +
+                    "), or convert the file (llama-quantize) to " + dtype_name(c.dtype));
   const TensorType kv_type = c.kv_cache_dtype.value_or(default_kv_type(*model));
   if (kv_type == TensorType::q8_0 && m.head_dim % kQ8Block != 0)
     throw Error(ErrorCode::invalid_argument, "kv_cache_dtype q8_0 needs a head size that is a multiple of 32; "
@@ -70,6 +77,7 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   s.response_cache_entries = c.response_cache.enabled ? static_cast<size_t>(c.response_cache.max_entries) : 0;
   s.response_cache_ttl_ms = c.response_cache.ttl.count();
   s.default_deadline_ms = c.deadline.count();
+  s.default_priority = c.default_priority;
   s.max_restarts = c.supervision.max_restarts;
   s.restart_window = c.supervision.window;
   s.restart_backoff = c.supervision.backoff;

@@ -491,6 +491,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms)
                           : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
                                                            : 0;
+        if (!req.priority_given) req.priority = s.setup.default_priority;
         // A repeated identical request: replay the stored answer as its token stream.
         // Stored answers hold tokens only: a request for logprobs always runs.
         const bool cacheable = s.setup.response_cache_entries && req.logprobs < 0;
@@ -549,7 +550,12 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
           return;
         }
         const int64_t now = now_ms(self);
-        req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms) : 0;
+        // A request that comes through a cluster's router arrives here (with nothing generated
+        // yet): the replica's defaults apply to it as to one sent to the replica directly.
+        req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms)
+                          : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
+                                                           : 0;
+        if (!req.priority_given) req.priority = s.setup.default_priority;
         std::optional<ErrorReply> refused = check_prompt(s.setup.model->tokenizer(), req);
         if (!refused) refused = s.scheduler->admit(req, now);
         if (refused) {

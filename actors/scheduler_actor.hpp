@@ -45,6 +45,7 @@ struct ReplicaSetup {
   size_t response_cache_entries = 0;  // 0: off
   int64_t response_cache_ttl_ms = 60000;
   int64_t default_deadline_ms = 0;    // applied to requests without a deadline; 0: none
+  Priority default_priority = Priority::normal;  // priorities.default: for requests that give none
   int max_step_failures = 3;          // consecutive failed steps before the running requests fail
   int max_restarts = 5;               // shard restarts allowed within restart_window
   std::chrono::milliseconds restart_window{60000};

@@ -216,6 +216,7 @@ void read_stop(const json& body, ApiRequest& r) {
 }
 
 void read_priority(const json& v, GenerateRequest& g) {
+  g.priority_given = true;
   if (v.is_string()) {
     const std::string s = v.get<std::string>();
     if (s == "interactive") g.priority = Priority::interactive;

@@ -93,6 +93,7 @@ struct GenerateRequest {
   bool add_bos = true;                // when tokenizing prompt_text: prepend BOS if the model uses one
   bool parse_special = false;         // when tokenizing prompt_text: the text of special tokens is those tokens (chat templates)
   Priority priority = Priority::normal;
+  bool priority_given = false;        // false: the replica's priorities.default replaces `priority`
   std::string tenant;                 // rate-limit bucket ("" = the default bucket)
   std::string session_id;             // routing affinity for multi-turn sessions
   int64_t deadline_ms = 0;            // 0: none; else milliseconds since the Unix epoch

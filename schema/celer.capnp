@@ -57,6 +57,7 @@ struct GenerateRequest {
   deadlineMs @11 :Int64;
   logprobs @12 :Int32 = -1;
   parseSpecial @13 :Bool;
+  priorityGiven @14 :Bool;  # false: the replica's priorities.default replaces priority
 }
 
 struct TokenLogprob {

@@ -87,6 +87,7 @@ void put(cs::GenerateRequest::Builder b, const GenerateRequest& m) {
   b.setDeadlineMs(m.deadline_ms);
   b.setLogprobs(m.logprobs);
   b.setParseSpecial(m.parse_special);
+  b.setPriorityGiven(m.priority_given);
 }
 
 void put(cs::TokenLogprob::Builder b, const TokenLogprob& m) {
@@ -417,6 +418,7 @@ GenerateRequest read(cs::GenerateRequest::Reader r) {
   m.deadline_ms = non_negative(r.getDeadlineMs(), at, "deadline_ms");
   m.logprobs = in_range(r.getLogprobs(), -1, kMaxTopLogprobs, at, "logprobs");
   m.parse_special = r.getParseSpecial();
+  m.priority_given = r.getPriorityGiven();
   return m;
 }
 

@@ -21,7 +21,7 @@ using namespace celer;
 namespace {
 
 struct Replica {
-  explicit Replica(int tp = 1) : sys(make_config()) {
+  explicit Replica(int tp = 1, const std::function<void(ReplicaSetup&)>& adjust = {}) : sys(make_config()) {
     model = std::make_shared<Model>(std::string(CELER_TEST_DATA) + "/stories260K.gguf");
     EngineOptions eo;
     eo.max_seqs = 8;
@@ -39,6 +39,7 @@ struct Replica {
     setup.scheduler.max_queue = 4;
     setup.kv_blocks = 64;
     setup.response_cache_entries = 16;
+    if (adjust) adjust(setup);
     scheduler = sys.spawn(supervisor_actor, setup);  // the replica's entry point
   }
   ~Replica() { caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown); }
@@ -81,6 +82,7 @@ struct Replica {
     std::vector<TokenLogprob> logprobs;
     std::optional<Finished> finished;
     std::optional<ErrorReply> error;
+    int ended_as = -1;  // 0 for the first request to end, 1 for the next, ...
   };
   // Sends the requests from one client and collects every stream until each has ended.
   // on_chunk(id, tokens so far, client) runs after each chunk: tests cancel or kill from it.
@@ -104,10 +106,10 @@ struct Replica {
               if (on_chunk) on_chunk(c->id, o.tokens.size(), client);
             } else if (auto* f = std::get_if<Finished>(&*d.message)) {
               out[f->id].finished = *f;
-              ++ended;
+              out[f->id].ended_as = static_cast<int>(ended++);
             } else if (auto* e = std::get_if<ErrorReply>(&*d.message)) {
               out[e->id].error = *e;
-              ++ended;
+              out[e->id].ended_as = static_cast<int>(ended++);
             }
           },
           caf::after(std::chrono::seconds(30)) >> [&] { FAIL("no answer within 30 s"); });
@@ -168,6 +170,21 @@ TEST_CASE("replica setup: the KV element type follows the model or the config, a
   }
 }
 
+TEST_CASE("replica setup: a dtype other than the stored one is refused, not ignored", "[actors]") {
+  auto model = std::make_shared<Model>(std::string(CELER_TEST_DATA) + "/stories260K.gguf");  // F32
+  for (const char* as_stored : {"dtype: auto", "dtype: f32"}) {
+    ClusterConfig c = parse_config(std::string("kv_cache_memory: 16MiB\n") + as_stored, "t.yaml");
+    CHECK_NOTHROW(replica_setup(c, model));
+  }
+  ClusterConfig c = parse_config("kv_cache_memory: 16MiB\ndtype: bf16", "t.yaml");
+  try {
+    replica_setup(c, model);
+    FAIL("dtype bf16 accepted for an F32 file");
+  } catch (const Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("dtype: bf16") && Catch::Contains("stored as f32"));
+  }
+}
+
 TEST_CASE("actors: concurrent streams get their solo tokens and text", "[actors]") {
   Replica r;
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 40), text_request(2, "The dog", 30, 0.8f),
@@ -192,6 +209,25 @@ TEST_CASE("actors: concurrent streams get their solo tokens and text", "[actors]
   probe->request(r.scheduler, std::chrono::seconds(5), stats_atom::value)
       .receive([&](const WireMessage& wm) { CHECK(std::get<ReplicaStats>(*decode(wm).message).response_cache_hits == 1); },
                [&](caf::error&) { FAIL("no stats"); });
+}
+
+TEST_CASE("actors: priorities.default is the class of requests that give none", "[actors]") {
+  // One sequence at a time: the queue's order is the order they end in.
+  Replica r(1, [](ReplicaSetup& s) {
+    s.default_priority = Priority::batch;
+    s.scheduler.max_batch_size = 1;
+    s.engine.max_seqs = 1;
+  });
+  GenerateRequest first = text_request(1, "Once upon a time", 200);  // running while the others queue
+  GenerateRequest unstated = text_request(2, "The dog", 20);  // priority_given false: batch here
+  GenerateRequest normal = text_request(3, "Lily and Tom", 20);
+  normal.priority = Priority::normal;
+  normal.priority_given = true;
+  auto out = r.run({first, unstated, normal});
+  REQUIRE(out[2].finished);
+  REQUIRE(out[3].finished);
+  // The later request of the higher class runs first.
+  CHECK(out[3].ended_as < out[2].ended_as);
 }
 
 TEST_CASE("actors: logprobs and stage times reach the client", "[actors]") {

@@ -52,6 +52,7 @@ TEST_CASE("openai: completions defaults follow OpenAI, not celer", "[openai]") {
   CHECK(r.logprobs == -1);
   CHECK(r.generate.logprobs == -1);
   CHECK(r.generate.priority == Priority::normal);
+  CHECK_FALSE(r.generate.priority_given);  // the replica's priorities.default applies
 }
 
 TEST_CASE("openai: every field maps to the GenerateRequest", "[openai]") {
@@ -74,6 +75,7 @@ TEST_CASE("openai: every field maps to the GenerateRequest", "[openai]") {
   CHECK(r.generate.logprobs == 2);
   CHECK(r.generate.tenant == "alice");
   CHECK(r.generate.priority == Priority::batch);
+  CHECK(r.generate.priority_given);
   CHECK(r.generate.session_id == "s1");
   CHECK(r.generate.ignore_eos);
   CHECK(r.generate.sampling.repeat_penalty == Approx(1.1f));

@@ -49,6 +49,7 @@ GenerateRequest sample_request() {
   m.ignore_eos = true;
   m.add_bos = false;
   m.priority = Priority::batch;
+  m.priority_given = true;
   m.tenant = "acme";
   m.session_id = "session-42";
   m.deadline_ms = 1700000000123;
@@ -228,6 +229,7 @@ void require_equal(const GenerateRequest& a, const GenerateRequest& b) {
   REQUIRE(a.ignore_eos == b.ignore_eos);
   REQUIRE(a.add_bos == b.add_bos);
   REQUIRE(a.priority == b.priority);
+  REQUIRE(a.priority_given == b.priority_given);
   REQUIRE(a.tenant == b.tenant);
   REQUIRE(a.session_id == b.session_id);
   REQUIRE(a.deadline_ms == b.deadline_ms);

@@ -39,7 +39,7 @@ struct RequestOptions {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   bool add_bos = true;         // for text prompts: prepend BOS when the model uses one
-  Priority priority = Priority::normal;
+  std::optional<Priority> priority;  // none: the server's priorities.default
   std::string tenant;
   std::string session_id;
   int64_t timeout_ms = 0;      // 0: none; else the request's deadline from now
