@@ -133,6 +133,9 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
           out.times.finished_us = unix_us();
           out.id = s.client_id;
           out.prompt_tokens = static_cast<int32_t>(s.original.prompt_tokens.size());
+          // After a resume the replica counted the tokens already sent as prompt, and may have
+          // found them in its prefix cache: the client's prompt is the original one.
+          out.cached_tokens = std::min(out.cached_tokens, out.prompt_tokens);
           if (s.stopped) out.reason = FinishReason::stop;
           out.completion_tokens = s.sent;
           self->send(s.client, event_atom::value, encode(out));

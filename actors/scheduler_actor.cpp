@@ -29,6 +29,8 @@ int64_t to_local_ms(Self* self, int64_t unix_ms) {
   return std::max<int64_t>(1, now_ms(self) + (unix_ms - unix_us() / 1000));
 }
 
+void send_report(Self* self);
+
 void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
   auto& st = self->state;
   for (const SchedulerEvent& e : events) {
@@ -63,6 +65,11 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
         break;
     }
   }
+  // The replica has just gone idle: the router hears it now, not at the next idle report (up to
+  // 500 ms away), which would leave it counting the finished requests as load.
+  const bool ended_some = std::any_of(events.begin(), events.end(),
+                                      [](const SchedulerEvent& e) { return e.kind != SchedulerEvent::Kind::token; });
+  if (ended_some && st.scheduler->idle()) send_report(self);
 }
 
 void run_step(Self* self);

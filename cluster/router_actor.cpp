@@ -25,7 +25,16 @@ int32_t replica_index(Self* self, const std::string& name) {
   return i;
 }
 
+// Whether the message being handled comes from one of the cluster's nodes (this one included).
+bool from_member(Self* self) {
+  const caf::strong_actor_ptr& sender = self->current_sender();
+  if (sender && (sender->node() == self->node() || self->state.members.count(sender->node()))) return true;
+  ++self->state.refused_peers;
+  return false;
+}
+
 std::optional<ReplicaReport> read_report(Self* self, const WireMessage& wm) {
+  if (!from_member(self)) return std::nullopt;
   DecodeResult d = decode(wm);
   if (!d.message || !std::holds_alternative<ReplicaReport>(*d.message)) {
     ++self->state.malformed;
@@ -42,6 +51,7 @@ std::string status_json(Self* self) {
   j["routed"] = st.routed;
   j["unroutable"] = st.unroutable;
   j["malformed_messages"] = st.malformed;
+  j["refused_peers"] = st.refused_peers;
   j["nodes"] = nlohmann::json::array();
   for (const std::string& name : st.setup.nodes) {
     auto it = st.nodes.find(name);
@@ -106,9 +116,12 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
       }
   });
   return {
-      [=](join_atom, const std::string& replica, const caf::actor& supervisor) -> bool {
+      [=](join_atom, const std::string& replica, const caf::actor& supervisor) -> caf::result<bool> {
+        // A replica's supervisor, from the node that runs it.
+        if (!from_member(self) || !supervisor || supervisor.node() != self->current_sender()->node())
+          return caf::make_error(caf::sec::invalid_argument, "router: a join from a node that has not said hello");
         const int32_t i = replica_index(self, replica);
-        if (i < 0 || !supervisor) {
+        if (i < 0) {
           ++self->state.malformed;
           return false;
         }
@@ -119,10 +132,14 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
       },
       [=](hello_atom, const std::string& node, const caf::actor& actor) {
         auto& s = self->state;
-        if (std::find(s.setup.nodes.begin(), s.setup.nodes.end(), node) == s.setup.nodes.end() || !actor) {
-          ++s.malformed;
+        // A node of the config, speaking for an actor of its own.
+        const caf::strong_actor_ptr& sender = self->current_sender();
+        if (std::find(s.setup.nodes.begin(), s.setup.nodes.end(), node) == s.setup.nodes.end() || !actor || !sender ||
+            actor.node() != sender->node()) {
+          ++s.refused_peers;
           return;
         }
+        s.members.insert(actor.node());
         RouterState::Node& n = s.nodes[node];
         if (n.actor != actor) {
           n.actor = actor;

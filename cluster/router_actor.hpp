@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,6 +59,10 @@ struct RouterState {
     bool up = false;
   };
   std::map<std::string, Node> nodes;
+  // The CAF nodes of the cluster's nodes, learned from their hellos: only they may join a
+  // replica or report on one. A client (which holds the secret too) may route and ask status.
+  std::set<caf::node_id> members;
+  uint64_t refused_peers = 0;  // hellos naming no node of the config; joins and reports from non-members
   uint64_t routed = 0;
   uint64_t unroutable = 0;
   uint64_t malformed = 0;

@@ -8,11 +8,20 @@
 #include <filesystem>
 #include <functional>
 #include <fstream>
-#include <nlohmann/json.hpp>
+#include <map>
+#include <regex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/transport.hpp"
+#include "actors/wire.hpp"
 #include "celer/client.hpp"
 #include "cluster_process.hpp"
 #include "serve_process.hpp"  // run_celer
@@ -64,9 +73,12 @@ struct Launched {
   std::unique_ptr<CelerProcess> process;
 };
 
-Launched launch(const std::string& example) {
+// `edit`, if given, changes the file's text first (a policy, a router standby, a secret).
+Launched launch(const std::string& example, const std::function<std::string(std::string)>& edit = {}) {
   Launched l;
-  l.config = write_temp(example, with_fresh_ports(read_file(kExamples + "/" + example), kModel, &l.ports));
+  std::string text = read_file(kExamples + "/" + example);
+  if (edit) text = edit(text);
+  l.config = write_temp(example, with_fresh_ports(text, kModel, &l.ports));
   l.process = std::make_unique<CelerProcess>(CELER_BIN, std::vector<std::string>{"launch", l.config});
   INFO(l.process->output());
   REQUIRE(l.process->wait_for("celer: cluster ready", kUp));
@@ -106,6 +118,33 @@ std::string http_completion(uint16_t port, const nlohmann::json& body) {
   return head == std::string::npos ? "" : reply.substr(head + 4);
 }
 
+// GET 127.0.0.1:port/path; the whole answer.
+std::string http_get(uint16_t port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  (void)::send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  std::string reply;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) reply.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return reply;
+}
+
+// A sample's value on a /metrics page (-1 when absent).
+double metric_value(const std::string& page, const std::string& name) {
+  const size_t at = page.find("\n" + name + " ");
+  return at == std::string::npos ? -1 : std::stod(page.substr(at + name.size() + 2));
+}
+
 // The pid of the `celer node` process running `name` of `config` (a child of celer launch).
 pid_t node_pid(const std::string& config, const std::string& name) {
   for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
@@ -117,6 +156,18 @@ pid_t node_pid(const std::string& config, const std::string& name) {
     if (cmd.find(" node --config " + config + " --name " + name + " ") != std::string::npos) return std::stoi(pid);
   }
   return -1;
+}
+
+uint64_t routed_to(const nlohmann::json& status, const std::string& replica) {
+  for (const auto& r : status["replicas"])
+    if (r["name"] == replica) return r["routed"].get<uint64_t>();
+  FAIL("no replica " << replica << " in the status");
+  return 0;
+}
+
+// The example's routing policy replaced by `policy`.
+std::function<std::string(std::string)> with_policy(const std::string& policy) {
+  return [policy](std::string text) { return std::regex_replace(text, std::regex(R"(policy: *\S+)"), "policy: " + policy); };
 }
 
 // Long greedy runs of the reference prompts (400 tokens past end-of-sequence), each once and
@@ -298,5 +349,204 @@ TEST_CASE("cluster: SIGKILL of a node holding a replica: its requests finish on 
   const nlohmann::json s = status(l.ports[0]);
   for (const auto& rep : s["replicas"])
     if (rep["name"] == "r2") CHECK(rep["up"] == false);
+  // A replica that is down receives nothing: every new request goes to r1.
+  const uint64_t r1_before = routed_to(s, "r1"), r2_before = routed_to(s, "r2");
+  auto client = connect(l.ports[0]);
+  const Reference ref = load_reference().front();
+  for (int i = 0; i < 10; ++i)
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  const nlohmann::json after = status(l.ports[0]);
+  CHECK(routed_to(after, "r1") == r1_before + 10);
+  CHECK(routed_to(after, "r2") == r2_before);
   l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: round-robin alternates between the replicas", "[cluster][routing]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_policy("round-robin"));
+  auto client = connect(l.ports[0]);
+  const Reference ref = load_reference().front();
+  for (int i = 0; i < 6; ++i) {
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(8))).size() == 8);
+    const nlohmann::json s = status(l.ports[0]);
+    const uint64_t r1 = routed_to(s, "r1"), r2 = routed_to(s, "r2");
+    CHECK(r1 + r2 == static_cast<uint64_t>(i + 1));
+    CHECK((r1 == r2 || r1 == r2 + 1 || r2 == r1 + 1));
+  }
+  CHECK(routed_to(status(l.ports[0]), "r1") == 3);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: under session routing a session sticks to its replica", "[cluster][routing]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_policy("session"));
+  auto client = connect(l.ports[0]);
+  const Reference ref = load_reference().front();
+  const std::vector<std::string> sessions{"alice", "bob", "carol", "dave"};
+  auto options = [](const std::string& session) {
+    RequestOptions o = greedy(32);
+    o.session_id = session;
+    return o;
+  };
+  // The sessions' first turns at once: a new session goes where the load is least, and the
+  // router's estimate between reports spreads a burst over both replicas.
+  std::vector<Client::Stream> first;
+  for (const std::string& s : sessions) first.push_back(client->stream_tokens(ref.prompt, options(s)));
+  for (auto& s : first) {
+    while (s.next()) {
+    }
+    CHECK(std::holds_alternative<Completion>(s.result()));
+  }
+  // Then each session's next turns, one after another: all of them on one replica.
+  nlohmann::json s = status(l.ports[0]);
+  std::set<std::string> used;
+  for (const std::string& session : sessions) {
+    const uint64_t r1 = routed_to(s, "r1"), r2 = routed_to(s, "r2");
+    for (int turn = 0; turn < 3; ++turn) CHECK(tokens_of(client->generate_tokens(ref.prompt, options(session))).size() == 32);
+    s = status(l.ports[0]);
+    const uint64_t d1 = routed_to(s, "r1") - r1, d2 = routed_to(s, "r2") - r2;
+    INFO("session " << session << ": " << d1 << " to r1, " << d2 << " to r2");
+    CHECK(((d1 == 3 && d2 == 0) || (d1 == 0 && d2 == 3)));
+    used.insert(d1 > 0 ? "r1" : "r2");
+  }
+  CHECK(used.size() == 2);  // the sessions live on both replicas, and each stays where it began
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: under prefix routing a shared-prefix group lands on one replica", "[cluster][routing]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_policy("prefix"));
+  auto client = connect(l.ports[0]);
+  // Two groups, each a 64-token system prompt (four full blocks) and distinct 8-token suffixes.
+  for (int group = 0; group < 2; ++group) {
+    std::vector<TokenId> prefix{1};
+    for (int i = 1; i < 64; ++i) prefix.push_back(static_cast<TokenId>(3 + (i * 7 + group * 101) % 500));
+    const nlohmann::json before = status(l.ports[0]);
+    const uint64_t b1 = routed_to(before, "r1"), b2 = routed_to(before, "r2");
+    for (int member = 0; member < 6; ++member) {
+      std::vector<TokenId> prompt = prefix;
+      for (int i = 0; i < 8; ++i) prompt.push_back(static_cast<TokenId>(3 + (member * 13 + i * 5) % 500));
+      CHECK(tokens_of(client->generate_tokens(prompt, greedy(4))).size() == 4);
+      // The replica's cache reports its new blocks within 50 ms: the next member sees them.
+      if (member == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    const nlohmann::json after = status(l.ports[0]);
+    const uint64_t d1 = routed_to(after, "r1") - b1, d2 = routed_to(after, "r2") - b2;
+    INFO("group " << group << ": " << d1 << " to r1, " << d2 << " to r2");
+    CHECK(((d1 == 6 && d2 == 0) || (d1 == 0 && d2 == 6)));
+  }
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: the standby router takes over when the router's node dies", "[cluster][faults]") {
+  // The router on front, its standby on n1; clients of n1 lose front (router and gateway).
+  Launched l = launch("cluster-3node-2replicas.yaml", [](std::string text) {
+    return std::regex_replace(text, std::regex(R"(router:\n  node: front)"), "router:\n  node: front\n  standby: n1");
+  });
+  const uint16_t n1 = l.ports[2];
+  const nlohmann::json before = status(n1);
+  std::map<std::string, std::string> router_nodes;
+  for (const auto& a : before["actors"])
+    if (a["role"] == "router" || a["role"] == "router-standby") router_nodes[a["role"]] = a["node"];
+  CHECK(router_nodes == std::map<std::string, std::string>{{"router", "front"}, {"router-standby", "n1"}});
+  const pid_t front = node_pid(l.config, "front");
+  REQUIRE(front > 0);
+  const auto expected = solo_runs(n1);
+  const LoadResult r = run_load(n1, 24, expected, [&] { kill(front, SIGKILL); });
+  INFO((r.errors.empty() ? "" : r.errors.front()));
+  CHECK(r.failed == 0);
+  CHECK(r.mismatched == 0);
+  // New requests are routed by the standby, to both replicas.
+  auto client = connect(n1);
+  const Reference ref = load_reference().front();
+  for (int i = 0; i < 8; ++i)
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  const nlohmann::json after = status(n1);
+  CHECK(routed_to(after, "r1") + routed_to(after, "r2") >= 8);
+  for (const auto& n : after["nodes"])
+    if (n["name"] == "front") CHECK(n["up"] == false);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config are refused and counted", "[cluster][security]") {
+  const std::string secret = "cluster-test-secret";
+  Launched l = launch("cluster-3node-2replicas.yaml", [&](std::string text) {
+    return std::regex_replace(text, std::regex(R"(secret: *"")"), "secret: " + secret);
+  });
+  const uint16_t front = l.ports[0];
+  // No secret, the wrong one.
+  CHECK(std::holds_alternative<ClientError>(Client::connect("127.0.0.1", front)));
+  ConnectOptions wrong;
+  wrong.token = "guess";
+  CHECK(std::holds_alternative<ClientError>(Client::connect("127.0.0.1", front, wrong)));
+  // Garbage to every node port.
+  for (const uint16_t port : {l.ports[0], l.ports[2], l.ports[3]}) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    const std::string garbage = "GET / HTTP/1.1\r\n\r\n" + std::string(200, '\xff');
+    (void)::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL);
+    char c;
+    CHECK(::recv(fd, &c, 1, 0) <= 0);  // closed, not answered
+    close(fd);
+  }
+  // A peer that knows the secret but is no node of the config: it says hello under a name the
+  // config lacks and under a node's name for an actor of its own node, and tries to join a
+  // replica with an actor of its own.
+  {
+    caf::actor_system_config cfg;
+    cfg.load<caf::io::middleman>();
+    add_message_types(cfg);
+    caf::actor_system sys{cfg};
+    TransportLimits limits;
+    limits.token = secret;
+    Transport transport(sys, limits);
+    const caf::actor node = transport.connect("127.0.0.1", front, std::chrono::seconds(10));
+    caf::scoped_actor self{sys};
+    caf::actor router;
+    self->request(node, std::chrono::seconds(5), router_atom::value)
+        .receive([&](const caf::actor& r) { router = r; }, [](const caf::error&) {});
+    REQUIRE(router);
+    auto impostor = sys.spawn([]() -> caf::behavior { return {[](generate_atom, const WireMessage&) {}}; });
+    self->send(router, hello_atom::value, std::string("intruder"), impostor);
+    self->send(router, hello_atom::value, std::string("n1"), node);  // n1's name, front's actor
+    bool refused = false;
+    self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), impostor)
+        .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
+    CHECK(refused);
+    caf::anon_send_exit(impostor, caf::exit_reason::user_shutdown);
+  }
+  // The cluster keeps serving, on both replicas, the reference tokens.
+  ConnectOptions right;
+  right.token = secret;
+  auto c = Client::connect("127.0.0.1", front, right);
+  REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(c));
+  auto& client = *std::get<std::unique_ptr<Client>>(c);
+  for (const Reference& ref : load_reference())
+    CHECK(tokens_of(client.generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  setenv("CELER_CLUSTER_SECRET", secret.c_str(), 1);
+  const nlohmann::json s = status(front);
+  unsetenv("CELER_CLUSTER_SECRET");
+  CHECK(s["refused_peers"].get<uint64_t>() >= 3);
+  for (const auto& r : s["replicas"]) CHECK(r["up"] == true);
+  // The node port's guard counted the rest (front's gateway shows its /metrics).
+  const std::string metrics = http_get(l.ports[1], "/metrics");
+  CHECK(metric_value(metrics, "celer_transport_refused_total{reason=\"bad_token\"}") >= 2);
+  CHECK(metric_value(metrics, "celer_transport_refused_total{reason=\"bad_preamble\"}") >= 1);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: a node that cannot come up is named with why, and launch exits non-zero", "[cluster]") {
+  // Three ranks do not divide the model's 8 attention heads.
+  std::string text = read_file(kExamples + "/cluster-2node-tp2.yaml");
+  text = std::regex_replace(text, std::regex(R"(      - \{node: b, device: cpu\})"),
+                            "      - {node: b, device: cpu}\n      - {node: b, device: cpu}");
+  std::vector<uint16_t> ports;
+  const std::string config = write_temp("tp3.yaml", with_fresh_ports(text, kModel, &ports));
+  const CelerRun r = run_celer(CELER_BIN, {"launch", config}, std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK_FALSE(r.exited(0));
+  CHECK_THAT(r.output, Catch::Contains(config + ":") && Catch::Contains("shards") &&
+                           Catch::Contains("do not divide the model's 8 attention heads"));
+  CHECK_THAT(r.output, !Catch::Contains("celer: cluster ready"));
 }

@@ -202,11 +202,26 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       } catch (const Error& e) {
         throw Error(ErrorCode::unavailable, "node " + me.name + ": replica " + rp.name + ": " + e.what());
       }
+      // A router accepts joins from the nodes that have said hello (the node actor says it as
+      // soon as it knows the routers, above): until it has heard, it refuses, and this asks again.
       caf::scoped_actor self{sys};
       std::string problem;
-      for (const caf::actor& router : routers)
-        self->request(router, std::chrono::seconds(10), join_atom::value, rp.name, replica)
-            .receive([](bool) {}, [&](const caf::error& e) { problem = sys.render(e); });
+      for (const caf::actor& router : routers) {
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        for (bool joined = false; !joined;) {
+          problem.clear();
+          self->request(router, std::chrono::seconds(10), join_atom::value, rp.name, replica)
+              .receive(
+                  [&](bool known) {
+                    joined = true;
+                    if (!known) problem = "the router's config has no replica " + rp.name;
+                  },
+                  [&](const caf::error& e) { problem = sys.render(e); });
+          if (joined || std::chrono::steady_clock::now() >= give_up) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        if (!problem.empty()) break;
+      }
       if (!problem.empty())
         throw Error(ErrorCode::unavailable, "node " + me.name + ": replica " + rp.name + " could not join the router: " + problem);
     }
