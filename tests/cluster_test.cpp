@@ -550,3 +550,82 @@ TEST_CASE("cluster: a node that cannot come up is named with why, and launch exi
                            Catch::Contains("do not divide the model's 8 attention heads"));
   CHECK_THAT(r.output, !Catch::Contains("celer: cluster ready"));
 }
+
+namespace {
+
+// The output of a shell command, trailing newline dropped.
+std::string shell(const std::string& cmd) {
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    pclose(p);
+  }
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+// A network namespace joined to this one by a veth pair: this side 10.213.N.1, the namespace's
+// side 10.213.N.2. Removed (with its link) when it goes.
+struct VethNamespace {
+  std::string name, here, there, ip;
+  bool ok = false;
+  VethNamespace() {
+    const int n = static_cast<int>(getpid() % 250);
+    name = "celer-t" + std::to_string(getpid());
+    const std::string link = "cv" + std::to_string(getpid());  // at most 15 characters, with the suffix
+    here = "10.213." + std::to_string(n) + ".1";
+    there = "10.213." + std::to_string(n) + ".2";
+    ip = shell("command -v ip");
+    const std::string script = ip + " netns add " + name + " && " + ip + " link add " + link + "a type veth peer name " + link +
+                               "b && " + ip + " link set " + link + "b netns " + name + " && " + ip + " addr add " + here +
+                               "/30 dev " + link + "a && " + ip + " link set " + link + "a up && " + ip + " netns exec " + name +
+                               " " + ip + " addr add " + there + "/30 dev " + link + "b && " + ip + " netns exec " + name + " " +
+                               ip + " link set " + link + "b up && " + ip + " netns exec " + name + " " + ip + " link set lo up";
+    ok = !ip.empty() && std::system((script + " 2>&1").c_str()) == 0;
+  }
+  ~VethNamespace() {
+    if (!ip.empty()) std::system((ip + " netns del " + name + " >/dev/null 2>&1").c_str());
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cluster: tensor parallel 2 across two network namespaces gives the reference tokens", "[cluster][netns]") {
+  if (geteuid() != 0) {
+    WARN("skipped: network namespaces need root (CI runs as root)");
+    return;
+  }
+  VethNamespace ns;
+  if (!ns.ok) {
+    WARN("skipped: could not make a network namespace with a veth pair (ip netns, ip link add ... type veth)");
+    return;
+  }
+  // The 2-node example, node a on this side of the veth pair and node b in the namespace, each
+  // with its own address; an address beyond loopback needs the cluster secret.
+  std::string text = read_file(kExamples + "/cluster-2node-tp2.yaml");
+  text = std::regex_replace(text, std::regex(R"(secret: *"")"), "secret: netns-secret");
+  const size_t b_at = text.find("- name: b");
+  REQUIRE(b_at != std::string::npos);
+  text = std::regex_replace(text.substr(0, b_at), std::regex("127\\.0\\.0\\.1"), ns.here) +
+         std::regex_replace(text.substr(b_at), std::regex("127\\.0\\.0\\.1"), ns.there);
+  std::vector<uint16_t> ports;  // a, a's http, b
+  const std::string config = write_temp("netns.yaml", with_fresh_ports(text, kModel, &ports));
+  CelerProcess a(CELER_BIN, {"node", "--config", config, "--name", "a"});
+  CelerProcess b(ns.ip, {"netns", "exec", ns.name, CELER_BIN, "node", "--config", config, "--name", "b"});
+  if (!a.wait_for("celer: node a ready on " + ns.here, kUp) || !b.wait_for("celer: node b ready on " + ns.there, kUp))
+    FAIL("node a:\n" << a.output() << "\nnode b:\n" << b.output());
+  ConnectOptions o;
+  o.token = "netns-secret";
+  for (const auto& [host, port] : {std::pair{ns.here, ports[0]}, std::pair{ns.there, ports[2]}}) {
+    INFO("through " << host << ":" << port);
+    auto c = Client::connect(host, port, o);
+    REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(c));
+    for (const Reference& ref : load_reference())
+      CHECK(tokens_of(std::get<std::unique_ptr<Client>>(c)->generate_tokens(ref.prompt,
+                                                                             greedy(static_cast<int>(ref.generated.size())))) ==
+            ref.generated);
+  }
+  CHECK(b.stop(SIGTERM) == 0);
+  CHECK(a.stop(SIGTERM) == 0);
+}
