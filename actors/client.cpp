@@ -56,6 +56,8 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
   // where the default work-stealing threads poll and take CPU from a server on the same machine.
   impl->cfg.set("scheduler.policy", caf::atom("sharing"));
   impl->cfg.set("scheduler.max-threads", 2);
+  if (options.heartbeat_ms > 0)
+    impl->cfg.set("middleman.heartbeat-interval", caf::timespan{std::chrono::milliseconds(options.heartbeat_ms)});
   impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
   TransportLimits limits;
   limits.token = options.token;

@@ -34,7 +34,8 @@ caf::actor router_of(Self* self) {
 // Asks the router for a replica and hands it the request as if `request` (the request actor
 // here) had sent it: the replica's scheduler then streams to the request actor. `avoid`: the
 // replica that just lost the request, tried only when no other is up.
-void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid) {
+void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
+           bool fresh) {
   auto& st = self->state;
   RouteQuery q;
   q.session_id = req->session_id;
@@ -56,15 +57,18 @@ void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateReques
           [=](const caf::actor& replica, const std::string& name) {
             ++self->state.routed;
             self->state.serving[request.address()] = name;
-            caf::send_as(request, replica, resume_atom::value, encode(*req), caf::actor{});
+            // A first routing enters the replica as a new request (the response cache is asked);
+            // a re-routing resumes (the prompt now holds the tokens already sent).
+            if (fresh) caf::send_as(request, replica, enter_atom::value, encode(*req));
+            else caf::send_as(request, replica, resume_atom::value, encode(*req), caf::actor{});
           },
           [=](const caf::error& e) {
             if (router != router_of(self)) {  // the router went down meanwhile: ask its standby
-              route(self, request, req, avoid);
+              route(self, request, req, avoid, fresh);
               return;
             }
             if (!avoid.empty()) {
-              route(self, request, req, "");
+              route(self, request, req, "", fresh);
               return;
             }
             fail("no replica took the request: " + failure_text(self->system(), e));
@@ -166,7 +170,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         auto request = self->spawn(request_actor, client, caf::actor{}, caf::actor_cast<caf::actor>(self), client_id, *req,
                                    st.setup.model, unix_us());
         self->monitor(request);
-        route(self, request, std::move(req), "");
+        route(self, request, std::move(req), "", true);
       },
       [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
         // A request actor of this node whose scheduler died: the rest of its request goes to
@@ -182,7 +186,8 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         (void)dead;
         auto it = st.serving.find(request.address());
         const std::string previous = it != st.serving.end() ? it->second : "";
-        route(self, request, std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message))), previous);
+        route(self, request, std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message))), previous,
+              false);
       },
       [=](info_atom) -> WireMessage {
         const auto& st = self->state;

@@ -399,6 +399,98 @@ void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cach
   run_step(self);
 }
 
+// A new request: replayed from the response cache when it holds the same request's answer, else
+// admitted. `request` is the request actor that streams it.
+void look_up_then_admit(Self* self, GenerateRequest req, const caf::actor& request) {
+  auto& s = self->state;
+  // A repeated identical request: replay the stored answer as its token stream.
+  // Stored answers hold tokens only: a request for logprobs always runs.
+  const bool cacheable = s.setup.response_cache_entries && req.logprobs < 0;
+  if (!cacheable || !s.cache_up) {
+    admit(self, std::move(req), request, false);
+    return;
+  }
+  // Asked once per request, before admission: a hit is replayed without touching the model.
+  const CachedResponse query{req, false, {}, FinishReason::stop};
+  s.looking_up[req.id] = std::nullopt;
+  // A cancel (or stop) that came while the lookup was on its way ends the request here.
+  auto cancelled = [=](const GenerateRequest& r) {
+    auto it = self->state.looking_up.find(r.id);
+    const std::optional<FinishReason> reason = it != self->state.looking_up.end() ? it->second : std::nullopt;
+    self->state.looking_up.erase(r.id);
+    if (!reason) return false;
+    const auto n_prompt = static_cast<int32_t>(r.prompt_tokens.size());
+    self->send(request, event_atom::value, encode(Finished{r.id, *reason, n_prompt, 0, 0, {}}));
+    return true;
+  };
+  self->request(s.cache, std::chrono::seconds(5), lookup_atom::value, encode(query))
+      .then(
+          [=](const WireMessage& reply) mutable {
+            if (cancelled(req)) return;
+            DecodeResult d = decode(reply);
+            const CachedResponse* answer = d.message ? std::get_if<CachedResponse>(&*d.message) : nullptr;
+            if (!answer || !answer->found) {
+              admit(self, std::move(req), request, true);
+              return;
+            }
+            ++self->state.response_cache_hits;
+            for (size_t i = 0; i < answer->tokens.size(); ++i)
+              self->send(request, event_atom::value,
+                         encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}, {}}));
+            const auto n_prompt = static_cast<int32_t>(req.prompt_tokens.size());
+            self->send(request, event_atom::value,
+                       encode(Finished{req.id, answer->reason, n_prompt, static_cast<int32_t>(answer->tokens.size()),
+                                       n_prompt, {}}));
+          },
+          [=](const caf::error&) mutable {
+            if (!cancelled(req)) admit(self, std::move(req), request, false);
+          });
+}
+
+// A request whose request actor lives elsewhere (the sender): `entering`, one a cluster's router
+// sent here with nothing generated yet, which is new here as a client's request is (the
+// replica's default deadline applies, the response cache is asked); else one resumed after its
+// scheduler died, its prompt now holding the tokens already sent.
+std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateRequest& req);
+
+void take_over(Self* self, const WireMessage& wm, bool entering) {
+  auto& s = self->state;
+  auto request = caf::actor_cast<caf::actor>(self->current_sender());
+  DecodeResult d = decode(wm);
+  if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+    ++s.malformed;
+    return;
+  }
+  GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
+  req.id = s.next_id++;
+  if (s.stopping) {
+    self->send(request, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
+    return;
+  }
+  const int64_t now = now_ms(self);
+  req.deadline_ms = req.deadline_ms != 0                            ? to_local_ms(self, req.deadline_ms)
+                    : entering && s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
+                                                                   : 0;
+  if (!req.priority_given) req.priority = s.setup.default_priority;
+  if (auto bad = check_prompt(s.setup.model->tokenizer(), req)) {
+    self->send(request, event_atom::value, encode(*bad));
+    return;
+  }
+  // The request actor learns its scheduler and id first: its cancel then reaches here.
+  self->send(request, resume_atom::value, caf::actor_cast<caf::actor>(self), req.id);
+  if (entering) {
+    look_up_then_admit(self, std::move(req), request);
+    return;
+  }
+  if (std::optional<ErrorReply> refused = s.scheduler->admit(req, now)) {
+    refused->id = req.id;
+    self->send(request, event_atom::value, encode(*refused));
+    return;
+  }
+  s.requests[req.id] = request;
+  run_step(self);
+}
+
 // Tells the router this replica's load (and whether it takes new requests).
 void send_report(Self* self) {
   auto& s = self->state;
@@ -499,81 +591,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
                           : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
                                                            : 0;
         if (!req.priority_given) req.priority = s.setup.default_priority;
-        // A repeated identical request: replay the stored answer as its token stream.
-        // Stored answers hold tokens only: a request for logprobs always runs.
-        const bool cacheable = s.setup.response_cache_entries && req.logprobs < 0;
-        if (!cacheable || !s.cache_up) {
-          admit(self, std::move(req), request, false);
-          return;
-        }
-        // Asked once per request, before admission: a hit is replayed without touching the model.
-        const CachedResponse query{req, false, {}, FinishReason::stop};
-        s.looking_up[req.id] = std::nullopt;
-        // A cancel (or stop) that came while the lookup was on its way ends the request here.
-        auto cancelled = [=](const GenerateRequest& r) {
-          auto it = self->state.looking_up.find(r.id);
-          const std::optional<FinishReason> reason = it != self->state.looking_up.end() ? it->second : std::nullopt;
-          self->state.looking_up.erase(r.id);
-          if (!reason) return false;
-          const auto n_prompt = static_cast<int32_t>(r.prompt_tokens.size());
-          self->send(request, event_atom::value, encode(Finished{r.id, *reason, n_prompt, 0, 0, {}}));
-          return true;
-        };
-        self->request(s.cache, std::chrono::seconds(5), lookup_atom::value, encode(query))
-            .then(
-                [=](const WireMessage& reply) mutable {
-                  if (cancelled(req)) return;
-                  DecodeResult d = decode(reply);
-                  const CachedResponse* answer = d.message ? std::get_if<CachedResponse>(&*d.message) : nullptr;
-                  if (!answer || !answer->found) {
-                    admit(self, std::move(req), request, true);
-                    return;
-                  }
-                  ++self->state.response_cache_hits;
-                  for (size_t i = 0; i < answer->tokens.size(); ++i)
-                    self->send(request, event_atom::value,
-                               encode(TokenChunk{req.id, static_cast<int32_t>(i), {answer->tokens[i]}, {}, {}}));
-                  const auto n_prompt = static_cast<int32_t>(req.prompt_tokens.size());
-                  self->send(request, event_atom::value,
-                             encode(Finished{req.id, answer->reason, n_prompt, static_cast<int32_t>(answer->tokens.size()),
-                                             n_prompt, {}}));
-                },
-                [=](const caf::error&) mutable {
-                  if (!cancelled(req)) admit(self, std::move(req), request, false);
-                });
+        look_up_then_admit(self, std::move(req), request);
       },
-      [=](resume_atom, const WireMessage& wm) {
-        auto& s = self->state;
-        auto request = caf::actor_cast<caf::actor>(self->current_sender());
-        DecodeResult d = decode(wm);
-        if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
-          ++s.malformed;
-          return;
-        }
-        GenerateRequest req = std::move(std::get<GenerateRequest>(*d.message));
-        req.id = s.next_id++;
-        if (s.stopping) {
-          self->send(request, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
-          return;
-        }
-        const int64_t now = now_ms(self);
-        // A request that comes through a cluster's router arrives here (with nothing generated
-        // yet): the replica's defaults apply to it as to one sent to the replica directly.
-        req.deadline_ms = req.deadline_ms != 0 ? to_local_ms(self, req.deadline_ms)
-                          : s.setup.default_deadline_ms > 0 ? now + s.setup.default_deadline_ms
-                                                           : 0;
-        if (!req.priority_given) req.priority = s.setup.default_priority;
-        std::optional<ErrorReply> refused = check_prompt(s.setup.model->tokenizer(), req);
-        if (!refused) refused = s.scheduler->admit(req, now);
-        if (refused) {
-          refused->id = req.id;
-          self->send(request, event_atom::value, encode(*refused));
-          return;
-        }
-        s.requests[req.id] = request;
-        self->send(request, resume_atom::value, caf::actor_cast<caf::actor>(self), req.id);
-        run_step(self);
-      },
+      [=](resume_atom, const WireMessage& wm) { take_over(self, wm, false); },
+      [=](enter_atom, const WireMessage& wm) { take_over(self, wm, true); },
       [=](cancel_atom, RequestId id, uint8_t reason) {
         const FinishReason why = reason == static_cast<uint8_t>(FinishReason::stop) ? FinishReason::stop : FinishReason::cancelled;
         if (auto it = self->state.looking_up.find(id); it != self->state.looking_up.end()) {

@@ -10,29 +10,33 @@ namespace {
 
 using Self = caf::stateful_actor<SupervisorState>;
 
+void pass_on(const caf::actor& scheduler, const caf::actor& sender, SupervisorState::Kind kind, WireMessage wm) {
+  switch (kind) {
+    case SupervisorState::Kind::generate: caf::send_as(sender, scheduler, generate_atom::value, std::move(wm)); break;
+    case SupervisorState::Kind::resume: caf::send_as(sender, scheduler, resume_atom::value, std::move(wm)); break;
+    case SupervisorState::Kind::enter: caf::send_as(sender, scheduler, enter_atom::value, std::move(wm)); break;
+  }
+}
+
 void spawn_scheduler(Self* self) {
   auto& st = self->state;
   st.scheduler = self->spawn(scheduler_actor, st.setup, caf::actor_cast<caf::actor>(self));
   *st.scheduler_for_exit = st.scheduler;
   st.up = true;
   self->monitor(st.scheduler);
-  for (auto& p : st.pending) {
-    if (p.resume) caf::send_as(p.sender, st.scheduler, resume_atom::value, std::move(p.message));
-    else caf::send_as(p.sender, st.scheduler, generate_atom::value, std::move(p.message));
-  }
+  for (auto& p : st.pending) pass_on(st.scheduler, p.sender, p.kind, std::move(p.message));
   st.pending.clear();
 }
 
 // Forwards to the scheduler as if from the original sender, or keeps it for the next one.
-void forward(Self* self, bool resume, const WireMessage& wm) {
+void forward(Self* self, SupervisorState::Kind kind, const WireMessage& wm) {
   auto& st = self->state;
   auto sender = caf::actor_cast<caf::actor>(self->current_sender());
   if (!st.up) {
-    st.pending.push_back({sender, resume, wm});
+    st.pending.push_back({sender, kind, wm});
     return;
   }
-  if (resume) caf::send_as(sender, st.scheduler, resume_atom::value, wm);
-  else caf::send_as(sender, st.scheduler, generate_atom::value, wm);
+  pass_on(st.scheduler, sender, kind, wm);
 }
 
 // Fails what waited for a scheduler that will not come: a client's request gets its error, a
@@ -82,12 +86,14 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
     if (*scheduler) caf::anon_send_exit(*scheduler, caf::exit_reason::user_shutdown);
   });
   return {
-      [=](generate_atom, const WireMessage& wm) { forward(self, false, wm); },
+      [=](generate_atom, const WireMessage& wm) { forward(self, SupervisorState::Kind::generate, wm); },
+      // A request routed here by a cluster's router, from its request actor on the client's node.
+      [=](enter_atom, const WireMessage& wm) { forward(self, SupervisorState::Kind::enter, wm); },
       [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
         // A request actor saw the scheduler die before this supervisor did: hold its request
         // for the successor (the down message is on its way and starts the restart).
         if (dead == self->state.scheduler) self->state.up = false;
-        forward(self, true, wm);
+        forward(self, SupervisorState::Kind::resume, wm);
       },
       [=](failed_atom, const std::string& why) {
         if (caf::actor_cast<caf::actor_addr>(self->current_sender()) == self->state.scheduler.address()) self->state.given_up = why;

@@ -30,9 +30,10 @@ struct SupervisorState {
   bool stopping = false;  // after stop_atom: nothing is restarted
   std::string given_up;   // why the scheduler gave up on a child (failed_atom), if it did
   // Messages that arrived while the scheduler was restarting: (original sender, atom, content).
+  enum class Kind { generate, resume, enter };  // which message it came as
   struct Pending {
     caf::actor sender;
-    bool resume;
+    Kind kind;
     WireMessage message;
   };
   std::vector<Pending> pending;

@@ -16,6 +16,7 @@ using step_atom = caf::atom_constant<caf::atom("step")>;          // scheduler -
 using kick_atom = caf::atom_constant<caf::atom("kick")>;          // scheduler -> itself: build the next step
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        // anyone -> scheduler: ReplicaStats
 using resume_atom = caf::atom_constant<caf::atom("resume")>;      // request <-> scheduler after a scheduler restart
+using enter_atom = caf::atom_constant<caf::atom("enter")>;        // node (as the request actor) -> supervisor -> scheduler: a routed request
 using sched_atom = caf::atom_constant<caf::atom("sched")>;        // anyone -> supervisor: the current scheduler; (this node) restart it
 using shard_atom = caf::atom_constant<caf::atom("shard")>;        // anyone -> scheduler: the current shard actor
 using cache_atom = caf::atom_constant<caf::atom("cache")>;        // anyone -> scheduler: the current cache actor

@@ -418,7 +418,7 @@ void read_membership(const Value& v, MembershipConfig& c) {
   read_fields(v, {
                      {"secret", [&](const Value& x) { c.secret = read_secret(x); }},
                      {"heartbeat_interval", [&](const Value& x) { c.heartbeat_interval = x.duration(10, 60'000); }},
-                     {"node_timeout", [&](const Value& x) { c.node_timeout = x.duration(100, 600'000); }},
+                     {"node_timeout", [&](const Value& x) { c.node_timeout = x.duration(500, 600'000); }},
                      {"drain_timeout", [&](const Value& x) { c.drain_timeout = x.duration(0, 3'600'000); }},
                      {"connect_timeout", [&](const Value& x) { c.connect_timeout = x.duration(100, 3'600'000); }},
                  });

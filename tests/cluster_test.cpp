@@ -218,7 +218,8 @@ LoadResult run_load(uint16_t port, int n, const std::vector<std::vector<TokenId>
 }  // namespace
 
 TEST_CASE("cluster: tensor parallel 2 across two processes gives the reference tokens", "[cluster]") {
-  Launched l = launch("cluster-2node-tp2.yaml");
+  // The response cache on (the example leaves it at its default, off).
+  Launched l = launch("cluster-2node-tp2.yaml", [](std::string text) { return text + "response_cache: {enabled: true}\n"; });
   // nodes a (port 0, http 1) and b (port 2)
   for (const uint16_t entry : {l.ports[0], l.ports[2]}) {
     auto client = connect(entry);
@@ -226,6 +227,15 @@ TEST_CASE("cluster: tensor parallel 2 across two processes gives the reference t
       const auto got = tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size()))));
       CHECK(got == ref.generated);
     }
+  }
+  // A repeated request through the router is answered from the replica's response cache: the
+  // same tokens, one hit more on the replica's /metrics.
+  {
+    auto client = connect(l.ports[0]);
+    const Reference ref = load_reference().front();
+    const double hits = metric_value(http_get(l.ports[1], "/metrics"), "celer_response_cache_hits_total");
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+    CHECK(metric_value(http_get(l.ports[1], "/metrics"), "celer_response_cache_hits_total") == hits + 1);
   }
   const nlohmann::json s = status(l.ports[2]);
   REQUIRE(s["replicas"].size() == 1);
@@ -628,4 +638,40 @@ TEST_CASE("cluster: tensor parallel 2 across two network namespaces gives the re
   }
   CHECK(b.stop(SIGTERM) == 0);
   CHECK(a.stop(SIGTERM) == 0);
+}
+
+TEST_CASE("cluster: a node that stops answering (SIGSTOP) is declared down; its requests finish on the other replica",
+          "[cluster][faults]") {
+  Launched l = launch("cluster-3node-2replicas.yaml");  // cluster.node_timeout: the default, 2 s
+  const pid_t victim = node_pid(l.config, "n2");
+  REQUIRE(victim > 0);
+  const auto expected = solo_runs(l.ports[0]);
+  const auto stopped_at = std::chrono::steady_clock::now();
+  const LoadResult r = run_load(l.ports[0], 24, expected, [&] { kill(victim, SIGSTOP); });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - stopped_at).count();
+  INFO((r.errors.empty() ? "" : r.errors.front()) << "; the load took " << seconds << " s");
+  CHECK(r.failed == 0);
+  CHECK(r.mismatched == 0);
+  const nlohmann::json s = status(l.ports[0]);
+  for (const auto& n : s["nodes"])
+    if (n["name"] == "n2") CHECK(n["up"] == false);
+  for (const auto& rep : s["replicas"])
+    if (rep["name"] == "r2") CHECK(rep["up"] == false);
+  kill(victim, SIGCONT);
+  // Still serving, on r1.
+  auto client = connect(l.ports[0]);
+  const Reference ref = load_reference().front();
+  CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: a client that sends nothing for longer than the node timeout keeps its connection", "[cluster]") {
+  Launched l = launch("cluster-3node-2replicas.yaml");  // cluster.node_timeout 2 s
+  auto client = connect(l.ports[0]);
+  const Reference ref = load_reference().front();
+  const auto once = [&] { return tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))); };
+  CHECK(once() == ref.generated);
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));  // idle: only the client's heartbeats
+  CHECK(once() == ref.generated);
+  l.process->stop(SIGTERM);
 }

@@ -555,7 +555,8 @@ TEST_CASE("a cluster round-trips through to_yaml", "[config][cluster]") {
 TEST_CASE("the cluster: section's ranges", "[config][cluster]") {
   check_error("cluster:\n  heartbeat_interval: 5ms\n", 2, "cluster.heartbeat_interval", "10ms..1m");
   check_error("cluster: {heartbeat_interval: 2m}", 1, "cluster.heartbeat_interval", "10ms..1m");
-  check_error("cluster: {node_timeout: 11m}", 1, "cluster.node_timeout", "100ms..10m");
+  check_error("cluster: {node_timeout: 11m}", 1, "cluster.node_timeout", "500ms..10m");
+  check_error("cluster: {node_timeout: 200ms}", 1, "cluster.node_timeout", "500ms..10m");  // under the clients' heartbeat and then some
   check_error("cluster: {drain_timeout: 2h}", 1, "cluster.drain_timeout", "0..1h");
   check_error("cluster: {connect_timeout: 50ms}", 1, "cluster.connect_timeout", "100ms..1h");
   check_error("cluster: {secret: " + std::string(65, 'x') + "}", 1, "cluster.secret", "at most 64 bytes");

@@ -67,6 +67,11 @@ struct ConnectOptions {
   // invalid_request error, not sent: the server would close the connection on it, and every
   // other stream on the connection with it.
   uint64_t max_message_bytes = uint64_t{8} << 20;
+  // How often the connection carries a heartbeat while nothing else is sent. A cluster node
+  // closes a connection silent for its cluster.node_timeout (at least 500 ms): that is how it
+  // finds peers that are alive but stuck, and a client waiting for a long answer must not look
+  // like one.
+  int64_t heartbeat_ms = 100;
 };
 
 class Client {
