@@ -675,3 +675,27 @@ TEST_CASE("cluster: a client that sends nothing for longer than the node timeout
   CHECK(once() == ref.generated);
   l.process->stop(SIGTERM);
 }
+
+TEST_CASE("cluster: past the drain timeout a draining node's requests move to another replica, none lost",
+          "[cluster][faults]") {
+  // drain_timeout 0: nothing may finish on n2; every request running there moves, recomputed.
+  Launched l = launch("cluster-3node-2replicas.yaml", [](std::string text) {
+    return std::regex_replace(text, std::regex(R"(cluster:\n  secret: "")"), "cluster:\n  secret: \"\"\n  drain_timeout: 0s");
+  });
+  const auto expected = solo_runs(l.ports[0]);
+  const nlohmann::json before = status(l.ports[0]);
+  const LoadResult r = run_load(l.ports[0], 24, expected, [&] {
+    const CelerRun d = run_celer(CELER_BIN, {"drain", "--connect", "127.0.0.1:" + std::to_string(l.ports[0]), "--node", "n2"},
+                                 std::chrono::seconds(20));
+    INFO(d.output);
+    CHECK(d.exited(0));
+  });
+  INFO((r.errors.empty() ? "" : r.errors.front()));
+  CHECK(r.failed == 0);
+  CHECK(r.mismatched == 0);
+  REQUIRE(l.process->wait_for(R"(\[n2\] celer: node n2 leaving)", std::chrono::seconds(20)));
+  // Some of the 24 were on r2 when it went: they were routed again, to r1.
+  const nlohmann::json after = status(l.ports[0]);
+  CHECK(routed_to(after, "r1") + routed_to(after, "r2") > routed_to(before, "r1") + routed_to(before, "r2") + 24);
+  l.process->stop(SIGTERM);
+}
