@@ -102,6 +102,7 @@ void NetworkAllReduce::abort(const std::string& why) { inbox_->abort(why); }
 
 void NetworkAllReduce::sum(float* data, int64_t n) {
   if (size_ == 1) return;
+  const auto start = std::chrono::steady_clock::now();
   if (peers_.empty()) throw Error(ErrorCode::unavailable, "all-reduce: the group is not connected yet");
   const uint64_t call = ++calls_;
   const size_t n_bytes = static_cast<size_t>(n) * sizeof(float);
@@ -145,6 +146,7 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
   for (int64_t i = 0; i < n; ++i) data[i] = parts[0][i];
   for (int r = 1; r < size_; ++r)
     for (int64_t i = 0; i < n; ++i) data[i] += parts[r][i];
+  count_call(start);
 }
 
 }  // namespace celer

@@ -92,7 +92,12 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
             if (d.message && std::holds_alternative<StepResult>(*d.message) &&
                 std::get<StepResult>(*d.message).step_id == step->step_id) {
               s.step_failures = 0;
-              s.scheduler->update(*step, std::get<StepResult>(*d.message), ev);
+              const StepResult& result = std::get<StepResult>(*d.message);
+              ++s.steps;
+              s.step_us += result.step_us;
+              s.allreduce_us += result.allreduce_us;
+              s.allreduce_calls += result.allreduce_calls;
+              s.scheduler->update(*step, result, ev);
             } else {
               // The shard refused the step or answered garbage: its KV can no longer be trusted.
               ++s.malformed;
@@ -658,6 +663,10 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         r.prefix_hits = s.prefix_hits;
         r.response_cache_hits = s.response_cache_hits;
         r.cache_restarts = s.total_cache_restarts;
+        r.steps = s.steps;
+        r.step_us = s.step_us;
+        r.allreduce_us = s.allreduce_us;
+        r.allreduce_calls = s.allreduce_calls;
         r.malformed_messages = s.malformed;
         r.preemptions = s.scheduler->n_preemptions();
         r.shard_restarts = s.total_restarts;

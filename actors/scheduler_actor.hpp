@@ -87,6 +87,7 @@ struct SchedulerActorState {
   uint64_t shard_generation = 0;   // counts groups spawned: answers for an older group are dropped
   uint64_t cache_generation = 0;
   uint64_t tokens_generated = 0;
+  uint64_t steps = 0, step_us = 0, allreduce_us = 0, allreduce_calls = 0;  // rank 0's step times (ReplicaStats)
   bool report_scheduled = false;
   std::shared_ptr<std::vector<caf::actor>> shard_for_exit = std::make_shared<std::vector<caf::actor>>();  // stopped with the scheduler
   std::unordered_map<RequestId, caf::actor> requests;

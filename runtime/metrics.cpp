@@ -190,6 +190,15 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
   append(out, "celer_actor_restarts_total{actor=\"scheduler\"} %" PRIu64 "\nceler_actor_restarts_total{actor=\"shard\"} %" PRIu64 "\n",
          r.scheduler_restarts, r.shard_restarts);
   append(out, "celer_actor_restarts_total{actor=\"cache\"} %" PRIu64 "\n", r.cache_restarts);
+  header(out, "celer_steps_total", "counter", "Forward steps the replica ran.");
+  append(out, "celer_steps_total %" PRIu64 "\n", r.steps);
+  header(out, "celer_step_seconds_total", "counter", "Time rank 0 spent running forward steps.");
+  append(out, "celer_step_seconds_total %.6f\n", static_cast<double>(r.step_us) / 1e6);
+  header(out, "celer_allreduce_seconds_total", "counter",
+         "Of that, time inside tensor-parallel all-reduces (the exchange and the wait for the other ranks).");
+  append(out, "celer_allreduce_seconds_total %.6f\n", static_cast<double>(r.allreduce_us) / 1e6);
+  header(out, "celer_allreduce_calls_total", "counter", "Tensor-parallel all-reduces rank 0 took part in.");
+  append(out, "celer_allreduce_calls_total %" PRIu64 "\n", r.allreduce_calls);
   return out;
 }
 

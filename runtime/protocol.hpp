@@ -162,6 +162,10 @@ struct SampledToken {
 struct StepResult {
   uint64_t step_id = 0;
   std::vector<SampledToken> tokens;   // one per StepSequence with sample = true, in order
+  // Rank 0's time for the step: all of it, and the part inside all-reduces (0 without TP).
+  uint64_t step_us = 0;
+  uint64_t allreduce_us = 0;
+  uint32_t allreduce_calls = 0;
 };
 
 // Scheduler -> cache, once per step (DESIGN.md §2: block reservation is batched). First what
@@ -235,6 +239,11 @@ struct ReplicaStats {
   uint64_t shard_restarts = 0;        // shard actors respawned by the scheduler
   uint64_t scheduler_restarts = 0;    // schedulers respawned by the replica's supervisor
   uint64_t cache_restarts = 0;        // cache actors respawned by the scheduler
+  // Forward steps run, and their time on rank 0: all of it, and inside all-reduces.
+  uint64_t steps = 0;
+  uint64_t step_us = 0;
+  uint64_t allreduce_us = 0;
+  uint64_t allreduce_calls = 0;
 };
 
 // ---- The cluster's messages (docs/cluster.md) ----

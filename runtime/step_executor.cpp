@@ -1,5 +1,8 @@
 #include "runtime/step_executor.hpp"
 
+#include <algorithm>
+#include <chrono>
+
 namespace celer {
 
 StepExecutor::StepExecutor(Engine& engine)
@@ -13,6 +16,9 @@ StepResult StepExecutor::run(const Step& step) {
   StepResult result;
   result.step_id = step.step_id;
   if (step.sequences.empty()) return result;
+  const auto start = std::chrono::steady_clock::now();
+  const AllReduce* all_reduce = engine_.options().tp_size > 1 ? engine_.options().all_reduce : nullptr;
+  const AllReduce::Times before = all_reduce ? all_reduce->times() : AllReduce::Times{};
   for (const BlockCopy& c : step.copies) engine_.copy_block(c.src, c.dst);
   inputs_.clear();
   for (const StepSequence& s : step.sequences) inputs_.push_back({s.tokens, s.n_past, s.block_table, s.sample});
@@ -36,6 +42,13 @@ StepResult StepExecutor::run(const Step& step) {
       t.has_logprob = true;
       sampler_.logprobs(logits, t.token, s.logprobs, t.logprob);
     }
+  }
+  result.step_us = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start).count());
+  if (all_reduce) {
+    const AllReduce::Times after = all_reduce->times();
+    result.allreduce_us = std::min(result.step_us, (after.ns - before.ns) / 1000);
+    result.allreduce_calls = static_cast<uint32_t>(after.calls - before.calls);
   }
   return result;
 }

@@ -32,7 +32,11 @@ class LocalAllReduceGroup::Rank final : public AllReduce {
   Rank(LocalAllReduceGroup& group, int rank) : group_(group), rank_(rank) {}
   int rank() const override { return rank_; }
   int size() const override { return group_.size_; }
-  void sum(float* data, int64_t n) override { group_.sum(rank_, data, n); }
+  void sum(float* data, int64_t n) override {
+    const auto start = std::chrono::steady_clock::now();
+    group_.sum(rank_, data, n);
+    count_call(start);
+  }
 
  private:
   LocalAllReduceGroup& group_;

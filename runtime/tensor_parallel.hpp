@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -36,6 +37,25 @@ class AllReduce {
   // holds the total, bit-identical on all ranks. Blocks until every rank has called with its own
   // buffer and the same n. Each rank calls from its own thread.
   virtual void sum(float* data, int64_t n) = 0;
+
+  // What sum() has cost this rank so far: calls, and the time inside them (the exchange and the
+  // wait for the slowest rank; the additions themselves are microseconds). Read on the rank's
+  // own thread, between calls.
+  struct Times {
+    uint64_t calls = 0;
+    uint64_t ns = 0;
+  };
+  Times times() const { return times_; }
+
+ protected:
+  void count_call(std::chrono::steady_clock::time_point since) {
+    ++times_.calls;
+    times_.ns += static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count());
+  }
+
+ private:
+  Times times_;
 };
 
 // An all-reduce for ranks that share one process (tests, a CPU replica on one node). Ranks

@@ -136,6 +136,9 @@ struct SampledToken {
 struct StepResult {
   stepId @0 :UInt64;
   tokens @1 :List(SampledToken);
+  stepUs @2 :UInt64;          # rank 0's time for the step
+  allreduceUs @3 :UInt64;     # of which inside all-reduces
+  allreduceCalls @4 :UInt32;
 }
 
 struct ReplicaStats {
@@ -151,6 +154,10 @@ struct ReplicaStats {
   shardRestarts @9 :UInt64;
   schedulerRestarts @10 :UInt64;
   cacheRestarts @11 :UInt64;
+  steps @12 :UInt64;
+  stepUs @13 :UInt64;
+  allreduceUs @14 :UInt64;
+  allreduceCalls @15 :UInt64;
 }
 
 struct BlockCommit {

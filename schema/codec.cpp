@@ -165,6 +165,9 @@ void put(cs::StepResult::Builder b, const StepResult& m) {
       put(tokens[i].initLogprob(), m.tokens[i].logprob);
     }
   }
+  b.setStepUs(m.step_us);
+  b.setAllreduceUs(m.allreduce_us);
+  b.setAllreduceCalls(m.allreduce_calls);
 }
 
 void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
@@ -181,6 +184,10 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setSchedulerRestarts(m.scheduler_restarts);
   b.setCacheRestarts(m.cache_restarts);
   b.setMalformedMessages(m.malformed_messages);
+  b.setSteps(m.steps);
+  b.setStepUs(m.step_us);
+  b.setAllreduceUs(m.allreduce_us);
+  b.setAllreduceCalls(m.allreduce_calls);
 }
 
 void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
@@ -567,6 +574,9 @@ StepResult read(cs::StepResult::Reader r) {
     m.tokens[i].has_logprob = tokens[i].getHasLogprob();
     if (m.tokens[i].has_logprob) m.tokens[i].logprob = read(tokens[i].getLogprob(), token_at);
   }
+  m.step_us = r.getStepUs();
+  m.allreduce_us = in_range<uint64_t>(r.getAllreduceUs(), 0, m.step_us, at, "allreduce_us");
+  m.allreduce_calls = r.getAllreduceCalls();
   return m;
 }
 
@@ -592,6 +602,10 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   m.shard_restarts = r.getShardRestarts();
   m.scheduler_restarts = r.getSchedulerRestarts();
   m.cache_restarts = r.getCacheRestarts();
+  m.steps = r.getSteps();
+  m.step_us = r.getStepUs();
+  m.allreduce_us = in_range<uint64_t>(r.getAllreduceUs(), 0, m.step_us, at, "allreduce_us");
+  m.allreduce_calls = r.getAllreduceCalls();
   return m;
 }
 

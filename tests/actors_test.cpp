@@ -399,6 +399,12 @@ TEST_CASE("actors: a tensor-parallel replica (TP = 2) streams the tokens of TP =
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 40), text_request(2, "The dog", 30)};
   auto out = r.run(reqs);
   for (const auto& q : reqs) CHECK(out[q.id].tokens == solo(*r.model, q));
+  // Rank 0 timed its steps and its all-reduces: two per layer per step, inside the step's time.
+  const ReplicaStats stats = r.stats();
+  CHECK(stats.steps > 0);
+  CHECK(stats.allreduce_calls == stats.steps * 2 * static_cast<uint64_t>(r.model->config().n_layer));
+  CHECK(stats.allreduce_us <= stats.step_us);
+  CHECK(stats.step_us > 0);
   // Kill the group's rank 0 before a request: the group is respawned and the request completes.
   caf::anon_send_exit(r.current_shard(), caf::exit_reason::kill);
   auto after = r.run({text_request(3, "Lily and Tom", 30)});

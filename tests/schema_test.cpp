@@ -102,7 +102,8 @@ Step decode_step(int n_sequences = 16) {
 
 StepResult sample_step_result() {
   return StepResult{0xabcdef0123ull,
-                    {{1, 42, false, {}}, {2, 0, true, TokenLogprob{0, -0.25f, {0, 3}, {-0.25f, -3.0f}}}, {9, 31999, false, {}}}};
+                    {{1, 42, false, {}}, {2, 0, true, TokenLogprob{0, -0.25f, {0, 3}, {-0.25f, -3.0f}}}, {9, 31999, false, {}}},
+                    5230, 1900, 16};
 }
 
 ReplicaStats sample_stats() {
@@ -121,6 +122,10 @@ ReplicaStats sample_stats() {
   m.shard_restarts = 3;
   m.scheduler_restarts = 1;
   m.cache_restarts = 4;
+  m.steps = 900;
+  m.step_us = 4'500'000;
+  m.allreduce_us = 1'200'000;
+  m.allreduce_calls = 14'400;
   return m;
 }
 
@@ -293,6 +298,9 @@ void require_equal(const StepResult& a, const StepResult& b) {
     REQUIRE(a.tokens[i].has_logprob == b.tokens[i].has_logprob);
     REQUIRE(a.tokens[i].logprob == b.tokens[i].logprob);
   }
+  REQUIRE(a.step_us == b.step_us);
+  REQUIRE(a.allreduce_us == b.allreduce_us);
+  REQUIRE(a.allreduce_calls == b.allreduce_calls);
 }
 
 void require_equal(const ReplicaStats& a, const ReplicaStats& b) {
@@ -308,6 +316,10 @@ void require_equal(const ReplicaStats& a, const ReplicaStats& b) {
   REQUIRE(a.shard_restarts == b.shard_restarts);
   REQUIRE(a.scheduler_restarts == b.scheduler_restarts);
   REQUIRE(a.cache_restarts == b.cache_restarts);
+  REQUIRE(a.steps == b.steps);
+  REQUIRE(a.step_us == b.step_us);
+  REQUIRE(a.allreduce_us == b.allreduce_us);
+  REQUIRE(a.allreduce_calls == b.allreduce_calls);
 }
 
 void require_equal(const BlockPlanRequest& a, const BlockPlanRequest& b) {
@@ -716,6 +728,7 @@ TEST_CASE("Step validation", "[schema]") {
 TEST_CASE("StepResult and ReplicaStats validation", "[schema]") {
   const StepResult res = sample_step_result();
   rejects(res, [](StepResult& m) { m.tokens[2].token = -1; }, "StepResult.tokens[2].token");
+  rejects(res, [](StepResult& m) { m.allreduce_us = m.step_us + 1; }, "StepResult.allreduce_us");
   rejects(res, [](StepResult& m) { m.tokens.assign(lim::kMaxSampledTokens + 1, SampledToken{1, 1, false, {}}); }, "StepResult.tokens");
 
   const ReplicaStats st = sample_stats();
@@ -724,6 +737,7 @@ TEST_CASE("StepResult and ReplicaStats validation", "[schema]") {
   rejects(st, [](ReplicaStats& m) { m.kv_blocks_used = -1; }, "ReplicaStats.kv_blocks_used");
   rejects(st, [](ReplicaStats& m) { m.kv_blocks_free = -1; }, "ReplicaStats.kv_blocks_free");
   rejects(st, [](ReplicaStats& m) { m.prefix_hits = m.prefix_queries + 1; }, "ReplicaStats.prefix_hits");
+  rejects(st, [](ReplicaStats& m) { m.allreduce_us = m.step_us + 1; }, "ReplicaStats.allreduce_us");
 
   // The waiting counts are one per priority class: other lengths can only be built by hand.
   for (unsigned n : {0u, 2u, 4u}) {
