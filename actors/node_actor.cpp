@@ -7,13 +7,20 @@
 #include "actors/request_actor.hpp"
 #include "actors/shard_actor.hpp"
 #include "actors/wire.hpp"
+#include "runtime/engine.hpp"
 #include "runtime/error.hpp"
 #include "runtime/kv_block_manager.hpp"
+#include "runtime/kv_cache.hpp"
+#include "runtime/memory_info.hpp"
 
 namespace celer {
 namespace {
 
 using Self = caf::stateful_actor<NodeState>;
+
+// Shards and caches one node builds at most: far more than a config places on one node (a
+// replica's rank and cache each), few enough that a peer asking again and again runs out first.
+constexpr size_t kMaxChildren = 256;
 
 void send_error(Self* self, const caf::actor& client, RequestId id, ErrorKind kind, const std::string& message) {
   if (client) self->send(client, event_atom::value, encode(ErrorReply{id, kind, message}));
@@ -107,6 +114,21 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         if (spec.model_path != st.setup.model_path)
           return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name + " serves " + st.setup.model_path +
                                                                  ", not " + spec.model_path);
+        // Whoever holds the cluster secret may ask: a spec this node cannot hold, or more
+        // children than any config places on one node, is refused before anything is allocated.
+        if (st.children->size() >= kMaxChildren)
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "node " + st.setup.name + " already runs " + std::to_string(st.children->size()) + " shards and caches");
+        const ModelConfig& m = st.setup.model->config();
+        const TensorType kv = spec.kv_type >= 0 ? static_cast<TensorType>(spec.kv_type) : default_kv_type(*st.setup.model);
+        const double kv_bytes = static_cast<double>(spec.n_kv_blocks) *
+                                static_cast<double>(KvCache::block_bytes(m.n_layer, std::max(1, m.n_head_kv / std::max(1, spec.size)),
+                                                                         m.head_dim, kv));
+        if (const MemoryInfo mem = memory_info(); mem.available > 0 && kv_bytes > static_cast<double>(mem.available))
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "node " + st.setup.name + ": a shard with " + std::to_string(spec.n_kv_blocks) + " KV blocks needs " +
+                                     format_bytes(static_cast<uint64_t>(std::min(kv_bytes, 1.8e19))) + "; " +
+                                     format_bytes(mem.available) + " are available");
         // The shard builds its engine in its own thread: a large model's packing does not hold
         // up this actor, and a failure (std::bad_alloc) is the shard's exit reason.
         auto shard = self->spawn<caf::detached>(shard_actor, st.setup.model, engine_options(spec, st.setup.shard_threads),
@@ -117,7 +139,10 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
       [=](spawn_atom, cache_atom, int32_t kv_blocks, bool prefix_caching, int32_t response_entries, int64_t ttl_ms,
           const std::string& replica) -> caf::result<caf::actor> {
         auto& st = self->state;
-        if (kv_blocks < 1 || response_entries < 0 || ttl_ms < 0)
+        if (st.children->size() >= kMaxChildren)
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "node " + st.setup.name + " already runs " + std::to_string(st.children->size()) + " shards and caches");
+        if (kv_blocks < 1 || kv_blocks > wire_limits::kMaxKvBlocks || response_entries < 0 || ttl_ms < 0)
           return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name + ": a cache of " +
                                                                  std::to_string(kv_blocks) + " blocks cannot be built");
         CacheSetup cs;

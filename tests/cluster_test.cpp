@@ -524,6 +524,16 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), impostor)
         .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
     CHECK(refused);
+    // Nor can it make a node allocate what it cannot hold.
+    ShardSpec spec;
+    spec.replica = "r1";
+    spec.model_path = kModel;
+    spec.max_context = 256;
+    spec.n_kv_blocks = 1 << 30;
+    std::string why;
+    self->request(node, std::chrono::seconds(10), spawn_atom::value, encode(spec))
+        .receive([&](const caf::actor&) { why = "built"; }, [&](const caf::error& e) { why = sys.render(e); });
+    CHECK_THAT(why, Catch::Contains("KV blocks needs"));
     caf::anon_send_exit(impostor, caf::exit_reason::user_shutdown);
   }
   // The cluster keeps serving, on both replicas, the reference tokens.
