@@ -1,5 +1,6 @@
 #include "actors/collective.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/error.hpp"
@@ -17,6 +18,8 @@ struct NetworkAllReduce::Inbox {
   };
   std::map<uint64_t, Call> calls;  // by call number
   std::string aborted;             // why, once the group is broken
+  std::vector<caf::actor_addr> peers;  // the group's endpoints, once connect() has them
+  uint64_t refused = 0;                // partial sums from actors that are not a peer
 
   void abort(const std::string& why) {
     {
@@ -45,6 +48,15 @@ caf::behavior endpoint_actor(caf::stateful_actor<EndpointState>* self, std::shar
   self->attach_functor([inbox] { inbox->abort("the all-reduce endpoint stopped"); });
   return {
       [=](reduce_atom, ReducePart& part) {
+        {
+          // From the group's endpoints only: anyone else's numbers would become this rank's sum.
+          const caf::actor_addr from = caf::actor_cast<caf::actor_addr>(self->current_sender());
+          std::lock_guard lock(inbox->mutex);
+          if (std::find(inbox->peers.begin(), inbox->peers.end(), from) == inbox->peers.end()) {
+            ++inbox->refused;
+            return;
+          }
+        }
         if (part.rank < 0 || part.rank >= inbox->size || part.rank == rank || part.call == 0) {
           inbox->abort("a partial sum from an invalid rank " + std::to_string(part.rank));
           return;
@@ -65,9 +77,15 @@ caf::behavior endpoint_actor(caf::stateful_actor<EndpointState>* self, std::shar
         }
         inbox->arrived.notify_all();
       },
-      [=](peers_atom, const std::vector<caf::actor>& peers) {
-        for (const caf::actor& p : peers)
-          if (p && p != self) self->monitor(p);
+      [=](peers_atom) {
+        // The peers connect() stored (a message cannot name them: anyone may send one).
+        std::vector<caf::actor_addr> peers;
+        {
+          std::lock_guard lock(inbox->mutex);
+          peers = inbox->peers;
+        }
+        for (const caf::actor_addr& p : peers)
+          if (p && p != self->address()) self->monitor(p);
       },
   };
 }
@@ -93,7 +111,12 @@ void NetworkAllReduce::connect(std::vector<caf::actor> endpoints) {
   for (const caf::actor& e : endpoints)
     if (!e) throw Error(ErrorCode::invalid_argument, "all-reduce: a rank without an endpoint");
   peers_ = std::move(endpoints);
-  caf::anon_send(endpoint_, peers_atom::value, peers_);
+  {
+    std::lock_guard lock(inbox_->mutex);
+    inbox_->peers.clear();
+    for (const caf::actor& e : peers_) inbox_->peers.push_back(e.address());
+  }
+  caf::anon_send(endpoint_, peers_atom::value);
 }
 
 bool NetworkAllReduce::connected() const { return !peers_.empty(); }
@@ -110,7 +133,7 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
   ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
   std::memcpy(part.bytes.data(), data, n_bytes);
   for (int r = 0; r < size_; ++r)
-    if (r != rank_) caf::anon_send(peers_[r], reduce_atom::value, part);
+    if (r != rank_) caf::send_as(endpoint_, peers_[r], reduce_atom::value, part);  // from its endpoint: what peers accept
 
   Inbox::Call arrived;
   {

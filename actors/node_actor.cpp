@@ -63,7 +63,8 @@ void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateReques
       .then(
           [=](const caf::actor& replica, const std::string& name) {
             ++self->state.routed;
-            self->state.serving[request.address()] = name;
+            // (A request actor that ended meanwhile is not remembered: its down message came.)
+            if (self->state.requests.count(request.address())) self->state.serving[request.address()] = name;
             // A first routing enters the replica as a new request (the response cache is asked);
             // a re-routing resumes (the prompt now holds the tokens already sent).
             if (fresh) caf::send_as(request, replica, enter_atom::value, encode(*req));
@@ -91,6 +92,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
     // The router in use went down: its standby (which heard every report too) takes over.
     while (st.router < st.setup.routers.size() && st.setup.routers[st.router].address() == dm.source) ++st.router;
     self->state.serving.erase(dm.source);
+    self->state.requests.erase(dm.source);
     auto& children = *self->state.children;
     children.erase(std::remove_if(children.begin(), children.end(), [&](const caf::actor& c) { return c.address() == dm.source; }),
                    children.end());
@@ -131,8 +133,10 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
                                      format_bytes(mem.available) + " are available");
         // The shard builds its engine in its own thread: a large model's packing does not hold
         // up this actor, and a failure (std::bad_alloc) is the shard's exit reason.
+        // It works for the scheduler that asks for it.
         auto shard = self->spawn<caf::detached>(shard_actor, st.setup.model, engine_options(spec, st.setup.shard_threads),
-                                                std::shared_ptr<LocalAllReduceGroup>{});
+                                                std::shared_ptr<LocalAllReduceGroup>{},
+                                                caf::actor_cast<caf::actor_addr>(self->current_sender()));
         adopt(self, shard);
         return shard;
       },
@@ -195,6 +199,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         auto request = self->spawn(request_actor, client, caf::actor{}, caf::actor_cast<caf::actor>(self), client_id, *req,
                                    st.setup.model, unix_us());
         self->monitor(request);
+        st.requests.insert(request.address());
         route(self, request, std::move(req), "", true);
       },
       [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
@@ -204,7 +209,8 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         auto& st = self->state;
         auto request = caf::actor_cast<caf::actor>(self->current_sender());
         DecodeResult d = decode(wm);
-        if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
+        if (!request || !st.requests.count(request.address()) || !d.message ||
+            !std::holds_alternative<GenerateRequest>(*d.message)) {
           ++st.malformed;
           return;
         }
@@ -243,6 +249,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         return rp;
       },
       [=](join_atom, const std::vector<caf::actor>& routers) {
+        if (!sent_from_this_node(self)) return;  // which routers a node uses is its own process's business
         auto& st = self->state;
         const bool first = st.setup.routers.empty();
         st.setup.routers = routers;
@@ -251,13 +258,16 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         if (first) self->send(self, hello_atom::value);
       },
       [=](hello_atom) {
-        // The routers' view of this node: up while they keep hearing this.
+        // The routers' view of this node: up while they keep hearing this. (One timer chain:
+        // only this actor's own messages keep it going.)
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         auto& st = self->state;
         for (const caf::actor& r : st.setup.routers) self->send(r, hello_atom::value, st.setup.name, caf::actor_cast<caf::actor>(self));
         self->delayed_send(self, st.setup.heartbeat_interval, hello_atom::value);
       },
       [=](router_atom) { return self->state.setup.local_router; },
-      [=](drain_atom) -> int32_t {
+      [=](drain_atom) -> caf::result<int32_t> {
+        if (!sent_from_this_node(self)) return caf::make_error(caf::sec::unexpected_message);
         auto& st = self->state;
         st.draining = true;
         return static_cast<int32_t>(st.serving.size());

@@ -33,7 +33,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
-#include <vector>
+#include <unordered_set>
 #include <vector>
 
 #include <caf/all.hpp>
@@ -62,7 +62,9 @@ struct NodeState {
   NodeSetup setup;
   // Shards and caches built here: stopped with the node (shared with its exit handler).
   std::shared_ptr<std::vector<caf::actor>> children = std::make_shared<std::vector<caf::actor>>();
-  // The replica serving each request actor of this node (what a resume avoids).
+  // The request actors this node spawned (until they end), and the replica serving each (what
+  // a resume avoids). Only they may ask to be routed again.
+  std::unordered_set<caf::actor_addr> requests;
   std::unordered_map<caf::actor_addr, std::string> serving;
   size_t router = 0;      // index in setup.routers of the one in use
   bool draining = false;  // new client requests are refused

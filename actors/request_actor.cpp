@@ -107,6 +107,10 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   return {
       [=](event_atom, const WireMessage& wm) {
         auto& s = self->state;
+        // Its stream comes from the scheduler that holds it, or an error from its node or
+        // supervisor: nobody else writes into a client's stream.
+        const caf::actor_addr from = caf::actor_cast<caf::actor_addr>(self->current_sender());
+        if (from != s.scheduler.address() && from != s.supervisor.address()) return;
         DecodeResult d = decode(wm);
         if (!d.message) return;  // the scheduler is trusted to send well-formed events
         if (auto* chunk = std::get_if<TokenChunk>(&*d.message)) {
@@ -149,6 +153,8 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
       },
       [=](resume_atom, const caf::actor& scheduler, RequestId id) {
         auto& s = self->state;
+        // Taken over by the scheduler that says so, and only while it waits for one.
+        if (s.scheduler || !scheduler || caf::actor_cast<caf::actor_addr>(self->current_sender()) != scheduler.address()) return;
         s.scheduler = scheduler;
         s.id = id;
         ++s.takeovers;

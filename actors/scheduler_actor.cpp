@@ -343,7 +343,8 @@ void spawn_shard(Self* self) {
       EngineOptions eo = st.setup.engine;
       eo.tp_rank = r;
       eo.tp_size = tp;
-      st.ranks[r] = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group);
+      st.ranks[r] = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group,
+                                               self->address());
       self->monitor(st.ranks[r]);
     }
     *st.shard_for_exit = st.ranks;
@@ -400,6 +401,7 @@ void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cach
     return;
   }
   s.requests[req.id] = request;
+  self->monitor(request);  // a request actor that ends (its client or its node gone) cancels
   if (cacheable) s.cacheable[req.id] = std::move(req);
   run_step(self);
 }
@@ -493,6 +495,7 @@ void take_over(Self* self, const WireMessage& wm, bool entering) {
     return;
   }
   s.requests[req.id] = request;
+  self->monitor(request);  // a request actor that ends (its client or its node gone) cancels
   run_step(self);
 }
 
@@ -538,6 +541,14 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
   if (!st.setup.routers.empty()) self->send(self, report_atom::value);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;
+    // A request actor that ended before its request did (it quits when its client goes, and
+    // goes with its node): nobody is listening, so the request stops taking the batch's time.
+    for (const auto& [id, request] : s.requests)
+      if (request.address() == dm.source) {
+        s.scheduler->cancel(id, FinishReason::cancelled);
+        run_step(self);
+        return;
+      }
     if (dm.source == s.cache.address()) {
       // The cache died: the block tables and cached prefixes are gone (the KV memory in the
       // shards is intact but unaddressed). Every sequence recomputes on the new cache.
@@ -601,6 +612,12 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
       [=](resume_atom, const WireMessage& wm) { take_over(self, wm, false); },
       [=](enter_atom, const WireMessage& wm) { take_over(self, wm, true); },
       [=](cancel_atom, RequestId id, uint8_t reason) {
+        // Only the request's own request actor may end it (ids are sequential: anyone could
+        // guess them). A request still being looked up in the response cache has none yet.
+        auto owner = self->state.requests.find(id);
+        if (owner != self->state.requests.end() &&
+            owner->second.address() != caf::actor_cast<caf::actor_addr>(self->current_sender()))
+          return;
         const FinishReason why = reason == static_cast<uint8_t>(FinishReason::stop) ? FinishReason::stop : FinishReason::cancelled;
         if (auto it = self->state.looking_up.find(id); it != self->state.looking_up.end()) {
           it->second = why;

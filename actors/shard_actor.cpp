@@ -8,7 +8,8 @@
 namespace celer {
 
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
-                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group) {
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner) {
+  self->state.owner = std::move(owner);
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   // How long a rank waits for its peers' partial sums before it counts them lost: longer than
   // any forward pass takes between two all-reduces.
@@ -29,6 +30,11 @@ caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr
   });
   return {
       [=](step_atom, const WireMessage& wm) -> WireMessage {
+        // A step writes KV blocks: only the scheduler whose blocks they are may send one.
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->state.owner) {
+          ++self->state.malformed;
+          return encode(ErrorReply{0, ErrorKind::invalid_request, "shard: a step from an actor that is not its scheduler"});
+        }
         DecodeResult d = decode(wm);
         if (!d.message || !std::holds_alternative<Step>(*d.message)) {
           ++self->state.malformed;
@@ -54,7 +60,7 @@ caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr
         return self->state.network->endpoint();
       },
       [=](peers_atom, std::vector<caf::actor> peers) -> bool {
-        if (!self->state.network) return false;
+        if (!self->state.network || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->state.owner) return false;
         try {
           self->state.network->connect(std::move(peers));
           return true;

@@ -29,14 +29,16 @@ struct ShardState {
   std::unique_ptr<StepExecutor> executor;
   uint64_t steps = 0;
   uint64_t malformed = 0;
+  caf::actor_addr owner;  // the scheduler it works for
   static inline const char* name = "celer.shard";
 };
 
 // With options.tp_size > 1 the shard is one rank of a tensor-parallel group whose all-reduce is
 // `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever), or,
-// with no group, a network group (actors/collective.hpp) that peers_atom connects.
+// with no group, a network group (actors/collective.hpp) that peers_atom connects. `owner` is
+// the scheduler the shard works for: steps and peers are taken from it alone.
 caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
-                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group);
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner);
 
 // The engine options a ShardSpec describes (threads: the spec's, else `default_threads`).
 EngineOptions engine_options(const ShardSpec& spec, int default_threads);

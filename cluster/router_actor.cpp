@@ -25,21 +25,30 @@ int32_t replica_index(Self* self, const std::string& name) {
   return i;
 }
 
-// Whether the message being handled comes from one of the cluster's nodes (this one included).
-bool from_member(Self* self) {
+// Whether the message being handled comes from the node the config places `role` of `replica`
+// on (its scheduler, or its cache): the CAF node that said hello under that node's name.
+bool from_placed(Self* self, const std::string& role, const std::string& replica) {
+  auto& st = self->state;
   const caf::strong_actor_ptr& sender = self->current_sender();
-  if (sender && (sender->node() == self->node() || self->state.members.count(sender->node()))) return true;
-  ++self->state.refused_peers;
+  if (sender) {
+    for (const RouterSetup::Placement& p : st.setup.actors) {
+      if (p.role != role || p.replica != replica) continue;
+      auto it = st.bound.find(p.node);
+      if (it != st.bound.end() && it->second == sender->node()) return true;
+    }
+  }
+  ++st.refused_peers;
   return false;
 }
 
-std::optional<ReplicaReport> read_report(Self* self, const WireMessage& wm) {
-  if (!from_member(self)) return std::nullopt;
+// A report on a replica from where the config places `role` of it.
+std::optional<ReplicaReport> read_report(Self* self, const WireMessage& wm, const std::string& role) {
   DecodeResult d = decode(wm);
   if (!d.message || !std::holds_alternative<ReplicaReport>(*d.message)) {
     ++self->state.malformed;
     return std::nullopt;
   }
+  if (!from_placed(self, role, std::get<ReplicaReport>(*d.message).replica)) return std::nullopt;
   return std::move(std::get<ReplicaReport>(*d.message));
 }
 
@@ -117,9 +126,10 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
   });
   return {
       [=](join_atom, const std::string& replica, const caf::actor& supervisor) -> caf::result<bool> {
-        // A replica's supervisor, from the node that runs it.
-        if (!from_member(self) || !supervisor || supervisor.node() != self->current_sender()->node())
-          return caf::make_error(caf::sec::invalid_argument, "router: a join from a node that has not said hello");
+        // A replica's supervisor, from the node the config schedules it on.
+        if (!from_placed(self, "scheduler", replica) || !supervisor || supervisor.node() != self->current_sender()->node())
+          return caf::make_error(caf::sec::invalid_argument,
+                                 "router: a join for replica '" + replica + "' from a node that is not its scheduler's");
         const int32_t i = replica_index(self, replica);
         if (i < 0) {
           ++self->state.malformed;
@@ -139,7 +149,18 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
           ++s.refused_peers;
           return;
         }
-        s.members.insert(actor.node());
+        // A name belongs to the first CAF node that says hello as it, for as long as that node
+        // is up; a node that restarts (a new CAF node) takes its name back once the old one is
+        // down.
+        auto bound = s.bound.find(node);
+        if (bound != s.bound.end() && bound->second != actor.node()) {
+          auto n = s.nodes.find(node);
+          if (n != s.nodes.end() && n->second.up) {
+            ++s.refused_peers;
+            return;
+          }
+        }
+        s.bound[node] = actor.node();
         RouterState::Node& n = s.nodes[node];
         if (n.actor != actor) {
           n.actor = actor;
@@ -149,7 +170,7 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         n.last_seen_ms = now_ms(self);
       },
       [=](report_atom, const WireMessage& wm) {
-        auto r = read_report(self, wm);
+        auto r = read_report(self, wm, "scheduler");
         if (!r) return;
         const int32_t i = replica_index(self, r->replica);
         if (i < 0) {
@@ -171,7 +192,7 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         seen.report = std::move(*r);
       },
       [=](report_atom, cache_atom, const WireMessage& wm) {
-        auto r = read_report(self, wm);
+        auto r = read_report(self, wm, "cache");
         if (!r) return;
         const int32_t i = replica_index(self, r->replica);
         if (i < 0) {

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
-#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,10 +58,11 @@ struct RouterState {
     bool up = false;
   };
   std::map<std::string, Node> nodes;
-  // The CAF nodes of the cluster's nodes, learned from their hellos: only they may join a
-  // replica or report on one. A client (which holds the secret too) may route and ask status.
-  std::set<caf::node_id> members;
-  uint64_t refused_peers = 0;  // hellos naming no node of the config; joins and reports from non-members
+  // The CAF node that said hello under each node name of the config, learned from the hellos:
+  // a replica's join and reports are taken only from the node the config places it on. A client
+  // (which holds the secret too) may route and ask for status.
+  std::map<std::string, caf::node_id> bound;
+  uint64_t refused_peers = 0;  // hellos refused; joins and reports from the wrong node
   uint64_t routed = 0;
   uint64_t unroutable = 0;
   uint64_t malformed = 0;

@@ -519,7 +519,8 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     REQUIRE(router);
     auto impostor = sys.spawn([]() -> caf::behavior { return {[](generate_atom, const WireMessage&) {}}; });
     self->send(router, hello_atom::value, std::string("intruder"), impostor);
-    self->send(router, hello_atom::value, std::string("n1"), node);  // n1's name, front's actor
+    self->send(router, hello_atom::value, std::string("n1"), node);      // n1's name, front's actor
+    self->send(router, hello_atom::value, std::string("n1"), impostor);  // n1's name while n1 is up
     bool refused = false;
     self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), impostor)
         .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
@@ -547,7 +548,8 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
   setenv("CELER_CLUSTER_SECRET", secret.c_str(), 1);
   const nlohmann::json s = status(front);
   unsetenv("CELER_CLUSTER_SECRET");
-  CHECK(s["refused_peers"].get<uint64_t>() >= 3);
+  CHECK(s["refused_peers"].get<uint64_t>() >= 4);
+  CHECK(routed_to(s, "r1") > 0);  // r1 still serves from n1, not from the impostor
   for (const auto& r : s["replicas"]) CHECK(r["up"] == true);
   // The node port's guard counted the rest (front's gateway shows its /metrics).
   const std::string metrics = http_get(l.ports[1], "/metrics");

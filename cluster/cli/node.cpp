@@ -183,7 +183,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     };
     std::vector<caf::actor> routers{plan.runs_router ? running.router : router_on(plan.router_node)};
     if (!plan.standby_node.empty()) routers.push_back(plan.runs_standby ? running.standby : router_on(plan.standby_node));
-    caf::anon_send(running.node, join_atom::value, routers);
+    caf::scoped_actor{sys}->send(running.node, join_atom::value, routers);  // from this process: what the node actor takes
 
     // The replicas scheduled here.
     for (const ReplicaPlan& rp : plan.replicas) {
