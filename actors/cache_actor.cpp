@@ -32,14 +32,14 @@ std::optional<CachedResponse> read_entry(Self* self, const WireMessage& wm) {
 // first change sends at once and schedules the next look.
 void report_prefixes(Self* self, const CacheSetup& setup) {
   auto& st = self->state;
-  if (setup.routers.empty() || st.report_scheduled || st.blocks->index_version() == st.reported_version) return;
+  if (st.routers.empty() || st.report_scheduled || st.blocks->index_version() == st.reported_version) return;
   st.reported_version = st.blocks->index_version();
   ReplicaReport r;
   r.replica = setup.replica;
   r.blocks_changed = true;
   r.cached_blocks = st.blocks->cached_block_hashes();
   const WireMessage wire = encode(r);
-  for (const caf::actor& router : setup.routers) self->send(router, report_atom::value, cache_atom::value, wire);
+  for (const caf::actor& router : st.routers) self->send(router, report_atom::value, cache_atom::value, wire);
   st.report_scheduled = true;
   self->delayed_send(self, kPrefixReportInterval, report_atom::value);
 }
@@ -52,7 +52,15 @@ caf::behavior cache_actor(Self* self, CacheSetup setup) {
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
   st.planner = std::make_unique<BlockPlanner>(*st.blocks);
   st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);
+  st.routers = setup.routers;
   return {
+      // A cache built before its node knew the routers learns them from the node.
+      [=](router_atom, const std::vector<caf::actor>& routers) {
+        if (!sent_from_this_node(self)) return;
+        self->state.routers = routers;
+        self->state.reported_version = ~uint64_t{0};  // tell the new routers everything
+        report_prefixes(self, setup);
+      },
       [=](plan_atom, const WireMessage& wm) -> WireMessage {
         DecodeResult d = decode(wm);
         if (!d.message) return refuse(self, d.error);
@@ -81,6 +89,7 @@ caf::behavior cache_actor(Self* self, CacheSetup setup) {
         return encode(*q);
       },
       [=](report_atom) {
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;  // its own timer only
         self->state.report_scheduled = false;
         report_prefixes(self, setup);
       },

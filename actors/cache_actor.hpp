@@ -50,6 +50,7 @@ struct CacheState {
   uint64_t malformed = 0;
   uint64_t reported_version = ~uint64_t{0};  // the prefix index version the router last heard (none yet)
   bool report_scheduled = false;
+  std::vector<caf::actor> routers;  // CacheSetup::routers, or what its node learned since
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.cache";
 };

@@ -42,7 +42,7 @@ caf::actor router_of(Self* self) {
 // here) had sent it: the replica's scheduler then streams to the request actor. `avoid`: the
 // replica that just lost the request, tried only when no other is up.
 void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
-           bool fresh) {
+           bool fresh, caf::actor dead = {}) {
   auto& st = self->state;
   RouteQuery q;
   q.session_id = req->session_id;
@@ -68,15 +68,15 @@ void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateReques
             // A first routing enters the replica as a new request (the response cache is asked);
             // a re-routing resumes (the prompt now holds the tokens already sent).
             if (fresh) caf::send_as(request, replica, enter_atom::value, encode(*req));
-            else caf::send_as(request, replica, resume_atom::value, encode(*req), caf::actor{});
+            else caf::send_as(request, replica, resume_atom::value, encode(*req), dead);  // (a supervisor holds it while it restarts that one)
           },
           [=](const caf::error& e) {
             if (router != router_of(self)) {  // the router went down meanwhile: ask its standby
-              route(self, request, req, avoid, fresh);
+              route(self, request, req, avoid, fresh, dead);
               return;
             }
             if (!avoid.empty()) {
-              route(self, request, req, "", fresh);
+              route(self, request, req, "", fresh, dead);
               return;
             }
             fail("no replica took the request: " + failure_text(self->system(), e));
@@ -89,9 +89,14 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
   self->state.setup = std::move(setup);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& st = self->state;
-    // The router in use went down: its standby (which heard every report too) takes over.
-    while (st.router < st.setup.routers.size() && st.setup.routers[st.router].address() == dm.source) ++st.router;
+    // The router in use went down: its standby (which heard every report too) takes over,
+    // unless it went down first.
+    for (const caf::actor& r : st.setup.routers)
+      if (r.address() == dm.source) st.down_routers.insert(dm.source);
+    while (st.router < st.setup.routers.size() && st.down_routers.count(st.setup.routers[st.router].address())) ++st.router;
     self->state.serving.erase(dm.source);
+    st.caches.erase(std::remove_if(st.caches.begin(), st.caches.end(), [&](const caf::actor& c) { return c.address() == dm.source; }),
+                    st.caches.end());
     self->state.requests.erase(dm.source);
     auto& children = *self->state.children;
     children.erase(std::remove_if(children.begin(), children.end(), [&](const caf::actor& c) { return c.address() == dm.source; }),
@@ -158,6 +163,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         cs.replica = replica;
         auto cache = self->spawn(cache_actor, cs);
         adopt(self, cache);
+        st.caches.push_back(cache);
         return cache;
       },
       [=](generate_atom, const WireMessage& wm) {
@@ -214,11 +220,10 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
           ++st.malformed;
           return;
         }
-        (void)dead;
         auto it = st.serving.find(request.address());
         const std::string previous = it != st.serving.end() ? it->second : "";
         route(self, request, std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message))), previous,
-              false);
+              false, dead);
       },
       [=](info_atom) -> WireMessage {
         const auto& st = self->state;
@@ -229,9 +234,9 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         auto& st = self->state;
         if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
         auto rp = self->make_response_promise<WireMessage>();
-        self->request(router_of(self), kRouteTimeout, route_atom::value, encode(RouteQuery{}))
+        self->request(router_of(self), kRouteTimeout, stats_atom::value)
             .then(
-                [=](const caf::actor& replica, const std::string&) mutable {
+                [=](const caf::actor& replica) mutable {
                   self->request(replica, kRouteTimeout, stats_atom::value)
                       .then([=](const WireMessage& stats) mutable { rp.deliver(stats); },
                             [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
@@ -255,6 +260,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         st.setup.routers = routers;
         st.router = 0;
         for (const caf::actor& r : routers) self->monitor(r);
+        for (const caf::actor& c : st.caches) self->send(c, router_atom::value, routers);
         if (first) self->send(self, hello_atom::value);
       },
       [=](hello_atom) {

@@ -62,6 +62,8 @@ struct NodeState {
   NodeSetup setup;
   // Shards and caches built here: stopped with the node (shared with its exit handler).
   std::shared_ptr<std::vector<caf::actor>> children = std::make_shared<std::vector<caf::actor>>();
+  std::vector<caf::actor> caches;  // the caches among them, told the routers when they change
+  std::unordered_set<caf::actor_addr> down_routers;  // routers seen going down: never switched to
   // The request actors this node spawned (until they end), and the replica serving each (what
   // a resume avoids). Only they may ask to be routed again.
   std::unordered_set<caf::actor_addr> requests;

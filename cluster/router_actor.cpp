@@ -219,6 +219,14 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         return {s.supervisors[pick->replica], s.table->name(pick->replica)};
       },
       [=](status_atom) -> WireMessage { return encode(ClusterStatus{status_json(self)}); },
+      [=](stats_atom) -> caf::result<caf::actor> {
+        // A replica that is up, for a gateway's /health: not a request, so not counted or
+        // added to any load.
+        auto& s = self->state;
+        for (size_t i = 0; i < s.supervisors.size(); ++i)
+          if (s.supervisors[i] && s.table->up(static_cast<int32_t>(i))) return s.supervisors[i];
+        return caf::make_error(caf::sec::request_receiver_down, "no replica is up");
+      },
       [=](drain_atom, const std::string& node) {
         // `celer drain` through another node: passed to the named node's actor.
         auto rp = self->make_response_promise<bool>();
