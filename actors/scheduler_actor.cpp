@@ -261,9 +261,14 @@ bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point
     const std::string reason = std::string("the ") + what + " failed " + std::to_string(restarts.size() + 1) +
                                " times within " + std::to_string(s.setup.restart_window.count()) +
                                " ms (supervision.max_restarts " + std::to_string(s.setup.max_restarts) + "): " + why;
-    std::vector<SchedulerEvent> ev;
-    s.scheduler->fail_all(ErrorKind::unavailable, reason, ev);
-    dispatch(self, ev);
+    // In a cluster the request actors live on their clients' nodes: they see this scheduler go
+    // and resume their requests on another replica, so they are not failed here. Alone, a
+    // replica fails them with the reason.
+    if (s.setup.routers.empty()) {
+      std::vector<SchedulerEvent> ev;
+      s.scheduler->fail_all(ErrorKind::unavailable, reason, ev);
+      dispatch(self, ev);
+    }
     if (s.supervisor) self->send(s.supervisor, failed_atom::value, reason);
     self->quit(caf::make_error(caf::sec::runtime_error, reason));
     return false;

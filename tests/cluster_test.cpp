@@ -711,3 +711,4 @@ TEST_CASE("cluster: past the drain timeout a draining node's requests move to an
   CHECK(routed_to(after, "r1") + routed_to(after, "r2") > routed_to(before, "r1") + routed_to(before, "r2") + 24);
   l.process->stop(SIGTERM);
 }
+
