@@ -164,6 +164,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
       [=](resume_atom, uint64_t takeovers) {
         // Nobody took the request over in time (its replica and every other one are gone).
         auto& s = self->state;
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;  // its own timer only
         if (s.scheduler || takeovers != s.takeovers) return;
         self->send(s.client, event_atom::value,
                    encode(ErrorReply{s.client_id, ErrorKind::unavailable,
@@ -173,6 +174,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
       },
       [=](cancel_atom) {
         auto& s = self->state;
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != s.client.address()) return;  // its client's to cancel
         if (!s.scheduler) {
           s.cancel_pending = true;
           return;
