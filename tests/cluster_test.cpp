@@ -170,6 +170,14 @@ std::function<std::string(std::string)> with_policy(const std::string& policy) {
   return [policy](std::string text) { return std::regex_replace(text, std::regex(R"(policy: *\S+)"), "policy: " + policy); };
 }
 
+// `celer drain --connect 127.0.0.1:port --node node`, which must succeed.
+void drain(uint16_t port, const std::string& node) {
+  const CelerRun d = run_celer(CELER_BIN, {"drain", "--connect", "127.0.0.1:" + std::to_string(port), "--node", node},
+                               std::chrono::seconds(20));
+  INFO(d.output);
+  CHECK(d.exited(0));
+}
+
 // Long greedy runs of the reference prompts (400 tokens past end-of-sequence), each once and
 // alone through `port`: what every run under load must give.
 constexpr int kLongRun = 400;
@@ -329,12 +337,7 @@ TEST_CASE("cluster: two replicas behind a router serve concurrent requests, none
 TEST_CASE("cluster: draining a node under load loses nothing; the drained node leaves", "[cluster]") {
   Launched l = launch("cluster-3node-2replicas.yaml");
   const auto expected = solo_runs(l.ports[0]);
-  const LoadResult r = run_load(l.ports[0], 24, expected, [&] {
-    const CelerRun d = run_celer(CELER_BIN, {"drain", "--connect", "127.0.0.1:" + std::to_string(l.ports[0]), "--node", "n2"},
-                                 std::chrono::seconds(20));
-    INFO(d.output);
-    CHECK(d.exited(0));
-  });
+  const LoadResult r = run_load(l.ports[0], 24, expected, [&] { drain(l.ports[0], "n2"); });
   INFO((r.errors.empty() ? "" : r.errors.front()));
   CHECK(r.failed == 0);
   CHECK(r.mismatched == 0);
@@ -696,12 +699,7 @@ TEST_CASE("cluster: past the drain timeout a draining node's requests move to an
   });
   const auto expected = solo_runs(l.ports[0]);
   const nlohmann::json before = status(l.ports[0]);
-  const LoadResult r = run_load(l.ports[0], 24, expected, [&] {
-    const CelerRun d = run_celer(CELER_BIN, {"drain", "--connect", "127.0.0.1:" + std::to_string(l.ports[0]), "--node", "n2"},
-                                 std::chrono::seconds(20));
-    INFO(d.output);
-    CHECK(d.exited(0));
-  });
+  const LoadResult r = run_load(l.ports[0], 24, expected, [&] { drain(l.ports[0], "n2"); });
   INFO((r.errors.empty() ? "" : r.errors.front()));
   CHECK(r.failed == 0);
   CHECK(r.mismatched == 0);

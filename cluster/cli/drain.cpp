@@ -6,9 +6,9 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
-#include "actors/transport.hpp"
 #include "actors/wire.hpp"
 #include "cluster/cli/commands.hpp"
+#include "cluster/cli/status.hpp"
 #include "runtime/error.hpp"
 
 namespace celer::cli {
@@ -21,19 +21,13 @@ struct DrainArgs {
 
 int run_drain(const DrainArgs& a) {
   const auto [host, port] = parse_host_port(a.connect);
-  caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  add_message_types(cfg);
-  cfg.set("scheduler.policy", caf::atom("sharing"));
-  cfg.set("scheduler.max-threads", 1);
-  caf::actor_system sys{cfg};
-  TransportLimits limits;
-  if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) limits.token = env;
-  Transport transport(sys, limits);
-  caf::actor node = transport.connect(host, port, std::chrono::seconds(10));
+  std::string secret;
+  if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) secret = env;
+  NodeConnection c(host, port, secret, std::chrono::seconds(10));
+  caf::actor_system& sys = c.system();
   caf::scoped_actor self{sys};
   std::string problem;
-  self->request(node, std::chrono::seconds(10), drain_atom::value, a.node)
+  self->request(c.node(), std::chrono::seconds(10), drain_atom::value, a.node)
       .receive([](bool) {}, [&](const caf::error& e) { problem = sys.render(e); });
   if (!problem.empty()) throw Error(ErrorCode::unavailable, "drain " + a.node + ": " + problem);
   std::printf("celer: node %s is draining\n", a.node.c_str());

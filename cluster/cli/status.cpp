@@ -27,21 +27,26 @@ std::pair<std::string, uint16_t> parse_host_port(const std::string& s) {
   return {s.substr(0, colon), static_cast<uint16_t>(port)};
 }
 
-nlohmann::json fetch_status(const std::string& host, uint16_t port, const std::string& secret,
-                            std::chrono::milliseconds timeout) {
-  caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  add_message_types(cfg);
-  cfg.set("scheduler.policy", caf::atom("sharing"));
-  cfg.set("scheduler.max-threads", 1);
-  caf::actor_system sys{cfg};
+NodeConnection::NodeConnection(const std::string& host, uint16_t port, const std::string& secret,
+                               std::chrono::milliseconds timeout) {
+  cfg_.load<caf::io::middleman>();
+  add_message_types(cfg_);
+  cfg_.set("scheduler.policy", caf::atom("sharing"));
+  cfg_.set("scheduler.max-threads", 1);
+  sys_ = std::make_unique<caf::actor_system>(cfg_);
   TransportLimits limits;
   limits.token = secret;
-  Transport transport(sys, limits);
-  caf::actor node = transport.connect(host, port, timeout);
+  transport_ = std::make_unique<Transport>(*sys_, limits);
+  node_ = transport_->connect(host, port, timeout);
+}
+
+nlohmann::json fetch_status(const std::string& host, uint16_t port, const std::string& secret,
+                            std::chrono::milliseconds timeout) {
+  NodeConnection c(host, port, secret, timeout);
+  caf::actor_system& sys = c.system();
   caf::scoped_actor self{sys};
   std::string json, problem;
-  self->request(node, timeout, status_atom::value)
+  self->request(c.node(), timeout, status_atom::value)
       .receive(
           [&](const WireMessage& wm) {
             DecodeResult d = decode(wm);

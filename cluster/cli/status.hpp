@@ -2,11 +2,31 @@
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <string>
 
+#include <caf/all.hpp>
 #include <nlohmann/json.hpp>
 
+#include "actors/transport.hpp"
+
 namespace celer::cli {
+
+// A short-lived connection to one node's actor, for the commands that ask a running cluster
+// (`celer status`, `celer drain`, `celer launch`'s table): a small actor system, the transport
+// guard with the cluster secret, the connection. Throws Error(unavailable) naming the address.
+class NodeConnection {
+ public:
+  NodeConnection(const std::string& host, uint16_t port, const std::string& secret, std::chrono::milliseconds timeout);
+  caf::actor_system& system() { return *sys_; }
+  const caf::actor& node() const { return node_; }
+
+ private:
+  caf::actor_system_config cfg_;
+  std::unique_ptr<caf::actor_system> sys_;
+  std::unique_ptr<Transport> transport_;
+  caf::actor node_;
+};
 
 // Connects to the node at host:port (with the cluster secret) and returns the router's status
 // document (docs/cluster.md). Throws Error(unavailable) naming what failed.
