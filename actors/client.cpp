@@ -51,6 +51,15 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
                                                                    const ConnectOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->cfg.load<caf::io::middleman>();
+  TlsConfig tls = tls_from_environment();
+  if (!options.tls_certificate.empty()) tls.certificate = options.tls_certificate;
+  if (!options.tls_key.empty()) tls.key = options.tls_key;
+  if (!options.tls_ca.empty()) tls.ca = options.tls_ca;
+  try {
+    configure_tls(impl->cfg, tls);
+  } catch (const Error& e) {
+    return ClientError{ErrorKind::invalid_request, e.what()};
+  }
   add_message_types(impl->cfg);
   // The client's actors only wait for tokens: the sharing policy's threads sleep while idle,
   // where the default work-stealing threads poll and take CPU from a server on the same machine.
@@ -61,6 +70,7 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
   impl->sys = std::make_unique<caf::actor_system>(impl->cfg);
   TransportLimits limits;
   limits.token = options.token;
+  limits.tls = tls;
   impl->max_message_bytes = options.max_message_bytes;
   if (limits.token.empty())
     if (const char* env = std::getenv("CELER_TOKEN")) limits.token = env;

@@ -28,7 +28,13 @@
 #include <caf/io/basp_broker.hpp>
 #include <caf/io/network/default_multiplexer.hpp>
 #include <caf/io/network/doorman_impl.hpp>
-#include <caf/io/network/scribe_impl.hpp>
+#include <caf/io/network/stream_impl.hpp>
+#include <caf/openssl/manager.hpp>
+#include <caf/openssl/session.hpp>
+#include <caf/policy/tcp.hpp>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "runtime/error.hpp"
 
@@ -39,7 +45,8 @@ namespace net = caf::io::network;
 
 struct Transport::Guard {
   TransportLimits limits;
-  std::atomic<uint64_t> accepted{0}, bad_preamble{0}, bad_token{0}, malformed{0}, oversized{0}, over_budget{0};
+  std::atomic<uint64_t> accepted{0}, bad_preamble{0}, bad_token{0}, malformed{0}, oversized{0}, over_budget{0},
+      tls_refused{0};
   std::atomic<uint64_t> buffered{0};
 
   // Takes n bytes of the shared budget for large payloads, if that many are left.
@@ -118,11 +125,61 @@ bool header_allowed(const char* h, bool accepting, bool handshaken) {
   }
 }
 
-class GuardedScribe final : public net::scribe_impl {
+// How a guarded connection reads and writes its socket: plain TCP (CAF's own policy), or TLS
+// through CAF's OpenSSL session, which drives the handshake from inside its reads and writes.
+using TcpPolicy = caf::policy::tcp;
+
+class TlsPolicy {
  public:
+  TlsPolicy(caf::openssl::session_ptr session, std::shared_ptr<Transport::Guard> guard, bool accepting)
+      : session_(std::move(session)), guard_(std::move(guard)), accepting_(accepting) {}
+
+  // OpenSSL reports why a call failed through a queue per thread, and SSL_get_error reads that
+  // queue: an error another connection left on this (the multiplexer's) thread would make a
+  // read that merely has to wait look failed, and close a healthy connection. CAF's session does
+  // not clear it, so every call here does.
+  net::rw_state read_some(size_t& result, net::native_socket fd, void* buf, size_t len) {
+    ERR_clear_error();
+    const net::rw_state r = session_->read_some(result, fd, buf, len);
+    if (r == net::rw_state::success && result > 0) {
+      established_ = true;
+    } else if (r == net::rw_state::failure && !established_ && accepting_) {
+      // No byte came through: the handshake failed (no certificate, one the cluster's CA did
+      // not sign, or not TLS at all).
+      ++guard_->tls_refused;
+      established_ = true;  // counted once
+    }
+    return r;
+  }
+
+  net::rw_state write_some(size_t& result, net::native_socket fd, const void* buf, size_t len) {
+    ERR_clear_error();
+    return session_->write_some(result, fd, buf, len);
+  }
+
+  // Decrypted bytes wait inside the session, where the socket's readiness does not show them.
+  bool must_read_more(net::native_socket fd, size_t threshold) { return session_->must_read_more(fd, threshold); }
+
+ private:
+  caf::openssl::session_ptr session_;
+  std::shared_ptr<Transport::Guard> guard_;
+  const bool accepting_;
+  bool established_ = false;
+};
+
+// CAF's TCP scribe (io::network::scribe_impl) with the socket policy as a parameter, the
+// preamble written first (connecting) or read first (accepting), and every read size checked.
+template <class Policy>
+class GuardedScribe final : public io::scribe {
+ public:
+  template <class... PolicyArgs>
   GuardedScribe(net::default_multiplexer& mx, net::native_socket fd, std::shared_ptr<Transport::Guard> guard,
-                bool expect_preamble)
-      : net::scribe_impl(mx, fd), guard_(std::move(guard)), accepting_(expect_preamble), awaiting_preamble_(expect_preamble) {}
+                bool accepting, PolicyArgs&&... policy_args)
+      : io::scribe(net::conn_hdl_from_socket(fd)),
+        stream_(mx, fd, std::forward<PolicyArgs>(policy_args)...),
+        guard_(std::move(guard)),
+        accepting_(accepting),
+        awaiting_preamble_(accepting) {}
 
   ~GuardedScribe() override { release(); }
 
@@ -133,7 +190,7 @@ class GuardedScribe final : public net::scribe_impl {
       // so that a stranger's first 8 bytes already close it, then the rest.
       requested_ = config;
       const size_t next = preamble_got_ == 0 ? sizeof(kMagic) : kPreambleSize - preamble_got_;
-      net::scribe_impl::configure_read(io::receive_policy::exactly(next));
+      read_next(io::receive_policy::exactly(next));
       return;
     }
     const uint64_t n = config.second;
@@ -142,13 +199,13 @@ class GuardedScribe final : public net::scribe_impl {
       if (!guard_->reserve(n)) return refuse(guard_->over_budget);
       reserved_ += n;
     }
-    net::scribe_impl::configure_read(config);
+    read_next(config);
   }
 
   // BASP writes its server handshake as soon as a connection is accepted: it stays in the
   // buffer until the peer has shown it is one of ours, so a stranger learns nothing.
   void flush() override {
-    if (!awaiting_preamble_ && !refused_) net::scribe_impl::flush();
+    if (!awaiting_preamble_ && !refused_) stream_.flush(this);
   }
 
   bool consume(caf::execution_unit* ctx, const void* buf, size_t n) override {
@@ -161,7 +218,7 @@ class GuardedScribe final : public net::scribe_impl {
           refuse(guard_->bad_preamble);
           return true;
         }
-        net::scribe_impl::configure_read(io::receive_policy::exactly(kPreambleSize - sizeof(kMagic)));
+        read_next(io::receive_policy::exactly(kPreambleSize - sizeof(kMagic)));
         return true;
       }
       switch (check_preamble(preamble_.data(), guard_->limits.token)) {
@@ -172,7 +229,7 @@ class GuardedScribe final : public net::scribe_impl {
       ++guard_->accepted;
       awaiting_preamble_ = false;
       configure_read(requested_);
-      net::scribe_impl::flush();
+      stream_.flush(this);
       return true;
     }
     // BASP reads a header, then its payload when it has one: the same framing, followed here.
@@ -197,7 +254,42 @@ class GuardedScribe final : public net::scribe_impl {
     return ok;
   }
 
+  void ack_writes(bool enable) override { stream_.ack_writes(enable); }
+  std::vector<char>& wr_buf() override { return stream_.wr_buf(); }
+  std::vector<char>& rd_buf() override { return stream_.rd_buf(); }
+  void graceful_shutdown() override {
+    stream_.graceful_shutdown();
+    detach(&stream_.backend(), false);
+  }
+  std::string addr() const override {
+    auto x = net::remote_addr_of_fd(stream_.fd());
+    return x ? *x : std::string();
+  }
+  uint16_t port() const override {
+    auto x = net::remote_port_of_fd(stream_.fd());
+    return x ? *x : 0;
+  }
+  void add_to_loop() override { stream_.activate(this); }
+  void remove_from_loop() override { stream_.passivate(); }
+
  private:
+  void read_next(io::receive_policy::config config) {
+    stream_.configure_read(config);
+    if (launched_) return;
+    launched_ = true;
+    stream_.start(this);
+    if (!accepting_) {
+      // The connecting end speaks first: the accepting end says nothing until it has read this.
+      const auto preamble = make_preamble(guard_->limits.token);
+      std::vector<char>& out = stream_.wr_buf();
+      out.insert(out.begin(), preamble.begin(), preamble.end());
+      stream_.flush(this);
+    } else if constexpr (std::is_same_v<Policy, TlsPolicy>) {
+      // Schedules a write event, so that a TLS handshake waiting to write goes on.
+      stream_.force_empty_write(this);
+    }
+  }
+
   void release() {
     if (reserved_ > 0) guard_->release(reserved_);
     reserved_ = 0;
@@ -209,7 +301,7 @@ class GuardedScribe final : public net::scribe_impl {
     ++counter;
     refused_ = true;
     release();
-    net::scribe_impl::configure_read(io::receive_policy::at_most(1024));
+    read_next(io::receive_policy::at_most(1024));
     ::shutdown(stream_.fd(), SHUT_RDWR);
     caf::intrusive_ptr<GuardedScribe> self{this};
     stream_.backend().post([self] {
@@ -217,6 +309,8 @@ class GuardedScribe final : public net::scribe_impl {
     });
   }
 
+  bool launched_ = false;
+  net::stream_impl<Policy> stream_;
   std::shared_ptr<Transport::Guard> guard_;
   const bool accepting_;  // the accepting end (expects a preamble and a client handshake)
   bool awaiting_preamble_;
@@ -228,6 +322,39 @@ class GuardedScribe final : public net::scribe_impl {
   uint64_t reserved_ = 0;
   io::receive_policy::config requested_ = io::receive_policy::exactly(io::basp::header_size);
 };
+
+// A TLS session on a socket (nonblocking from here on), its handshake begun; nullptr when none
+// could be made.
+caf::openssl::session_ptr start_tls(caf::actor_system& sys, net::native_socket fd, bool accepting) {
+  net::nonblocking(fd, true);
+  ERR_clear_error();  // see TlsPolicy
+  try {
+    return caf::openssl::make_session(sys, fd, accepting);
+  } catch (const std::exception&) {  // CAF raises on files it cannot load (check_tls_files saw them load)
+    return nullptr;
+  }
+}
+
+// The connecting end's TLS handshake, finished here, before CAF has the socket: CAF's session
+// drops what is written while its handshake is still going on, and the connecting end writes
+// first (the preamble). A read of nothing reports "indeterminate" once the handshake is done,
+// "success" while it waits for the peer. "" or why it failed.
+std::string finish_tls_handshake(caf::openssl::session& session, net::native_socket fd,
+                                 std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    size_t got = 0;
+    ERR_clear_error();  // see TlsPolicy
+    const net::rw_state state = session.read_some(got, fd, nullptr, 0);
+    if (state == net::rw_state::indeterminate) return {};
+    if (state == net::rw_state::failure) return "the TLS handshake failed: the server did not accept this end's "
+                                                "certificate, or its own is not signed by this end's CA";
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return "no TLS handshake within the timeout";
+    // Readable is what the handshake waits for; the short bound covers a wait to write.
+    pollfd p{fd, POLLIN, 0};
+    ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 10)));
+  }
+}
 
 class GuardedDoorman final : public net::doorman_impl {
  public:
@@ -243,7 +370,16 @@ class GuardedDoorman final : public net::doorman_impl {
     auto& mx = acceptor_.backend();
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // tokens leave at once
-    io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(mx, fd, guard_, true);
+    io::scribe_ptr scribe;
+    if (!guard_->limits.tls.enabled()) {
+      scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(mx, fd, guard_, true);
+    } else if (auto session = start_tls(parent()->system(), fd, true)) {
+      scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(mx, fd, guard_, true, std::move(session), guard_, true);
+    } else {
+      ++guard_->tls_refused;
+      net::close_socket(fd);
+      return true;
+    }
     auto hdl = scribe->hdl();
     parent()->add_scribe(std::move(scribe));
     return io::doorman::new_connection(&mx, hdl);
@@ -326,17 +462,6 @@ int connect_tcp(const std::string& host, uint16_t port, std::chrono::millisecond
   return -1;
 }
 
-bool send_all(int fd, const char* data, size_t n) {
-  while (n > 0) {
-    const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return false;
-    data += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-
 }  // namespace
 
 bool is_loopback_host(const std::string& host) {
@@ -346,10 +471,80 @@ bool is_loopback_host(const std::string& host) {
   return false;
 }
 
+namespace {
+
+// OpenSSL's error queue as text ("" when empty), emptied.
+std::string ssl_errors() {
+  std::string out;
+  while (const unsigned long e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    out += (out.empty() ? "" : "; ") + std::string(buf);
+  }
+  return out;
+}
+
+}  // namespace
+
+void check_tls_files(const TlsConfig& tls) {
+  if (!tls.enabled()) return;
+  auto fail = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, "tls: " + what); };
+  if (tls.key.empty() || tls.ca.empty()) fail("certificate, key and ca are all required");
+  std::unique_ptr<SSL_CTX, void (*)(SSL_CTX*)> ctx{SSL_CTX_new(TLS_method()), SSL_CTX_free};
+  if (!ctx) fail("cannot make an OpenSSL context: " + ssl_errors());
+  ERR_clear_error();
+  auto readable = [&](const char* key, const std::string& path) {
+    if (::access(path.c_str(), R_OK) != 0) fail(std::string(key) + " '" + path + "': " + errno_text(errno));
+  };
+  readable("certificate", tls.certificate);
+  readable("key", tls.key);
+  readable("ca", tls.ca);
+  if (SSL_CTX_use_certificate_chain_file(ctx.get(), tls.certificate.c_str()) != 1)
+    fail("certificate '" + tls.certificate + "' is not a PEM certificate chain: " + ssl_errors());
+  if (SSL_CTX_use_PrivateKey_file(ctx.get(), tls.key.c_str(), SSL_FILETYPE_PEM) != 1)
+    fail("key '" + tls.key + "' is not an unencrypted PEM private key: " + ssl_errors());
+  if (SSL_CTX_check_private_key(ctx.get()) != 1)
+    fail("key '" + tls.key + "' does not belong to certificate '" + tls.certificate + "': " + ssl_errors());
+  if (SSL_CTX_load_verify_locations(ctx.get(), tls.ca.c_str(), nullptr) != 1)
+    fail("ca '" + tls.ca + "' is not a PEM certificate: " + ssl_errors());
+  // This end's own certificate must be one the others accept: signed by the same CA.
+  std::unique_ptr<SSL, void (*)(SSL*)> ssl{SSL_new(ctx.get()), SSL_free};
+  X509* mine = ssl ? SSL_get_certificate(ssl.get()) : nullptr;
+  std::unique_ptr<X509_STORE_CTX, void (*)(X509_STORE_CTX*)> verify{X509_STORE_CTX_new(), X509_STORE_CTX_free};
+  if (!mine || !verify || X509_STORE_CTX_init(verify.get(), SSL_CTX_get_cert_store(ctx.get()), mine, nullptr) != 1)
+    fail("cannot check certificate '" + tls.certificate + "': " + ssl_errors());
+  if (X509_verify_cert(verify.get()) != 1)
+    fail("certificate '" + tls.certificate + "' is not signed by ca '" + tls.ca +
+         "': " + X509_verify_cert_error_string(X509_STORE_CTX_get_error(verify.get())));
+}
+
+TlsConfig tls_from_environment(TlsConfig base) {
+  if (const char* v = std::getenv("CELER_TLS_CERTIFICATE")) base.certificate = v;
+  if (const char* v = std::getenv("CELER_TLS_KEY")) base.key = v;
+  if (const char* v = std::getenv("CELER_TLS_CA")) base.ca = v;
+  return base;
+}
+
+void configure_tls(caf::actor_system_config& cfg, const TlsConfig& tls) {
+  if (!tls.enabled()) return;
+  check_tls_files(tls);
+  cfg.openssl_certificate = tls.certificate;
+  cfg.openssl_key = tls.key;
+  cfg.openssl_cafile = tls.ca;
+  cfg.load<caf::openssl::manager>();
+}
+
 Transport::Transport(caf::actor_system& sys, TransportLimits limits) : sys_(sys), guard_(std::make_shared<Guard>()) {
   if (limits.token.size() > kMaxTransportToken)
     throw Error(ErrorCode::invalid_argument, "the transport token is " + std::to_string(limits.token.size()) +
                                                  " bytes; at most " + std::to_string(kMaxTransportToken) + " are allowed");
+  if (limits.tls.enabled()) {
+    // The TLS sessions read their files from the actor system's config (configure_tls).
+    const caf::actor_system_config& cfg = sys.config();
+    if (!sys.has_openssl_manager() || cfg.openssl_certificate != limits.tls.certificate ||
+        cfg.openssl_key != limits.tls.key || cfg.openssl_cafile != limits.tls.ca)
+      throw Error(ErrorCode::invalid_argument, "tls: the actor system was not made with configure_tls for these files");
+  }
   guard_->limits = std::move(limits);
 }
 
@@ -365,6 +560,8 @@ TransportStats Transport::stats() const {
   s.malformed = guard_->malformed;
   s.oversized = guard_->oversized;
   s.over_budget = guard_->over_budget;
+  s.tls_refused = guard_->tls_refused;
+  s.tls = guard_->limits.tls.enabled();
   s.max_message_bytes = guard_->limits.max_message_bytes;
   s.max_buffered_bytes = guard_->limits.max_buffered_bytes;
   s.buffered_bytes = guard_->buffered;
@@ -413,13 +610,20 @@ caf::actor Transport::connect(const std::string& host, uint16_t port, std::chron
   std::string why;
   const int fd = connect_tcp(host, port, timeout, why);
   if (fd < 0) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
-  const auto preamble = make_preamble(guard_->limits.token);
-  if (!send_all(fd, preamble.data(), preamble.size())) {
-    const int err = errno;
-    ::close(fd);
-    throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + errno_text(err));
+  io::scribe_ptr scribe;
+  if (!guard_->limits.tls.enabled()) {
+    scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(multiplexer(sys_), fd, guard_, false);
+  } else {
+    auto session = start_tls(sys_, fd, false);
+    why = session ? finish_tls_handshake(*session, fd, std::chrono::steady_clock::now() + timeout)
+                  : "no TLS session could be made";
+    if (!why.empty()) {
+      ::close(fd);
+      throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
+    }
+    scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(multiplexer(sys_), fd, guard_, false, std::move(session), guard_,
+                                                         false);
   }
-  io::scribe_ptr scribe = caf::make_counted<GuardedScribe>(multiplexer(sys_), fd, guard_, false);
   caf::scoped_actor self{sys_};
   caf::actor server;
   self->request(basp_broker(sys_), timeout, caf::connect_atom::value, std::move(scribe), port)
@@ -433,8 +637,11 @@ caf::actor Transport::connect(const std::string& host, uint16_t port, std::chron
             // its handshake.
             if (e == caf::sec::request_timeout) why = "no celer handshake within " + std::to_string(timeout.count()) + " ms";
             else if (e == caf::sec::disconnect_during_handshake)
-              why = "the server closed the connection before its handshake: the token is wrong (listen.token, CELER_TOKEN) "
-                    "or it is not a celer port of this version";
+              why = guard_->limits.tls.enabled()
+                        ? "the server closed the connection before its handshake: it did not accept this end's "
+                          "certificate, or the token is wrong, or it does not speak TLS"
+                        : "the server closed the connection before its handshake: the token is wrong (listen.token, "
+                          "CELER_TOKEN) or it is not a celer port of this version";
             else why = sys_.render(e);
           });
   if (!server) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);

@@ -14,6 +14,9 @@
 //   (plus, each, a payload of up to 64 KiB, which is not counted: bound the number of
 //   connections with the process's file limit).
 // - Each refusal is counted (TransportStats, /metrics) and closes only its own connection.
+// - With TLS (cluster.tls), the connection is TLS from its first byte, through CAF's OpenSSL
+//   session: both ends present a certificate and require one the cluster's CA signed; the
+//   preamble and BASP run inside it. A failed handshake is counted (tls_refused).
 // - Not bounded: how long a connection may wait before it sends its preamble (it holds a socket
 //   and nothing else).
 //
@@ -28,6 +31,7 @@
 
 #include <caf/fwd.hpp>
 
+#include "runtime/config.hpp"   // TlsConfig
 #include "runtime/metrics.hpp"  // TransportStats
 
 namespace celer {
@@ -36,7 +40,23 @@ struct TransportLimits {
   uint64_t max_message_bytes = uint64_t{8} << 20;    // one message's payload
   uint64_t max_buffered_bytes = uint64_t{64} << 20;  // all large payloads being received at once
   std::string token;  // the shared secret a connection presents first ("" on both ends: none)
+  // Mutual TLS under the preamble: both ends need it, and the actor system must have been made
+  // with configure_tls for the same files.
+  TlsConfig tls;
 };
+
+// Checks that the files exist, parse, that the key is the certificate's and that the CA signed
+// the certificate. Throws Error(invalid_argument) naming the file and what is wrong with it.
+void check_tls_files(const TlsConfig& tls);
+
+// Before the actor system is made: checks the files (check_tls_files) and sets up CAF's OpenSSL
+// module to present and require them. Nothing when tls is not enabled.
+void configure_tls(caf::actor_system_config& cfg, const TlsConfig& tls);
+
+// `base` with each file that the environment names instead: CELER_TLS_CERTIFICATE,
+// CELER_TLS_KEY, CELER_TLS_CA (how a command-line client, or a node with a certificate of its
+// own, gets its files).
+TlsConfig tls_from_environment(TlsConfig base = {});
 
 // The longest token a preamble carries.
 constexpr size_t kMaxTransportToken = 64;

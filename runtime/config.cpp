@@ -414,9 +414,21 @@ std::string read_name(const Value& x) {
   return name;
 }
 
+// All three files or none: a node that presents no certificate is refused by the others.
+void read_tls(const Value& v, TlsConfig& c) {
+  read_fields(v, {
+                     {"certificate", [&](const Value& x) { c.certificate = x.string(false); }},
+                     {"key", [&](const Value& x) { c.key = x.string(false); }},
+                     {"ca", [&](const Value& x) { c.ca = x.string(false); }},
+                 });
+  for (const char* key : {"certificate", "key", "ca"})
+    if (!v.find(key)) v.fail(std::string("needs certificate, key and ca (PEM files); ") + key + " is missing");
+}
+
 void read_membership(const Value& v, MembershipConfig& c) {
   read_fields(v, {
                      {"secret", [&](const Value& x) { c.secret = read_secret(x); }},
+                     {"tls", [&](const Value& x) { read_tls(x, c.tls); }},
                      {"heartbeat_interval", [&](const Value& x) { c.heartbeat_interval = x.duration(10, 60'000); }},
                      {"node_timeout", [&](const Value& x) { c.node_timeout = x.duration(500, 600'000); }},
                      {"drain_timeout", [&](const Value& x) { c.drain_timeout = x.duration(0, 3'600'000); }},
@@ -535,9 +547,9 @@ void check_nodes(const Value& list, const ClusterConfig& c) {
     auto [it, fresh] = names.emplace(n.name, item.path());
     if (!fresh)
       item.at("name").fail("'" + n.name + "' is already the name of " + it->second + "; node names must be unique");
-    if (c.cluster.secret.empty() && !is_loopback_address(n.host)) {
-      item.at("host").fail("'" + n.host + "' is not a loopback address, so cluster.secret is required: the secret " +
-                           "every connection to a node port presents first");
+    if (c.cluster.secret.empty() && !c.cluster.tls.enabled() && !is_loopback_address(n.host)) {
+      item.at("host").fail("'" + n.host + "' is not a loopback address, so cluster.tls or cluster.secret is required: " +
+                           "the certificates or the secret every connection to a node port presents first");
     }
     claim(item.at("port"), n.host, n.port, item.path() + "'s node port");
     if (n.http && n.http->port != 0)
@@ -731,6 +743,13 @@ void emit_cluster_sections(YAML::Emitter& out, const ClusterConfig& c) {
   if (c.is_cluster() || c.cluster != MembershipConfig{}) {
     out << YAML::Key << "cluster" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "secret" << YAML::Value << YAML::DoubleQuoted << c.cluster.secret;
+    if (c.cluster.tls.enabled()) {
+      out << YAML::Key << "tls" << YAML::Value << YAML::BeginMap;
+      out << YAML::Key << "certificate" << YAML::Value << YAML::DoubleQuoted << c.cluster.tls.certificate;
+      out << YAML::Key << "key" << YAML::Value << YAML::DoubleQuoted << c.cluster.tls.key;
+      out << YAML::Key << "ca" << YAML::Value << YAML::DoubleQuoted << c.cluster.tls.ca;
+      out << YAML::EndMap;
+    }
     out << YAML::Key << "heartbeat_interval" << YAML::Value << format_duration(c.cluster.heartbeat_interval);
     out << YAML::Key << "node_timeout" << YAML::Value << format_duration(c.cluster.node_timeout);
     out << YAML::Key << "drain_timeout" << YAML::Value << format_duration(c.cluster.drain_timeout);

@@ -77,11 +77,22 @@ struct SupervisionConfig {
   bool operator==(const SupervisionConfig&) const = default;
 };
 
+// Mutual TLS on node ports (cluster.tls, docs/security.md): PEM files. Every end presents its
+// certificate and admits only peers whose certificate the CA signed. All three or none.
+struct TlsConfig {
+  std::string certificate;  // this end's certificate (chain)
+  std::string key;          // its private key, unencrypted
+  std::string ca;           // the cluster's CA certificate
+  bool enabled() const { return !certificate.empty(); }
+  bool operator==(const TlsConfig&) const = default;
+};
+
 // The cluster: section: how the nodes guard and watch their connections.
 struct MembershipConfig {
   // The shared secret every connection to a node port presents first (1..64 bytes). "": none,
-  // and then every node's host must be a loopback address.
+  // and then every node's host must be a loopback address unless tls is given.
   std::string secret;
+  TlsConfig tls;
   std::chrono::milliseconds heartbeat_interval{500};  // 10ms..1m
   std::chrono::milliseconds node_timeout{2'000};      // 100ms..10m, > heartbeat_interval: silent this long = down
   std::chrono::milliseconds drain_timeout{30'000};    // 0..1h: a draining node waits this long for in-flight requests
@@ -93,7 +104,7 @@ struct MembershipConfig {
 // own: no two nodes share one.
 struct NodeConfig {
   std::string name;                // required; [A-Za-z0-9_-]{1,32}, unique among the nodes
-  std::string host = "127.0.0.1";  // not loopback: cluster.secret is required
+  std::string host = "127.0.0.1";  // not loopback: cluster.secret or cluster.tls is required
   uint16_t port = 0;               // required; 1..65535
   int32_t threads = 0;             // per shard, 0..1024; 0: the node's cores divided by its shards
   std::optional<HttpConfig> http;  // nullopt: no HTTP gateway on this node

@@ -156,6 +156,9 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
     append(out, "celer_transport_refused_total{reason=\"malformed\"} %" PRIu64 "\n", t.malformed);
     append(out, "celer_transport_refused_total{reason=\"oversized\"} %" PRIu64 "\n", t.oversized);
     append(out, "celer_transport_refused_total{reason=\"over_budget\"} %" PRIu64 "\n", t.over_budget);
+    append(out, "celer_transport_refused_total{reason=\"tls\"} %" PRIu64 "\n", t.tls_refused);
+    header(out, "celer_transport_tls", "gauge", "1 when the port speaks mutual TLS.");
+    append(out, "celer_transport_tls %d\n", t.tls ? 1 : 0);
     header(out, "celer_transport_buffered_bytes", "gauge", "Bytes held now for large messages being received.");
     append(out, "celer_transport_buffered_bytes %" PRIu64 "\n", t.buffered_bytes);
     header(out, "celer_transport_max_message_bytes", "gauge", "The largest message a connection may send.");

@@ -44,6 +44,8 @@ struct TransportStats {
   uint64_t malformed = 0;     // a BASP header out of place or with fields its kind forbids
   uint64_t oversized = 0;     // a message over max_message_bytes
   uint64_t over_budget = 0;   // a large message while max_buffered_bytes were taken
+  uint64_t tls_refused = 0;   // a TLS handshake that failed (no or a foreign certificate, not TLS)
+  bool tls = false;           // the port speaks mutual TLS
   uint64_t max_message_bytes = 0;
   uint64_t max_buffered_bytes = 0;
   uint64_t buffered_bytes = 0;  // large payloads being received now

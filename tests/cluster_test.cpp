@@ -561,6 +561,116 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
   l.process->stop(SIGTERM);
 }
 
+namespace {
+
+// A throwaway CA in a fresh folder: ca.pem, and node.pem/node.key signed by it; rogue-ca.pem and
+// rogue.pem/rogue.key from another CA. EC P-256 keys, valid for a day.
+struct ThrowawayCa {
+  std::string dir;
+  ThrowawayCa() {
+    dir = "/tmp/celer-test-ca-" + std::to_string(getpid());
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    auto ca = [&](const std::string& name) {
+      return "openssl req -x509 " + key + " -keyout " + dir + "/" + name + "-ca.key -out " + dir + "/" + name +
+             "-ca.pem -days 1 -subj /CN=" + name + "-ca";
+    };
+    auto signed_by = [&](const std::string& name, const std::string& issuer) {
+      return "openssl req " + key + " -keyout " + dir + "/" + name + ".key -out " + dir + "/" + name + ".csr -subj /CN=" +
+             name + " && openssl x509 -req -in " + dir + "/" + name + ".csr -CA " + dir + "/" + issuer + "-ca.pem -CAkey " +
+             dir + "/" + issuer + "-ca.key -CAcreateserial -out " + dir + "/" + name + ".pem -days 1";
+    };
+    const std::string cmd = "(" + ca("cluster") + " && " + signed_by("node", "cluster") + " && " + ca("rogue") + " && " +
+                            signed_by("rogue", "rogue") + ") >/dev/null 2>&1";
+    REQUIRE(std::system(cmd.c_str()) == 0);  // the openssl command (scripts/setup installs it)
+  }
+  ~ThrowawayCa() { std::filesystem::remove_all(dir); }
+  std::string file(const std::string& name) const { return dir + "/" + name; }
+};
+
+}  // namespace
+
+TEST_CASE("cluster: mutual TLS: TP 2 across two nodes gives the reference tokens; no certificate, a foreign one and "
+          "plain bytes are refused and counted",
+          "[cluster][security][tls]") {
+  const ThrowawayCa ca;
+  const std::string tls = "  tls: {certificate: " + ca.file("node.pem") + ", key: " + ca.file("node.key") +
+                          ", ca: " + ca.file("cluster-ca.pem") + "}\n";
+  Launched l = launch("cluster-2node-tp2.yaml", [&](std::string text) {
+    return std::regex_replace(text, std::regex("(\n  secret: \"\"\n)"), "$1" + tls);
+  });
+  const uint16_t a = l.ports[0], a_http = l.ports[1], b = l.ports[2];
+  ConnectOptions member;
+  member.tls_certificate = ca.file("node.pem");
+  member.tls_key = ca.file("node.key");
+  member.tls_ca = ca.file("cluster-ca.pem");
+  // A plain client (no TLS), one with a certificate of another CA (which it trusts), and a file
+  // this end refuses itself: its certificate is not signed by the CA it names.
+  CHECK(std::holds_alternative<ClientError>(Client::connect("127.0.0.1", a)));
+  ConnectOptions rogue;
+  rogue.tls_certificate = ca.file("rogue.pem");
+  rogue.tls_key = ca.file("rogue.key");
+  rogue.tls_ca = ca.file("rogue-ca.pem");
+  const auto refused = Client::connect("127.0.0.1", b, rogue);
+  REQUIRE(std::holds_alternative<ClientError>(refused));
+  CHECK_THAT(std::get<ClientError>(refused).message, Catch::Contains("TLS"));
+  ConnectOptions mismatched = rogue;
+  mismatched.tls_ca = ca.file("cluster-ca.pem");
+  const auto unusable = Client::connect("127.0.0.1", a, mismatched);
+  REQUIRE(std::holds_alternative<ClientError>(unusable));
+  CHECK_THAT(std::get<ClientError>(unusable).message, Catch::Contains("is not signed by ca"));
+  {  // Plain bytes where a TLS handshake belongs.
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(a);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    const std::string garbage = "CELERTP1" + std::string(200, '\x01');
+    (void)::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL);
+    char c;
+    CHECK(::recv(fd, &c, 1, 0) <= 0);
+    close(fd);
+  }
+  // Members are served the single-process tokens through either node (the shards exchange their
+  // partial sums over TLS), and celer status works with the files from the environment.
+  for (const uint16_t entry : {a, b}) {
+    auto c = Client::connect("127.0.0.1", entry, member);
+    if (auto* e = std::get_if<ClientError>(&c)) FAIL(e->message);
+    auto& client = *std::get<std::unique_ptr<Client>>(c);
+    for (const Reference& ref : load_reference())
+      CHECK(tokens_of(client.generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  }
+  setenv("CELER_TLS_CERTIFICATE", member.tls_certificate.c_str(), 1);
+  setenv("CELER_TLS_KEY", member.tls_key.c_str(), 1);
+  setenv("CELER_TLS_CA", member.tls_ca.c_str(), 1);
+  const nlohmann::json s = status(b);
+  unsetenv("CELER_TLS_CERTIFICATE");
+  unsetenv("CELER_TLS_KEY");
+  unsetenv("CELER_TLS_CA");
+  for (const auto& r : s["replicas"]) CHECK(r["up"] == true);
+  const std::string metrics = http_get(a_http, "/metrics");
+  CHECK(metric_value(metrics, "celer_transport_tls") == 1);
+  CHECK(metric_value(metrics, "celer_transport_refused_total{reason=\"tls\"}") >= 2);  // the plain client, the bytes
+  CHECK(l.process->stop(SIGTERM) == 0);
+}
+
+TEST_CASE("cluster: TLS files that cannot work are named before a node starts", "[cluster][tls]") {
+  const ThrowawayCa ca;
+  std::string text = read_file(kExamples + "/cluster-2node-tp2.yaml");
+  text = std::regex_replace(text, std::regex("(\n  secret: \"\"\n)"),
+                            "$1  tls: {certificate: " + ca.file("rogue.pem") + ", key: " + ca.file("rogue.key") +
+                                ", ca: " + ca.file("cluster-ca.pem") + "}\n");
+  std::vector<uint16_t> ports;
+  const std::string config = write_temp("tls-rogue.yaml", with_fresh_ports(text, kModel, &ports));
+  const CelerRun r = run_celer(CELER_BIN, {"launch", config}, std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK_FALSE(r.exited(0));
+  CHECK_THAT(r.output, Catch::Contains("certificate '" + ca.file("rogue.pem") + "' is not signed by ca"));
+  CHECK_THAT(r.output, !Catch::Contains("celer: cluster ready"));
+}
+
 TEST_CASE("cluster: a node that cannot come up is named with why, and launch exits non-zero", "[cluster]") {
   // Three ranks do not divide the model's 8 attention heads.
   std::string text = read_file(kExamples + "/cluster-2node-tp2.yaml");

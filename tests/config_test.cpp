@@ -560,7 +560,7 @@ TEST_CASE("the cluster: section's ranges", "[config][cluster]") {
   check_error("cluster: {drain_timeout: 2h}", 1, "cluster.drain_timeout", "0..1h");
   check_error("cluster: {connect_timeout: 50ms}", 1, "cluster.connect_timeout", "100ms..1h");
   check_error("cluster: {secret: " + std::string(65, 'x') + "}", 1, "cluster.secret", "at most 64 bytes");
-  check_error("cluster: {bogus: 1}", 1, "cluster.bogus", "secret, heartbeat_interval, node_timeout");
+  check_error("cluster: {bogus: 1}", 1, "cluster.bogus", "secret, tls, heartbeat_interval, node_timeout");
   check_error("routing: {prefix_load_guard: 0.5}", 1, "routing.prefix_load_guard", "1..100");
   check_error("routing: {prefix_load_guard: 101}", 1, "routing.prefix_load_guard", "1..100");
   check_error("routing:\n  policy: random\n", 2, "routing.policy",
@@ -622,6 +622,23 @@ TEST_CASE("a node host other machines reach needs cluster.secret", "[config][clu
   }
   CHECK_NOTHROW(
       parse_config("cluster: {secret: k}\nnodes:\n  - {name: a, host: 10.0.0.1, port: 7501}\n" + rest, "t.yaml"));
+}
+
+TEST_CASE("cluster.tls: all three files, and it stands in for the secret beyond loopback", "[config][cluster][tls]") {
+  const std::string rest = "nodes:\n  - {name: a, host: 10.0.0.1, port: 7501}\nreplicas:\n  - shards: [{node: a}]\n";
+  check_error("cluster:\n  tls: {certificate: n.pem, key: n.key}\n" + rest, 2, "cluster.tls", "ca is missing");
+  check_error("cluster:\n  tls: {certificate: n.pem, ca: ca.pem}\n" + rest, 2, "cluster.tls", "key is missing");
+  check_error("cluster:\n  tls: {certificate: \"\", key: n.key, ca: ca.pem}\n" + rest, 2, "cluster.tls.certificate",
+              "must not be empty");
+  check_error("cluster:\n  tls: {certificate: n.pem, key: n.key, ca: ca.pem, capath: x}\n" + rest, 2, "cluster.tls.capath",
+              "certificate, key, ca");
+  const ClusterConfig c = parse_config("cluster:\n  tls: {certificate: n.pem, key: n.key, ca: ca.pem}\n" + rest, "t.yaml");
+  CHECK(c.cluster.tls.enabled());
+  CHECK(c.cluster.tls.certificate == "n.pem");
+  CHECK(c.cluster.tls.key == "n.key");
+  CHECK(c.cluster.tls.ca == "ca.pem");
+  CHECK(c.cluster.secret.empty());
+  check_round_trip(c);
 }
 
 TEST_CASE("a replica, router or shard naming an unknown node says which exist", "[config][cluster]") {

@@ -72,6 +72,12 @@ struct ConnectOptions {
   // finds peers that are alive but stuck, and a client waiting for a long answer must not look
   // like one.
   int64_t heartbeat_ms = 100;
+  // Mutual TLS, for a cluster with cluster.tls: PEM files of a certificate the cluster's CA
+  // signed, its unencrypted key, and the CA's certificate. Each one left empty: the
+  // CELER_TLS_CERTIFICATE, CELER_TLS_KEY or CELER_TLS_CA environment variable's value, if set.
+  std::string tls_certificate;
+  std::string tls_key;
+  std::string tls_ca;
 };
 
 class Client {

@@ -21,9 +21,7 @@ struct DrainArgs {
 
 int run_drain(const DrainArgs& a) {
   const auto [host, port] = parse_host_port(a.connect);
-  std::string secret;
-  if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) secret = env;
-  NodeConnection c(host, port, secret, std::chrono::seconds(10));
+  NodeConnection c(host, port, node_credentials(), std::chrono::seconds(10));
   caf::actor_system& sys = c.system();
   caf::scoped_actor self{sys};
   std::string problem;
@@ -39,7 +37,7 @@ int run_drain(const DrainArgs& a) {
 Command add_drain(CLI::App& app) {
   auto a = std::make_shared<DrainArgs>();
   CLI::App* c = app.add_subcommand("drain", "Make one node of a running cluster finish its requests and leave");
-  c->add_option("--connect", a->connect, "HOST:PORT of any node (the cluster secret from CELER_CLUSTER_SECRET)")->required();
+  c->add_option("--connect", a->connect, "HOST:PORT of any node (the cluster secret from CELER_CLUSTER_SECRET, TLS files from CELER_TLS_CERTIFICATE, _KEY, _CA)")->required();
   c->add_option("--node", a->node, "The node to drain")->required();
   return [a] { return run_drain(*a); };
 }

@@ -241,12 +241,10 @@ int run_launch(const LaunchArgs& a) {
   nlohmann::json status;
   if (problem.empty()) {
     const NodeConfig& entry = *mine.front();
-    std::string secret = config.cluster.secret;
-    if (secret.empty())
-      if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) secret = env;
+    const NodeCredentials credentials = node_credentials(config.cluster);
     while (problem.empty()) {
       try {
-        status = fetch_status(entry.host == "0.0.0.0" ? "127.0.0.1" : entry.host, entry.port, secret, std::chrono::seconds(5));
+        status = fetch_status(entry.host == "0.0.0.0" ? "127.0.0.1" : entry.host, entry.port, credentials, std::chrono::seconds(5));
         bool all_up = true;
         for (const auto& r : status["replicas"]) all_up = all_up && r.value("up", false);
         if (all_up) break;

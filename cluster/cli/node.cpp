@@ -125,6 +125,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
 
   caf::actor_system_config cfg;
   cfg.load<caf::io::middleman>();
+  configure_tls(cfg, plan.tls);
   configure_serving_node(cfg);
   // CAF's heartbeats are what notice a peer that is alive but silent (SIGSTOP): without them a
   // hung node is never declared down.
@@ -136,6 +137,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
   try {
     TransportLimits limits;
     limits.token = plan.secret;
+    limits.tls = plan.tls;
     limits.max_message_bytes = config.listen.max_message_bytes;
     limits.max_buffered_bytes = config.listen.max_buffered_bytes;
     running.transport = std::make_unique<Transport>(sys, limits);

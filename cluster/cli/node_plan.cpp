@@ -5,6 +5,7 @@
 #include <set>
 #include <thread>
 
+#include "actors/transport.hpp"
 #include "runtime/error.hpp"
 
 namespace celer::cli {
@@ -30,6 +31,7 @@ NodePlan plan_node(const ClusterConfig& config, const std::string& path, const s
   plan.secret = config.cluster.secret;
   if (plan.secret.empty())
     if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) plan.secret = env;
+  plan.tls = tls_from_environment(config.cluster.tls);
 
   plan.router_node = config.router.node.empty() ? config.nodes.front().name : config.router.node;
   plan.runs_router = plan.router_node == name;

@@ -24,6 +24,7 @@ struct ReplicaPlan {
 struct NodePlan {
   const NodeConfig* me = nullptr;
   std::string secret;               // cluster.secret, else CELER_CLUSTER_SECRET
+  TlsConfig tls;                    // cluster.tls, each file overridden by CELER_TLS_* if set
   std::vector<std::string> peers;   // nodes this one connects to, besides itself
   bool runs_router = false;
   std::string router_node;

@@ -27,22 +27,31 @@ std::pair<std::string, uint16_t> parse_host_port(const std::string& s) {
   return {s.substr(0, colon), static_cast<uint16_t>(port)};
 }
 
-NodeConnection::NodeConnection(const std::string& host, uint16_t port, const std::string& secret,
+NodeCredentials node_credentials(const MembershipConfig& cluster) {
+  NodeCredentials c{cluster.secret, tls_from_environment(cluster.tls)};
+  if (c.secret.empty())
+    if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) c.secret = env;
+  return c;
+}
+
+NodeConnection::NodeConnection(const std::string& host, uint16_t port, const NodeCredentials& credentials,
                                std::chrono::milliseconds timeout) {
   cfg_.load<caf::io::middleman>();
+  configure_tls(cfg_, credentials.tls);
   add_message_types(cfg_);
   cfg_.set("scheduler.policy", caf::atom("sharing"));
   cfg_.set("scheduler.max-threads", 1);
   sys_ = std::make_unique<caf::actor_system>(cfg_);
   TransportLimits limits;
-  limits.token = secret;
+  limits.token = credentials.secret;
+  limits.tls = credentials.tls;
   transport_ = std::make_unique<Transport>(*sys_, limits);
   node_ = transport_->connect(host, port, timeout);
 }
 
-nlohmann::json fetch_status(const std::string& host, uint16_t port, const std::string& secret,
+nlohmann::json fetch_status(const std::string& host, uint16_t port, const NodeCredentials& credentials,
                             std::chrono::milliseconds timeout) {
-  NodeConnection c(host, port, secret, timeout);
+  NodeConnection c(host, port, credentials, timeout);
   caf::actor_system& sys = c.system();
   caf::scoped_actor self{sys};
   std::string json, problem;
@@ -139,9 +148,7 @@ struct StatusArgs {
 
 int run_status(const StatusArgs& a) {
   const auto [host, port] = parse_host_port(a.connect);
-  std::string secret;
-  if (const char* env = std::getenv("CELER_CLUSTER_SECRET")) secret = env;
-  const nlohmann::json s = fetch_status(host, port, secret, std::chrono::milliseconds(a.timeout_ms));
+  const nlohmann::json s = fetch_status(host, port, node_credentials(), std::chrono::milliseconds(a.timeout_ms));
   if (a.json) std::printf("%s\n", s.dump(2).c_str());
   else std::fputs(format_status(s).c_str(), stdout);
   return 0;
@@ -152,7 +159,7 @@ int run_status(const StatusArgs& a) {
 Command add_status(CLI::App& app) {
   auto a = std::make_shared<StatusArgs>();
   CLI::App* c = app.add_subcommand("status", "Show a running cluster: nodes, replicas' load, where each actor runs");
-  c->add_option("--connect", a->connect, "HOST:PORT of any node (the cluster secret from CELER_CLUSTER_SECRET)")->required();
+  c->add_option("--connect", a->connect, "HOST:PORT of any node (the cluster secret from CELER_CLUSTER_SECRET, TLS files from CELER_TLS_CERTIFICATE, _KEY, _CA)")->required();
   c->add_flag("--json", a->json, "Print the status document as JSON (docs/cluster.md)");
   c->add_option("--timeout", a->timeout_ms, "Milliseconds to wait for the answer")->check(CLI::Range(int64_t{1}, int64_t{600'000}));
   return [a] { return run_status(*a); };
