@@ -37,7 +37,7 @@ std::string response_id(Endpoint e, std::mt19937_64& rng) {
 struct Gateway::Impl {
   caf::actor_system& sys;
   caf::actor replica;
-  std::shared_ptr<const Model> model;
+  std::shared_ptr<const ModelCard> card;
   int32_t max_context;
   GatewayOptions options;
   std::vector<std::string> model_ids;  // accepted in "model"; [0] is advertised
@@ -51,8 +51,8 @@ struct Gateway::Impl {
   uint64_t next_job = 1;                            // I/O thread only
   std::mt19937_64 rng{std::random_device{}()};      // I/O thread only: seeds, response ids
 
-  Impl(caf::actor_system& s, caf::actor r, std::shared_ptr<const Model> m, int32_t ctx, GatewayOptions o)
-      : sys(s), replica(std::move(r)), model(std::move(m)), max_context(ctx), options(std::move(o)) {}
+  Impl(caf::actor_system& s, caf::actor r, std::shared_ptr<const ModelCard> m, int32_t ctx, GatewayOptions o)
+      : sys(s), replica(std::move(r)), card(std::move(m)), max_context(ctx), options(std::move(o)) {}
 
   void reply(HttpExchange& ex, int status, const std::string& type, std::string body) {
     metrics.http_response(status);
@@ -129,7 +129,7 @@ class OpenAIJob final : public GatewayJob, public std::enable_shared_from_this<O
   std::vector<openai::LogprobEntry> entries(const TokenChunk& chunk) const {
     std::vector<openai::LogprobEntry> out;
     if (logprobs_ < 0) return out;
-    const Tokenizer& tok = gw_->model->tokenizer();
+    const Tokenizer& tok = gw_->card->tokenizer();
     auto piece = [&](TokenId id) {
       try {
         return tok.token_to_piece(id);
@@ -358,7 +358,7 @@ void Gateway::Impl::metrics_page(const std::shared_ptr<HttpExchange>& ex) {
 // From a validated API request to the n GenerateRequests of its choices.
 std::variant<std::vector<GenerateRequest>, ApiError> Gateway::Impl::build_requests(const openai::ApiRequest& r) {
   GenerateRequest g = r.generate;
-  const Tokenizer& tok = model->tokenizer();
+  const Tokenizer& tok = card->tokenizer();
   if (r.endpoint == Endpoint::chat) {
     // The template's special tokens are written out in the text: parse_special makes them
     // tokens. The replica tokenizes it, off this I/O thread.
@@ -407,18 +407,18 @@ void Gateway::Impl::generate(Endpoint endpoint, const std::string& body, const s
   caf::anon_send(actor, gw_start_atom::value, GatewayJobPtr(job));
 }
 
-Gateway::Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const Model> model, std::string model_path,
+Gateway::Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
                  int32_t max_context, GatewayOptions options)
-    : impl_(std::make_unique<Impl>(sys, std::move(replica), std::move(model), max_context, std::move(options))) {
+    : impl_(std::make_unique<Impl>(sys, std::move(replica), std::move(card), max_context, std::move(options))) {
   Impl& g = *impl_;
   // The id clients name: general.name when the file has one, else the file's stem. Both, and
   // the path itself, are accepted.
   const std::string stem = std::filesystem::path(model_path).stem().string();
-  const std::string& name = g.model->name();
+  const std::string& name = g.card->name();
   g.model_ids.push_back(name.empty() || name == model_path ? stem : name);
   for (const std::string& id : {stem, name, model_path})
     if (!id.empty() && !contains(g.model_ids, id)) g.model_ids.push_back(id);
-  g.chat_format = detect_chat_format(g.model->file().get_string("tokenizer.chat_template", ""));
+  g.chat_format = detect_chat_format(g.card->chat_template());
   if (!g.options.stage_log.empty()) {
     g.stage_log.open(g.options.stage_log, std::ios::app);
     if (!g.stage_log) throw Error(ErrorCode::io, "cannot open the stage log " + g.options.stage_log);

@@ -20,7 +20,7 @@
 #include "actors/gateway_actor.hpp"
 #include "actors/http_server.hpp"
 #include "runtime/metrics.hpp"
-#include "runtime/model.hpp"
+#include "runtime/model_card.hpp"
 
 namespace celer {
 
@@ -37,9 +37,11 @@ struct GatewayOptions {
 
 class Gateway {
  public:
-  // `replica` is the replica's entry actor (its supervisor); `model_path` is the served file (its
-  // stem is accepted as the model's id beside Model::name()); `max_context` is the replica's.
-  Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const Model> model, std::string model_path,
+  // `replica` is the replica's entry actor (its supervisor, or a cluster node's actor); `card` is
+  // the served model's metadata and tokenizer (no weights: a gateway only tokenizes);
+  // `model_path` is the served file (its stem is accepted as the model's id beside the card's
+  // name); `max_context` is the replica's.
+  Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
           int32_t max_context, GatewayOptions options);
   ~Gateway();  // stop()
 

@@ -121,6 +121,9 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         if (spec.model_path != st.setup.model_path)
           return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name + " serves " + st.setup.model_path +
                                                                  ", not " + spec.model_path);
+        if (!st.setup.model)
+          return caf::make_error(caf::sec::invalid_argument, "node " + st.setup.name +
+                                                                 " holds no weights: the config places no shard on it");
         // Whoever holds the cluster secret may ask: a spec this node cannot hold, or more
         // children than any config places on one node, is refused before anything is allocated.
         if (st.children->size() >= kMaxChildren)
@@ -191,7 +194,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         // Tokenized here, once: the router hashes the tokens, and the scheduler's loop never
         // stalls on a long prompt.
         if (req->prompt_tokens.empty()) {
-          const Tokenizer& tok = st.setup.model->tokenizer();
+          const Tokenizer& tok = st.setup.card->tokenizer();
           try {
             req->prompt_tokens = tok.encode(req->prompt_text, req->add_bos && tok.add_bos_default(), req->parse_special);
           } catch (const Error& e) {
@@ -203,7 +206,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         // serves it, and resumes the request elsewhere if that replica's node dies.
         const RequestId client_id = req->id;
         auto request = self->spawn(request_actor, client, caf::actor{}, caf::actor_cast<caf::actor>(self), client_id, *req,
-                                   st.setup.model, unix_us());
+                                   st.setup.card, unix_us());
         self->monitor(request);
         st.requests.insert(request.address());
         route(self, request, std::move(req), "", true);
@@ -227,7 +230,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
       },
       [=](info_atom) -> WireMessage {
         const auto& st = self->state;
-        return encode(ModelInfo{st.setup.model->name(), st.setup.model->tokenizer().n_vocab(), st.setup.max_context});
+        return encode(ModelInfo{st.setup.card->name(), st.setup.card->tokenizer().n_vocab(), st.setup.max_context});
       },
       [=](stats_atom) -> caf::result<WireMessage> {
         // A replica's figures, as the router would route to it: what the gateway's /health asks.

@@ -2,7 +2,9 @@
 // that clients, gateways and the other nodes talk to there (docs/cluster.md).
 //
 // - It is the per-node factory: a scheduler anywhere asks it to build a shard rank from a
-//   ShardSpec, or a cache, on this node; it loads the model from its own copy of the file.
+//   ShardSpec, or a cache, on this node, with the weights of its own copy of the file. A node the
+//   config places no shard on holds only the model's card (metadata and tokenizer) and refuses
+//   to build shards.
 // - It is the cluster's entry: a client's request is tokenized here (never on a scheduler's
 //   loop) and gets its request actor here, on the client's node; the router is asked once (one
 //   RouteQuery) and the replica it picks takes the request from the request actor, so tokens
@@ -39,13 +41,15 @@
 #include <caf/all.hpp>
 
 #include "runtime/model.hpp"
+#include "runtime/model_card.hpp"
 
 namespace celer {
 
 struct NodeSetup {
   std::string name;
   std::string model_path;
-  std::shared_ptr<const Model> model;
+  std::shared_ptr<const ModelCard> card;  // tokenizes requests, decodes their streams
+  std::shared_ptr<const Model> model;     // the weights, for shards; null where none is placed
   int32_t max_context = 0;   // the serving context (ModelInfo)
   int shard_threads = 1;     // compute threads of each shard built here unless its spec says
   // The router and its standby (if any), set with join_atom once they are known; requests go to

@@ -11,7 +11,7 @@
 
 namespace celer {
 
-int32_t serving_context(const ClusterConfig& c, const Model& model) {
+int32_t serving_context(const ClusterConfig& c, const ModelCard& model) {
   return c.max_context > 0 ? c.max_context : std::min(model.config().n_ctx_train, 4096);
 }
 
@@ -19,7 +19,7 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   const ModelConfig& m = model->config();
   ReplicaSetup s;
   s.model = model;
-  const int32_t context = serving_context(c, *model);
+  const int32_t context = serving_context(c, *model->card());
   const int32_t min_blocks = (context + kKvBlock - 1) / kKvBlock;
   int64_t blocks = c.kv_cache_blocks;
   // The engine runs the weights as the file stores them: a dtype that asks for another type is

@@ -13,7 +13,7 @@ namespace celer {
 
 // The model's context capped at 4096 unless max_context says otherwise; KV blocks from
 // kv_cache_blocks or kv_cache_memory, never fewer than one full-length sequence needs.
-int32_t serving_context(const ClusterConfig& config, const Model& model);
+int32_t serving_context(const ClusterConfig& config, const ModelCard& model);
 
 ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
 

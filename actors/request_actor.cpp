@@ -23,15 +23,15 @@ void await_scheduler(caf::stateful_actor<RequestState>* self) {
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
                             caf::actor supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const Model> model, int64_t received_us) {
+                            std::shared_ptr<const ModelCard> card, int64_t received_us) {
   auto& st = self->state;
   st.client = std::move(client);
   st.scheduler = std::move(scheduler);
   st.supervisor = std::move(supervisor);
   st.client_id = client_id;
   st.id = request.id;
-  st.model = std::move(model);
-  st.decoder = std::make_unique<StreamDecoder>(st.model->tokenizer());
+  st.card = std::move(card);
+  st.decoder = std::make_unique<StreamDecoder>(st.card->tokenizer());
   st.stop = request.stop;
   st.original = std::move(request);
   st.received_us = received_us;

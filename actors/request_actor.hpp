@@ -24,7 +24,7 @@
 
 #include <caf/all.hpp>
 
-#include "runtime/model.hpp"
+#include "runtime/model_card.hpp"
 #include "runtime/protocol.hpp"
 
 namespace celer {
@@ -42,7 +42,7 @@ struct RequestState {
   int32_t base = 0;         // the current scheduler's token index 0 is the stream's index `base`
   RequestId client_id = 0;  // the id the client chose
   RequestId id = 0;         // the replica's id
-  std::shared_ptr<const Model> model;
+  std::shared_ptr<const ModelCard> card;  // its tokenizer decodes the stream
   std::unique_ptr<StreamDecoder> decoder;
   std::vector<std::string> stop;
   std::string tail;         // the last text sent, kept to find stop strings spanning chunks
@@ -57,6 +57,6 @@ struct RequestState {
 
 caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
                             caf::actor supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const Model> model, int64_t received_us);
+                            std::shared_ptr<const ModelCard> card, int64_t received_us);
 
 }  // namespace celer

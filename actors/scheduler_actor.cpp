@@ -602,7 +602,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         if (req.prompt_tokens.empty())
           req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), req.parse_special);
         auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), s.supervisor, client_id, req,
-                                   s.setup.model, received_us);
+                                   s.setup.model->card(), received_us);
         if (auto bad = check_prompt(tok, req)) {
           self->send(request, event_atom::value, encode(*bad));
           return;

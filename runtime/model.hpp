@@ -10,28 +10,10 @@
 #include "kernels/matmul.hpp"
 #include "kernels/ops.hpp"
 #include "runtime/gguf.hpp"
+#include "runtime/model_card.hpp"
 #include "runtime/tokenizer.hpp"
 
 namespace celer {
-
-enum class Architecture { llama, qwen2 };
-
-struct ModelConfig {
-  Architecture arch = Architecture::llama;
-  std::string arch_name;
-  int n_vocab = 0;
-  int n_embd = 0;
-  int n_layer = 0;
-  int n_head = 0;
-  int n_head_kv = 0;
-  int head_dim = 0;
-  int n_ff = 0;
-  int n_ctx_train = 0;  // the context length the model was trained for
-  int n_rot = 0;        // rotated dimensions of each head (== head_dim for Llama and Qwen2)
-  float rms_eps = 1e-5f;
-  float rope_freq_base = 10000.0f;
-  RopeStyle rope_style = RopeStyle::normal;
-};
 
 struct LayerWeights {
   std::vector<float> attn_norm;   // [n_embd]
@@ -46,10 +28,13 @@ class Model {
  public:
   explicit Model(const std::string& path);  // throws Error naming the file and the problem
 
-  const ModelConfig& config() const { return config_; }
-  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const ModelConfig& config() const { return card_->config(); }
+  const Tokenizer& tokenizer() const { return card_->tokenizer(); }
   const GgufFile& file() const { return *file_; }
-  const std::string& name() const { return name_; }
+  const std::string& name() const { return card_->name(); }
+  // The metadata alone, for what only tokenizes (request actors, gateways); shared, and kept
+  // alive by whoever holds it.
+  const std::shared_ptr<const ModelCard>& card() const { return card_; }
 
   const WeightMatrix& token_embd() const { return token_embd_; }  // [n_vocab, n_embd]
   const WeightMatrix& output() const { return output_; }          // [n_vocab, n_embd], may alias token_embd
@@ -64,10 +49,8 @@ class Model {
   TensorType main_type() const { return layers_.empty() ? output_.type : layers_[0].w_up.type; }
 
  private:
-  std::unique_ptr<GgufFile> file_;
-  std::unique_ptr<Tokenizer> tokenizer_;
-  ModelConfig config_;
-  std::string name_;
+  std::shared_ptr<const GgufFile> file_;
+  std::shared_ptr<const ModelCard> card_;
   WeightMatrix token_embd_, output_;
   std::vector<float> output_norm_;
   std::vector<LayerWeights> layers_;

@@ -119,9 +119,15 @@ struct RunningNode {
 };
 
 int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals) {
-  auto model = std::make_shared<Model>(config.model);
-  check_against_model(config, *model);
   const NodeConfig& me = *plan.me;
+  // The weights only where a shard runs or a replica is scheduled (its scheduler sizes the KV
+  // cache from them); elsewhere (the router's node, a gateway's) the card is all that is read.
+  bool holds_shard = !plan.replicas.empty();
+  for (const ReplicaConfig& r : config.replicas)
+    for (const ShardConfig& s : r.shards) holds_shard = holds_shard || s.node == me.name;
+  std::shared_ptr<const Model> model = holds_shard ? std::make_shared<Model>(config.model) : nullptr;
+  std::shared_ptr<const ModelCard> card = model ? model->card() : std::make_shared<ModelCard>(config.model);
+  check_against_model(config, *card);
 
   caf::actor_system_config cfg;
   cfg.load<caf::io::middleman>();
@@ -151,8 +157,9 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.local_router = plan.runs_router ? running.router : running.standby;
     ns.name = me.name;
     ns.model_path = config.model;
+    ns.card = card;
     ns.model = model;
-    ns.max_context = serving_context(config, *model);
+    ns.max_context = serving_context(config, *card);
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;
     ns.on_drain = [&signals] { signals.wake(); };
@@ -237,7 +244,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       go.stage_log = me.http->stage_log;
       Transport* transport = running.transport.get();
       go.transport_stats = [transport] { return transport->stats(); };
-      running.gateway = std::make_unique<Gateway>(sys, running.node, model, config.model, serving_context(config, *model), go);
+      running.gateway = std::make_unique<Gateway>(sys, running.node, card, config.model, serving_context(config, *card), go);
       const uint16_t http_port = running.gateway->start();
       std::printf("celer: node %s: http on %s:%u (model id '%s')\n", me.name.c_str(), me.http->host.c_str(),
                   static_cast<unsigned>(http_port), running.gateway->model_id().c_str());
@@ -247,7 +254,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     if (plan.runs_standby) roles += " router-standby";
     for (const ReplicaPlan& rp : plan.replicas) roles += " scheduler:" + rp.name;
     std::printf("celer: node %s ready on %s:%u (%s%s)\n", me.name.c_str(), me.host.c_str(), static_cast<unsigned>(running.port),
-                model->name().c_str(), roles.c_str());
+                card->name().c_str(), roles.c_str());
     std::fflush(stdout);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -75,7 +75,7 @@ NodePlan plan_node(const ClusterConfig& config, const std::string& path, const s
   return plan;
 }
 
-void check_against_model(const ClusterConfig& config, const Model& model) {
+void check_against_model(const ClusterConfig& config, const ModelCard& model) {
   const ModelConfig& m = model.config();
   for (const ReplicaConfig& r : config.replicas) {
     const int tp = static_cast<int>(r.shards.size());

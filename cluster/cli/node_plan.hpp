@@ -41,7 +41,7 @@ const NodeConfig* find_node(const ClusterConfig& config, const std::string& name
 
 // Every replica's tensor-parallel size divides the model's heads, KV heads and FFN width:
 // Error(invalid_argument) at the replica's `shards:` key otherwise.
-void check_against_model(const ClusterConfig& config, const Model& model);
+void check_against_model(const ClusterConfig& config, const ModelCard& model);
 
 RouterSetup router_setup(const ClusterConfig& config);
 

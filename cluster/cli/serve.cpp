@@ -153,7 +153,7 @@ int serve(const ClusterConfig& config, StopSignals& signals) {
       go.stage_log = config.http->stage_log;
       Transport* transport = node.transport.get();
       go.transport_stats = [transport] { return transport->stats(); };
-      node.gateway = std::make_unique<Gateway>(sys, node.replica, model, config.model, setup.scheduler.max_context, go);
+      node.gateway = std::make_unique<Gateway>(sys, node.replica, model->card(), config.model, setup.scheduler.max_context, go);
       const uint16_t http_port = node.gateway->start();
       std::printf("celer: http on %s:%u (model id '%s')\n", config.http->host.c_str(), static_cast<unsigned>(http_port),
                   node.gateway->model_id().c_str());
