@@ -93,6 +93,21 @@ nlohmann::json status(uint16_t port) {
   return nlohmann::json::parse(r.output);
 }
 
+// Sends `bytes` to 127.0.0.1:port; true when the other end closes without answering a byte.
+bool closed_unanswered(uint16_t port, const std::string& bytes) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  (void)::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  char c;
+  const bool closed = ::recv(fd, &c, 1, 0) <= 0;
+  close(fd);
+  return closed;
+}
+
 // POST body to 127.0.0.1:port/v1/completions (non-streamed, Connection: close); the body of
 // the answer, "" on a failure to connect.
 std::string http_completion(uint16_t port, const nlohmann::json& body) {
@@ -490,19 +505,8 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
   wrong.token = "guess";
   CHECK(std::holds_alternative<ClientError>(Client::connect("127.0.0.1", front, wrong)));
   // Garbage to every node port.
-  for (const uint16_t port : {l.ports[0], l.ports[2], l.ports[3]}) {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-    const std::string garbage = "GET / HTTP/1.1\r\n\r\n" + std::string(200, '\xff');
-    (void)::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL);
-    char c;
-    CHECK(::recv(fd, &c, 1, 0) <= 0);  // closed, not answered
-    close(fd);
-  }
+  for (const uint16_t port : {l.ports[0], l.ports[2], l.ports[3]})
+    CHECK(closed_unanswered(port, "GET / HTTP/1.1\r\n\r\n" + std::string(200, '\xff')));
   // A peer that knows the secret but is no node of the config: it says hello under a name the
   // config lacks and under a node's name for an actor of its own node, and tries to join a
   // replica with an actor of its own.
@@ -620,19 +624,7 @@ TEST_CASE("cluster: mutual TLS: TP 2 across two nodes gives the reference tokens
   const auto unusable = Client::connect("127.0.0.1", a, mismatched);
   REQUIRE(std::holds_alternative<ClientError>(unusable));
   CHECK_THAT(std::get<ClientError>(unusable).message, Catch::Contains("is not signed by ca"));
-  {  // Plain bytes where a TLS handshake belongs.
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(a);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-    const std::string garbage = "CELERTP1" + std::string(200, '\x01');
-    (void)::send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL);
-    char c;
-    CHECK(::recv(fd, &c, 1, 0) <= 0);
-    close(fd);
-  }
+  CHECK(closed_unanswered(a, "CELERTP1" + std::string(200, '\x01')));  // plain bytes where a TLS handshake belongs
   // Members are served the single-process tokens through either node (the shards exchange their
   // partial sums over TLS), and celer status works with the files from the environment.
   for (const uint16_t entry : {a, b}) {
