@@ -7,7 +7,7 @@
 namespace celer {
 namespace {
 
-using Self = caf::stateful_actor<CacheState>;
+using Self = CacheActor::stateful_base<CacheState>;
 
 int64_t now_ms(Self* self) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
@@ -39,14 +39,14 @@ void report_prefixes(Self* self, const CacheSetup& setup) {
   r.blocks_changed = true;
   r.cached_blocks = st.blocks->cached_block_hashes();
   const WireMessage wire = encode(r);
-  for (const caf::actor& router : st.routers) self->send(router, report_atom::value, cache_atom::value, wire);
+  for (const ReportSink& router : st.routers) self->send(router, report_atom::value, cache_atom::value, wire);
   st.report_scheduled = true;
   self->delayed_send(self, kPrefixReportInterval, report_atom::value);
 }
 
 }  // namespace
 
-caf::behavior cache_actor(Self* self, CacheSetup setup) {
+CacheActor::behavior_type cache_actor(Self* self, CacheSetup setup) {
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   auto& st = self->state;
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
@@ -55,7 +55,7 @@ caf::behavior cache_actor(Self* self, CacheSetup setup) {
   st.routers = setup.routers;
   return {
       // A cache built before its node knew the routers learns them from the node.
-      [=](router_atom, const std::vector<caf::actor>& routers) {
+      [=](router_atom, const std::vector<ReportSink>& routers) {
         if (!sent_from_this_node(self)) return;
         self->state.routers = routers;
         self->state.reported_version = ~uint64_t{0};  // tell the new routers everything

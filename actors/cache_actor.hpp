@@ -22,6 +22,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "runtime/block_planner.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/response_cache.hpp"
@@ -35,7 +36,7 @@ struct CacheSetup {
   int64_t response_cache_ttl_ms = 60000;
   // In a cluster: the routers (the router and its standby) that learn which prefixes this
   // replica caches, and the replica's name there.
-  std::vector<caf::actor> routers;
+  std::vector<ReportSink> routers;
   std::string replica;
 };
 
@@ -50,11 +51,11 @@ struct CacheState {
   uint64_t malformed = 0;
   uint64_t reported_version = ~uint64_t{0};  // the prefix index version the router last heard (none yet)
   bool report_scheduled = false;
-  std::vector<caf::actor> routers;  // CacheSetup::routers, or what its node learned since
+  std::vector<ReportSink> routers;  // CacheSetup::routers, or what its node learned since
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   static inline const char* name = "celer.cache";
 };
 
-caf::behavior cache_actor(caf::stateful_actor<CacheState>* self, CacheSetup setup);
+CacheActor::behavior_type cache_actor(CacheActor::stateful_pointer<CacheState> self, CacheSetup setup);
 
 }  // namespace celer

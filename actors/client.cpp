@@ -8,7 +8,7 @@
 #include <caf/io/all.hpp>
 
 #include "actors/transport.hpp"
-#include "actors/wire.hpp"
+#include "actors/interfaces.hpp"
 #include "runtime/error.hpp"
 
 namespace celer {
@@ -24,7 +24,7 @@ struct Client::Impl {
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
   std::unique_ptr<Transport> transport;
-  caf::actor server;
+  ServerActor server;
   std::atomic<RequestId> next_id{1};
   uint64_t max_message_bytes = 0;
 };
@@ -36,8 +36,8 @@ constexpr uint64_t kMessageOverhead = 1024;
 
 struct Client::Stream::Impl {
   std::unique_ptr<caf::scoped_actor> self;
-  caf::actor server;
-  caf::actor request;  // the request actor, known from its first message
+  ServerActor server;
+  RequestActor request;  // the request actor, known from its first message
   bool cancel_pending = false;
   bool ended = false;
   Completion partial;
@@ -76,7 +76,7 @@ std::variant<std::unique_ptr<Client>, ClientError> Client::connect(const std::st
     if (const char* env = std::getenv("CELER_TOKEN")) limits.token = env;
   try {
     impl->transport = std::make_unique<Transport>(*impl->sys, std::move(limits));
-    impl->server = impl->transport->connect(host, port, std::chrono::milliseconds(std::max<int64_t>(1, options.timeout_ms)));
+    impl->server = impl->transport->connect<ServerActor>(host, port, std::chrono::milliseconds(std::max<int64_t>(1, options.timeout_ms)));
   } catch (const Error& e) {
     return ClientError{ErrorKind::unavailable, e.what()};
   }
@@ -106,7 +106,7 @@ std::optional<TokenChunk> Client::Stream::next() {
     (*s.self)->receive(
         [&](event_atom, const WireMessage& wm) {
           if (!s.request) {
-            s.request = caf::actor_cast<caf::actor>((*s.self)->current_sender());
+            s.request = caf::actor_cast<RequestActor>((*s.self)->current_sender());
             if (s.cancel_pending && s.request) (*s.self)->send(s.request, cancel_atom::value);
           }
           DecodeResult d = decode(wm);

@@ -40,7 +40,7 @@ struct EndpointState {
   static inline const char* name = "celer.collective";
 };
 
-caf::behavior endpoint_actor(caf::stateful_actor<EndpointState>* self, std::shared_ptr<NetworkAllReduce::Inbox> inbox,
+EndpointActor::behavior_type endpoint_actor(EndpointActor::stateful_pointer<EndpointState> self, std::shared_ptr<NetworkAllReduce::Inbox> inbox,
                              int rank) {
   self->set_down_handler([=](const caf::down_msg& dm) {
     inbox->abort("tensor-parallel peer " + to_string(dm.source) + " went down: " + self->system().render(dm.reason));
@@ -103,18 +103,18 @@ NetworkAllReduce::NetworkAllReduce(caf::actor_system& sys, int rank, int size, s
 
 NetworkAllReduce::~NetworkAllReduce() { caf::anon_send_exit(endpoint_, caf::exit_reason::user_shutdown); }
 
-void NetworkAllReduce::connect(std::vector<caf::actor> endpoints) {
+void NetworkAllReduce::connect(std::vector<EndpointActor> endpoints) {
   if (static_cast<int>(endpoints.size()) != size_ || endpoints[rank_] != endpoint_)
     throw Error(ErrorCode::invalid_argument, "all-reduce: " + std::to_string(endpoints.size()) + " endpoints for a group of " +
                                                  std::to_string(size_) + ", or rank " + std::to_string(rank_) +
                                                  "'s is not its own");
-  for (const caf::actor& e : endpoints)
+  for (const EndpointActor& e : endpoints)
     if (!e) throw Error(ErrorCode::invalid_argument, "all-reduce: a rank without an endpoint");
   peers_ = std::move(endpoints);
   {
     std::lock_guard lock(inbox_->mutex);
     inbox_->peers.clear();
-    for (const caf::actor& e : peers_) inbox_->peers.push_back(e.address());
+    for (const EndpointActor& e : peers_) inbox_->peers.push_back(e.address());
   }
   caf::anon_send(endpoint_, peers_atom::value);
 }

@@ -29,7 +29,7 @@
 
 #include <caf/all.hpp>
 
-#include "actors/wire.hpp"  // ReducePart, reduce_atom, peers_atom
+#include "actors/interfaces.hpp"  // EndpointActor
 #include "runtime/tensor_parallel.hpp"
 
 namespace celer {
@@ -43,10 +43,10 @@ class NetworkAllReduce : public AllReduce {
   NetworkAllReduce& operator=(const NetworkAllReduce&) = delete;
 
   // The actor the other ranks send this rank's share to.
-  const caf::actor& endpoint() const { return endpoint_; }
+  const EndpointActor& endpoint() const { return endpoint_; }
   // Every rank's endpoint, in rank order (this one's included); monitored from now on. Sums
   // before this throw.
-  void connect(std::vector<caf::actor> endpoints);
+  void connect(std::vector<EndpointActor> endpoints);
   bool connected() const;
 
   int rank() const override { return rank_; }
@@ -62,8 +62,8 @@ class NetworkAllReduce : public AllReduce {
   int rank_, size_;
   std::chrono::milliseconds timeout_;
   std::shared_ptr<Inbox> inbox_;
-  caf::actor endpoint_;
-  std::vector<caf::actor> peers_;  // [size]; peers_[rank_] is endpoint_
+  EndpointActor endpoint_;
+  std::vector<EndpointActor> peers_;  // [size]; peers_[rank_] is endpoint_
   uint64_t calls_ = 0;
   std::vector<float> own_;  // this rank's partial of the current call (the sum overwrites data)
 };

@@ -36,7 +36,7 @@ std::string response_id(Endpoint e, std::mt19937_64& rng) {
 
 struct Gateway::Impl {
   caf::actor_system& sys;
-  caf::actor replica;
+  ServerActor replica;
   std::shared_ptr<const ModelCard> card;
   int32_t max_context;
   GatewayOptions options;
@@ -45,13 +45,13 @@ struct Gateway::Impl {
   int64_t created = unix_seconds();
   ServingMetrics metrics;
   std::ofstream stage_log;  // I/O thread only; open when options.stage_log is set
-  caf::actor actor;
+  GatewayActor actor;
   std::unique_ptr<HttpServer> server;
   std::function<void(std::function<void()>)> post;  // to the I/O thread; safe after stop
   uint64_t next_job = 1;                            // I/O thread only
   std::mt19937_64 rng{std::random_device{}()};      // I/O thread only: seeds, response ids
 
-  Impl(caf::actor_system& s, caf::actor r, std::shared_ptr<const ModelCard> m, int32_t ctx, GatewayOptions o)
+  Impl(caf::actor_system& s, ServerActor r, std::shared_ptr<const ModelCard> m, int32_t ctx, GatewayOptions o)
       : sys(s), replica(std::move(r)), card(std::move(m)), max_context(ctx), options(std::move(o)) {}
 
   void reply(HttpExchange& ex, int status, const std::string& type, std::string body) {
@@ -407,7 +407,7 @@ void Gateway::Impl::generate(Endpoint endpoint, const std::string& body, const s
   caf::anon_send(actor, gw_start_atom::value, GatewayJobPtr(job));
 }
 
-Gateway::Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
+Gateway::Gateway(caf::actor_system& sys, ServerActor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
                  int32_t max_context, GatewayOptions options)
     : impl_(std::make_unique<Impl>(sys, std::move(replica), std::move(card), max_context, std::move(options))) {
   Impl& g = *impl_;
@@ -450,7 +450,7 @@ void Gateway::stop() {
   Impl& g = *impl_;
   if (g.server) g.server->stop();
   if (g.actor) caf::anon_send_exit(g.actor, caf::exit_reason::user_shutdown);
-  g.actor = nullptr;
+  g.actor = GatewayActor{};
 }
 
 const ServingMetrics& Gateway::metrics() const { return impl_->metrics; }

@@ -41,7 +41,7 @@ class Gateway {
   // the served model's metadata and tokenizer (no weights: a gateway only tokenizes);
   // `model_path` is the served file (its stem is accepted as the model's id beside the card's
   // name); `max_context` is the replica's.
-  Gateway(caf::actor_system& sys, caf::actor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
+  Gateway(caf::actor_system& sys, ServerActor replica, std::shared_ptr<const ModelCard> card, std::string model_path,
           int32_t max_context, GatewayOptions options);
   ~Gateway();  // stop()
 

@@ -4,7 +4,7 @@ namespace celer {
 namespace {
 
 using State = GatewayActorState;
-using Self = caf::stateful_actor<State>*;
+using Self = GatewayActor::stateful_pointer<State>;
 
 RequestId event_id(const Message& m) {
   if (auto* c = std::get_if<TokenChunk>(&m)) return c->id;
@@ -28,7 +28,7 @@ void end_request(Self self, RequestId id, Message event) {
   State::Pending p = std::move(it->second);
   s.pending.erase(it);
   forget_in_job(s, p.job->key, id);
-  if (p.request) self->demonitor(p.request);
+  if (p.request) self->demonitor(p.request.address());
   p.job->deliver(p.choice, std::move(event));
 }
 
@@ -69,7 +69,7 @@ void on_event(Self self, const WireMessage& wm) {
   if (std::holds_alternative<TokenChunk>(*d.message)) {
     // Token events come from the request's own actor (rejections may come from elsewhere).
     if (!p.request) {
-      p.request = caf::actor_cast<caf::actor>(self->current_sender());
+      p.request = caf::actor_cast<RequestActor>(self->current_sender());
       if (p.request) {
         self->monitor(p.request);
         if (p.cancel_requested) self->send(p.request, cancel_atom::value);
@@ -123,7 +123,7 @@ void sweep_idle(Self self) {
 
 }  // namespace
 
-caf::behavior gateway_actor(Self self, caf::actor replica, GatewayActorOptions options) {
+GatewayActor::behavior_type gateway_actor(Self self, ServerActor replica, GatewayActorOptions options) {
   self->state.replica = replica;
   self->state.options = options;
   self->monitor(replica);

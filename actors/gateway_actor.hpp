@@ -28,7 +28,7 @@
 
 #include <caf/all.hpp>
 
-#include "actors/wire.hpp"
+#include "actors/interfaces.hpp"
 
 namespace celer {
 
@@ -51,6 +51,12 @@ class GatewayJob {
 using GatewayJobPtr = std::shared_ptr<GatewayJob>;
 using ReplicaStatsCallback = std::shared_ptr<std::function<void(std::optional<ReplicaStats>)>>;
 
+// Local to its process: the HTTP side's jobs and callbacks are pointers.
+using GatewayActor = StreamSink::extend<caf::reacts_to<gw_start_atom, GatewayJobPtr>,
+                                        caf::reacts_to<gw_cancel_atom, uint64_t>,
+                                        caf::reacts_to<gw_tick_atom>,  // itself: look for idle requests
+                                        caf::reacts_to<health_atom, ReplicaStatsCallback>>;
+
 struct GatewayActorOptions {
   std::chrono::milliseconds idle_timeout{std::chrono::minutes(10)};  // as the client library
   std::chrono::milliseconds health_timeout{std::chrono::seconds(2)};
@@ -58,14 +64,15 @@ struct GatewayActorOptions {
 };
 
 struct GatewayActorState {
+  GatewayActorState() = default;  // not an aggregate: CAF would build it from the actor pointer
   struct Pending {
     GatewayJobPtr job;
     size_t choice = 0;
-    caf::actor request;  // known from its first token
+    RequestActor request;  // known from its first token
     bool cancel_requested = false;
     std::chrono::steady_clock::time_point last_heard;
   };
-  caf::actor replica;
+  ServerActor replica;
   GatewayActorOptions options;
   bool replica_down = false;
   RequestId next_id = 1;
@@ -75,7 +82,8 @@ struct GatewayActorState {
   static inline const char* name = "celer.gateway";
 };
 
-caf::behavior gateway_actor(caf::stateful_actor<GatewayActorState>* self, caf::actor replica, GatewayActorOptions options);
+GatewayActor::behavior_type gateway_actor(GatewayActor::stateful_pointer<GatewayActorState> self, ServerActor replica,
+                                          GatewayActorOptions options);
 
 }  // namespace celer
 

@@ -16,33 +16,34 @@
 namespace celer {
 namespace {
 
-using Self = caf::stateful_actor<NodeState>;
+using Self = NodeActor::stateful_base<NodeState>;
 
 // Shards and caches one node builds at most: far more than a config places on one node (a
 // replica's rank and cache each), few enough that a peer asking again and again runs out first.
 constexpr size_t kMaxChildren = 256;
 
-void send_error(Self* self, const caf::actor& client, RequestId id, ErrorKind kind, const std::string& message) {
+void send_error(Self* self, const StreamSink& client, RequestId id, ErrorKind kind, const std::string& message) {
   if (client) self->send(client, event_atom::value, encode(ErrorReply{id, kind, message}));
 }
 
 // Keeps a child built here, so that it stops with the node; forgotten when it ends.
-void adopt(Self* self, const caf::actor& child) {
-  self->state.children->push_back(child);
+template <class Handle>
+void adopt(Self* self, const Handle& child) {
+  self->state.children->push_back(caf::actor_cast<caf::actor>(child));
   self->monitor(child);
 }
 
 // The router in use (null before join_atom, or once the router and its standby are both gone).
-caf::actor router_of(Self* self) {
+RouterActor router_of(Self* self) {
   auto& st = self->state;
-  return st.router < st.setup.routers.size() ? st.setup.routers[st.router] : caf::actor{};
+  return st.router < st.setup.routers.size() ? st.setup.routers[st.router] : RouterActor{};
 }
 
 // Asks the router for a replica and hands it the request as if `request` (the request actor
 // here) had sent it: the replica's scheduler then streams to the request actor. `avoid`: the
 // replica that just lost the request, tried only when no other is up.
-void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
-           bool fresh, caf::actor dead = {}) {
+void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
+           bool fresh, SchedulerActor dead = {}) {
   auto& st = self->state;
   RouteQuery q;
   q.session_id = req->session_id;
@@ -54,14 +55,14 @@ void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateReques
     ++self->state.route_failures;
     self->send(request, event_atom::value, encode(ErrorReply{req->id, ErrorKind::unavailable, why}));
   };
-  const caf::actor router = router_of(self);
+  const RouterActor router = router_of(self);
   if (!router) {
     fail("no router is up");
     return;
   }
   self->request(router, kRouteTimeout, route_atom::value, encode(q))
       .then(
-          [=](const caf::actor& replica, const std::string& name) {
+          [=](const SupervisorActor& replica, const std::string& name) {
             ++self->state.routed;
             // (A request actor that ended meanwhile is not remembered: its down message came.)
             if (self->state.requests.count(request.address())) self->state.serving[request.address()] = name;
@@ -85,17 +86,17 @@ void route(Self* self, const caf::actor& request, std::shared_ptr<GenerateReques
 
 }  // namespace
 
-caf::behavior node_actor(Self* self, NodeSetup setup) {
+NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
   self->state.setup = std::move(setup);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& st = self->state;
     // The router in use went down: its standby (which heard every report too) takes over,
     // unless it went down first.
-    for (const caf::actor& r : st.setup.routers)
+    for (const RouterActor& r : st.setup.routers)
       if (r.address() == dm.source) st.down_routers.insert(dm.source);
     while (st.router < st.setup.routers.size() && st.down_routers.count(st.setup.routers[st.router].address())) ++st.router;
     self->state.serving.erase(dm.source);
-    st.caches.erase(std::remove_if(st.caches.begin(), st.caches.end(), [&](const caf::actor& c) { return c.address() == dm.source; }),
+    st.caches.erase(std::remove_if(st.caches.begin(), st.caches.end(), [&](const CacheActor& c) { return c.address() == dm.source; }),
                     st.caches.end());
     self->state.requests.erase(dm.source);
     auto& children = *self->state.children;
@@ -106,7 +107,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
     for (const caf::actor& c : *children) caf::anon_send_exit(c, caf::exit_reason::user_shutdown);
   });
   return {
-      [=](spawn_atom, const WireMessage& wm) -> caf::result<caf::actor> {
+      [=](spawn_atom, const WireMessage& wm) -> caf::result<ShardActor> {
         auto& st = self->state;
         DecodeResult d = decode(wm);
         if (!d.message || !std::holds_alternative<ShardSpec>(*d.message)) {
@@ -149,7 +150,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         return shard;
       },
       [=](spawn_atom, cache_atom, int32_t kv_blocks, bool prefix_caching, int32_t response_entries, int64_t ttl_ms,
-          const std::string& replica) -> caf::result<caf::actor> {
+          const std::string& replica) -> caf::result<CacheActor> {
         auto& st = self->state;
         if (st.children->size() >= kMaxChildren)
           return caf::make_error(caf::sec::invalid_argument,
@@ -162,7 +163,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         cs.prefix_caching = prefix_caching;
         cs.response_cache_entries = static_cast<size_t>(response_entries);
         cs.response_cache_ttl_ms = ttl_ms;
-        cs.routers = st.setup.routers;
+        cs.routers.assign(st.setup.routers.begin(), st.setup.routers.end());
         cs.replica = replica;
         auto cache = self->spawn(cache_actor, cs);
         adopt(self, cache);
@@ -171,7 +172,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
       },
       [=](generate_atom, const WireMessage& wm) {
         auto& st = self->state;
-        auto client = caf::actor_cast<caf::actor>(self->current_sender());
+        auto client = caf::actor_cast<StreamSink>(self->current_sender());
         DecodeResult d = decode(wm);
         if (!d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
           ++st.malformed;
@@ -205,18 +206,18 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         // The request actor lives here, on the client's node: it outlives the replica that
         // serves it, and resumes the request elsewhere if that replica's node dies.
         const RequestId client_id = req->id;
-        auto request = self->spawn(request_actor, client, caf::actor{}, caf::actor_cast<caf::actor>(self), client_id, *req,
+        auto request = self->spawn(request_actor, client, SchedulerActor{}, caf::actor_cast<ResumeSink>(self), client_id, *req,
                                    st.setup.card, unix_us());
         self->monitor(request);
         st.requests.insert(request.address());
         route(self, request, std::move(req), "", true);
       },
-      [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
+      [=](resume_atom, const WireMessage& wm, const SchedulerActor& dead) {
         // A request actor of this node whose scheduler died: the rest of its request goes to
         // another replica if there is one, else to the same one (its supervisor may be
         // restarting the scheduler).
         auto& st = self->state;
-        auto request = caf::actor_cast<caf::actor>(self->current_sender());
+        auto request = caf::actor_cast<RequestActor>(self->current_sender());
         DecodeResult d = decode(wm);
         if (!request || !st.requests.count(request.address()) || !d.message ||
             !std::holds_alternative<GenerateRequest>(*d.message)) {
@@ -239,7 +240,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         auto rp = self->make_response_promise<WireMessage>();
         self->request(router_of(self), kRouteTimeout, stats_atom::value)
             .then(
-                [=](const caf::actor& replica) mutable {
+                [=](const SupervisorActor& replica) mutable {
                   self->request(replica, kRouteTimeout, stats_atom::value)
                       .then([=](const WireMessage& stats) mutable { rp.deliver(stats); },
                             [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
@@ -256,14 +257,15 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
                   [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
         return rp;
       },
-      [=](join_atom, const std::vector<caf::actor>& routers) {
+      [=](join_atom, const std::vector<RouterActor>& routers) {
         if (!sent_from_this_node(self)) return;  // which routers a node uses is its own process's business
         auto& st = self->state;
         const bool first = st.setup.routers.empty();
         st.setup.routers = routers;
         st.router = 0;
-        for (const caf::actor& r : routers) self->monitor(r);
-        for (const caf::actor& c : st.caches) self->send(c, router_atom::value, routers);
+        for (const RouterActor& r : routers) self->monitor(r);
+        const std::vector<ReportSink> sinks(routers.begin(), routers.end());
+        for (const CacheActor& c : st.caches) self->send(c, router_atom::value, sinks);
         if (first) self->send(self, hello_atom::value);
       },
       [=](hello_atom) {
@@ -271,7 +273,7 @@ caf::behavior node_actor(Self* self, NodeSetup setup) {
         // only this actor's own messages keep it going.)
         if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         auto& st = self->state;
-        for (const caf::actor& r : st.setup.routers) self->send(r, hello_atom::value, st.setup.name, caf::actor_cast<caf::actor>(self));
+        for (const RouterActor& r : st.setup.routers) self->send(r, hello_atom::value, st.setup.name);
         self->delayed_send(self, st.setup.heartbeat_interval, hello_atom::value);
       },
       [=](router_atom) { return self->state.setup.local_router; },

@@ -40,6 +40,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_card.hpp"
 
@@ -54,8 +55,8 @@ struct NodeSetup {
   int shard_threads = 1;     // compute threads of each shard built here unless its spec says
   // The router and its standby (if any), set with join_atom once they are known; requests go to
   // the first that is up.
-  std::vector<caf::actor> routers;
-  caf::actor local_router;   // the router (or standby) running on this node, for router_atom
+  std::vector<RouterActor> routers;
+  RouterActor local_router;   // the router (or standby) running on this node, for router_atom
   std::chrono::milliseconds heartbeat_interval{500};  // how often the router hears from this node
   // Called (on an actor thread) when a `celer drain` names this node: the process drains and
   // leaves as on SIGTERM.
@@ -64,9 +65,10 @@ struct NodeSetup {
 
 struct NodeState {
   NodeSetup setup;
-  // Shards and caches built here: stopped with the node (shared with its exit handler).
+  // Shards and caches built here (of either role): stopped with the node (shared with its exit
+  // handler).
   std::shared_ptr<std::vector<caf::actor>> children = std::make_shared<std::vector<caf::actor>>();
-  std::vector<caf::actor> caches;  // the caches among them, told the routers when they change
+  std::vector<CacheActor> caches;  // the caches among them, told the routers when they change
   std::unordered_set<caf::actor_addr> down_routers;  // routers seen going down: never switched to
   // The request actors this node spawned (until they end), and the replica serving each (what
   // a resume avoids). Only they may ask to be routed again.
@@ -80,7 +82,7 @@ struct NodeState {
   static inline const char* name = "celer.node";
 };
 
-caf::behavior node_actor(caf::stateful_actor<NodeState>* self, NodeSetup setup);
+NodeActor::behavior_type node_actor(NodeActor::stateful_pointer<NodeState> self, NodeSetup setup);
 
 // How long the entry waits for the router's answer before it tells the client no replica took
 // the request.

@@ -84,18 +84,18 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   return s;
 }
 
-caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(supervisor_actor, setup); }
+SupervisorActor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(supervisor_actor, setup); }
 
-void wait_until_ready(caf::actor_system& sys, const caf::actor& replica, std::chrono::milliseconds timeout) {
+void wait_until_ready(caf::actor_system& sys, const SupervisorActor& replica, std::chrono::milliseconds timeout) {
   caf::scoped_actor self{sys};
   const auto until = std::chrono::steady_clock::now() + timeout;
   std::string problem;
-  caf::actor shard;
+  ShardActor shard;
   // Shards placed on other nodes are built there and connected first: until the group is up
   // the replica names no shard.
   while (!shard && problem.empty()) {
     self->request(replica, timeout, shard_atom::value)
-        .receive([&](const caf::actor& a) { shard = a; }, [&](const caf::error& e) { problem = sys.render(e); });
+        .receive([&](const ShardActor& a) { shard = a; }, [&](const caf::error& e) { problem = sys.render(e); });
     if (shard || !problem.empty()) break;
     if (std::chrono::steady_clock::now() >= until) problem = "the replica has no shard after " + std::to_string(timeout.count()) + " ms";
     else std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -17,11 +17,11 @@ int32_t serving_context(const ClusterConfig& config, const ModelCard& model);
 
 ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
 
-caf::actor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup);
+SupervisorActor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup);
 
 // Waits until the replica's shard has built its engine (weights packed, KV memory allocated,
 // which takes a moment for a large model), so that a server announces its port only when the
 // first request will not pay for that. Throws Error(io) after `timeout`.
-void wait_until_ready(caf::actor_system& sys, const caf::actor& replica, std::chrono::milliseconds timeout);
+void wait_until_ready(caf::actor_system& sys, const SupervisorActor& replica, std::chrono::milliseconds timeout);
 
 }  // namespace celer

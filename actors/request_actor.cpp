@@ -15,14 +15,14 @@ size_t stop_reach(const std::vector<std::string>& stop) {
 }
 
 // Waits for a scheduler to take the request (over): a bounded wait.
-void await_scheduler(caf::stateful_actor<RequestState>* self) {
+void await_scheduler(RequestActor::stateful_pointer<RequestState> self) {
   self->delayed_send(self, kTakeoverTimeout, resume_atom::value, self->state.takeovers);
 }
 
 }  // namespace
 
-caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
-                            caf::actor supervisor, RequestId client_id, GenerateRequest request,
+RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<RequestState> self, StreamSink client,
+                                          SchedulerActor scheduler, ResumeSink supervisor, RequestId client_id, GenerateRequest request,
                             std::shared_ptr<const ModelCard> card, int64_t received_us) {
   auto& st = self->state;
   st.client = std::move(client);
@@ -37,7 +37,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
   st.received_us = received_us;
   // The scheduler's reference is the only one; when it dies the request must live on to resume.
   // The actor holds itself until it quits (every path ends in quit(): finish, error, client gone).
-  st.keep_alive = caf::actor_cast<caf::actor>(self);
+  st.keep_alive = caf::actor_cast<RequestActor>(self);
   // A client that goes away cancels its request; a scheduler that dies hands it to its successor.
   self->monitor(st.client);
   if (st.scheduler) self->monitor(st.scheduler);
@@ -151,7 +151,7 @@ caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor 
           self->quit();
         }
       },
-      [=](resume_atom, const caf::actor& scheduler, RequestId id) {
+      [=](resume_atom, const SchedulerActor& scheduler, RequestId id) {
         auto& s = self->state;
         // Taken over by the scheduler that says so, and only while it waits for one.
         if (s.scheduler || !scheduler || caf::actor_cast<caf::actor_addr>(self->current_sender()) != scheduler.address()) return;

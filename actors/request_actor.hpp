@@ -24,6 +24,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "runtime/model_card.hpp"
 #include "runtime/protocol.hpp"
 
@@ -34,9 +35,9 @@ namespace celer {
 constexpr auto kTakeoverTimeout = std::chrono::seconds(30);
 
 struct RequestState {
-  caf::actor client;
-  caf::actor scheduler;
-  caf::actor supervisor;    // asked to resume the request when the scheduler dies (may be null)
+  StreamSink client;
+  SchedulerActor scheduler;
+  ResumeSink supervisor;    // asked to resume the request when the scheduler dies (may be null)
   GenerateRequest original; // with its prompt tokens, for a resume
   std::vector<TokenId> generated;  // every token sent
   int32_t base = 0;         // the current scheduler's token index 0 is the stream's index `base`
@@ -49,14 +50,14 @@ struct RequestState {
   int32_t sent = 0;         // tokens sent to the client
   bool stopped = false;     // a stop string was found: later tokens are dropped
   int64_t received_us = 0;  // when the replica received the request (StageTimes::received_us)
-  caf::actor keep_alive;    // itself: see request_actor()
+  RequestActor keep_alive;  // itself: see request_actor()
   uint64_t takeovers = 0;   // schedulers that took the request (over)
   bool cancel_pending = false;  // cancelled while no scheduler held it
   static inline const char* name = "celer.request";
 };
 
-caf::behavior request_actor(caf::stateful_actor<RequestState>* self, caf::actor client, caf::actor scheduler,
-                            caf::actor supervisor, RequestId client_id, GenerateRequest request,
+RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<RequestState> self, StreamSink client,
+                                          SchedulerActor scheduler, ResumeSink supervisor, RequestId client_id, GenerateRequest request,
                             std::shared_ptr<const ModelCard> card, int64_t received_us);
 
 }  // namespace celer

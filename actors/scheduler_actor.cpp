@@ -10,7 +10,7 @@
 namespace celer {
 namespace {
 
-using Self = caf::stateful_actor<SchedulerActorState>;
+using Self = SchedulerActor::stateful_base<SchedulerActorState>;
 
 const char* const kShuttingDown = "the server is shutting down";
 
@@ -114,7 +114,7 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
             auto& s = self->state;
             s.step_in_flight = false;
             if (e == caf::sec::request_timeout && s.shard_up)
-              for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
+              for (const ShardActor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
             if (s.shard_up) ++s.step_failures;
             s.scheduler->reset_kv();
             self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
@@ -196,7 +196,7 @@ void run_step(Self* self) {
           });
 }
 
-void cache_up(Self* self, caf::actor cache) {
+void cache_up(Self* self, CacheActor cache) {
   auto& st = self->state;
   st.cache = std::move(cache);
   *st.cache_for_exit = st.cache;
@@ -219,7 +219,7 @@ void spawn_cache(Self* self) {
   cs.prefix_caching = st.setup.prefix_caching;
   cs.response_cache_entries = st.setup.response_cache_entries;
   cs.response_cache_ttl_ms = st.setup.response_cache_ttl_ms;
-  cs.routers = st.setup.routers;
+  cs.routers.assign(st.setup.routers.begin(), st.setup.routers.end());
   cs.replica = st.setup.name;
   const uint64_t generation = ++st.cache_generation;
   st.cache_up = false;
@@ -231,7 +231,7 @@ void spawn_cache(Self* self) {
                 cs.prefix_caching, static_cast<int32_t>(cs.response_cache_entries), cs.response_cache_ttl_ms,
                 st.setup.name)
       .then(
-          [=](const caf::actor& cache) {
+          [=](const CacheActor& cache) {
             if (generation != self->state.cache_generation) {
               caf::anon_send_exit(cache, caf::exit_reason::user_shutdown);
               return;
@@ -292,7 +292,7 @@ void group_failed(Self* self, uint64_t generation, const std::string& why) {
   auto& st = self->state;
   if (generation != st.shard_generation) return;
   ++st.shard_generation;  // answers still on their way are for a group that is gone
-  for (const caf::actor& r : st.ranks)
+  for (const ShardActor& r : st.ranks)
     if (r) caf::anon_send_exit(r, caf::exit_reason::kill);
   st.shard_up = false;
   st.scheduler->reset_kv();
@@ -304,12 +304,12 @@ void group_failed(Self* self, uint64_t generation, const std::string& why) {
 void connect_group(Self* self, uint64_t generation) {
   auto& st = self->state;
   const size_t tp = st.ranks.size();
-  auto endpoints = std::make_shared<std::vector<caf::actor>>(tp);
+  auto endpoints = std::make_shared<std::vector<EndpointActor>>(tp);
   auto answered = std::make_shared<size_t>(0);
   for (size_t r = 0; r < tp; ++r)
     self->request(st.ranks[r], std::chrono::seconds(30), collective_atom::value)
         .then(
-            [=](const caf::actor& endpoint) {
+            [=](const EndpointActor& endpoint) {
               if (generation != self->state.shard_generation) return;
               if (!endpoint) return group_failed(self, generation, "rank " + std::to_string(r) + " has no all-reduce endpoint");
               (*endpoints)[r] = endpoint;
@@ -341,7 +341,7 @@ void spawn_shard(Self* self) {
   const int tp = std::max(1, st.setup.engine.tp_size);
   const uint64_t generation = ++st.shard_generation;
   st.shard_up = false;
-  st.ranks.assign(static_cast<size_t>(tp), caf::actor{});
+  st.ranks.assign(static_cast<size_t>(tp), ShardActor{});
   if (st.setup.shard_nodes.empty()) {
     auto group = tp > 1 ? std::make_shared<LocalAllReduceGroup>(tp) : nullptr;
     for (int r = 0; r < tp; ++r) {
@@ -373,7 +373,7 @@ void spawn_shard(Self* self) {
     spec.kv_type = e.kv_type ? static_cast<int32_t>(*e.kv_type) : -1;
     self->request(st.setup.shard_nodes[r], kShardSpawnTimeout, spawn_atom::value, encode(spec))
         .then(
-            [=](const caf::actor& shard) {
+            [=](const ShardActor& shard) {
               auto& s = self->state;
               if (generation != s.shard_generation) {
                 caf::anon_send_exit(shard, caf::exit_reason::kill);
@@ -395,7 +395,7 @@ void spawn_shard(Self* self) {
 
 // Admits a tokenized request (or tells its request actor why not) and starts an iteration.
 // `cacheable`: its answer goes to the response cache when it finishes.
-void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cacheable) {
+void admit(Self* self, GenerateRequest req, const RequestActor& request, bool cacheable) {
   auto& s = self->state;
   if (s.stopping) {  // its response-cache lookup was on its way when the stop came
     self->send(request, event_atom::value, encode(ErrorReply{req.id, ErrorKind::unavailable, kShuttingDown}));
@@ -413,7 +413,7 @@ void admit(Self* self, GenerateRequest req, const caf::actor& request, bool cach
 
 // A new request: replayed from the response cache when it holds the same request's answer, else
 // admitted. `request` is the request actor that streams it.
-void look_up_then_admit(Self* self, GenerateRequest req, const caf::actor& request) {
+void look_up_then_admit(Self* self, GenerateRequest req, const RequestActor& request) {
   auto& s = self->state;
   // A repeated identical request: replay the stored answer as its token stream.
   // Stored answers hold tokens only: a request for logprobs always runs.
@@ -467,7 +467,7 @@ std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateReque
 
 void take_over(Self* self, const WireMessage& wm, bool entering) {
   auto& s = self->state;
-  auto request = caf::actor_cast<caf::actor>(self->current_sender());
+  auto request = caf::actor_cast<RequestActor>(self->current_sender());
   DecodeResult d = decode(wm);
   if (!request || !d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
     ++s.malformed;
@@ -489,7 +489,7 @@ void take_over(Self* self, const WireMessage& wm, bool entering) {
     return;
   }
   // The request actor learns its scheduler and id first: its cancel then reaches here.
-  self->send(request, resume_atom::value, caf::actor_cast<caf::actor>(self), req.id);
+  self->send(request, resume_atom::value, caf::actor_cast<SchedulerActor>(self), req.id);
   if (entering) {
     look_up_then_admit(self, std::move(req), request);
     return;
@@ -520,7 +520,7 @@ void send_report(Self* self) {
   r.tokens_generated = s.tokens_generated;
   r.draining = s.stopping || s.draining;
   const WireMessage wire = encode(r);
-  for (const caf::actor& router : s.setup.routers) self->send(router, report_atom::value, wire);
+  for (const RouterActor& router : s.setup.routers) self->send(router, report_atom::value, wire);
 }
 
 // Checks a request's prompt against the vocabulary; the error to send back, if any.
@@ -533,7 +533,7 @@ std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateReque
 
 }  // namespace
 
-caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervisor) {
+SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, SupervisorActor supervisor) {
   exit_with_exception_text(self);
   auto& st = self->state;
   st.setup = setup;
@@ -563,24 +563,24 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
       return;
     }
-    const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const caf::actor& r) { return dm.source == r.address(); });
+    const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const ShardActor& r) { return dm.source == r.address(); });
     if (!ours || !s.shard_up) return;  // not a shard, or its group is already being replaced
     s.shard_up = false;
-    for (const caf::actor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
+    for (const ShardActor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
     // The shard died: its KV is gone.
     s.scheduler->reset_kv();
     if (count_restart(self, s.restarts, s.total_restarts, "model shard", failure_text(self->system(), dm.reason)))
       self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
   });
   self->attach_functor([ranks = st.shard_for_exit, cache = st.cache_for_exit](const caf::error&) {
-    for (const caf::actor& r : *ranks) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
+    for (const ShardActor& r : *ranks) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
     if (*cache) caf::anon_send_exit(*cache, caf::exit_reason::user_shutdown);
   });
   return {
       [=](generate_atom, const WireMessage& wm) {
         const int64_t received_us = unix_us();
         auto& s = self->state;
-        auto client = caf::actor_cast<caf::actor>(self->current_sender());
+        auto client = caf::actor_cast<StreamSink>(self->current_sender());
         DecodeResult d = decode(wm);
         if (!d.message || !std::holds_alternative<GenerateRequest>(*d.message)) {
           ++s.malformed;
@@ -601,7 +601,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         const Tokenizer& tok = s.setup.model->tokenizer();
         if (req.prompt_tokens.empty())
           req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), req.parse_special);
-        auto request = self->spawn(request_actor, client, caf::actor_cast<caf::actor>(self), s.supervisor, client_id, req,
+        auto request = self->spawn(request_actor, client, caf::actor_cast<SchedulerActor>(self), ResumeSink{s.supervisor}, client_id, req,
                                    s.setup.model->card(), received_us);
         if (auto bad = check_prompt(tok, req)) {
           self->send(request, event_atom::value, encode(*bad));
@@ -667,7 +667,7 @@ caf::behavior scheduler_actor(Self* self, ReplicaSetup setup, caf::actor supervi
         spawn_shard(self);
         run_step(self);
       },
-      [=](shard_atom) { return self->state.shard_up ? self->state.shard : caf::actor{}; },
+      [=](shard_atom) { return self->state.shard_up ? self->state.shard : ShardActor{}; },
       [=](cache_atom, bool respawn) {
         if (!respawn || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;
         spawn_cache(self);

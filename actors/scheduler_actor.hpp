@@ -28,6 +28,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/model.hpp"
@@ -56,9 +57,9 @@ struct ReplicaSetup {
   // its load to (null: none).
   std::string name = "r0";
   std::string model_path;
-  caf::actor cache_node;
-  std::vector<caf::actor> shard_nodes;  // [tp] or empty
-  std::vector<caf::actor> routers;      // the router, then its standby (if any)
+  NodeActor cache_node;
+  std::vector<NodeActor> shard_nodes;  // [tp] or empty
+  std::vector<RouterActor> routers;      // the router, then its standby (if any)
 };
 
 // How long a step may take before its shard counts as hung; it is then replaced like a dead one.
@@ -69,10 +70,10 @@ constexpr auto kShardSpawnTimeout = std::chrono::minutes(10);
 struct SchedulerActorState {
   ReplicaSetup setup;
   std::unique_ptr<Scheduler> scheduler;
-  caf::actor supervisor;
-  caf::actor cache;                // the replica's block table, prefix and response caches
+  SupervisorActor supervisor;
+  CacheActor cache;                // the replica's block table, prefix and response caches
   bool cache_up = false;
-  std::shared_ptr<caf::actor> cache_for_exit = std::make_shared<caf::actor>();  // stopped with the scheduler
+  std::shared_ptr<CacheActor> cache_for_exit = std::make_shared<CacheActor>();  // stopped with the scheduler
   std::vector<std::chrono::steady_clock::time_point> cache_restarts;  // within the window
   uint64_t total_cache_restarts = 0;
   // The cache's figures as of its last plan (for stats).
@@ -81,16 +82,16 @@ struct SchedulerActorState {
   uint64_t prefix_queries = 0;
   uint64_t prefix_hits = 0;
   uint64_t response_cache_hits = 0;
-  caf::actor shard;                // rank 0: runs the step and samples
-  std::vector<caf::actor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
+  ShardActor shard;                // rank 0: runs the step and samples
+  std::vector<ShardActor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
   uint64_t shard_generation = 0;   // counts groups spawned: answers for an older group are dropped
   uint64_t cache_generation = 0;
   uint64_t tokens_generated = 0;
   uint64_t steps = 0, step_us = 0, allreduce_us = 0, allreduce_calls = 0;  // rank 0's step times (ReplicaStats)
   bool report_scheduled = false;
-  std::shared_ptr<std::vector<caf::actor>> shard_for_exit = std::make_shared<std::vector<caf::actor>>();  // stopped with the scheduler
-  std::unordered_map<RequestId, caf::actor> requests;
+  std::shared_ptr<std::vector<ShardActor>> shard_for_exit = std::make_shared<std::vector<ShardActor>>();  // stopped with the scheduler
+  std::unordered_map<RequestId, RequestActor> requests;
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;
   // Requests whose response-cache lookup is on its way, and whether a cancel came meanwhile.
@@ -111,6 +112,7 @@ struct SchedulerActorState {
 
 // `supervisor` (may be null) is told to request actors, which ask it to resume their requests
 // when this scheduler dies.
-caf::behavior scheduler_actor(caf::stateful_actor<SchedulerActorState>* self, ReplicaSetup setup, caf::actor supervisor);
+SchedulerActor::behavior_type scheduler_actor(SchedulerActor::stateful_pointer<SchedulerActorState> self, ReplicaSetup setup,
+                                             SupervisorActor supervisor);
 
 }  // namespace celer

@@ -7,7 +7,7 @@
 
 namespace celer {
 
-caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
+ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> self, std::shared_ptr<const Model> model,
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner) {
   self->state.owner = std::move(owner);
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
@@ -55,11 +55,11 @@ caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr
           return encode(ErrorReply{0, ErrorKind::invalid_request, std::string("shard: step refused: ") + e.what()});
         }
       },
-      [=](collective_atom) -> caf::actor {
-        if (!self->state.network) return caf::actor{};
+      [=](collective_atom) -> EndpointActor {
+        if (!self->state.network) return EndpointActor{};
         return self->state.network->endpoint();
       },
-      [=](peers_atom, std::vector<caf::actor> peers) -> bool {
+      [=](peers_atom, std::vector<EndpointActor> peers) -> bool {
         if (!self->state.network || caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->state.owner) return false;
         try {
           self->state.network->connect(std::move(peers));

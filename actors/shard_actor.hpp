@@ -14,6 +14,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/step_executor.hpp"
 #include "runtime/tensor_parallel.hpp"
@@ -37,7 +38,7 @@ struct ShardState {
 // `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever), or,
 // with no group, a network group (actors/collective.hpp) that peers_atom connects. `owner` is
 // the scheduler the shard works for: steps and peers are taken from it alone.
-caf::behavior shard_actor(caf::stateful_actor<ShardState>* self, std::shared_ptr<const Model> model,
+ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> self, std::shared_ptr<const Model> model,
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner);
 
 // The engine options a ShardSpec describes (threads: the spec's, else `default_threads`).

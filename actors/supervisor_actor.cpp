@@ -8,9 +8,9 @@
 namespace celer {
 namespace {
 
-using Self = caf::stateful_actor<SupervisorState>;
+using Self = SupervisorActor::stateful_base<SupervisorState>;
 
-void pass_on(const caf::actor& scheduler, const caf::actor& sender, SupervisorState::Kind kind, WireMessage wm) {
+void pass_on(const SchedulerActor& scheduler, const StreamSink& sender, SupervisorState::Kind kind, WireMessage wm) {
   switch (kind) {
     case SupervisorState::Kind::generate: caf::send_as(sender, scheduler, generate_atom::value, std::move(wm)); break;
     case SupervisorState::Kind::resume: caf::send_as(sender, scheduler, resume_atom::value, std::move(wm)); break;
@@ -20,7 +20,7 @@ void pass_on(const caf::actor& scheduler, const caf::actor& sender, SupervisorSt
 
 void spawn_scheduler(Self* self) {
   auto& st = self->state;
-  st.scheduler = self->spawn(scheduler_actor, st.setup, caf::actor_cast<caf::actor>(self));
+  st.scheduler = self->spawn(scheduler_actor, st.setup, caf::actor_cast<SupervisorActor>(self));
   *st.scheduler_for_exit = st.scheduler;
   st.up = true;
   self->monitor(st.scheduler);
@@ -31,7 +31,7 @@ void spawn_scheduler(Self* self) {
 // Forwards to the scheduler as if from the original sender, or keeps it for the next one.
 void forward(Self* self, SupervisorState::Kind kind, const WireMessage& wm) {
   auto& st = self->state;
-  auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+  auto sender = caf::actor_cast<StreamSink>(self->current_sender());
   if (!st.up) {
     st.pending.push_back({sender, kind, wm});
     return;
@@ -52,7 +52,7 @@ void fail_pending(Self* self, const std::string& why) {
 
 }  // namespace
 
-caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
+SupervisorActor::behavior_type supervisor_actor(Self* self, ReplicaSetup setup) {
   self->state.setup = std::move(setup);
   spawn_scheduler(self);
   self->set_down_handler([=](const caf::down_msg& dm) {
@@ -89,7 +89,7 @@ caf::behavior supervisor_actor(Self* self, ReplicaSetup setup) {
       [=](generate_atom, const WireMessage& wm) { forward(self, SupervisorState::Kind::generate, wm); },
       // A request routed here by a cluster's router, from its request actor on the client's node.
       [=](enter_atom, const WireMessage& wm) { forward(self, SupervisorState::Kind::enter, wm); },
-      [=](resume_atom, const WireMessage& wm, const caf::actor& dead) {
+      [=](resume_atom, const WireMessage& wm, const SchedulerActor& dead) {
         // A request actor saw the scheduler die before this supervisor did: hold its request
         // for the successor (the down message is on its way and starts the restart).
         if (dead == self->state.scheduler) self->state.up = false;

@@ -23,7 +23,7 @@ namespace celer {
 
 struct SupervisorState {
   ReplicaSetup setup;
-  caf::actor scheduler;
+  SchedulerActor scheduler;
   bool up = false;
   std::vector<std::chrono::steady_clock::time_point> restarts;
   uint64_t total_restarts = 0;
@@ -32,15 +32,15 @@ struct SupervisorState {
   // Messages that arrived while the scheduler was restarting: (original sender, atom, content).
   enum class Kind { generate, resume, enter };  // which message it came as
   struct Pending {
-    caf::actor sender;
+    StreamSink sender;  // a client, or a request actor
     Kind kind;
     WireMessage message;
   };
   std::vector<Pending> pending;
-  std::shared_ptr<caf::actor> scheduler_for_exit = std::make_shared<caf::actor>();  // stopped with the supervisor
+  std::shared_ptr<SchedulerActor> scheduler_for_exit = std::make_shared<SchedulerActor>();  // stopped with the supervisor
   static inline const char* name = "celer.supervisor";
 };
 
-caf::behavior supervisor_actor(caf::stateful_actor<SupervisorState>* self, ReplicaSetup setup);
+SupervisorActor::behavior_type supervisor_actor(SupervisorActor::stateful_pointer<SupervisorState> self, ReplicaSetup setup);
 
 }  // namespace celer

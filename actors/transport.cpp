@@ -568,7 +568,8 @@ TransportStats Transport::stats() const {
   return s;
 }
 
-uint16_t Transport::publish(const caf::actor& whom, const std::string& host, uint16_t port) {
+uint16_t Transport::publish_actor(caf::strong_actor_ptr whom, std::set<std::string> interface, const std::string& host,
+                                  uint16_t port) {
   const std::string where = host + ":" + std::to_string(port);
   AddrInfo ai;
   if (std::string why = resolve(host, port, true, ai); !why.empty())
@@ -597,15 +598,12 @@ uint16_t Transport::publish(const caf::actor& whom, const std::string& host, uin
                                                              : reinterpret_cast<sockaddr_in&>(bound).sin_port);
   io::doorman_ptr doorman = caf::make_counted<GuardedDoorman>(multiplexer(sys_), fd, guard_);
   caf::anon_send(basp_broker(sys_), caf::publish_atom::value, std::move(doorman), actual,
-                 caf::actor_cast<caf::strong_actor_ptr>(whom), std::set<std::string>{});
+                 std::move(whom), std::move(interface));
   return actual;
 }
 
-void Transport::unpublish(const caf::actor& whom, uint16_t port) {
-  static_cast<void>(sys_.middleman().unpublish(whom, port));
-}
-
-caf::actor Transport::connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout) {
+caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t port, std::chrono::milliseconds timeout,
+                                               const std::set<std::string>& interface) {
   const std::string where = host + ":" + std::to_string(port);
   std::string why;
   const int fd = connect_tcp(host, port, timeout, why);
@@ -625,12 +623,15 @@ caf::actor Transport::connect(const std::string& host, uint16_t port, std::chron
                                                          false);
   }
   caf::scoped_actor self{sys_};
-  caf::actor server;
+  caf::strong_actor_ptr server;
   self->request(basp_broker(sys_), timeout, caf::connect_atom::value, std::move(scribe), port)
       .receive(
-          [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
-            if (ptr) server = caf::actor_cast<caf::actor>(std::move(ptr));
-            else why = "no actor is published there";
+          [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>& offered) {
+            if (!ptr) why = "no actor is published there";
+            else if (!sys_.assignable(offered, interface))
+              why = "the actor published there lacks messages this end sends (another version of celer, or "
+                    "another kind of actor than the one expected)";
+            else server = std::move(ptr);
           },
           [&](const caf::error& e) {
             // The server closes a connection whose token or version it does not accept before

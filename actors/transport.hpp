@@ -29,7 +29,8 @@
 #include <memory>
 #include <string>
 
-#include <caf/fwd.hpp>
+#include <caf/all.hpp>
+#include <caf/io/middleman.hpp>
 
 #include "runtime/config.hpp"   // TlsConfig
 #include "runtime/metrics.hpp"  // TransportStats
@@ -73,14 +74,24 @@ class Transport {
   Transport& operator=(const Transport&) = delete;
 
   // Listens on host:port (0: ephemeral) and makes `whom` the actor that connecting clients
-  // reach there; returns the bound port. Throws Error(io) naming the address and the reason
-  // ("address already in use").
-  uint16_t publish(const caf::actor& whom, const std::string& host, uint16_t port);
-  void unpublish(const caf::actor& whom, uint16_t port);
+  // reach there, announcing its typed interface; returns the bound port. Throws Error(io)
+  // naming the address and the reason ("address already in use").
+  template <class Handle>
+  uint16_t publish(const Handle& whom, const std::string& host, uint16_t port) {
+    return publish_actor(caf::actor_cast<caf::strong_actor_ptr>(whom), sys_.message_types(whom), host, port);
+  }
+  template <class Handle>
+  void unpublish(const Handle& whom, uint16_t port) {
+    static_cast<void>(sys_.middleman().unpublish(whom, port));
+  }
 
-  // Connects to the actor published at host:port within `timeout`. Throws Error(unavailable)
-  // naming the address and the reason (refused, no answer, wrong token, not a celer port).
-  caf::actor connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout);
+  // Connects to the actor published at host:port within `timeout`, whose interface must
+  // include Handle's. Throws Error(unavailable) naming the address and the reason (refused, no
+  // answer, wrong token, not a celer port, another interface).
+  template <class Handle>
+  Handle connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout) {
+    return caf::actor_cast<Handle>(connect_actor(host, port, timeout, sys_.message_types<Handle>()));
+  }
 
   const TransportLimits& limits() const;
   TransportStats stats() const;
@@ -88,6 +99,10 @@ class Transport {
   struct Guard;
 
  private:
+  uint16_t publish_actor(caf::strong_actor_ptr whom, std::set<std::string> interface, const std::string& host, uint16_t port);
+  caf::strong_actor_ptr connect_actor(const std::string& host, uint16_t port, std::chrono::milliseconds timeout,
+                                      const std::set<std::string>& interface);
+
   caf::actor_system& sys_;
   std::shared_ptr<Guard> guard_;
 };

@@ -30,7 +30,7 @@ using spawn_atom = caf::atom_constant<caf::atom("spawn")>;        // scheduler -
 using route_atom = caf::atom_constant<caf::atom("route")>;        // node -> router: RouteQuery, reply the replica
 using report_atom = caf::atom_constant<caf::atom("report")>;      // scheduler -> router: ReplicaReport
 using join_atom = caf::atom_constant<caf::atom("join")>;          // replica -> router: (name, supervisor); node -> node: hello
-using hello_atom = caf::atom_constant<caf::atom("hello")>;        // node -> router, every heartbeat interval: (name, node actor)
+using hello_atom = caf::atom_constant<caf::atom("hello")>;        // node actor -> router, every heartbeat interval: (name)
 using router_atom = caf::atom_constant<caf::atom("router")>;      // anyone -> node: the router it uses
 using info_atom = caf::atom_constant<caf::atom("info")>;          // client -> node or replica: ModelInfo
 using status_atom = caf::atom_constant<caf::atom("status")>;      // client -> node -> router: ClusterStatus
@@ -63,23 +63,6 @@ struct ReducePart {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReducePart& x) {
   return f(caf::meta::type_name("celer.ReducePart"), x.call, x.rank, x.bytes);
-}
-
-// Every type celer sends, registered on every node (a type missing on one end arrives there as
-// an unexpected message).
-inline void add_message_types(caf::actor_system_config& cfg) {
-  cfg.add_message_type<WireMessage>("celer.WireMessage");
-  cfg.add_message_type<ReducePart>("celer.ReducePart");
-}
-
-// A node that runs shards: celer's message types, and CAF's threads kept out of the way of the
-// shards' compute threads. The default work-stealing threads poll when idle; on a machine whose
-// cores the shards already fill, the sharing policy (threads sleep on one queue) is the quieter
-// neighbour. Two threads carry the actors: their work per step is microseconds.
-inline void configure_serving_node(caf::actor_system_config& cfg) {
-  add_message_types(cfg);
-  cfg.set("scheduler.policy", caf::atom("sharing"));
-  cfg.set("scheduler.max-threads", 2);
 }
 
 }  // namespace celer

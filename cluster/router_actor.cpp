@@ -7,7 +7,7 @@
 namespace celer {
 namespace {
 
-using Self = caf::stateful_actor<RouterState>;
+using Self = RouterActor::stateful_base<RouterState>;
 
 int64_t now_ms(Self* self) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - self->state.start).count();
@@ -106,7 +106,7 @@ std::string status_json(Self* self) {
 
 }  // namespace
 
-caf::behavior router_actor(Self* self, RouterSetup setup) {
+RouterActor::behavior_type router_actor(Self* self, RouterSetup setup) {
   auto& st = self->state;
   st.setup = std::move(setup);
   st.table = std::make_unique<ReplicaTable>(st.setup.routing);
@@ -116,16 +116,16 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
     for (size_t i = 0; i < s.supervisors.size(); ++i)
       if (s.supervisors[i] && s.supervisors[i].address() == dm.source) {
         s.table->set_up(static_cast<int32_t>(i), false);
-        s.supervisors[i] = nullptr;
+        s.supervisors[i] = SupervisorActor{};
       }
     for (auto& [name, node] : s.nodes)
       if (node.actor && node.actor.address() == dm.source) {
         node.up = false;
-        node.actor = nullptr;
+        node.actor = NodeActor{};
       }
   });
   return {
-      [=](join_atom, const std::string& replica, const caf::actor& supervisor) -> caf::result<bool> {
+      [=](join_atom, const std::string& replica, const SupervisorActor& supervisor) -> caf::result<bool> {
         // A replica's supervisor, from the node the config schedules it on.
         if (!from_placed(self, "scheduler", replica) || !supervisor || supervisor.node() != self->current_sender()->node())
           return caf::make_error(caf::sec::invalid_argument,
@@ -140,12 +140,11 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         self->state.table->set_up(i, true);
         return true;
       },
-      [=](hello_atom, const std::string& node, const caf::actor& actor) {
+      [=](hello_atom, const std::string& node) {
         auto& s = self->state;
-        // A node of the config, speaking for an actor of its own.
-        const caf::strong_actor_ptr& sender = self->current_sender();
-        if (std::find(s.setup.nodes.begin(), s.setup.nodes.end(), node) == s.setup.nodes.end() || !actor || !sender ||
-            actor.node() != sender->node()) {
+        // A node of the config; its node actor sends the hello.
+        const auto actor = caf::actor_cast<NodeActor>(self->current_sender());
+        if (std::find(s.setup.nodes.begin(), s.setup.nodes.end(), node) == s.setup.nodes.end() || !actor) {
           ++s.refused_peers;
           return;
         }
@@ -202,7 +201,7 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         self->state.reports[i].cached_blocks = static_cast<int64_t>(r->cached_blocks.size());
         self->state.table->set_cached_blocks(i, std::move(r->cached_blocks));
       },
-      [=](route_atom, const WireMessage& wm) -> caf::result<caf::actor, std::string> {
+      [=](route_atom, const WireMessage& wm) -> caf::result<SupervisorActor, std::string> {
         auto& s = self->state;
         DecodeResult d = decode(wm);
         if (!d.message || !std::holds_alternative<RouteQuery>(*d.message)) {
@@ -219,7 +218,7 @@ caf::behavior router_actor(Self* self, RouterSetup setup) {
         return {s.supervisors[pick->replica], s.table->name(pick->replica)};
       },
       [=](status_atom) -> WireMessage { return encode(ClusterStatus{status_json(self)}); },
-      [=](stats_atom) -> caf::result<caf::actor> {
+      [=](stats_atom) -> caf::result<SupervisorActor> {
         // A replica that is up, for a gateway's /health: not a request, so not counted or
         // added to any load.
         auto& s = self->state;

@@ -3,7 +3,7 @@
 //
 // Messages in:  (join_atom, replica name, supervisor) when a replica is ready; it is monitored,
 //               and a replica that goes down (its process, its node) receives nothing more
-//               (hello_atom, node name, node actor) from each node, every heartbeat interval
+//               (hello_atom, node name) from each node actor, every heartbeat interval
 //               (report_atom, WireMessage{ReplicaReport}) from schedulers: load
 //               (report_atom, cache_atom, WireMessage{ReplicaReport}) from caches: cached blocks
 //               (route_atom, WireMessage{RouteQuery}) -> (supervisor, replica name), or an error
@@ -20,6 +20,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/interfaces.hpp"
 #include "cluster/routing.hpp"
 
 namespace celer {
@@ -43,7 +44,7 @@ struct RouterState {
   RouterSetup setup;
   std::unique_ptr<ReplicaTable> table;
   std::map<std::string, int32_t> index;  // replica name -> table index
-  std::vector<caf::actor> supervisors;   // by table index
+  std::vector<SupervisorActor> supervisors;  // by table index
   struct Seen {  // what the router last heard from a replica
     ReplicaReport report;
     int64_t at_ms = -1;
@@ -53,7 +54,7 @@ struct RouterState {
   };
   std::vector<Seen> reports;             // by table index
   struct Node {
-    caf::actor actor;
+    NodeActor actor;
     int64_t last_seen_ms = -1;  // -1: never heard from
     bool up = false;
   };
@@ -70,6 +71,6 @@ struct RouterState {
   static inline const char* name = "celer.router";
 };
 
-caf::behavior router_actor(caf::stateful_actor<RouterState>* self, RouterSetup setup);
+RouterActor::behavior_type router_actor(RouterActor::stateful_pointer<RouterState> self, RouterSetup setup);
 
 }  // namespace celer

@@ -43,18 +43,18 @@ struct Replica {
     scheduler = sys.spawn(supervisor_actor, setup);  // the replica's entry point
   }
   ~Replica() { caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown); }
-  caf::actor current_cache() {
+  CacheActor current_cache() {
     caf::scoped_actor probe{sys};
-    caf::actor out;
+    CacheActor out;
     probe->request(scheduler, std::chrono::seconds(5), cache_atom::value)
-        .receive([&](const caf::actor& a) { out = a; }, [&](caf::error&) { FAIL("no cache"); });
+        .receive([&](const CacheActor& a) { out = a; }, [&](caf::error&) { FAIL("no cache"); });
     return out;
   }
-  caf::actor current_shard() {
+  ShardActor current_shard() {
     caf::scoped_actor probe{sys};
-    caf::actor out;
+    ShardActor out;
     probe->request(scheduler, std::chrono::seconds(5), shard_atom::value)
-        .receive([&](const caf::actor& a) { out = a; }, [&](caf::error&) { FAIL("no shard"); });
+        .receive([&](const ShardActor& a) { out = a; }, [&](caf::error&) { FAIL("no shard"); });
     return out;
   }
   ReplicaStats stats() {
@@ -119,7 +119,7 @@ struct Replica {
 
   caf::actor_system sys;
   std::shared_ptr<Model> model;
-  caf::actor scheduler;
+  SupervisorActor scheduler;  // the replica's entry point
 };
 
 GenerateRequest text_request(RequestId id, const std::string& prompt, int n, float temperature = 0) {
@@ -315,7 +315,7 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
                [&](caf::error&) { FAIL("shard did not answer"); });
   // The cache refuses bad plans and lookups (garbage, the wrong kind, and a well-formed plan that
   // contradicts what it knows) and keeps its state.
-  const caf::actor cache = r.current_cache();
+  const CacheActor cache = r.current_cache();
   auto refused = [&](auto atom, const WireMessage& wm) {
     client->request(cache, std::chrono::seconds(5), atom, wm)
         .receive([&](const WireMessage& reply) { CHECK(std::holds_alternative<ErrorReply>(*decode(reply).message)); },
@@ -342,7 +342,7 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
   while (!finished)
     client->receive([&](event_atom, const WireMessage& wm) {
       if (!poked) {
-        auto request_actor = caf::actor_cast<caf::actor>(client->current_sender());
+        auto request_actor = caf::actor_cast<RequestActor>(client->current_sender());
         client->send(request_actor, event_atom::value, WireMessage{{7, 7, 7}});
         client->send(request_actor, event_atom::value, encode(Step{}));
         poked = true;
@@ -357,7 +357,8 @@ TEST_CASE("actors: malformed messages are refused with an error and harm nobody"
 
 // Three streams (greedy and sampled); `victim()` is killed twice while they run. Every request
 // must still end with exactly its solo tokens: run() checks there is no gap and no duplicate.
-static void kill_twice_mid_stream(Replica& r, const std::function<caf::actor()>& victim) {
+template <class Victim>
+static void kill_twice_mid_stream(Replica& r, const Victim& victim) {
   std::vector<GenerateRequest> reqs{text_request(1, "Once upon a time", 60), text_request(2, "The dog", 60, 0.9f),
                                     text_request(3, "Lily and Tom", 60, 1.0f)};
   int kills = 0;
@@ -420,7 +421,7 @@ TEST_CASE("actors: killing the scheduler mid-stream: the supervisor restarts it 
     if (id != 1 || n != 12 || killed) return;
     caf::scoped_actor probe{r.sys};
     probe->request(r.scheduler, std::chrono::seconds(5), sched_atom::value)
-        .receive([&](const caf::actor& s) { caf::anon_send_exit(s, caf::exit_reason::kill); },
+        .receive([&](const SchedulerActor& s) { caf::anon_send_exit(s, caf::exit_reason::kill); },
                  [&](caf::error&) { FAIL("no scheduler"); });
     killed = true;
   });

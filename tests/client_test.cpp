@@ -12,7 +12,7 @@
 #include <caf/io/all.hpp>
 
 #include "actors/transport.hpp"
-#include "actors/wire.hpp"
+#include "actors/interfaces.hpp"
 #include "celer/client.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/generation.hpp"
@@ -164,16 +164,19 @@ TEST_CASE("client: a peer may not stop or restart the server's actors", "[client
   add_message_types(cfg);
   caf::actor_system sys{cfg};
   Transport transport(sys, TransportLimits{});
-  const caf::actor supervisor = transport.connect("127.0.0.1", server.port(), std::chrono::seconds(10));
+  const auto supervisor = transport.connect<SupervisorActor>("127.0.0.1", server.port(), std::chrono::seconds(10));
+  // The published interface is checked at connect time: a one-process server is no cluster node.
+  CHECK_THROWS_WITH(transport.connect<NodeActor>("127.0.0.1", server.port(), std::chrono::seconds(10)),
+                    Catch::Contains("lacks messages this end sends"));
   caf::scoped_actor self{sys};
   // stop, from another node: refused, and the server keeps serving.
   bool refused = false;
   self->request(supervisor, std::chrono::seconds(5), stop_atom::value)
       .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
   CHECK(refused);
-  caf::actor scheduler;
+  SchedulerActor scheduler;
   self->request(supervisor, std::chrono::seconds(5), sched_atom::value)
-      .receive([&](const caf::actor& s) { scheduler = s; }, [&](const caf::error&) {});
+      .receive([&](const SchedulerActor& s) { scheduler = s; }, [&](const caf::error&) {});
   REQUIRE(scheduler);
   refused = false;
   self->request(scheduler, std::chrono::seconds(5), stop_atom::value)
@@ -191,8 +194,8 @@ TEST_CASE("client: a peer may not stop or restart the server's actors", "[client
   auto r = client->generate("Once upon a time", o);
   REQUIRE(std::holds_alternative<Completion>(r));
   CHECK(std::get<Completion>(r).tokens.size() == 8);
-  caf::actor same;
+  SchedulerActor same;
   self->request(supervisor, std::chrono::seconds(5), sched_atom::value)
-      .receive([&](const caf::actor& s) { same = s; }, [&](const caf::error&) {});
+      .receive([&](const SchedulerActor& s) { same = s; }, [&](const caf::error&) {});
   CHECK(same == scheduler);  // no second scheduler was started
 }

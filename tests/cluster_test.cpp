@@ -21,7 +21,7 @@
 #include <caf/io/all.hpp>
 
 #include "actors/transport.hpp"
-#include "actors/wire.hpp"
+#include "actors/interfaces.hpp"
 #include "celer/client.hpp"
 #include "cluster_process.hpp"
 #include "serve_process.hpp"  // run_celer
@@ -518,18 +518,18 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     TransportLimits limits;
     limits.token = secret;
     Transport transport(sys, limits);
-    const caf::actor node = transport.connect("127.0.0.1", front, std::chrono::seconds(10));
+    const auto node = transport.connect<NodeActor>("127.0.0.1", front, std::chrono::seconds(10));
     caf::scoped_actor self{sys};
-    caf::actor router;
+    RouterActor router;
     self->request(node, std::chrono::seconds(5), router_atom::value)
-        .receive([&](const caf::actor& r) { router = r; }, [](const caf::error&) {});
+        .receive([&](const RouterActor& r) { router = r; }, [](const caf::error&) {});
     REQUIRE(router);
     auto impostor = sys.spawn([]() -> caf::behavior { return {[](generate_atom, const WireMessage&) {}}; });
-    self->send(router, hello_atom::value, std::string("intruder"), impostor);
-    self->send(router, hello_atom::value, std::string("n1"), node);      // n1's name, front's actor
-    self->send(router, hello_atom::value, std::string("n1"), impostor);  // n1's name while n1 is up
+    self->send(router, hello_atom::value, std::string("intruder"));
+    self->send(router, hello_atom::value, std::string("n1"));  // n1's name while n1 is up
+    caf::send_as(impostor, router, hello_atom::value, std::string("n1"));
     bool refused = false;
-    self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), impostor)
+    self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), caf::actor_cast<SupervisorActor>(impostor))
         .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
     CHECK(refused);
     // Nor can it make a node allocate what it cannot hold.
@@ -540,7 +540,7 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     spec.n_kv_blocks = 1 << 30;
     std::string why;
     self->request(node, std::chrono::seconds(10), spawn_atom::value, encode(spec))
-        .receive([&](const caf::actor&) { why = "built"; }, [&](const caf::error& e) { why = sys.render(e); });
+        .receive([&](const ShardActor&) { why = "built"; }, [&](const caf::error& e) { why = sys.render(e); });
     CHECK_THAT(why, Catch::Contains("holds no weights"));  // front: the config places no shard there
     caf::anon_send_exit(impostor, caf::exit_reason::user_shutdown);
   }

@@ -57,7 +57,7 @@ class ActorDecoder {
     setup.scheduler.max_context = eo.max_context;
     setup.kv_blocks = (eo.max_context + kKvBlock - 1) / kKvBlock;
     setup.engine.n_kv_blocks = setup.kv_blocks;
-    replica_ = sys_.spawn(scheduler_actor, setup, caf::actor{});
+    replica_ = sys_.spawn(scheduler_actor, setup, SupervisorActor{});
   }
   ~ActorDecoder() { caf::anon_send_exit(replica_, caf::exit_reason::user_shutdown); }
 
@@ -93,7 +93,7 @@ class ActorDecoder {
   }
   caf::actor_system_config cfg_;  // before sys_, which keeps a reference to it
   caf::actor_system sys_;
-  caf::actor replica_;
+  SchedulerActor replica_;
   RequestId next_id_ = 0;
 };
 

@@ -36,12 +36,12 @@ struct NodeArgs {
 constexpr auto kStopGrace = std::chrono::seconds(10);
 
 // Connects to a peer node's actor, retrying while it is not up yet (nodes start in any order).
-caf::actor connect_peer(Transport& transport, const NodeConfig& peer, std::chrono::steady_clock::time_point until,
+NodeActor connect_peer(Transport& transport, const NodeConfig& peer, std::chrono::steady_clock::time_point until,
                         const std::string& me) {
   std::string last;
   while (true) {
     try {
-      return transport.connect(peer.host, peer.port, std::chrono::seconds(2));
+      return transport.connect<NodeActor>(peer.host, peer.port, std::chrono::seconds(2));
     } catch (const Error& e) {
       last = e.what();
     }
@@ -55,11 +55,11 @@ caf::actor connect_peer(Transport& transport, const NodeConfig& peer, std::chron
 struct RunningNode {
   caf::actor_system& sys;
   std::unique_ptr<Transport> transport;
-  caf::actor node;
+  NodeActor node;
   uint16_t port = 0;
-  caf::actor router;   // when it runs here
-  caf::actor standby;  // when the standby router runs here
-  std::vector<caf::actor> replicas;
+  RouterActor router;   // when it runs here
+  RouterActor standby;  // when the standby router runs here
+  std::vector<SupervisorActor> replicas;
   std::unique_ptr<Gateway> gateway;
 
   // Leaves the cluster without losing a request: the router hears that this node's replicas
@@ -68,7 +68,7 @@ struct RunningNode {
   // served resume their requests on another replica.
   void drain(std::chrono::milliseconds timeout) {
     caf::scoped_actor self{sys};
-    for (const caf::actor& r : replicas)
+    for (const SupervisorActor& r : replicas)
       self->request(r, std::chrono::seconds(3), drain_atom::value).receive([](bool) {}, [](const caf::error&) {});
     const auto until = std::chrono::steady_clock::now() + timeout;
     while (true) {
@@ -76,7 +76,7 @@ struct RunningNode {
       if (node)
         self->request(node, std::chrono::seconds(3), drain_atom::value)
             .receive([&](int32_t n) { busy += n; }, [](const caf::error&) {});
-      for (const caf::actor& r : replicas)
+      for (const SupervisorActor& r : replicas)
         self->request(r, std::chrono::seconds(3), stats_atom::value)
             .receive(
                 [&](const WireMessage& wm) {
@@ -91,7 +91,7 @@ struct RunningNode {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     // What still runs moves: a replica that goes away makes its request actors resume elsewhere.
-    for (const caf::actor& r : replicas) caf::anon_send_exit(r, caf::exit_reason::kill);
+    for (const SupervisorActor& r : replicas) caf::anon_send_exit(r, caf::exit_reason::kill);
     replicas.clear();
   }
 
@@ -99,7 +99,7 @@ struct RunningNode {
     if (transport && port) transport->unpublish(node, port);
     port = 0;
     caf::scoped_actor self{sys};
-    for (const caf::actor& r : replicas)
+    for (const SupervisorActor& r : replicas)
       self->request(r, std::chrono::seconds(3), stop_atom::value).receive([](bool) {}, [](const caf::error&) {});
     if (gateway) {
       const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
@@ -109,12 +109,13 @@ struct RunningNode {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if (gateway) gateway->stop();
     gateway.reset();
-    for (const caf::actor& r : replicas) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
+    for (const SupervisorActor& r : replicas) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
     replicas.clear();
     if (node) caf::anon_send_exit(node, caf::exit_reason::user_shutdown);
     if (router) caf::anon_send_exit(router, caf::exit_reason::user_shutdown);
     if (standby) caf::anon_send_exit(standby, caf::exit_reason::user_shutdown);
-    node = router = standby = nullptr;
+    node = nullptr;
+    router = standby = nullptr;
   }
 };
 
@@ -171,7 +172,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     }
 
     const auto until = std::chrono::steady_clock::now() + config.cluster.connect_timeout;
-    std::map<std::string, caf::actor> peers;
+    std::map<std::string, NodeActor> peers;
     peers[me.name] = running.node;
     for (const std::string& name : plan.peers)
       peers[name] = connect_peer(*running.transport, *find_node(config, name), until, me.name);
@@ -179,10 +180,10 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     // The routers: here, or asked of their nodes until those have started them.
     auto router_on = [&](const std::string& node_name) {
       caf::scoped_actor self{sys};
-      caf::actor found;
+      RouterActor found;
       while (!found) {
         self->request(peers.at(node_name), std::chrono::seconds(2), router_atom::value)
-            .receive([&](const caf::actor& r) { found = r; }, [](const caf::error&) {});
+            .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
         if (found) break;
         if (std::chrono::steady_clock::now() >= until)
           throw Error(ErrorCode::unavailable, "node " + me.name + ": the router on node " + node_name + " did not start");
@@ -190,7 +191,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       }
       return found;
     };
-    std::vector<caf::actor> routers{plan.runs_router ? running.router : router_on(plan.router_node)};
+    std::vector<RouterActor> routers{plan.runs_router ? running.router : router_on(plan.router_node)};
     if (!plan.standby_node.empty()) routers.push_back(plan.runs_standby ? running.standby : router_on(plan.standby_node));
     caf::scoped_actor{sys}->send(running.node, join_atom::value, routers);  // from this process: what the node actor takes
 
@@ -204,7 +205,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       if (!rp.all_local) {
         for (const std::string& n : rp.shard_nodes) setup.shard_nodes.push_back(peers.at(n));
       }
-      caf::actor replica = spawn_replica(sys, setup);
+      SupervisorActor replica = spawn_replica(sys, setup);
       running.replicas.push_back(replica);
       try {
         wait_until_ready(sys, replica, std::chrono::minutes(10));
@@ -215,7 +216,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       // soon as it knows the routers, above): until it has heard, it refuses, and this asks again.
       caf::scoped_actor self{sys};
       std::string problem;
-      for (const caf::actor& router : routers) {
+      for (const RouterActor& router : routers) {
         const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
         for (bool joined = false; !joined;) {
           problem.clear();

@@ -68,7 +68,7 @@ void check_startable(const ClusterConfig& config, const ServeArgs& a) {
 // to wait for.
 struct Node {
   caf::actor_system& sys;
-  caf::actor replica;
+  SupervisorActor replica;
   std::unique_ptr<Transport> transport;
   uint16_t port = 0;
   std::unique_ptr<Gateway> gateway;

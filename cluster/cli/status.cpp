@@ -46,7 +46,7 @@ NodeConnection::NodeConnection(const std::string& host, uint16_t port, const Nod
   limits.token = credentials.secret;
   limits.tls = credentials.tls;
   transport_ = std::make_unique<Transport>(*sys_, limits);
-  node_ = transport_->connect(host, port, timeout);
+  node_ = transport_->connect<NodeActor>(host, port, timeout);
 }
 
 nlohmann::json fetch_status(const std::string& host, uint16_t port, const NodeCredentials& credentials,

@@ -8,6 +8,7 @@
 #include <caf/all.hpp>
 #include <nlohmann/json.hpp>
 
+#include "actors/interfaces.hpp"
 #include "actors/transport.hpp"
 
 namespace celer::cli {
@@ -32,13 +33,13 @@ class NodeConnection {
   NodeConnection(const std::string& host, uint16_t port, const NodeCredentials& credentials,
                  std::chrono::milliseconds timeout);
   caf::actor_system& system() { return *sys_; }
-  const caf::actor& node() const { return node_; }
+  const NodeActor& node() const { return node_; }
 
  private:
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   std::unique_ptr<Transport> transport_;
-  caf::actor node_;
+  NodeActor node_;
 };
 
 // Connects to the node at host:port (with the cluster secret) and returns the router's status
