@@ -49,6 +49,7 @@ void report_prefixes(Self* self, const CacheSetup& setup) {
 CacheActor::behavior_type cache_actor(Self* self, CacheSetup setup) {
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   auto& st = self->state;
+  count_unexpected(self, st.malformed);
   st.blocks = std::make_unique<KvBlockManager>(setup.kv_blocks, setup.prefix_caching);
   st.planner = std::make_unique<BlockPlanner>(*st.blocks);
   st.responses = std::make_unique<ResponseCache>(setup.response_cache_entries, setup.response_cache_ttl_ms);

@@ -107,6 +107,17 @@ using NodeActor = ServerActor::extend_with<ResumeSink>::extend<
     caf::replies_to<drain_atom>::with<int32_t>,                // this node: refuse new requests
     caf::replies_to<drain_atom, std::string>::with<bool>>;     // `celer drain`: that node leaves
 
+// A message that is no part of the actor's interface (a peer holding the secret may send
+// anything) is counted in `counter` and answered with unexpected_message: never printed (a peer
+// could fill the log with them) and never fatal. `counter` is a member of the actor's state.
+template <class Self>
+void count_unexpected(Self* self, uint64_t& counter) {
+  self->set_default_handler([&counter](caf::scheduled_actor*, caf::message_view&) -> caf::result<caf::message> {
+    ++counter;
+    return caf::sec::unexpected_message;
+  });
+}
+
 // Every handle type that travels in messages, registered on every node like the other message
 // types (actors/wire.hpp): an unregistered one would not cross the middleman.
 inline void add_interface_types(caf::actor_system_config& cfg) {

@@ -88,6 +88,7 @@ void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequ
 
 NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
   self->state.setup = std::move(setup);
+  count_unexpected(self, self->state.malformed);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& st = self->state;
     // The router in use went down: its standby (which heard every report too) takes over,

@@ -536,6 +536,7 @@ std::optional<ErrorReply> check_prompt(const Tokenizer& tok, const GenerateReque
 SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, SupervisorActor supervisor) {
   exit_with_exception_text(self);
   auto& st = self->state;
+  count_unexpected(self, st.malformed);
   st.setup = setup;
   st.supervisor = supervisor;
   auto model = setup.model;

@@ -11,6 +11,7 @@ ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> s
                           EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner) {
   self->state.owner = std::move(owner);
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
+  count_unexpected(self, self->state.malformed);
   // How long a rank waits for its peers' partial sums before it counts them lost: longer than
   // any forward pass takes between two all-reduces.
   constexpr auto kPeerTimeout = std::chrono::seconds(60);

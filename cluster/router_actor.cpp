@@ -110,6 +110,7 @@ RouterActor::behavior_type router_actor(Self* self, RouterSetup setup) {
   auto& st = self->state;
   st.setup = std::move(setup);
   st.table = std::make_unique<ReplicaTable>(st.setup.routing);
+  count_unexpected(self, st.malformed);
   for (const std::string& name : st.setup.replicas) replica_index(self, name);
   self->set_down_handler([=](const caf::down_msg& dm) {
     auto& s = self->state;

@@ -532,6 +532,13 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     self->request(router, std::chrono::seconds(5), join_atom::value, std::string("r1"), caf::actor_cast<SupervisorActor>(impostor))
         .receive([&](bool) {}, [&](const caf::error&) { refused = true; });
     CHECK(refused);
+    // Messages outside the router's interface: answered with an error, counted, nothing more.
+    const auto untyped_router = caf::actor_cast<caf::actor>(router);
+    self->send(untyped_router, std::string("not a celer message"));
+    std::string unexpected;
+    self->request(untyped_router, std::chrono::seconds(5), status_atom::value, int32_t{7})
+        .receive([&](const WireMessage&) { unexpected = "answered"; }, [&](const caf::error& e) { unexpected = sys.render(e); });
+    CHECK_THAT(unexpected, Catch::Contains("unexpected_message"));
     // Nor can it make a node allocate what it cannot hold.
     ShardSpec spec;
     spec.replica = "r1";
@@ -556,6 +563,7 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
   const nlohmann::json s = status(front);
   unsetenv("CELER_CLUSTER_SECRET");
   CHECK(s["refused_peers"].get<uint64_t>() >= 4);
+  CHECK(s["malformed_messages"].get<uint64_t>() >= 2);
   CHECK(routed_to(s, "r1") > 0);  // r1 still serves from n1, not from the impostor
   for (const auto& r : s["replicas"]) CHECK(r["up"] == true);
   // The node port's guard counted the rest (front's gateway shows its /metrics).
