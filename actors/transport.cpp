@@ -133,6 +133,15 @@ class TlsPolicy {
  public:
   TlsPolicy(caf::openssl::session_ptr session, std::shared_ptr<Transport::Guard> guard, bool accepting)
       : session_(std::move(session)), guard_(std::move(guard)), accepting_(accepting) {}
+  TlsPolicy(const TlsPolicy&) = delete;
+  TlsPolicy& operator=(const TlsPolicy&) = delete;
+
+  // An accepted connection that ends before a byte came through the session failed its
+  // handshake (no certificate, one the cluster's CA did not sign, not TLS at all, or none
+  // before the peer left), whichever call on whichever side saw it fail.
+  ~TlsPolicy() {
+    if (accepting_ && !established_) ++guard_->tls_refused;
+  }
 
   // OpenSSL reports why a call failed through a queue per thread, and SSL_get_error reads that
   // queue: an error another connection left on this (the multiplexer's) thread would make a
@@ -141,14 +150,7 @@ class TlsPolicy {
   net::rw_state read_some(size_t& result, net::native_socket fd, void* buf, size_t len) {
     ERR_clear_error();
     const net::rw_state r = session_->read_some(result, fd, buf, len);
-    if (r == net::rw_state::success && result > 0) {
-      established_ = true;
-    } else if (r == net::rw_state::failure && !established_ && accepting_) {
-      // No byte came through: the handshake failed (no certificate, one the cluster's CA did
-      // not sign, or not TLS at all).
-      ++guard_->tls_refused;
-      established_ = true;  // counted once
-    }
+    if (r == net::rw_state::success && result > 0) established_ = true;
     return r;
   }
 
