@@ -80,8 +80,9 @@ Launched launch(const std::string& example, const std::function<std::string(std:
   if (edit) text = edit(text);
   l.config = write_temp(example, with_fresh_ports(text, kModel, &l.ports));
   l.process = std::make_unique<CelerProcess>(CELER_BIN, std::vector<std::string>{"launch", l.config});
-  INFO(l.process->output());
-  REQUIRE(l.process->wait_for("celer: cluster ready", kUp));
+  const bool up = l.process->wait_for("celer: cluster ready", kUp);
+  INFO(l.process->output());  // what it said by then (INFO takes its text when it runs)
+  REQUIRE(up);
   return l;
 }
 
