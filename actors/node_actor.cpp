@@ -44,7 +44,6 @@ RouterActor router_of(Self* self) {
 // replica that just lost the request, tried only when no other is up.
 void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
            bool fresh, SchedulerActor dead = {}) {
-  auto& st = self->state;
   RouteQuery q;
   q.session_id = req->session_id;
   q.prompt_tokens = static_cast<int32_t>(req->prompt_tokens.size());
@@ -236,7 +235,6 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
       },
       [=](stats_atom) -> caf::result<WireMessage> {
         // A replica's figures, as the router would route to it: what the gateway's /health asks.
-        auto& st = self->state;
         if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
         auto rp = self->make_response_promise<WireMessage>();
         self->request(router_of(self), kRouteTimeout, stats_atom::value)
@@ -250,7 +248,6 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         return rp;
       },
       [=](status_atom) -> caf::result<WireMessage> {
-        auto& st = self->state;
         if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
         auto rp = self->make_response_promise<WireMessage>();
         self->request(router_of(self), kRouteTimeout, status_atom::value)
