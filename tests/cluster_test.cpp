@@ -546,10 +546,15 @@ TEST_CASE("cluster: a wrong secret, garbage bytes and a peer not in the config a
     spec.model_path = kModel;
     spec.max_context = 256;
     spec.n_kv_blocks = 1 << 30;
-    std::string why;
-    self->request(node, std::chrono::seconds(10), spawn_atom::value, encode(spec))
-        .receive([&](const ShardActor&) { why = "built"; }, [&](const caf::error& e) { why = sys.render(e); });
-    CHECK_THAT(why, Catch::Contains("holds no weights"));  // front: the config places no shard there
+    auto spawn_refusal = [&](const NodeActor& at) {
+      std::string why;
+      self->request(at, std::chrono::seconds(10), spawn_atom::value, encode(spec))
+          .receive([&](const ShardActor&) { why = "built"; }, [&](const caf::error& e) { why = sys.render(e); });
+      return why;
+    };
+    CHECK_THAT(spawn_refusal(node), Catch::Contains("holds no weights"));  // front: the config places no shard there
+    const auto n1 = transport.connect<NodeActor>("127.0.0.1", l.ports[2], std::chrono::seconds(10));
+    CHECK_THAT(spawn_refusal(n1), Catch::Contains("KV blocks needs"));  // n1 holds weights, not that much memory
     caf::anon_send_exit(impostor, caf::exit_reason::user_shutdown);
   }
   // The cluster keeps serving, on both replicas, the reference tokens.
