@@ -104,6 +104,7 @@ using NodeActor = ServerActor::extend_with<ResumeSink>::extend<
     caf::reacts_to<join_atom, std::vector<RouterActor>>,       // this node: the router, then its standby
     caf::reacts_to<hello_atom>,                                // itself: heartbeat timer
     caf::replies_to<router_atom>::with<RouterActor>,           // the router running here (null: none)
+    caf::reacts_to<peer_atom, std::string>,                    // a node that dialed this one: its name
     caf::replies_to<drain_atom>::with<int32_t>,                // this node: refuse new requests
     caf::replies_to<drain_atom, std::string>::with<bool>>;     // `celer drain`: that node leaves
 

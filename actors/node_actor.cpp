@@ -275,6 +275,15 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         self->delayed_send(self, st.setup.heartbeat_interval, hello_atom::value);
       },
       [=](router_atom) { return self->state.setup.local_router; },
+      [=](peer_atom, const std::string& name) {
+        // Only another node's actor introduces itself (its own process sends as it).
+        const caf::strong_actor_ptr& sender = self->current_sender();
+        if (!sender || sender->node() == self->node() || !self->state.setup.on_peer) {
+          ++self->state.malformed;
+          return;
+        }
+        self->state.setup.on_peer(name, sender);
+      },
       [=](drain_atom) -> caf::result<int32_t> {
         if (!sent_from_this_node(self)) return caf::make_error(caf::sec::unexpected_message);
         auto& st = self->state;

@@ -24,6 +24,8 @@
 //           (join_atom, [router, standby]) from the node: the routers to use from now on; when
 //           the first goes down, the standby takes its place (clients never see the switch)
 //           (router_atom) -> the router or standby that runs on this node (null: none)
+//           (peer_atom, name) from the node actor of a node that dialed this one: its process
+//           learns that node's actor (NodeSetup::on_peer)
 //           (drain_atom, node name) from `celer drain`: that node (this one, or another through
 //           the router) drains and leaves -> bool
 //           (drain_atom) from its own process: refuse new requests from now on -> the number of
@@ -61,6 +63,9 @@ struct NodeSetup {
   // Called (on an actor thread) when a `celer drain` names this node: the process drains and
   // leaves as on SIGTERM.
   std::function<void()> on_drain;
+  // Called (on an actor thread) with a node's name and actor when that node has dialed this one
+  // and introduced itself: only one node of each pair dials (cluster/cli/peer_links.hpp).
+  std::function<void(const std::string&, const caf::strong_actor_ptr&)> on_peer;
 };
 
 struct NodeState {

@@ -833,3 +833,62 @@ TEST_CASE("cluster: past the drain timeout a draining node's requests move to an
   l.process->stop(SIGTERM);
 }
 
+
+// Polls the cluster's status through `port` until `ready` holds of it (false after `timeout`).
+bool status_becomes(uint16_t port, const std::function<bool(const nlohmann::json&)>& ready, std::chrono::seconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    const CelerRun r = run_celer(CELER_BIN, {"status", "--connect", "127.0.0.1:" + std::to_string(port), "--json"},
+                                 std::chrono::seconds(10));
+    if (r.exited(0) && ready(nlohmann::json::parse(r.output))) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return false;
+}
+
+bool replica_up(const nlohmann::json& s, const std::string& name) {
+  for (const auto& r : s["replicas"])
+    if (r["name"] == name) return r["up"].get<bool>();
+  return false;
+}
+
+TEST_CASE("cluster: a node killed and started again rejoins: the node before it dials it again, and its replica serves",
+          "[cluster][faults]") {
+  // Each node its own process, as across machines. front (the router) is listed first, so it
+  // dials n1 and n2; a restarted n2 waits for front to dial it again.
+  std::vector<uint16_t> ports;  // front, front's http, n1, n2
+  const std::string config = write_temp(
+      "rejoin.yaml", with_fresh_ports(with_policy("round-robin")(read_file(kExamples + "/cluster-3node-2replicas.yaml")), kModel, &ports));
+  auto start = [&](const std::string& name) {
+    return std::make_unique<CelerProcess>(CELER_BIN, std::vector<std::string>{"node", "--config", config, "--name", name});
+  };
+  auto front = start("front");
+  auto n1 = start("n1");
+  auto n2 = start("n2");
+  for (const auto& [p, name] : {std::pair{front.get(), "front"}, std::pair{n1.get(), "n1"}, std::pair{n2.get(), "n2"}}) {
+    const bool up = p->wait_for(std::string("celer: node ") + name + " ready", kUp);
+    INFO(name << ":\n" << p->output());
+    REQUIRE(up);
+  }
+  const auto both_up = [](const nlohmann::json& s) { return replica_up(s, "r1") && replica_up(s, "r2"); };
+  REQUIRE(status_becomes(ports[0], both_up, std::chrono::seconds(20)));
+
+  n2->stop(SIGKILL);
+  CHECK(status_becomes(ports[0], [](const nlohmann::json& s) { return !replica_up(s, "r2"); }, std::chrono::seconds(20)));
+  n2 = start("n2");
+  {
+    const bool up = n2->wait_for("celer: node n2 ready", kUp);
+    INFO("n2 restarted:\n" << n2->output());
+    REQUIRE(up);
+  }
+  REQUIRE(status_becomes(ports[0], both_up, std::chrono::seconds(20)));
+  const uint64_t r2_before = routed_to(status(ports[0]), "r2");
+  auto client = connect(ports[0]);
+  const Reference ref = load_reference().front();
+  for (int i = 0; i < 4; ++i)
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  CHECK(routed_to(status(ports[0]), "r2") >= r2_before + 2);  // round-robin: half of them
+  CHECK(n2->stop(SIGTERM) == 0);
+  CHECK(n1->stop(SIGTERM) == 0);
+  CHECK(front->stop(SIGTERM) == 0);
+}

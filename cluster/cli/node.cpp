@@ -21,6 +21,7 @@
 #include "actors/wire.hpp"
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/node_plan.hpp"
+#include "cluster/cli/peer_links.hpp"
 #include "cluster/cli/stop_signals.hpp"
 #include "cluster/router_actor.hpp"
 #include "runtime/error.hpp"
@@ -35,26 +36,10 @@ struct NodeArgs {
 
 constexpr auto kStopGrace = std::chrono::seconds(10);
 
-// Connects to a peer node's actor, retrying while it is not up yet (nodes start in any order).
-NodeActor connect_peer(Transport& transport, const NodeConfig& peer, std::chrono::steady_clock::time_point until,
-                        const std::string& me) {
-  std::string last;
-  while (true) {
-    try {
-      return transport.connect<NodeActor>(peer.host, peer.port, std::chrono::seconds(2));
-    } catch (const Error& e) {
-      last = e.what();
-    }
-    if (std::chrono::steady_clock::now() >= until)
-      throw Error(ErrorCode::unavailable, "node " + me + ": node " + peer.name + " at " + peer.host + ":" +
-                                              std::to_string(peer.port) + " did not answer: " + last);
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-}
-
 struct RunningNode {
   caf::actor_system& sys;
   std::unique_ptr<Transport> transport;
+  std::unique_ptr<PeerDialer> dialer;  // the connections this node opens, kept up
   NodeActor node;
   uint16_t port = 0;
   RouterActor router;   // when it runs here
@@ -96,6 +81,7 @@ struct RunningNode {
   }
 
   void stop() {
+    if (dialer) dialer->stop();
     if (transport && port) transport->unpublish(node, port);
     port = 0;
     caf::scoped_actor self{sys};
@@ -164,6 +150,10 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;
     ns.on_drain = [&signals] { signals.wake(); };
+    auto introductions = std::make_shared<PeerIntroductions>();
+    ns.on_peer = [introductions](const std::string& name, const caf::strong_actor_ptr& node) {
+      introductions->introduced(name, node);
+    };
     running.node = sys.spawn(node_actor, ns);
     try {
       running.port = running.transport->publish(running.node, me.host, me.port);
@@ -174,8 +164,14 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     const auto until = std::chrono::steady_clock::now() + config.cluster.connect_timeout;
     std::map<std::string, NodeActor> peers;
     peers[me.name] = running.node;
-    for (const std::string& name : plan.peers)
-      peers[name] = connect_peer(*running.transport, *find_node(config, name), until, me.name);
+    running.dialer = std::make_unique<PeerDialer>(*running.transport, running.node, me.name, config.cluster.heartbeat_interval);
+    for (const std::string& name : plan.dials) peers[name] = running.dialer->dial(*find_node(config, name), until);
+    for (const std::string& name : plan.dialed_by) {
+      peers[name] = introductions->wait_for(name, until);
+      if (!peers[name])
+        throw Error(ErrorCode::unavailable, "node " + me.name + ": node " + name + " did not connect to it (" + name +
+                                                " is listed before " + me.name + " in nodes:, so it dials " + me.name + ")");
+    }
 
     // The routers: here, or asked of their nodes until those have started them.
     auto router_on = [&](const std::string& node_name) {

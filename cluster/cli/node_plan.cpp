@@ -16,6 +16,29 @@ const NodeConfig* find_node(const ClusterConfig& config, const std::string& name
   return nullptr;
 }
 
+namespace {
+
+// The nodes `name` sends to: the router's and its standby's; for a replica scheduled here, the
+// nodes of its cache and shards; for a rank held here, its scheduler's and its peer ranks' (the
+// all-reduce).
+std::set<std::string> wanted_peers(const ClusterConfig& config, const std::string& name) {
+  std::set<std::string> peers;
+  peers.insert(config.router.node.empty() ? config.nodes.front().name : config.router.node);
+  if (!config.router.standby.empty()) peers.insert(config.router.standby);
+  for (const ReplicaConfig& r : config.replicas) {
+    bool rank_here = false;
+    for (const ShardConfig& s : r.shards) rank_here = rank_here || s.node == name;
+    if (r.scheduler != name && !rank_here) continue;
+    if (r.scheduler == name) peers.insert(r.cache);
+    peers.insert(r.scheduler);
+    for (const ShardConfig& s : r.shards) peers.insert(s.node);
+  }
+  peers.erase(name);
+  return peers;
+}
+
+}  // namespace
+
 NodePlan plan_node(const ClusterConfig& config, const std::string& path, const std::string& name) {
   if (!config.is_cluster())
     throw Error(ErrorCode::invalid_argument,
@@ -35,24 +58,24 @@ NodePlan plan_node(const ClusterConfig& config, const std::string& path, const s
 
   plan.router_node = config.router.node.empty() ? config.nodes.front().name : config.router.node;
   plan.runs_router = plan.router_node == name;
-  std::set<std::string> peers;
-  if (!plan.runs_router) peers.insert(plan.router_node);
   plan.standby_node = config.router.standby;
   plan.runs_standby = !plan.standby_node.empty() && plan.standby_node == name;
-  if (!plan.standby_node.empty()) peers.insert(plan.standby_node);
+
+  // Who talks to whom is symmetric for the connection (either end may send on it), so a node
+  // dials or awaits every node that names it as well as those it names.
+  const std::set<std::string> mine = wanted_peers(config, name);
+  const size_t me_at = static_cast<size_t>(plan.me - config.nodes.data());
+  for (size_t i = 0; i < config.nodes.size(); ++i) {
+    const std::string& other = config.nodes[i].name;
+    if (i == me_at || (!mine.count(other) && !wanted_peers(config, other).count(name))) continue;
+    (i > me_at ? plan.dials : plan.dialed_by).push_back(other);
+  }
 
   int ranks_here = 0;
-  for (size_t i = 0; i < config.replicas.size(); ++i) {
-    const ReplicaConfig& r = config.replicas[i];
+  for (const ReplicaConfig& r : config.replicas) {
     std::vector<std::string> shard_nodes;
     for (const ShardConfig& s : r.shards) shard_nodes.push_back(s.node);
-    const bool shard_here = std::count(shard_nodes.begin(), shard_nodes.end(), name) > 0;
     ranks_here += static_cast<int>(std::count(shard_nodes.begin(), shard_nodes.end(), name));
-    if (shard_here) {
-      // A rank talks to its peer ranks (the all-reduce) and answers its scheduler.
-      for (const std::string& n : shard_nodes) peers.insert(n);
-      peers.insert(r.scheduler);
-    }
     if (r.scheduler != name) continue;
     ReplicaPlan rp;
     rp.name = r.name;
@@ -63,12 +86,8 @@ NodePlan plan_node(const ClusterConfig& config, const std::string& path, const s
     rp.cache_node = r.cache;
     rp.shard_nodes = shard_nodes;
     rp.all_local = std::all_of(shard_nodes.begin(), shard_nodes.end(), [&](const std::string& n) { return n == name; });
-    peers.insert(r.cache);
-    for (const std::string& n : shard_nodes) peers.insert(n);
     plan.replicas.push_back(std::move(rp));
   }
-  peers.erase(name);
-  plan.peers.assign(peers.begin(), peers.end());
   const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   plan.shard_threads = plan.me->threads > 0 ? plan.me->threads : std::max(1, cores / std::max(1, ranks_here));
   for (ReplicaPlan& rp : plan.replicas) rp.config.threads = plan.shard_threads;

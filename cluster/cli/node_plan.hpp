@@ -25,7 +25,12 @@ struct NodePlan {
   const NodeConfig* me = nullptr;
   std::string secret;               // cluster.secret, else CELER_CLUSTER_SECRET
   TlsConfig tls;                    // cluster.tls, each file overridden by CELER_TLS_* if set
-  std::vector<std::string> peers;   // nodes this one connects to, besides itself
+  // The nodes this one talks to, besides itself, split by who opens the connection: of two
+  // nodes that talk, the one listed first in nodes: dials the other and introduces itself
+  // (both dialing at once loses messages under CAF 0.17: one of the two connections is closed
+  // and the proxies made over it die with it).
+  std::vector<std::string> dials;      // listed after this one: this node connects to them
+  std::vector<std::string> dialed_by;  // listed before this one: they connect to this node
   bool runs_router = false;
   std::string router_node;
   bool runs_standby = false;
