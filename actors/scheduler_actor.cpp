@@ -210,6 +210,15 @@ void cache_up(Self* self, CacheActor cache) {
 bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
                    const char* what, const std::string& why);
 
+// The cache could not be built: counted like a dead one, and built again after the backoff.
+void cache_failed(Self* self, uint64_t generation, const std::string& why) {
+  auto& s = self->state;
+  if (generation != s.cache_generation) return;
+  s.cache_build_pending = false;
+  if (count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache", why))
+    self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
+}
+
 // Spawns the replica's cache here, or asks its node to (the answer may come after the node has
 // loaded; until then the replica waits).
 void spawn_cache(Self* self) {
@@ -227,6 +236,8 @@ void spawn_cache(Self* self) {
     cache_up(self, self->spawn(cache_actor, cs));
     return;
   }
+  if (st.nodes_down.count(st.setup.cache_node.address())) return cache_failed(self, generation, "its node is down");
+  st.cache_build_pending = true;
   self->request(st.setup.cache_node, kShardSpawnTimeout, spawn_atom::value, cache_atom::value, cs.kv_blocks,
                 cs.prefix_caching, static_cast<int32_t>(cs.response_cache_entries), cs.response_cache_ttl_ms,
                 st.setup.name)
@@ -236,15 +247,10 @@ void spawn_cache(Self* self) {
               caf::anon_send_exit(cache, caf::exit_reason::user_shutdown);
               return;
             }
+            self->state.cache_build_pending = false;
             cache_up(self, cache);
           },
-          [=](const caf::error& e) {
-            auto& s = self->state;
-            if (generation != s.cache_generation) return;
-            if (count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache",
-                              "its node did not build it: " + failure_text(self->system(), e)))
-              self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
-          });
+          [=](const caf::error& e) { cache_failed(self, generation, "its node did not build it: " + failure_text(self->system(), e)); });
 }
 
 // Counts a dead child's restart (in the window and in all). When it has died more than
@@ -282,6 +288,7 @@ bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point
 void group_up(Self* self, uint64_t generation) {
   auto& st = self->state;
   if (generation != st.shard_generation) return;
+  st.shard_build_pending = false;
   st.shard = st.ranks[0];
   st.shard_up = true;
   run_step(self);
@@ -292,6 +299,7 @@ void group_failed(Self* self, uint64_t generation, const std::string& why) {
   auto& st = self->state;
   if (generation != st.shard_generation) return;
   ++st.shard_generation;  // answers still on their way are for a group that is gone
+  st.shard_build_pending = false;
   for (const ShardActor& r : st.ranks)
     if (r) caf::anon_send_exit(r, caf::exit_reason::kill);
   st.shard_up = false;
@@ -356,7 +364,13 @@ void spawn_shard(Self* self) {
     group_up(self, generation);
     return;
   }
+  // A message to a node whose connection is gone is dropped without an answer: a build asked of
+  // it would wait out kShardSpawnTimeout.
+  for (int r = 0; r < tp; ++r)
+    if (st.nodes_down.count(st.setup.shard_nodes[r].address()))
+      return group_failed(self, generation, "the node of rank " + std::to_string(r) + " is down");
   auto built = std::make_shared<int>(0);
+  st.shard_build_pending = true;
   for (int r = 0; r < tp; ++r) {
     const EngineOptions& e = st.setup.engine;
     ShardSpec spec;
@@ -542,6 +556,10 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
   auto model = setup.model;
   st.scheduler = std::make_unique<Scheduler>(setup.scheduler,
                                              [model](TokenId t) { return model->tokenizer().is_end_of_generation(t); });
+  // The nodes that build this replica's shard ranks and cache: a build they have not answered
+  // when they go down fails at once (see the down handler).
+  for (const NodeActor& n : st.setup.shard_nodes) self->monitor(n);
+  if (st.setup.cache_node) self->monitor(st.setup.cache_node);
   spawn_cache(self);
   spawn_shard(self);
   if (!st.setup.routers.empty()) self->send(self, report_atom::value);
@@ -562,6 +580,19 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
       s.scheduler->reset_kv();
       if (count_restart(self, s.cache_restarts, s.total_cache_restarts, "cache", failure_text(self->system(), dm.reason)))
         self->delayed_send(self, s.setup.restart_backoff, cache_atom::value, true);
+      return;
+    }
+    // A node that builds for this replica went down (its process died, or it was declared down
+    // after node_timeout): a build it had not answered never will be. Its running shards and
+    // cache send down messages of their own.
+    const bool shard_node =
+        std::any_of(s.setup.shard_nodes.begin(), s.setup.shard_nodes.end(), [&](const NodeActor& n) { return dm.source == n.address(); });
+    const bool cache_node = s.setup.cache_node && dm.source == s.setup.cache_node.address();
+    if (shard_node || cache_node) {
+      s.nodes_down.insert(dm.source);
+      const std::string gone = "node went down (" + failure_text(self->system(), dm.reason) + ")";
+      if (shard_node && s.shard_build_pending) group_failed(self, s.shard_generation, "a rank's " + gone);
+      if (cache_node && s.cache_build_pending) cache_failed(self, s.cache_generation, "its " + gone);
       return;
     }
     const bool ours = std::any_of(s.ranks.begin(), s.ranks.end(), [&](const ShardActor& r) { return dm.source == r.address(); });

@@ -25,6 +25,7 @@
 #include <chrono>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <caf/all.hpp>
 
@@ -85,6 +86,11 @@ struct SchedulerActorState {
   ShardActor shard;                // rank 0: runs the step and samples
   std::vector<ShardActor> ranks;   // every rank of the tensor-parallel group (rank 0 first)
   bool shard_up = false;
+  // A node was asked to build a shard rank / the cache and has not answered yet: if that node
+  // goes down meanwhile, the build fails then, not at kShardSpawnTimeout.
+  bool shard_build_pending = false;
+  bool cache_build_pending = false;
+  std::unordered_set<caf::actor_addr> nodes_down;  // of shard_nodes and cache_node, seen going down
   uint64_t shard_generation = 0;   // counts groups spawned: answers for an older group are dropped
   uint64_t cache_generation = 0;
   uint64_t tokens_generated = 0;

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <fstream>
 #include <map>
 #include <regex>
@@ -800,6 +801,50 @@ TEST_CASE("cluster: a node that stops answering (SIGSTOP) is declared down; its 
   auto client = connect(l.ports[0]);
   const Reference ref = load_reference().front();
   CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: a shard rank being rebuilt on a node that hangs fails when the node is declared down, not at the "
+          "build timeout",
+          "[cluster][faults]") {
+  Launched l = launch("cluster-2node-tp2.yaml");  // node_timeout 2 s; b holds rank 1 only
+  const pid_t b = node_pid(l.config, "b");
+  REQUIRE(b > 0);
+  // Rank 0, reached the way any peer with the secret could: node a, its router, the replica.
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  Transport transport(sys, TransportLimits{});
+  const auto node = transport.connect<NodeActor>("127.0.0.1", l.ports[0], std::chrono::seconds(10));
+  caf::scoped_actor self{sys};
+  RouterActor router;
+  self->request(node, std::chrono::seconds(5), router_atom::value).receive([&](const RouterActor& r) { router = r; }, [](const caf::error&) {});
+  REQUIRE(router);
+  SupervisorActor replica;
+  self->request(router, std::chrono::seconds(5), stats_atom::value)
+      .receive([&](const SupervisorActor& s) { replica = s; }, [](const caf::error&) {});
+  REQUIRE(replica);
+  ShardActor rank0;
+  self->request(replica, std::chrono::seconds(5), shard_atom::value).receive([&](const ShardActor& s) { rank0 = s; }, [](const caf::error&) {});
+  REQUIRE(rank0);
+  // b hangs, then rank 0 dies: the scheduler rebuilds the group and asks b for rank 1, which
+  // b cannot answer. A request waits for the group meanwhile.
+  kill(b, SIGSTOP);
+  caf::anon_send_exit(rank0, caf::exit_reason::kill);
+  auto client = connect(l.ports[0]);
+  const auto start = std::chrono::steady_clock::now();
+  auto outcome = std::async(std::launch::async, [&] { return client->generate_tokens(load_reference().front().prompt, greedy(16)); });
+  const bool ended = outcome.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  kill(b, SIGCONT);
+  INFO(l.process->output());
+  REQUIRE(ended);  // (at the build timeout it would take 10 minutes)
+  INFO("ended after " << seconds << " s");
+  const GenerateOutcome out = outcome.get();
+  REQUIRE(std::holds_alternative<ClientError>(out));  // the only replica is gone with b
+  CHECK(std::get<ClientError>(out).kind == ErrorKind::unavailable);
+  CHECK_THAT(std::get<ClientError>(out).message, Catch::Contains("no replica"));
   l.process->stop(SIGTERM);
 }
 
