@@ -937,3 +937,42 @@ TEST_CASE("cluster: a node killed and started again rejoins: the node before it 
   CHECK(n1->stop(SIGTERM) == 0);
   CHECK(front->stop(SIGTERM) == 0);
 }
+
+TEST_CASE("cluster: the node of a tensor-parallel rank killed and started again: the replica is rebuilt on it and "
+          "gives the reference tokens",
+          "[cluster][faults]") {
+  // a schedules r0 and holds rank 0; b holds rank 1. a is listed first: it dials b, again once b
+  // is back, and then restarts r0 with b's new node actor.
+  std::vector<uint16_t> ports;  // a, a's http, b
+  const std::string config =
+      write_temp("rejoin-tp.yaml", with_fresh_ports(read_file(kExamples + "/cluster-2node-tp2.yaml"), kModel, &ports));
+  auto start = [&](const std::string& name) {
+    return std::make_unique<CelerProcess>(CELER_BIN, std::vector<std::string>{"node", "--config", config, "--name", name});
+  };
+  auto a = start("a");
+  auto b = start("b");
+  REQUIRE(a->wait_for("celer: node a ready", kUp));
+  REQUIRE(b->wait_for("celer: node b ready", kUp));
+  const auto r0_up = [](const nlohmann::json& s) { return replica_up(s, "r0"); };
+  REQUIRE(status_becomes(ports[0], r0_up, std::chrono::seconds(20)));
+  const std::vector<Reference> refs = load_reference();
+  const auto generate = [&](const Reference& ref) {
+    return tokens_of(connect(ports[0])->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size()))));
+  };
+  CHECK(generate(refs.front()) == refs.front().generated);
+
+  b->stop(SIGKILL);
+  b = start("b");
+  {
+    const bool up = b->wait_for("celer: node b ready", kUp);
+    INFO("b restarted:\n" << b->output());
+    REQUIRE(up);
+  }
+  const bool again = a->wait_for("celer: node a: replica r0 ready again", kUp);
+  INFO("a:\n" << a->output());
+  REQUIRE(again);
+  REQUIRE(status_becomes(ports[0], r0_up, std::chrono::seconds(20)));
+  for (const Reference& ref : refs) CHECK(generate(ref) == ref.generated);
+  CHECK(b->stop(SIGTERM) == 0);
+  CHECK(a->stop(SIGTERM) == 0);
+}

@@ -3,9 +3,13 @@
 // connects to the nodes it needs (the router's, and those holding the caches and shards of the
 // replicas it schedules), runs the router if the config puts it here, starts the replicas whose
 // scheduler is here, and an HTTP gateway if the node has an `http:` section.
+#include <algorithm>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -36,10 +40,144 @@ struct NodeArgs {
 
 constexpr auto kStopGrace = std::chrono::seconds(10);
 
+// Starts a replica scheduled on this node: at start-up, and again when a node it builds on
+// comes back.
+struct ReplicaStarter {
+  caf::actor_system& sys;
+  std::string node_name;
+  std::string model_path;
+  std::shared_ptr<const Model> model;
+  std::vector<RouterActor> routers;
+  std::chrono::milliseconds join_timeout;  // after the replica is ready: how long the routers may refuse its join
+
+  // Spawns the replica with the peers' current node actors, waits until its shards are built
+  // (up to 10 minutes: a large model's packing) and joins it to every router. Throws Error
+  // naming the replica; the replica is stopped then.
+  SupervisorActor start(const ReplicaPlan& rp, const std::map<std::string, NodeActor>& peers) const {
+    ReplicaSetup setup = replica_setup(rp.config, model);
+    setup.name = rp.name;
+    setup.model_path = model_path;
+    setup.routers = routers;
+    if (rp.cache_node != node_name) setup.cache_node = peers.at(rp.cache_node);
+    if (!rp.all_local) {
+      for (const std::string& n : rp.shard_nodes) setup.shard_nodes.push_back(peers.at(n));
+    }
+    SupervisorActor replica = spawn_replica(sys, setup);
+    const auto fail = [&](const std::string& why) {
+      caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
+      throw Error(ErrorCode::unavailable, "node " + node_name + ": replica " + rp.name + why);
+    };
+    try {
+      wait_until_ready(sys, replica, std::chrono::minutes(10));
+    } catch (const Error& e) {
+      fail(std::string(": ") + e.what());
+    }
+    // A router accepts joins from the nodes that have said hello (the node actor says it as
+    // soon as it knows the routers): until it has heard, it refuses, and this asks again.
+    caf::scoped_actor self{sys};
+    std::string problem;
+    for (const RouterActor& router : routers) {
+      const auto give_up = std::chrono::steady_clock::now() + join_timeout;
+      for (bool joined = false; !joined;) {
+        problem.clear();
+        self->request(router, std::chrono::seconds(10), join_atom::value, rp.name, replica)
+            .receive(
+                [&](bool known) {
+                  joined = true;
+                  if (!known) problem = "the router's config has no replica " + rp.name;
+                },
+                [&](const caf::error& e) { problem = sys.render(e); });
+        if (joined || std::chrono::steady_clock::now() >= give_up) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (!problem.empty()) fail(" could not join the router: " + problem);
+    }
+    return replica;
+  }
+};
+
+// Restarts the replicas scheduled here whose shards or cache a node holds that came back (it
+// restarted, or its connection was lost and made again): their handles there are dead, and a
+// scheduler builds only on the node actors it was given. One thread, fed by the dialer and
+// the introductions (threads that must not wait); `replicas` is the node's, by plan index.
+class ReplicaRestarter {
+ public:
+  ReplicaRestarter(ReplicaStarter starter, std::vector<ReplicaPlan> plans, std::vector<SupervisorActor>& replicas,
+                   std::map<std::string, NodeActor> peers)
+      : starter_(std::move(starter)), plans_(std::move(plans)), replicas_(replicas), peers_(std::move(peers)) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~ReplicaRestarter() { stop(); }
+  ReplicaRestarter(const ReplicaRestarter&) = delete;
+  ReplicaRestarter& operator=(const ReplicaRestarter&) = delete;
+
+  void changed(const std::string& name, const NodeActor& node) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      events_.emplace_back(name, node);
+    }
+    wake_.notify_one();
+  }
+  // Waits for a restart under way (at most its readiness wait) and ends the thread.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  static bool builds_on(const ReplicaPlan& rp, const std::string& node) {
+    return rp.cache_node == node || (!rp.all_local && std::count(rp.shard_nodes.begin(), rp.shard_nodes.end(), node) > 0);
+  }
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      wake_.wait(lock, [&] { return stopping_ || !events_.empty(); });
+      if (stopping_) return;
+      const auto [name, node] = events_.front();
+      events_.pop_front();
+      lock.unlock();
+      peers_[name] = node;
+      for (size_t i = 0; i < plans_.size(); ++i) {
+        if (!builds_on(plans_[i], name)) continue;
+        std::printf("celer: node %s: node %s is back; restarting replica %s\n", starter_.node_name.c_str(), name.c_str(),
+                    plans_[i].name.c_str());
+        std::fflush(stdout);
+        // Its request actors resume what it was running on another replica, or on its successor.
+        if (replicas_[i]) caf::anon_send_exit(replicas_[i], caf::exit_reason::kill);
+        try {
+          replicas_[i] = starter_.start(plans_[i], peers_);
+          std::printf("celer: node %s: replica %s ready again\n", starter_.node_name.c_str(), plans_[i].name.c_str());
+        } catch (const Error& e) {
+          replicas_[i] = nullptr;
+          std::fprintf(stderr, "error: %s\n", e.what());
+        }
+        std::fflush(stdout);
+      }
+      lock.lock();
+    }
+  }
+
+  const ReplicaStarter starter_;
+  const std::vector<ReplicaPlan> plans_;
+  std::vector<SupervisorActor>& replicas_;
+  std::map<std::string, NodeActor> peers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::pair<std::string, NodeActor>> events_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
 struct RunningNode {
   caf::actor_system& sys;
   std::unique_ptr<Transport> transport;
   std::unique_ptr<PeerDialer> dialer;  // the connections this node opens, kept up
+  std::shared_ptr<ReplicaRestarter> restarter;  // once the node is up
   NodeActor node;
   uint16_t port = 0;
   RouterActor router;   // when it runs here
@@ -47,11 +185,17 @@ struct RunningNode {
   std::vector<SupervisorActor> replicas;
   std::unique_ptr<Gateway> gateway;
 
+  // (Null where a restart failed; the restarter must be stopped.)
+  void forget_failed_replicas() {
+    replicas.erase(std::remove(replicas.begin(), replicas.end(), SupervisorActor{}), replicas.end());
+  }
+
   // Leaves the cluster without losing a request: the router hears that this node's replicas
   // take nothing new and this node refuses new requests; the requests running here finish,
   // up to `timeout`; past it, the replicas stop and the request actors elsewhere that they
   // served resume their requests on another replica.
   void drain(std::chrono::milliseconds timeout) {
+    forget_failed_replicas();
     caf::scoped_actor self{sys};
     for (const SupervisorActor& r : replicas)
       self->request(r, std::chrono::seconds(3), drain_atom::value).receive([](bool) {}, [](const caf::error&) {});
@@ -81,9 +225,11 @@ struct RunningNode {
   }
 
   void stop() {
+    if (restarter) restarter->stop();
     if (dialer) dialer->stop();
     if (transport && port) transport->unpublish(node, port);
     port = 0;
+    forget_failed_replicas();
     caf::scoped_actor self{sys};
     for (const SupervisorActor& r : replicas)
       self->request(r, std::chrono::seconds(3), stop_atom::value).receive([](bool) {}, [](const caf::error&) {});
@@ -192,45 +338,14 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     caf::scoped_actor{sys}->send(running.node, join_atom::value, routers);  // from this process: what the node actor takes
 
     // The replicas scheduled here.
-    for (const ReplicaPlan& rp : plan.replicas) {
-      ReplicaSetup setup = replica_setup(rp.config, model);
-      setup.name = rp.name;
-      setup.model_path = config.model;
-      setup.routers = routers;
-      if (rp.cache_node != me.name) setup.cache_node = peers.at(rp.cache_node);
-      if (!rp.all_local) {
-        for (const std::string& n : rp.shard_nodes) setup.shard_nodes.push_back(peers.at(n));
-      }
-      SupervisorActor replica = spawn_replica(sys, setup);
-      running.replicas.push_back(replica);
-      try {
-        wait_until_ready(sys, replica, std::chrono::minutes(10));
-      } catch (const Error& e) {
-        throw Error(ErrorCode::unavailable, "node " + me.name + ": replica " + rp.name + ": " + e.what());
-      }
-      // A router accepts joins from the nodes that have said hello (the node actor says it as
-      // soon as it knows the routers, above): until it has heard, it refuses, and this asks again.
-      caf::scoped_actor self{sys};
-      std::string problem;
-      for (const RouterActor& router : routers) {
-        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-        for (bool joined = false; !joined;) {
-          problem.clear();
-          self->request(router, std::chrono::seconds(10), join_atom::value, rp.name, replica)
-              .receive(
-                  [&](bool known) {
-                    joined = true;
-                    if (!known) problem = "the router's config has no replica " + rp.name;
-                  },
-                  [&](const caf::error& e) { problem = sys.render(e); });
-          if (joined || std::chrono::steady_clock::now() >= give_up) break;
-          std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        }
-        if (!problem.empty()) break;
-      }
-      if (!problem.empty())
-        throw Error(ErrorCode::unavailable, "node " + me.name + ": replica " + rp.name + " could not join the router: " + problem);
-    }
+    ReplicaStarter starter{sys, me.name, config.model, model, routers, config.cluster.connect_timeout};
+    for (const ReplicaPlan& rp : plan.replicas) running.replicas.push_back(starter.start(rp, peers));
+    // From now on a node that comes back (restarted, or connected again) restarts the replicas
+    // here that build on it.
+    running.restarter = std::make_shared<ReplicaRestarter>(starter, plan.replicas, running.replicas, peers);
+    auto restarter = running.restarter;
+    running.dialer->on_change([restarter](const std::string& name, const NodeActor& node) { restarter->changed(name, node); });
+    introductions->on_change([restarter](const std::string& name, const NodeActor& node) { restarter->changed(name, node); });
 
     if (me.http) {
       GatewayOptions go;
@@ -264,6 +379,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
   const int sig = signals.wait();
   std::printf("celer: node %s draining (%s)\n", me.name.c_str(), sig ? signal_name(sig) : "celer drain");
   std::fflush(stdout);
+  running.restarter->stop();  // (no replica is restarted while they drain)
   running.drain(config.cluster.drain_timeout);
   std::printf("celer: node %s leaving\n", me.name.c_str());
   std::fflush(stdout);

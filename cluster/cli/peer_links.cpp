@@ -6,11 +6,20 @@
 namespace celer::cli {
 
 void PeerIntroductions::introduced(const std::string& name, const caf::strong_actor_ptr& node) {
+  const auto actor = caf::actor_cast<NodeActor>(node);
+  PeerChanged changed;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    nodes_[name] = caf::actor_cast<NodeActor>(node);
+    nodes_[name] = actor;
+    changed = changed_to_;
   }
   changed_.notify_all();
+  if (changed) changed(name, actor);
+}
+
+void PeerIntroductions::on_change(PeerChanged changed) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  changed_to_ = std::move(changed);
 }
 
 NodeActor PeerIntroductions::wait_for(const std::string& name, std::chrono::steady_clock::time_point until) {
@@ -62,17 +71,24 @@ void PeerDialer::keep_up() {
     wake_.wait_for(lock, redial_interval_, [&] { return stopping_; });
     if (stopping_) break;
     const std::vector<Link> links = links_;
+    const PeerChanged changed = changed_;
     lock.unlock();
     for (const Link& link : links) {
       if (!link.lost->load()) continue;
       try {
-        connect(link);
+        const NodeActor node = connect(link);
+        if (changed) changed(link.peer.name, node);
       } catch (const Error&) {
         // Not back yet: tried again next interval.
       }
     }
     lock.lock();
   }
+}
+
+void PeerDialer::on_change(PeerChanged changed) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  changed_ = std::move(changed);
 }
 
 void PeerDialer::stop() {

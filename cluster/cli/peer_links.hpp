@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,9 +24,16 @@
 
 namespace celer::cli {
 
+// Told (on some thread that must not block) that the node of a name has a new actor: it
+// restarted, or its connection was lost and made again (the old handles are dead either way).
+using PeerChanged = std::function<void(const std::string& name, const NodeActor& node)>;
+
 // The nodes that dialed this one, as their node actors introduced themselves (NodeSetup::on_peer).
 class PeerIntroductions {
  public:
+  // From now on, each introduction is also told to `changed` (set once the node is up: the
+  // introductions before are those it waits for).
+  void on_change(PeerChanged changed);
   // On an actor thread. A later introduction of the same name replaces the earlier: the peer
   // dialed again after its connection was lost, or it restarted.
   void introduced(const std::string& name, const caf::strong_actor_ptr& node);
@@ -36,6 +44,7 @@ class PeerIntroductions {
   std::mutex mutex_;
   std::condition_variable changed_;
   std::map<std::string, NodeActor> nodes_;
+  PeerChanged changed_to_;
 };
 
 // The connections this node opens, each kept up by a thread of its own until stop().
@@ -50,6 +59,8 @@ class PeerDialer {
   // `until`, introduces this node over the connection and keeps it up from now on. Throws
   // Error(unavailable) naming the peer and the last reason it did not answer.
   NodeActor dial(const NodeConfig& peer, std::chrono::steady_clock::time_point until);
+  // Each connection made again is told to `changed` (on the dialer's thread).
+  void on_change(PeerChanged changed);
   void stop();
 
  private:
@@ -69,6 +80,7 @@ class PeerDialer {
   std::condition_variable wake_;
   bool stopping_ = false;
   std::vector<Link> links_;
+  PeerChanged changed_;
   std::thread keeper_;
 };
 
