@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <span>
 #include <stdexcept>
+#include <string>
 
 namespace celer {
 namespace {
@@ -153,6 +154,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
                 vk.gemm_q8_0_widened(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
                 break;
               case TensorType::f32: vk.gemm_f32(x + m0 * K, K, mt, reinterpret_cast<const float*>(wr), K, nt, K, yt, N); break;
+              default: throw std::invalid_argument(std::string("matmul: ") + to_string(w.type) + " weights are converted to Q8_0 when a model loads");
             }
           }
         }

@@ -8,8 +8,27 @@
 
 namespace celer {
 
-// Values are GGUF's (ggml_type) so a tensor's type field can be cast directly.
-enum class TensorType : uint32_t { f32 = 0, f16 = 1, q8_0 = 8, bf16 = 30 };
+// Values are GGUF's (ggml_type) so a tensor's type field can be cast directly. The kernels
+// compute with f32, f16, bf16 and Q8_0; the other block formats are what downloaded files hold,
+// read and written by kernels/quants.hpp (and converted to Q8_0 when a model loads).
+enum class TensorType : uint32_t {
+  f32 = 0,
+  f16 = 1,
+  q4_0 = 2,
+  q4_1 = 3,
+  q5_0 = 6,
+  q5_1 = 7,
+  q8_0 = 8,
+  q4_k = 12,
+  q5_k = 13,
+  q6_k = 14,
+  bf16 = 30,
+};
+
+// True for the types the matmul kernels take as they are (the rest are converted first).
+inline bool is_compute_type(TensorType t) {
+  return t == TensorType::f32 || t == TensorType::f16 || t == TensorType::bf16 || t == TensorType::q8_0;
+}
 
 const char* to_string(TensorType type);
 bool tensor_type_from_string(const char* name, TensorType* out);  // "f32", "q8_0", ...
@@ -21,6 +40,54 @@ struct BlockQ8_0 {
   int8_t qs[kQ8Block];
 };
 static_assert(sizeof(BlockQ8_0) == 34, "GGUF's Q8_0 block is 34 bytes");
+
+// The 32-weight formats (ggml's block_q4_0 ... block_q5_1). Element j < 16 of a block is the low
+// nibble of qs[j], element j + 16 its high nibble; Q5 formats keep each element's fifth bit in
+// qh (bit j for element j, as a little-endian uint32).
+struct BlockQ4_0 {
+  uint16_t d;  // w = d * (q - 8), q in 0..15
+  uint8_t qs[16];
+};
+struct BlockQ4_1 {
+  uint16_t d, m;  // w = d * q + m
+  uint8_t qs[16];
+};
+struct BlockQ5_0 {
+  uint16_t d;  // w = d * (q - 16), q in 0..31
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+struct BlockQ5_1 {
+  uint16_t d, m;  // w = d * q + m
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24,
+              "GGUF's 32-weight block sizes");
+
+// The K-quants: super-blocks of 256 weights (ggml's block_q4_K, block_q5_K, block_q6_K).
+// Q4_K / Q5_K: 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min packed into
+// `scales`; w = d * sc * q - dmin * m. Q6_K: 16 sub-blocks of 16 with int8 scales;
+// w = d * sc * (q - 32), q in 0..63.
+constexpr int kQK = 256;
+struct BlockQ4_K {
+  uint16_t d, dmin;
+  uint8_t scales[12];
+  uint8_t qs[128];
+};
+struct BlockQ5_K {
+  uint16_t d, dmin;
+  uint8_t scales[12];
+  uint8_t qh[32];
+  uint8_t qs[128];
+};
+struct BlockQ6_K {
+  uint8_t ql[128];  // low 4 bits
+  uint8_t qh[64];   // high 2 bits
+  int8_t scales[16];
+  uint16_t d;
+};
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "GGUF's K-quant block sizes");
 
 // Elements per block and bytes per block of a type (blocks of 1 for the float types).
 int64_t block_elems(TensorType type);

@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "kernels/cpu_features.hpp"
+#include "kernels/quants.hpp"
 #include "kernels/vec.hpp"
 
 namespace celer {
@@ -30,6 +31,7 @@ void row_to_f32(const VecKernels& k, TensorType type, const void* src, float* ds
     case TensorType::f16: k.to_f32_f16(static_cast<const uint16_t*>(src), dst, n); break;
     case TensorType::bf16: k.to_f32_bf16(static_cast<const uint16_t*>(src), dst, n); break;
     case TensorType::q8_0: k.to_f32_q8_0(static_cast<const BlockQ8_0*>(src), dst, n); break;
+    default: dequantize_row(type, src, dst, n); break;  // the formats only files hold (scalar)
   }
 }
 

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <memory>
 
+#include "kernels/quants.hpp"
 #include "runtime/error.hpp"
 
 namespace celer {
@@ -132,32 +133,7 @@ void GgufWriter::write(const std::string& path) const {
 
 std::vector<uint8_t> encode_tensor(TensorType type, const float* values, int64_t n) {
   std::vector<uint8_t> out(static_cast<size_t>(row_bytes(type, n)));
-  switch (type) {
-    case TensorType::f32: std::memcpy(out.data(), values, n * 4); break;
-    case TensorType::f16: {
-      auto* p = reinterpret_cast<uint16_t*>(out.data());
-      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_fp16(values[i]);
-      break;
-    }
-    case TensorType::bf16: {
-      auto* p = reinterpret_cast<uint16_t*>(out.data());
-      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(values[i]);
-      break;
-    }
-    case TensorType::q8_0: {
-      auto* blocks = reinterpret_cast<BlockQ8_0*>(out.data());
-      for (int64_t b = 0; b < n / kQ8Block; ++b) {
-        const float* x = values + b * kQ8Block;
-        float amax = 0;
-        for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(x[i]));
-        const float d = amax / 127.0f;
-        const float inv = d != 0 ? 1.0f / d : 0.0f;
-        blocks[b].d = f32_to_fp16(d);
-        for (int i = 0; i < kQ8Block; ++i) blocks[b].qs[i] = static_cast<int8_t>(std::lround(x[i] * inv));
-      }
-      break;
-    }
-  }
+  quantize_row(type, values, out.data(), n);
   return out;
 }
 

@@ -39,7 +39,7 @@ class GgufWriter {
   std::vector<Tensor> tensors_;
 };
 
-// Encodes f32 values into a tensor type's bytes (Q8_0: per-block absmax scale, round to nearest).
+// Encodes f32 values into a tensor type's bytes (kernels/quants.hpp quantize_row).
 std::vector<uint8_t> encode_tensor(TensorType type, const float* values, int64_t n);
 
 }  // namespace celer

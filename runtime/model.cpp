@@ -1,6 +1,7 @@
 #include "runtime/model.hpp"
 
 #include "kernels/attention.hpp"
+#include "kernels/quants.hpp"
 
 #include "runtime/error.hpp"
 
@@ -15,7 +16,7 @@ std::string shape_string(const int64_t* ne, int n) {
 
 class Loader {
  public:
-  explicit Loader(const GgufFile& f) : f_(f) {}
+  Loader(const GgufFile& f, std::vector<std::unique_ptr<BlockQ8_0[]>>& converted) : f_(f), converted_(converted) {}
 
   const GgufTensor& tensor(const std::string& name, std::initializer_list<int64_t> shape) const {
     const GgufTensor* t = f_.find_tensor(name);
@@ -30,7 +31,16 @@ class Loader {
   }
   WeightMatrix matrix(const std::string& name, int64_t cols, int64_t rows) const {
     const GgufTensor& t = tensor(name, {cols, rows});
-    return WeightMatrix{t.type, t.data, rows, cols};
+    if (is_compute_type(t.type)) return WeightMatrix{t.type, t.data, rows, cols};
+    // A format only files hold (Q4_K, Q6_K, ...): converted once to Q8_0, which the kernels
+    // compute with (kernels/quants.hpp says what that costs in precision).
+    const int64_t blocks_per_row = cols / kQ8Block;
+    converted_.push_back(std::make_unique<BlockQ8_0[]>(static_cast<size_t>(blocks_per_row * rows)));
+    BlockQ8_0* out = converted_.back().get();
+    const auto* in = static_cast<const uint8_t*>(t.data);
+    for (int64_t r = 0; r < rows; ++r)
+      convert_row_to_q8_0(t.type, in + r * row_bytes(t.type, cols), out + r * blocks_per_row, cols);
+    return WeightMatrix{TensorType::q8_0, out, rows, cols};
   }
   // Norm weights and biases are tiny: copy them to f32 whatever their stored type.
   std::vector<float> vector(const GgufTensor& t) const {
@@ -52,6 +62,7 @@ class Loader {
                                                shape_string(shape.begin(), n));
   }
   const GgufFile& f_;
+  std::vector<std::unique_ptr<BlockQ8_0[]>>& converted_;
 };
 
 }  // namespace
@@ -59,7 +70,7 @@ class Loader {
 Model::Model(const std::string& path) : file_(std::make_shared<GgufFile>(path)), card_(std::make_shared<ModelCard>(file_)) {
   const GgufFile& f = *file_;
   const ModelConfig& c = card_->config();
-  Loader load(f);
+  Loader load(f, converted_);
 
   const GgufTensor* embd = f.find_tensor("token_embd.weight");
   if (!embd) throw Error(ErrorCode::invalid_file, path + ": missing tensor 'token_embd.weight'");

@@ -51,6 +51,9 @@ class Model {
  private:
   std::shared_ptr<const GgufFile> file_;
   std::shared_ptr<const ModelCard> card_;
+  // Matrices of the types only files hold, converted to Q8_0 at load (the others are views
+  // into the mapped file).
+  std::vector<std::unique_ptr<BlockQ8_0[]>> converted_;
   WeightMatrix token_embd_, output_;
   std::vector<float> output_norm_;
   std::vector<LayerWeights> layers_;

@@ -49,8 +49,24 @@ void make_model(const ModelSpec& s, const std::string& out_path) {
   const std::string a = s.arch + ".";
   w.set_string("general.architecture", s.arch);
   w.set_string("general.name", "celer-random-" + s.arch + "-" + std::to_string(s.dim) + "x" + std::to_string(s.layers));
-  // general.file_type as llama.cpp numbers it (its llama_ftype): 0 F32, 1 F16, 7 Q8_0, 32 BF16.
-  const uint32_t ftype = s.type == TensorType::f32 ? 0 : s.type == TensorType::f16 ? 1 : s.type == TensorType::q8_0 ? 7 : 32;
+  // general.file_type as llama.cpp numbers it (its llama_ftype). Every matrix has the one type,
+  // so a K-quant file is named after the preset closest to it (the _S one).
+  const uint32_t ftype = [&]() -> uint32_t {
+    switch (s.type) {
+      case TensorType::f32: return 0;
+      case TensorType::f16: return 1;
+      case TensorType::q4_0: return 2;
+      case TensorType::q4_1: return 3;
+      case TensorType::q8_0: return 7;
+      case TensorType::q5_0: return 8;
+      case TensorType::q5_1: return 9;
+      case TensorType::q4_k: return 14;  // Q4_K_S
+      case TensorType::q5_k: return 16;  // Q5_K_S
+      case TensorType::q6_k: return 18;
+      case TensorType::bf16: return 32;
+    }
+    return 0;
+  }();
   w.set_u32("general.file_type", ftype);
   w.set_u32(a + "context_length", s.context);
   w.set_u32(a + "embedding_length", s.dim);

@@ -21,12 +21,12 @@ Command add_make_model(CLI::App& app) {
   c->add_option("--ffn", spec->ffn, "Feed-forward size");
   c->add_option("--context", spec->context, "Context length written to the metadata");
   c->add_option("--vocab", spec->vocab_path, "GGUF file to copy the tokenizer from")->required();
-  c->add_option("--type", *type, "Weight type: f32, f16, bf16 or q8_0");
+  c->add_option("--type", *type, "Weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k");
   c->add_option("--seed", spec->seed, "Random seed (the same seed gives the same f32 values for every type)");
   c->add_option("out", *out, "Output GGUF path")->required();
   return [spec, type, out] {
     if (!tensor_type_from_string(type->c_str(), &spec->type))
-      throw Error(ErrorCode::invalid_argument, "--type must be f32, f16, bf16 or q8_0, not '" + *type + "'");
+      throw Error(ErrorCode::invalid_argument, "--type must be f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k, not '" + *type + "'");
     make_model(*spec, *out);
     std::fprintf(stderr, "wrote %s\n", out->c_str());
     return 0;
