@@ -19,6 +19,7 @@
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_maker.hpp"
+#include "runtime/quantize.hpp"
 #include "test_util.hpp"
 
 using namespace celer;
@@ -262,6 +263,80 @@ TEST_CASE("a random model in each block format that files hold agrees with its F
       CHECK(c < 0.999999);  // not the F32 weights again
     }
   }
+}
+
+TEST_CASE("quantize presets give each tensor the type llama.cpp's presets give it", "[model][quants]") {
+  // A 32-layer model: the _M presets give attn_v and ffn_down 6 bits in layers 0-3 and 28-31
+  // and every third layer from 6; Q4_K_S gives attn_v 5 bits in layers 0-3, ffn_down in 0-3.
+  auto type = [](QuantizePreset p, const std::string& name, int layer, int64_t row = 4096, bool has_output = true) {
+    return preset_tensor_type(p, name, row, layer, 32, has_output);
+  };
+  for (int layer : {0, 3, 6, 9, 27, 28, 31}) CHECK(type(QuantizePreset::q4_k_m, "blk." + std::to_string(layer) + ".ffn_down.weight", layer) == TensorType::q6_k);
+  for (int layer : {4, 5, 7, 8, 26}) CHECK(type(QuantizePreset::q4_k_m, "blk." + std::to_string(layer) + ".attn_v.weight", layer) == TensorType::q4_k);
+  CHECK(type(QuantizePreset::q5_k_m, "blk.9.attn_v.weight", 9) == TensorType::q6_k);
+  CHECK(type(QuantizePreset::q5_k_m, "blk.10.attn_v.weight", 10) == TensorType::q5_k);
+  CHECK(type(QuantizePreset::q4_k_s, "blk.3.attn_v.weight", 3) == TensorType::q5_k);
+  CHECK(type(QuantizePreset::q4_k_s, "blk.4.attn_v.weight", 4) == TensorType::q4_k);
+  CHECK(type(QuantizePreset::q4_k_s, "blk.3.ffn_down.weight", 3) == TensorType::q5_k);
+  CHECK(type(QuantizePreset::q4_k_s, "blk.4.ffn_down.weight", 4) == TensorType::q4_k);
+  CHECK(type(QuantizePreset::q4_k_m, "blk.5.attn_q.weight", 5) == TensorType::q4_k);
+  // The output projection keeps 6 bits (the token embedding too when it is the output).
+  CHECK(type(QuantizePreset::q4_0, "output.weight", -1) == TensorType::q6_k);
+  CHECK(type(QuantizePreset::q4_k_m, "token_embd.weight", -1) == TensorType::q4_k);
+  CHECK(type(QuantizePreset::q4_k_m, "token_embd.weight", -1, 4096, false) == TensorType::q6_k);
+  CHECK(type(QuantizePreset::q8_0, "output.weight", -1) == TensorType::q8_0);
+  CHECK(type(QuantizePreset::f16, "output.weight", -1) == TensorType::f16);
+  // Rows the super-blocks do not divide: llama.cpp's fallbacks.
+  CHECK(type(QuantizePreset::q4_k_m, "blk.5.attn_q.weight", 5, 64) == TensorType::q5_0);
+  CHECK(type(QuantizePreset::q5_k_s, "blk.5.attn_q.weight", 5, 64) == TensorType::q5_1);
+  CHECK(type(QuantizePreset::q4_k_m, "output.weight", -1, 64) == TensorType::q8_0);
+  CHECK(type(QuantizePreset::q4_k_m, "blk.5.attn_q.weight", 5, 48) == TensorType::f16);
+  CHECK(quantize_preset_from_name("q4_k_m") == QuantizePreset::q4_k_m);
+  CHECK(!quantize_preset_from_name("q4_k_x"));
+}
+
+TEST_CASE("celer quantize rewrites a model by a preset; the result loads and stays close to F32", "[model][quants]") {
+  TempDir dir;
+  ModelSpec spec;
+  spec.dim = 256;
+  spec.layers = 2;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.ffn = 512;
+  spec.vocab_path = kStories;
+  spec.seed = 9;
+  make_model(spec, dir.path() + "/f32.gguf");
+  const std::vector<TokenId> tokens{1, 403, 407, 261, 378, 316, 266, 275, 297, 412, 349, 13, 450, 29};
+  const auto reference = last_logits(dir.path() + "/f32.gguf", tokens);
+  size_t last_done = 0, total = 0;
+  quantize_file(dir.path() + "/f32.gguf", dir.path() + "/q4_k_m.gguf", QuantizePreset::q4_k_m, [&](size_t done, size_t n) {
+    CHECK(done == last_done + 1);
+    last_done = done;
+    total = n;
+  });
+  CHECK(last_done == total);
+  {
+    GgufFile f(dir.path() + "/q4_k_m.gguf");
+    CHECK(f.get_int("general.file_type") == 15);
+    CHECK(f.find_tensor("output.weight")->type == TensorType::q6_k);
+    CHECK(f.find_tensor("blk.0.attn_q.weight")->type == TensorType::q4_k);
+    CHECK(f.find_tensor("blk.1.ffn_down.weight")->type == TensorType::q6_k);  // the last eighth
+    CHECK(f.find_tensor("blk.0.attn_norm.weight")->type == TensorType::f32);
+    CHECK(f.get_string("tokenizer.ggml.model") == "llama");  // the metadata came along
+  }
+  const double c = cosine(reference, last_logits(dir.path() + "/q4_k_m.gguf", tokens));
+  INFO("Q4_K_M cosine " << c);  // 0.987 here; llama.cpp's Q4_K_M of the same file: 0.981
+  CHECK(c > 0.98);
+  // Quantizing a quantized file again reads it first: a Q8_0 of the Q4_K_M.
+  quantize_file(dir.path() + "/q4_k_m.gguf", dir.path() + "/again.gguf", QuantizePreset::q8_0);
+  CHECK(cosine(reference, last_logits(dir.path() + "/again.gguf", tokens)) > 0.98);
+  // stories260K's rows of 64 take the fallbacks and still load.
+  quantize_file(kStories, dir.path() + "/stories-q4_k_m.gguf", QuantizePreset::q4_k_m);
+  GgufFile s(dir.path() + "/stories-q4_k_m.gguf");
+  CHECK(s.find_tensor("blk.0.attn_q.weight")->type == TensorType::q5_0);
+  Model m(dir.path() + "/stories-q4_k_m.gguf");
+  CHECK(m.config().n_layer == 5);
+  CHECK_THROWS_AS(quantize_file(dir.path() + "/missing.gguf", dir.path() + "/x.gguf", QuantizePreset::q4_0), Error);
 }
 
 TEST_CASE("a KV cache copies a block of every layer, f32, f16 or q8_0, and refuses what it cannot hold", "[model]") {
