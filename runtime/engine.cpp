@@ -82,7 +82,7 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   cos_sin_.resize(T * c.n_rot);
   tok_seq_.resize(T);
   tok_pos_.resize(T);
-  logit_rows_.reserve(opt_.max_seqs);
+  logit_rows_.reserve(T);
   scores_.resize(opt_.n_threads);
   scores_stride_ = (opt_.max_context + kKvBlock - 1) / kKvBlock * kKvBlock;
   for (auto& s : scores_) s.resize(static_cast<size_t>(kAttnHeads) * kAttnRows * scores_stride_);
@@ -101,6 +101,9 @@ void Engine::validate(std::span<const SequenceInput> batch) const {
   for (size_t s = 0; s < batch.size(); ++s) {
     const SequenceInput& in = batch[s];
     if (in.tokens.empty()) throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + " has no new tokens");
+    if (in.logits_from >= static_cast<int32_t>(in.tokens.size()))
+      throw Error(ErrorCode::invalid_argument, "sequence " + std::to_string(s) + " wants logits from token " +
+                                                   std::to_string(in.logits_from) + " of " + std::to_string(in.tokens.size()));
     total += static_cast<int64_t>(in.tokens.size());
     const int64_t end = int64_t{in.n_past} + static_cast<int64_t>(in.tokens.size());
     if (in.n_past < 0 || end > opt_.max_context)
@@ -139,7 +142,12 @@ void Engine::forward(std::span<const SequenceInput> batch, float* logits) {
       tok_seq_[T] = static_cast<int32_t>(s);
       tok_pos_[T] = batch[s].n_past + static_cast<int32_t>(i);
     }
-    if (batch[s].want_logits) logit_rows_.push_back(static_cast<int32_t>(T - 1));
+    const int64_t n = static_cast<int64_t>(batch[s].tokens.size());
+    if (batch[s].logits_from >= 0) {
+      for (int64_t i = batch[s].logits_from; i < n; ++i) logit_rows_.push_back(static_cast<int32_t>(T - n + i));
+    } else if (batch[s].want_logits) {
+      logit_rows_.push_back(static_cast<int32_t>(T - 1));
+    }
   }
 
   pool_.parallel_for(T, 4, [&](int64_t t0, int64_t t1, int) {

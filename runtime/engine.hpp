@@ -51,6 +51,9 @@ struct SequenceInput {
   int32_t n_past = 0;                    // positions already computed into the KV cache
   std::span<const int32_t> block_table;  // blocks covering at least n_past + tokens.size() positions
   bool want_logits = true;               // logits of the last new token
+  // >= 0: the logits of every new token from this index on, in order (what perplexity scores);
+  // want_logits is then ignored.
+  int32_t logits_from = -1;
 };
 
 class Engine {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <map>
 #include <optional>
 
@@ -19,6 +20,7 @@
 #include "runtime/kv_cache.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_maker.hpp"
+#include "runtime/perplexity.hpp"
 #include "runtime/quantize.hpp"
 #include "test_util.hpp"
 
@@ -337,6 +339,34 @@ TEST_CASE("celer quantize rewrites a model by a preset; the result loads and sta
   Model m(dir.path() + "/stories-q4_k_m.gguf");
   CHECK(m.config().n_layer == 5);
   CHECK_THROWS_AS(quantize_file(dir.path() + "/missing.gguf", dir.path() + "/x.gguf", QuantizePreset::q4_0), Error);
+}
+
+TEST_CASE("perplexity agrees with llama-perplexity on the same file and text", "[model][perplexity]") {
+  // llama.cpp c392e509: `llama-perplexity -m stories260K.gguf -f perplexity-story.txt -c 128`
+  // printed [1]4.1442 ... [12]4.0897 and "Final estimate: PPL = 4.0897 +/- 0.24930".
+  Model model(kStories);
+  std::ifstream in(std::string(CELER_TEST_DATA) + "/perplexity-story.txt");
+  REQUIRE(in.good());
+  std::stringstream text;
+  text << in.rdbuf();
+  PerplexityOptions o;
+  o.n_ctx = 128;
+  int calls = 0;
+  const PerplexityResult r = perplexity(model, text.str(), o, [&](int done, int total, double) {
+    CHECK(done == ++calls);
+    CHECK(total == 12);
+  });
+  CHECK(r.chunks == 12);
+  CHECK(r.scored == 12 * 63);
+  CHECK(r.ppl == Approx(4.0897).epsilon(0.005));
+  CHECK(r.ppl_error == Approx(0.24930).epsilon(0.02));
+  CHECK(r.running.front() == Approx(4.1442).epsilon(0.005));
+  o.chunks = 3;
+  CHECK(perplexity(model, text.str(), o).running.size() == 3);
+  o.n_ctx = 1024;  // past what the text holds twice, and past the model's context
+  CHECK_THROWS_AS(perplexity(model, text.str(), o), Error);
+  o.n_ctx = 128;
+  CHECK_THROWS_WITH(perplexity(model, "Once upon a time.", o), Catch::Contains("needs at least 256"));
 }
 
 TEST_CASE("a KV cache copies a block of every layer, f32, f16 or q8_0, and refuses what it cannot hold", "[model]") {

@@ -37,6 +37,7 @@ std::pair<std::string, uint16_t> parse_host_port(const std::string& text);
 Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);
 Command add_quantize(CLI::App& app);
+Command add_perplexity(CLI::App& app);
 Command add_bench_model(CLI::App& app);
 Command add_serve(CLI::App& app);
 Command add_bench(CLI::App& app);

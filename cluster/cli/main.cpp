@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   add(celer::cli::add_generate);
   add(celer::cli::add_make_model);
   add(celer::cli::add_quantize);
+  add(celer::cli::add_perplexity);
   add(celer::cli::add_bench_model);
   add(celer::cli::add_serve);
   add(celer::cli::add_bench);
