@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cctype>
@@ -607,6 +608,12 @@ uint16_t Transport::publish_actor(caf::strong_actor_ptr whom, std::set<std::stri
 caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t port, std::chrono::milliseconds timeout,
                                                const std::set<std::string>& interface) {
   const std::string where = host + ":" + std::to_string(port);
+  // One deadline for the TCP connect, the TLS handshake and the celer handshake together.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto left = [&] {
+    return std::max(std::chrono::milliseconds(1),
+                    std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()));
+  };
   std::string why;
   const int fd = connect_tcp(host, port, timeout, why);
   if (fd < 0) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
@@ -615,7 +622,7 @@ caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t
     scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(multiplexer(sys_), fd, guard_, false);
   } else {
     auto session = start_tls(sys_, fd, false);
-    why = session ? finish_tls_handshake(*session, fd, std::chrono::steady_clock::now() + timeout)
+    why = session ? finish_tls_handshake(*session, fd, deadline)
                   : "no TLS session could be made";
     if (!why.empty()) {
       ::close(fd);
@@ -626,7 +633,7 @@ caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t
   }
   caf::scoped_actor self{sys_};
   caf::strong_actor_ptr server;
-  self->request(basp_broker(sys_), timeout, caf::connect_atom::value, std::move(scribe), port)
+  self->request(basp_broker(sys_), left(), caf::connect_atom::value, std::move(scribe), port)
       .receive(
           [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>& offered) {
             if (!ptr) why = "no actor is published there";
