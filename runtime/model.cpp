@@ -115,6 +115,11 @@ uint64_t Model::weight_bytes_per_token() const {
   return total;
 }
 
+TensorType Model::stored_type() const {
+  const GgufTensor* t = file_->find_tensor(layers_.empty() ? "output.weight" : "blk.0.ffn_up.weight");
+  return t ? t->type : main_type();
+}
+
 uint64_t Model::n_params() const {
   uint64_t n = 0;
   for (const GgufTensor& t : file_->tensors()) n += static_cast<uint64_t>(t.n_elements());

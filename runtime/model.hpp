@@ -45,8 +45,10 @@ class Model {
   uint64_t weight_bytes_per_token() const;
   // Total parameters (for reports).
   uint64_t n_params() const;
-  // The weight type most matrices have (for reports).
+  // The weight type most matrices are computed in (for reports), and the type the file stores
+  // them in (a Q4_K file is computed in Q8_0: see the converted matrices below).
   TensorType main_type() const { return layers_.empty() ? output_.type : layers_[0].w_up.type; }
+  TensorType stored_type() const;
 
  private:
   std::shared_ptr<const GgufFile> file_;

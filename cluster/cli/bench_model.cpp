@@ -195,7 +195,11 @@ int run_bench(const BenchArgs& a) {
   const double gb_per_token = static_cast<double>(model.weight_bytes_per_token()) / 1e9;
   const double bw = copy_bandwidth_gbs(eo.n_threads);
 
-  const char* type = to_string(model.main_type());
+  // "q4_k as q8_0" for a file whose matrices are converted when it loads.
+  const std::string type_name = model.stored_type() == model.main_type()
+                                    ? to_string(model.main_type())
+                                    : std::string(to_string(model.stored_type())) + " as " + to_string(model.main_type());
+  const char* type = type_name.c_str();
   std::printf("| model | type | params | threads | kernels | test | t/s | weight GB/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   const std::string at = a.depth > 0 ? " @ d" + std::to_string(a.depth) : "";
@@ -234,7 +238,7 @@ int run_bench(const BenchArgs& a) {
 
   if (!a.json.empty()) {
     nlohmann::json j = {
-        {"model", model.name()}, {"file", a.model}, {"type", type}, {"params", model.n_params()},
+        {"model", model.name()}, {"file", a.model}, {"type", to_string(model.main_type())}, {"file_type", to_string(model.stored_type())}, {"params", model.n_params()},
         {"threads", eo.n_threads}, {"kernels", engine.kernels().name}, {"q8_activations", to_string(eo.q8)},
         {"kv_cache_dtype", to_string(*engine.options().kv_type)}, {"depth", a.depth}, {"repetitions", a.reps},
         {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
