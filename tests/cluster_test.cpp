@@ -897,7 +897,8 @@ bool replica_up(const nlohmann::json& s, const std::string& name) {
   return false;
 }
 
-TEST_CASE("cluster: a node killed and started again rejoins: the node before it dials it again, and its replica serves",
+TEST_CASE("cluster: a node killed and started again rejoins: the node before it dials it again, and its replica serves; so "
+          "does the router's node",
           "[cluster][faults]") {
   // Each node its own process, as across machines. front (the router) is listed first, so it
   // dials n1 and n2; a restarted n2 waits for front to dial it again.
@@ -933,6 +934,28 @@ TEST_CASE("cluster: a node killed and started again rejoins: the node before it 
   for (int i = 0; i < 4; ++i)
     CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
   CHECK(routed_to(status(ports[0]), "r2") >= r2_before + 2);  // round-robin: half of them
+  client.reset();
+
+  // The router's node (no standby here) killed and started again: n1 and n2 take its new
+  // router when it dials them again, and their replicas join it.
+  front->stop(SIGKILL);
+  front = start("front");
+  {
+    const bool up = front->wait_for("celer: node front ready", kUp);
+    INFO("front restarted:\n" << front->output());
+    REQUIRE(up);
+  }
+  {
+    const bool joined = status_becomes(ports[0], both_up, std::chrono::seconds(30));
+    INFO("n1:\n" << n1->output() << "\nn2:\n" << n2->output());
+    REQUIRE(joined);
+  }
+  client = connect(ports[0]);
+  for (int i = 0; i < 4; ++i)
+    CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  const nlohmann::json after = status(ports[0]);
+  CHECK(routed_to(after, "r1") >= 1);
+  CHECK(routed_to(after, "r2") >= 1);
   CHECK(n2->stop(SIGTERM) == 0);
   CHECK(n1->stop(SIGTERM) == 0);
   CHECK(front->stop(SIGTERM) == 0);

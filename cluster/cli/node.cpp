@@ -96,15 +96,24 @@ struct ReplicaStarter {
   }
 };
 
-// Restarts the replicas scheduled here whose shards or cache a node holds that came back (it
-// restarted, or its connection was lost and made again): their handles there are dead, and a
-// scheduler builds only on the node actors it was given. One thread, fed by the dialer and
-// the introductions (threads that must not wait); `replicas` is the node's, by plan index.
+// Follows the nodes that come back (restarted, or their connection lost and made again): the
+// handles to their actors are dead. When it is the router's (or the standby's) node, this node
+// takes the new router from it and every replica here joins it again (restarted: a scheduler
+// reports to the routers it was made with); otherwise the replicas here whose shards or cache
+// that node holds are restarted with its new node actor (a scheduler builds only on the node
+// actors it was given). One thread, fed by the dialer and the introductions (threads that must
+// not wait); `replicas` is the node's, by plan index.
 class ReplicaRestarter {
  public:
-  ReplicaRestarter(ReplicaStarter starter, std::vector<ReplicaPlan> plans, std::vector<SupervisorActor>& replicas,
+  ReplicaRestarter(ReplicaStarter starter, const NodePlan& plan, NodeActor self, std::vector<SupervisorActor>& replicas,
                    std::map<std::string, NodeActor> peers)
-      : starter_(std::move(starter)), plans_(std::move(plans)), replicas_(replicas), peers_(std::move(peers)) {
+      : starter_(std::move(starter)),
+        plans_(plan.replicas),
+        router_node_(plan.router_node),
+        standby_node_(plan.standby_node),
+        self_(std::move(self)),
+        replicas_(replicas),
+        peers_(std::move(peers)) {
     thread_ = std::thread([this] { run(); });
   }
   ~ReplicaRestarter() { stop(); }
@@ -142,8 +151,10 @@ class ReplicaRestarter {
       events_.pop_front();
       lock.unlock();
       peers_[name] = node;
+      const bool router_back = name == router_node_ || (!standby_node_.empty() && name == standby_node_);
+      if (router_back) take_router(name, node);
       for (size_t i = 0; i < plans_.size(); ++i) {
-        if (!builds_on(plans_[i], name)) continue;
+        if (!router_back && !builds_on(plans_[i], name)) continue;
         std::printf("celer: node %s: node %s is back; restarting replica %s\n", starter_.node_name.c_str(), name.c_str(),
                     plans_[i].name.c_str());
         std::fflush(stdout);
@@ -162,8 +173,31 @@ class ReplicaRestarter {
     }
   }
 
-  const ReplicaStarter starter_;
+  // The router that runs on `node` (a restarted node starts it before it dials anyone), asked
+  // until it answers or the join timeout passes; the node actor here then uses it.
+  void take_router(const std::string& name, const NodeActor& node) {
+    caf::scoped_actor self{starter_.sys};
+    RouterActor found;
+    const auto until = std::chrono::steady_clock::now() + starter_.join_timeout;
+    while (!found && std::chrono::steady_clock::now() < until) {
+      self->request(node, std::chrono::seconds(2), router_atom::value)
+          .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
+      if (!found) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (!found) {
+      std::fprintf(stderr, "error: node %s: node %s is back without a router\n", starter_.node_name.c_str(), name.c_str());
+      return;
+    }
+    starter_.routers[name == router_node_ ? 0 : 1] = found;
+    self->send(self_, join_atom::value, starter_.routers);  // from this process: what the node actor takes
+    std::printf("celer: node %s: the router on node %s is back\n", starter_.node_name.c_str(), name.c_str());
+    std::fflush(stdout);
+  }
+
+  ReplicaStarter starter_;  // its routers follow the router's node
   const std::vector<ReplicaPlan> plans_;
+  const std::string router_node_, standby_node_;
+  const NodeActor self_;
   std::vector<SupervisorActor>& replicas_;
   std::map<std::string, NodeActor> peers_;
   std::mutex mutex_;
@@ -341,8 +375,8 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ReplicaStarter starter{sys, me.name, config.model, model, routers, config.cluster.connect_timeout};
     for (const ReplicaPlan& rp : plan.replicas) running.replicas.push_back(starter.start(rp, peers));
     // From now on a node that comes back (restarted, or connected again) restarts the replicas
-    // here that build on it.
-    running.restarter = std::make_shared<ReplicaRestarter>(starter, plan.replicas, running.replicas, peers);
+    // here that build on it, or that report to the router on it.
+    running.restarter = std::make_shared<ReplicaRestarter>(starter, plan, running.node, running.replicas, peers);
     auto restarter = running.restarter;
     running.dialer->on_change([restarter](const std::string& name, const NodeActor& node) { restarter->changed(name, node); });
     introductions->on_change([restarter](const std::string& name, const NodeActor& node) { restarter->changed(name, node); });
