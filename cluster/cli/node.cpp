@@ -4,12 +4,9 @@
 // replicas it schedules), runs the router if the config puts it here, starts the replicas whose
 // scheduler is here, and an HTTP gateway if the node has an `http:` section.
 #include <algorithm>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <map>
-#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -26,6 +23,7 @@
 #include "cluster/cli/commands.hpp"
 #include "cluster/cli/node_plan.hpp"
 #include "cluster/cli/peer_links.hpp"
+#include "cluster/cli/replica_rejoin.hpp"
 #include "cluster/cli/stop_signals.hpp"
 #include "cluster/router_actor.hpp"
 #include "runtime/error.hpp"
@@ -39,173 +37,6 @@ struct NodeArgs {
 };
 
 constexpr auto kStopGrace = std::chrono::seconds(10);
-
-// Starts a replica scheduled on this node: at start-up, and again when a node it builds on
-// comes back.
-struct ReplicaStarter {
-  caf::actor_system& sys;
-  std::string node_name;
-  std::string model_path;
-  std::shared_ptr<const Model> model;
-  std::vector<RouterActor> routers;
-  std::chrono::milliseconds join_timeout;  // after the replica is ready: how long the routers may refuse its join
-
-  // Spawns the replica with the peers' current node actors, waits until its shards are built
-  // (up to 10 minutes: a large model's packing) and joins it to every router. Throws Error
-  // naming the replica; the replica is stopped then.
-  SupervisorActor start(const ReplicaPlan& rp, const std::map<std::string, NodeActor>& peers) const {
-    ReplicaSetup setup = replica_setup(rp.config, model);
-    setup.name = rp.name;
-    setup.model_path = model_path;
-    setup.routers = routers;
-    if (rp.cache_node != node_name) setup.cache_node = peers.at(rp.cache_node);
-    if (!rp.all_local) {
-      for (const std::string& n : rp.shard_nodes) setup.shard_nodes.push_back(peers.at(n));
-    }
-    SupervisorActor replica = spawn_replica(sys, setup);
-    const auto fail = [&](const std::string& why) {
-      caf::anon_send_exit(replica, caf::exit_reason::user_shutdown);
-      throw Error(ErrorCode::unavailable, "node " + node_name + ": replica " + rp.name + why);
-    };
-    try {
-      wait_until_ready(sys, replica, std::chrono::minutes(10));
-    } catch (const Error& e) {
-      fail(std::string(": ") + e.what());
-    }
-    // A router accepts joins from the nodes that have said hello (the node actor says it as
-    // soon as it knows the routers): until it has heard, it refuses, and this asks again.
-    caf::scoped_actor self{sys};
-    std::string problem;
-    for (const RouterActor& router : routers) {
-      const auto give_up = std::chrono::steady_clock::now() + join_timeout;
-      for (bool joined = false; !joined;) {
-        problem.clear();
-        self->request(router, std::chrono::seconds(10), join_atom::value, rp.name, replica)
-            .receive(
-                [&](bool known) {
-                  joined = true;
-                  if (!known) problem = "the router's config has no replica " + rp.name;
-                },
-                [&](const caf::error& e) { problem = sys.render(e); });
-        if (joined || std::chrono::steady_clock::now() >= give_up) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
-      if (!problem.empty()) fail(" could not join the router: " + problem);
-    }
-    return replica;
-  }
-};
-
-// Follows the nodes that come back (restarted, or their connection lost and made again): the
-// handles to their actors are dead. When it is the router's (or the standby's) node, this node
-// takes the new router from it and every replica here joins it again (restarted: a scheduler
-// reports to the routers it was made with); otherwise the replicas here whose shards or cache
-// that node holds are restarted with its new node actor (a scheduler builds only on the node
-// actors it was given). One thread, fed by the dialer and the introductions (threads that must
-// not wait); `replicas` is the node's, by plan index.
-class ReplicaRestarter {
- public:
-  ReplicaRestarter(ReplicaStarter starter, const NodePlan& plan, NodeActor self, std::vector<SupervisorActor>& replicas,
-                   std::map<std::string, NodeActor> peers)
-      : starter_(std::move(starter)),
-        plans_(plan.replicas),
-        router_node_(plan.router_node),
-        standby_node_(plan.standby_node),
-        self_(std::move(self)),
-        replicas_(replicas),
-        peers_(std::move(peers)) {
-    thread_ = std::thread([this] { run(); });
-  }
-  ~ReplicaRestarter() { stop(); }
-  ReplicaRestarter(const ReplicaRestarter&) = delete;
-  ReplicaRestarter& operator=(const ReplicaRestarter&) = delete;
-
-  void changed(const std::string& name, const NodeActor& node) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      events_.emplace_back(name, node);
-    }
-    wake_.notify_one();
-  }
-  // Waits for a restart under way (at most its readiness wait) and ends the thread.
-  void stop() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    wake_.notify_one();
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  static bool builds_on(const ReplicaPlan& rp, const std::string& node) {
-    return rp.cache_node == node || (!rp.all_local && std::count(rp.shard_nodes.begin(), rp.shard_nodes.end(), node) > 0);
-  }
-
-  void run() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    while (true) {
-      wake_.wait(lock, [&] { return stopping_ || !events_.empty(); });
-      if (stopping_) return;
-      const auto [name, node] = events_.front();
-      events_.pop_front();
-      lock.unlock();
-      peers_[name] = node;
-      const bool router_back = name == router_node_ || (!standby_node_.empty() && name == standby_node_);
-      if (router_back) take_router(name, node);
-      for (size_t i = 0; i < plans_.size(); ++i) {
-        if (!router_back && !builds_on(plans_[i], name)) continue;
-        std::printf("celer: node %s: node %s is back; restarting replica %s\n", starter_.node_name.c_str(), name.c_str(),
-                    plans_[i].name.c_str());
-        std::fflush(stdout);
-        // Its request actors resume what it was running on another replica, or on its successor.
-        if (replicas_[i]) caf::anon_send_exit(replicas_[i], caf::exit_reason::kill);
-        try {
-          replicas_[i] = starter_.start(plans_[i], peers_);
-          std::printf("celer: node %s: replica %s ready again\n", starter_.node_name.c_str(), plans_[i].name.c_str());
-        } catch (const Error& e) {
-          replicas_[i] = nullptr;
-          std::fprintf(stderr, "error: %s\n", e.what());
-        }
-        std::fflush(stdout);
-      }
-      lock.lock();
-    }
-  }
-
-  // The router that runs on `node` (a restarted node starts it before it dials anyone), asked
-  // until it answers or the join timeout passes; the node actor here then uses it.
-  void take_router(const std::string& name, const NodeActor& node) {
-    caf::scoped_actor self{starter_.sys};
-    RouterActor found;
-    const auto until = std::chrono::steady_clock::now() + starter_.join_timeout;
-    while (!found && std::chrono::steady_clock::now() < until) {
-      self->request(node, std::chrono::seconds(2), router_atom::value)
-          .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
-      if (!found) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (!found) {
-      std::fprintf(stderr, "error: node %s: node %s is back without a router\n", starter_.node_name.c_str(), name.c_str());
-      return;
-    }
-    starter_.routers[name == router_node_ ? 0 : 1] = found;
-    self->send(self_, join_atom::value, starter_.routers);  // from this process: what the node actor takes
-    std::printf("celer: node %s: the router on node %s is back\n", starter_.node_name.c_str(), name.c_str());
-    std::fflush(stdout);
-  }
-
-  ReplicaStarter starter_;  // its routers follow the router's node
-  const std::vector<ReplicaPlan> plans_;
-  const std::string router_node_, standby_node_;
-  const NodeActor self_;
-  std::vector<SupervisorActor>& replicas_;
-  std::map<std::string, NodeActor> peers_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<std::pair<std::string, NodeActor>> events_;
-  bool stopping_ = false;
-  std::thread thread_;
-};
 
 struct RunningNode {
   caf::actor_system& sys;
@@ -330,7 +161,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;
     ns.on_drain = [&signals] { signals.wake(); };
-    auto introductions = std::make_shared<PeerIntroductions>();
+    auto introductions = std::make_shared<PeerIntroductions>(plan.dialed_by);
     ns.on_peer = [introductions](const std::string& name, const caf::strong_actor_ptr& node) {
       introductions->introduced(name, node);
     };

@@ -1,11 +1,14 @@
 #include "cluster/cli/peer_links.hpp"
 
+#include <algorithm>
+
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
 
 namespace celer::cli {
 
 void PeerIntroductions::introduced(const std::string& name, const caf::strong_actor_ptr& node) {
+  if (std::find(expected_.begin(), expected_.end(), name) == expected_.end()) return;
   const auto actor = caf::actor_cast<NodeActor>(node);
   PeerChanged changed;
   {

@@ -29,8 +29,11 @@ namespace celer::cli {
 using PeerChanged = std::function<void(const std::string& name, const NodeActor& node)>;
 
 // The nodes that dialed this one, as their node actors introduced themselves (NodeSetup::on_peer).
+// Only the names that the config has dial this node are taken; any other is ignored (a holder
+// of the secret could still pose as one of those: the secret is what admits a node).
 class PeerIntroductions {
  public:
+  explicit PeerIntroductions(std::vector<std::string> expected) : expected_(std::move(expected)) {}
   // From now on, each introduction is also told to `changed` (set once the node is up: the
   // introductions before are those it waits for).
   void on_change(PeerChanged changed);
@@ -43,6 +46,7 @@ class PeerIntroductions {
  private:
   std::mutex mutex_;
   std::condition_variable changed_;
+  const std::vector<std::string> expected_;
   std::map<std::string, NodeActor> nodes_;
   PeerChanged changed_to_;
 };
