@@ -323,6 +323,37 @@ void dequantize_row(TensorType type, const void* src, float* dst, int64_t n) {
         }
       });
       return;
+    case TensorType::q2_k:
+      each_block<BlockQ2_K>(src, n, kQK, [&](const BlockQ2_K& b, int64_t at) {
+        const float d = fp16_to_f32(b.d), dmin = fp16_to_f32(b.dmin);
+        for (int e = 0; e < kQK; ++e) {
+          // 128-element half h, 32-element quarter j of it: bits 2j..2j+1 of qs[32h + e % 32].
+          const int h = e / 128, j = (e % 128) / 32;
+          const int q = (b.qs[32 * h + e % 32] >> (2 * j)) & 3;
+          const uint8_t sm = b.scales[e / 16];
+          dst[at + e] = d * static_cast<float>(sm & 0xF) * static_cast<float>(q) - dmin * static_cast<float>(sm >> 4);
+        }
+      });
+      return;
+    case TensorType::q3_k:
+      each_block<BlockQ3_K>(src, n, kQK, [&](const BlockQ3_K& b, int64_t at) {
+        const float d = fp16_to_f32(b.d);
+        for (int e = 0; e < kQK; ++e) {
+          const int h = e / 128, j = (e % 128) / 32, l = e % 32;
+          const int low = (b.qs[32 * h + l] >> (2 * j)) & 3;
+          const bool high = (b.hmask[l] >> (4 * h + j)) & 1;
+          // Scale s = 4 * group + k (16 of them): its low 4 bits are the low (groups 0, 1) or
+          // high (groups 2, 3) nibble of byte k (groups 0, 2) or 4 + k (groups 1, 3); its top 2
+          // bits are bits 2 * group of byte 8 + k.
+          const int s = e / 16, k = s % 4, group = s / 4;
+          const uint8_t byte = b.scales[(group % 2) * 4 + k];
+          const int nibble = group < 2 ? byte & 0xF : byte >> 4;
+          const int top = (b.scales[8 + k] >> (2 * group)) & 3;
+          const int sc = nibble | (top << 4);
+          dst[at + e] = d * static_cast<float>(sc - 32) * static_cast<float>(low - (high ? 0 : 4));
+        }
+      });
+      return;
     case TensorType::q6_k:
       each_block<BlockQ6_K>(src, n, kQK, [&](const BlockQ6_K& b, int64_t at) {
         const float d = fp16_to_f32(b.d);
@@ -417,6 +448,9 @@ void quantize_row(TensorType type, const float* src, void* dst, int64_t n) {
       }
       return;
     }
+    case TensorType::q2_k:
+    case TensorType::q3_k:
+      throw std::invalid_argument(std::string("quantize_row: celer reads ") + to_string(type) + " but does not write it");
     case TensorType::q6_k: {
       auto* blocks = static_cast<BlockQ6_K*>(dst);
       for (int64_t b = 0; b < n / kQK; ++b) quantize_q6k(src + b * kQK, blocks[b]);

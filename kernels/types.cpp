@@ -13,6 +13,8 @@ const char* to_string(TensorType type) {
     case TensorType::q5_0: return "q5_0";
     case TensorType::q5_1: return "q5_1";
     case TensorType::q8_0: return "q8_0";
+    case TensorType::q2_k: return "q2_k";
+    case TensorType::q3_k: return "q3_k";
     case TensorType::q4_k: return "q4_k";
     case TensorType::q5_k: return "q5_k";
     case TensorType::q6_k: return "q6_k";
@@ -42,6 +44,8 @@ int64_t block_elems(TensorType type) {
     case TensorType::q5_0:
     case TensorType::q5_1:
     case TensorType::q8_0: return 32;
+    case TensorType::q2_k:
+    case TensorType::q3_k:
     case TensorType::q4_k:
     case TensorType::q5_k:
     case TensorType::q6_k: return kQK;
@@ -59,6 +63,8 @@ int64_t block_bytes(TensorType type) {
     case TensorType::q5_0: return sizeof(BlockQ5_0);
     case TensorType::q5_1: return sizeof(BlockQ5_1);
     case TensorType::q8_0: return sizeof(BlockQ8_0);
+    case TensorType::q2_k: return sizeof(BlockQ2_K);
+    case TensorType::q3_k: return sizeof(BlockQ3_K);
     case TensorType::q4_k: return sizeof(BlockQ4_K);
     case TensorType::q5_k: return sizeof(BlockQ5_K);
     case TensorType::q6_k: return sizeof(BlockQ6_K);

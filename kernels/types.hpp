@@ -19,6 +19,8 @@ enum class TensorType : uint32_t {
   q5_0 = 6,
   q5_1 = 7,
   q8_0 = 8,
+  q2_k = 10,
+  q3_k = 11,
   q4_k = 12,
   q5_k = 13,
   q6_k = 14,
@@ -65,11 +67,25 @@ struct BlockQ5_1 {
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24,
               "GGUF's 32-weight block sizes");
 
-// The K-quants: super-blocks of 256 weights (ggml's block_q4_K, block_q5_K, block_q6_K).
+// The K-quants: super-blocks of 256 weights (ggml's block_q2_K ... block_q6_K).
+// Q2_K: 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit min in one byte;
+// w = d * sc * q - dmin * m, q in 0..3. Q3_K: 16 sub-blocks of 16 with 6-bit scales (offset by
+// 32) packed into 12 bytes; w = d * (sc - 32) * (q - 4 * !high_bit), q's low 2 bits in qs.
 // Q4_K / Q5_K: 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min packed into
 // `scales`; w = d * sc * q - dmin * m. Q6_K: 16 sub-blocks of 16 with int8 scales;
 // w = d * sc * (q - 32), q in 0..63.
 constexpr int kQK = 256;
+struct BlockQ2_K {
+  uint8_t scales[16];  // low nibble: scale, high nibble: min
+  uint8_t qs[64];
+  uint16_t d, dmin;
+};
+struct BlockQ3_K {
+  uint8_t hmask[32];  // each element's third bit (set: no -4)
+  uint8_t qs[64];
+  uint8_t scales[12];
+  uint16_t d;
+};
 struct BlockQ4_K {
   uint16_t d, dmin;
   uint8_t scales[12];
@@ -87,6 +103,7 @@ struct BlockQ6_K {
   int8_t scales[16];
   uint16_t d;
 };
+static_assert(sizeof(BlockQ2_K) == 84 && sizeof(BlockQ3_K) == 110, "GGUF's Q2_K and Q3_K block sizes");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "GGUF's K-quant block sizes");
 
 // Elements per block and bytes per block of a type (blocks of 1 for the float types).

@@ -203,13 +203,13 @@ void GgufFile::parse() {
       t.ne[d] = static_cast<int64_t>(ne);
     }
     const uint32_t type = c.read<uint32_t>("tensor type");
-    static constexpr uint32_t kRead[] = {0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30};
+    static constexpr uint32_t kRead[] = {0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30};
     if (std::find(std::begin(kRead), std::end(kRead), type) == std::end(kRead)) {
       const char* name = ggml_type_name(type);
       if (name)
         throw Error(ErrorCode::unsupported, path_ + ": tensor '" + t.name + "' has type " + name +
                                                 " which celer does not support (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
-                                                "Q5_1, Q4_K, Q5_K, Q6_K)");
+                                                "Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)");
       fail("tensor '" + t.name + "' has unknown type " + std::to_string(type));
     }
     t.type = static_cast<TensorType>(type);

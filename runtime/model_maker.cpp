@@ -60,6 +60,8 @@ void make_model(const ModelSpec& s, const std::string& out_path) {
       case TensorType::q8_0: return 7;
       case TensorType::q5_0: return 8;
       case TensorType::q5_1: return 9;
+      case TensorType::q2_k: return 10;  // (not written here: make-model refuses the type)
+      case TensorType::q3_k: return 11;
       case TensorType::q4_k: return 14;  // Q4_K_S
       case TensorType::q5_k: return 16;  // Q5_K_S
       case TensorType::q6_k: return 18;

@@ -200,10 +200,10 @@ TEST_CASE("specific defects get specific messages", "[gguf][robustness]") {
     put<uint32_t>(s, 2);
     put<uint64_t>(s, 256);
     put<uint64_t>(s, 4);
-    put<uint32_t>(s, 10);  // Q2_K: a format celer does not read
+    put<uint32_t>(s, 16);  // IQ2_XXS: a format celer does not read
     put<uint64_t>(s, 0);
     s.append(4096, '\0');
-    CHECK_THAT(load_error(s), Catch::Contains("Q2_K") && Catch::Contains("blk.0.ffn_up.weight"));
+    CHECK_THAT(load_error(s), Catch::Contains("IQ2_XXS") && Catch::Contains("blk.0.ffn_up.weight"));
   }
   {
     // A string length far past the end of the file.

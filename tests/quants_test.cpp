@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@ namespace {
 
 const TensorType kBlockTypes[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q5_0, TensorType::q5_1,
                                   TensorType::q4_k, TensorType::q5_k, TensorType::q6_k};
+const TensorType kReadOnlyTypes[] = {TensorType::q2_k, TensorType::q3_k};  // read, not written
 
 double h2d(const uint8_t* p) {
   uint16_t h;
@@ -72,6 +74,24 @@ double reference_value(TensorType t, const uint8_t* block, int e) {
       if (t == TensorType::q5_k) q += 16 * ((block[16 + in_chunk % 32] >> (2 * chunk + in_chunk / 32)) & 1);
       return h2d(block) * sc * q - h2d(block + 2) * m;
     }
+    case TensorType::q2_k: {  // scales[16] (scale | min << 4), qs[64], d, dmin
+      const int half = e / 128, quarter = (e % 128) / 32;
+      const int q = (block[16 + 32 * half + e % 32] >> (2 * quarter)) & 3;
+      const uint8_t sm = block[e / 16];
+      return h2d(block + 80) * (sm % 16) * q - h2d(block + 82) * (sm / 16);
+    }
+    case TensorType::q3_k: {  // hmask[32], qs[64], scales[12], d
+      const int half = e / 128, quarter = (e % 128) / 32, l = e % 32;
+      const int low = (block[32 + 32 * half + l] >> (2 * quarter)) & 3;
+      const int high = bit(block + l, 4 * half + quarter);  // bit of hmask[l]
+      // The 16 6-bit scales: scale 4g + k has the low (g < 2) or high nibble of byte
+      // (g % 2) * 4 + k of the 12, and bits 2g, 2g + 1 of byte 8 + k on top.
+      const int s = e / 16, g = s / 4, k = s % 4;
+      const uint8_t* sc = block + 96;
+      const int nibble = g < 2 ? sc[(g % 2) * 4 + k] % 16 : sc[(g % 2) * 4 + k] / 16;
+      const int scale = nibble + 16 * ((sc[8 + k] >> (2 * g)) & 3) - 32;
+      return h2d(block + 108) * scale * (low - (high ? 0 : 4));
+    }
     case TensorType::q6_k: {  // ql[128], qh[64], scales[16] (int8), d
       const int half = e / 128, i = e % 128, quarter = i / 32, l = i % 32;
       const uint8_t lo_byte = block[64 * half + 32 * (quarter % 2) + l];
@@ -107,6 +127,8 @@ std::vector<uint8_t> random_blocks(TensorType t, int64_t n, uint32_t seed) {
       std::memcpy(blk + at, &h, 2);
     };
     if (t == TensorType::q6_k) put(208);
+    else if (t == TensorType::q2_k) put(80), put(82);
+    else if (t == TensorType::q3_k) put(108);
     else put(0);
     if (t == TensorType::q4_1 || t == TensorType::q5_1 || t == TensorType::q4_k || t == TensorType::q5_k) put(2);
   }
@@ -116,7 +138,9 @@ std::vector<uint8_t> random_blocks(TensorType t, int64_t n, uint32_t seed) {
 }  // namespace
 
 TEST_CASE("every block format reads as its definition says, on odd numbers of blocks", "[quants]") {
-  for (TensorType t : kBlockTypes) {
+  std::vector<TensorType> types(std::begin(kBlockTypes), std::end(kBlockTypes));
+  types.insert(types.end(), std::begin(kReadOnlyTypes), std::end(kReadOnlyTypes));
+  for (TensorType t : types) {
     INFO(to_string(t));
     for (int blocks : {1, 3, 7}) {
       const int64_t n = blocks * block_elems(t);
@@ -221,10 +245,13 @@ TEST_CASE("converting to Q8_0 keeps Q4_0 and Q5_0 exactly and the others within 
   }
 }
 
-TEST_CASE("block formats refuse what has no block layout", "[quants]") {
+TEST_CASE("block formats refuse what has no block layout, and Q2_K / Q3_K are read but not written", "[quants]") {
   std::vector<uint8_t> bytes(64);
   float out[32];
-  CHECK_THROWS_AS(dequantize_row(static_cast<TensorType>(10), bytes.data(), out, 32), std::invalid_argument);  // Q2_K
+  CHECK_THROWS_AS(dequantize_row(static_cast<TensorType>(16), bytes.data(), out, 32), std::invalid_argument);  // IQ2_XXS
+  float in[256] = {};
+  std::vector<uint8_t> q2(sizeof(BlockQ2_K));
+  CHECK_THROWS_AS(quantize_row(TensorType::q2_k, in, q2.data(), 256), std::invalid_argument);  // read only
 }
 
 TEST_CASE("files llama.cpp's quantizer wrote read as llama.cpp reads them, bit for bit, and load as models", "[quants]") {
@@ -234,7 +261,9 @@ TEST_CASE("files llama.cpp's quantizer wrote read as llama.cpp reads them, bit f
   std::ifstream in(dir + "/hashes.json");
   REQUIRE(in.good());
   const nlohmann::json hashes = nlohmann::json::parse(in);
-  for (TensorType t : kBlockTypes) {
+  std::vector<TensorType> types(std::begin(kBlockTypes), std::end(kBlockTypes));
+  types.insert(types.end(), std::begin(kReadOnlyTypes), std::end(kReadOnlyTypes));
+  for (TensorType t : types) {
     INFO(to_string(t));
     const std::string path = dir + "/llama-" + to_string(t) + ".gguf";
     const nlohmann::json& want = hashes.at(to_string(t));
