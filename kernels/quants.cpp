@@ -65,10 +65,9 @@ int q4k_nibble(const uint8_t qs[128], int e) {
   const int c = e / 64, l = e % 32;
   return (e % 64) < 32 ? qs[32 * c + l] & 0xF : qs[32 * c + l] >> 4;
 }
-int q5k_high_bit(const uint8_t qh[32], int e) {
-  const int c = e / 64, l = e % 32;
-  return (qh[l] >> (2 * c + ((e % 64) < 32 ? 0 : 1))) & 1;
-}
+// Which bit of qh[e % 32] holds element e's fifth bit (both directions use it).
+int q5k_high_bit_index(int e) { return 2 * (e / 64) + ((e % 64) < 32 ? 0 : 1); }
+int q5k_high_bit(const uint8_t qh[32], int e) { return (qh[e % 32] >> q5k_high_bit_index(e)) & 1; }
 
 // Element e (0..255) of a Q6_K super-block, 0..63: each 128-element half h has 64 bytes of low
 // nibbles (elements l and l + 64 share byte l, elements 32 + l and 96 + l share byte 32 + l) and
@@ -441,10 +440,8 @@ void quantize_row(TensorType type, const float* src, void* dst, int64_t n) {
         quantize_k_affine(src + b * kQK, 31, &blocks[b].d, &blocks[b].dmin, blocks[b].scales, q);
         pack_q4k_nibbles(q, blocks[b].qs);
         std::memset(blocks[b].qh, 0, sizeof blocks[b].qh);
-        for (int e = 0; e < kQK; ++e) {
-          const int c = e / 64, l = e % 32;
-          blocks[b].qh[l] = static_cast<uint8_t>(blocks[b].qh[l] | (((q[e] >> 4) & 1) << (2 * c + ((e % 64) < 32 ? 0 : 1))));
-        }
+        for (int e = 0; e < kQK; ++e)
+          blocks[b].qh[e % 32] = static_cast<uint8_t>(blocks[b].qh[e % 32] | (((q[e] >> 4) & 1) << q5k_high_bit_index(e)));
       }
       return;
     }

@@ -75,10 +75,9 @@ TensorType preset_tensor_type(QuantizePreset preset, const std::string& name, in
                               bool has_output) {
   const TensorType base = info(preset).base;
   TensorType t = base;
-  const bool quantized = !is_compute_type(base) || base == TensorType::q8_0;
   if (name == "output.weight" || (!has_output && name == "token_embd.weight")) {
     // The output projection decides every token: it keeps 6 bits under the 4- and 5-bit presets.
-    if (quantized && base != TensorType::q8_0) t = row_length % kQK == 0 ? TensorType::q6_k : TensorType::q8_0;
+    if (!is_compute_type(base)) t = row_length % kQK == 0 ? TensorType::q6_k : TensorType::q8_0;
   } else if (ends_with(name, "attn_v.weight") || ends_with(name, "ffn_down.weight")) {
     const bool v = ends_with(name, "attn_v.weight");
     switch (preset) {

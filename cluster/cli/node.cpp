@@ -186,16 +186,8 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
 
     // The routers: here, or asked of their nodes until those have started them.
     auto router_on = [&](const std::string& node_name) {
-      caf::scoped_actor self{sys};
-      RouterActor found;
-      while (!found) {
-        self->request(peers.at(node_name), std::chrono::seconds(2), router_atom::value)
-            .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
-        if (found) break;
-        if (std::chrono::steady_clock::now() >= until)
-          throw Error(ErrorCode::unavailable, "node " + me.name + ": the router on node " + node_name + " did not start");
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
+      const RouterActor found = ask_router(sys, peers.at(node_name), until);
+      if (!found) throw Error(ErrorCode::unavailable, "node " + me.name + ": the router on node " + node_name + " did not start");
       return found;
     };
     std::vector<RouterActor> routers{plan.runs_router ? running.router : router_on(plan.router_node)};

@@ -9,6 +9,17 @@
 
 namespace celer::cli {
 
+RouterActor ask_router(caf::actor_system& sys, const NodeActor& node, std::chrono::steady_clock::time_point until) {
+  caf::scoped_actor self{sys};
+  RouterActor found;
+  while (true) {
+    self->request(node, std::chrono::seconds(2), router_atom::value)
+        .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
+    if (found || std::chrono::steady_clock::now() >= until) return found;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 SupervisorActor ReplicaStarter::start(const ReplicaPlan& rp, const std::map<std::string, NodeActor>& peers) const {
   ReplicaSetup setup = replica_setup(rp.config, model);
   setup.name = rp.name;
@@ -83,20 +94,13 @@ void ReplicaRestarter::run() {
 }
 
 void ReplicaRestarter::take_router(const std::string& name, const NodeActor& node) {
-  caf::scoped_actor self{starter_.sys};
-  RouterActor found;
-  const auto until = std::chrono::steady_clock::now() + starter_.join_timeout;
-  while (!found && std::chrono::steady_clock::now() < until) {
-    self->request(node, std::chrono::seconds(2), router_atom::value)
-        .receive([&](const RouterActor& r) { found = r; }, [](const caf::error&) {});
-    if (!found) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  const RouterActor found = ask_router(starter_.sys, node, std::chrono::steady_clock::now() + starter_.join_timeout);
   if (!found) {
     std::fprintf(stderr, "error: node %s: node %s is back without a router\n", starter_.node_name.c_str(), name.c_str());
     return;
   }
   starter_.routers[name == router_node_ ? 0 : 1] = found;
-  self->send(self_, join_atom::value, starter_.routers);  // from this process: what the node actor takes
+  caf::scoped_actor{starter_.sys}->send(self_, join_atom::value, starter_.routers);  // from this process: what the node actor takes
   std::printf("celer: node %s: the router on node %s is back\n", starter_.node_name.c_str(), name.c_str());
   std::fflush(stdout);
 }

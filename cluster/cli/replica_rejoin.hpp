@@ -22,6 +22,10 @@
 
 namespace celer::cli {
 
+// The router (or standby) that runs on `node`, asked until it answers (a node starts it first
+// thing) or `until` passes: then null.
+RouterActor ask_router(caf::actor_system& sys, const NodeActor& node, std::chrono::steady_clock::time_point until);
+
 // Starts a replica scheduled on this node: at start-up, and again when a node it builds on
 // comes back.
 struct ReplicaStarter {
