@@ -20,11 +20,33 @@ constexpr int64_t kSmallM = 16;
 // model's matrices: 5-10% faster from 9 to 15 rows, even at 8).
 constexpr int64_t kStreamRowsQ8 = 8;
 
-// One packed matrix and where its product goes.
+// One packed matrix (Q8_0, or 4 or 5 bits) and where its product goes.
 struct PackedProduct {
-  const PackedQ8* w;
-  float* y;
+  int bits = 8;
+  int64_t rows = 0, n_groups = 0, group_bytes = 0;
+  const uint8_t* data = nullptr;
+  float* y = nullptr;
+
+  PackedProduct() = default;
+  PackedProduct(const PackedQ8& w, float* out)
+      : rows(w.rows), n_groups(w.groups()), group_bytes(w.group_bytes()), data(w.data.data()), y(out) {}
+  PackedProduct(const PackedQ4& w, float* out)
+      : bits(w.bits), rows(w.rows), n_groups(w.groups()), group_bytes(w.group_bytes()), data(w.data.data()), y(out) {}
+  const uint8_t* group(int64_t g) const { return data + g * group_bytes; }
 };
+
+// The packed form of w for int8 activations, or nullptr when it has none.
+bool packed_product(const WeightMatrix& w, float* y, PackedProduct* out) {
+  if (w.type == TensorType::q8_0 && w.packed) *out = PackedProduct(*w.packed, y);
+  else if (w.packed_q4 && packed_q4_bits(w.type) != 0) *out = PackedProduct(*w.packed_q4, y);
+  else return false;
+  return true;
+}
+
+// The types whose rows the decode tiles widen in registers; the others are widened a panel at a time.
+bool widened_in_registers(TensorType t) {
+  return t == TensorType::f32 || t == TensorType::f16 || t == TensorType::bf16 || t == TensorType::q8_0;
+}
 
 // Int8 activations against packed Q8_0 weights, for one or more matrices with the same input
 // (K columns each). Quantized once per call, row by row (the same row gives the same bytes
@@ -33,8 +55,8 @@ struct PackedProduct {
 // step, come from L2. The matrices' pairs form one list for the threads, so several matrices
 // cost one fork and join, not one each.
 void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, std::span<const PackedProduct> products,
-                   const float* x, int64_t M) {
-  const int64_t K = products[0].w->cols, nb = products[0].w->blocks();
+                   const float* x, int64_t K, int64_t M) {
+  const int64_t nb = K / kQ8Block;
   if (scratch.xq.size() < static_cast<size_t>(M * K)) scratch.xq.resize(M * K);
   if (scratch.xd.size() < static_cast<size_t>(M * nb)) scratch.xd.resize(M * nb);
   if (scratch.xb.size() < static_cast<size_t>(M * nb)) scratch.xb.resize(M * nb);
@@ -54,21 +76,21 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
   // stay in order, and idle threads take over the ends of unfinished ones).
   const bool stream = M < kStreamRowsQ8;
   const int64_t n_tiles = (M + kTileM - 1) / kTileM;
-  auto n_pairs_of = [](const PackedQ8& w) { return (w.groups() + kPackTileGroups - 1) / kPackTileGroups; };
+  auto n_pairs_of = [](const PackedProduct& w) { return (w.n_groups + kPackTileGroups - 1) / kPackTileGroups; };
   int64_t n_pairs = 0;
-  for (const PackedProduct& p : products) n_pairs += n_pairs_of(*p.w);
+  for (const PackedProduct& p : products) n_pairs += n_pairs_of(p);
   // Pair q of the list: its product and first group.
   auto locate = [&](int64_t q, size_t& i, int64_t& g0) {
-    for (i = 0; q >= n_pairs_of(*products[i].w); ++i) q -= n_pairs_of(*products[i].w);
+    for (i = 0; q >= n_pairs_of(products[i]); ++i) q -= n_pairs_of(products[i]);
     g0 = q * kPackTileGroups;
   };
   auto pair = [&](int64_t q, int64_t next_q) {
     size_t i;
     int64_t g0;
     locate(q, i, g0);
-    const PackedQ8& w = *products[i].w;
+    const PackedProduct& w = products[i];
     const int64_t N = w.rows;
-    const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, w.groups() - g0));
+    const int ng = static_cast<int>(std::min<int64_t>(kPackTileGroups, w.n_groups - g0));
     const int n_rows = static_cast<int>(std::min<int64_t>(int64_t{ng} * kPackRows, N - g0 * kPackRows));
     const uint8_t* next = nullptr;
     int64_t next_bytes = 0;
@@ -76,9 +98,9 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
       size_t ni;
       int64_t ng0;
       locate(next_q, ni, ng0);
-      const PackedQ8& nw = *products[ni].w;
+      const PackedProduct& nw = products[ni];
       next = nw.group(ng0);
-      next_bytes = std::min<int64_t>(kPackTileGroups, nw.groups() - ng0) * nw.group_bytes();
+      next_bytes = std::min<int64_t>(kPackTileGroups, nw.n_groups - ng0) * nw.group_bytes;
     }
     for (int64_t t = 0; t < n_tiles; ++t) {
       const int64_t m0 = t * kTileM;
@@ -89,8 +111,13 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
         prefetch.next = next + from;
         prefetch.next_bytes = to - from;
       }
-      vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes(), ng, nb, n_rows,
-                        products[i].y + m0 * N + g0 * kPackRows, N, prefetch);
+      float* out = w.y + m0 * N + g0 * kPackRows;
+      if (w.bits == 8)
+        vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes, ng, nb, n_rows, out,
+                          N, prefetch);
+      else
+        vk.gemm_q4_packed(w.bits, xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes, ng, nb,
+                          n_rows, out, N, prefetch);
     }
   };
   if (stream) {  // a run per thread, as in matmul's decode plan: nothing to fetch ahead
@@ -116,12 +143,17 @@ const char* to_string(Q8Activations mode) { return mode == Q8Activations::int8 ?
 
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8) {
-  if (w.type == TensorType::q8_0 && q8 == Q8Activations::int8) {
-    if (!w.packed) throw std::invalid_argument("matmul: int8 activations need the Q8_0 weights packed (pack_q8_0)");
-    const PackedProduct product{w.packed, y};
-    matmul_packed(pool, vk, scratch, {&product, 1}, x, M);
+  if (q8 == Q8Activations::int8 && (w.type == TensorType::q8_0 || packed_q4_bits(w.type) != 0)) {
+    PackedProduct product;
+    if (!packed_product(w, y, &product))
+      throw std::invalid_argument(std::string("matmul: int8 activations need the ") + to_string(w.type) +
+                                  " weights packed (pack_q8_0 or pack_q4)");
+    matmul_packed(pool, vk, scratch, {&product, 1}, x, w.cols, M);
     return;
   }
+  if (!widened_in_registers(w.type) && packed_q4_bits(w.type) == 0)
+    throw std::invalid_argument(std::string("matmul: ") + to_string(w.type) +
+                                " weights are converted to Q8_0 when a model loads");
   const int64_t K = w.cols;
   const int64_t N = w.rows;
   // Grown only if the caller did not reserve enough (tests); the engine reserves up front.
@@ -139,7 +171,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * P;
       const int64_t rows = std::min(P, N - n0);
-      if (M < kSmallM) {
+      if (M < kSmallM && widened_in_registers(w.type)) {
         // Few rows: widen the weights in registers as they stream past.
         for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
           const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
@@ -154,14 +186,14 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
                 vk.gemm_q8_0_widened(x + m0 * K, K, mt, reinterpret_cast<const BlockQ8_0*>(wr), K / kQ8Block, nt, K, yt, N);
                 break;
               case TensorType::f32: vk.gemm_f32(x + m0 * K, K, mt, reinterpret_cast<const float*>(wr), K, nt, K, yt, N); break;
-              default: throw std::invalid_argument(std::string("matmul: ") + to_string(w.type) + " weights are converted to Q8_0 when a model loads");
+              default: break;  // not reached: widened_in_registers
             }
           }
         }
         continue;
       }
-      // Many rows: widen the panel once, then reuse it for every tile of x. F32 rows that are
-      // already cache-line aligned are used in place.
+      // Many rows (or 4- and 5-bit weights): widen the panel once, then reuse it for every
+      // tile of x. F32 rows that are already cache-line aligned are used in place.
       const float* panel = reinterpret_cast<const float*>(w.row(n0));
       if (w.type != TensorType::f32 || reinterpret_cast<uintptr_t>(panel) % kCacheLine != 0 || (K * 4) % kCacheLine != 0) {
         float* buf = scratch.panels[thread].data();
@@ -185,12 +217,10 @@ void matmul_shared_input(ThreadPool& pool, const VecKernels& vk, MatmulScratch& 
   constexpr size_t kMaxProducts = 4;
   PackedProduct products[kMaxProducts];
   bool together = q8 == Q8Activations::int8 && !ws.empty() && ws.size() <= kMaxProducts;
-  for (size_t i = 0; together && i < ws.size(); ++i) {
-    together = ws[i]->type == TensorType::q8_0 && ws[i]->packed && ws[i]->cols == ws[0]->cols;
-    products[i] = {ws[i]->packed, ys[i]};
-  }
+  for (size_t i = 0; together && i < ws.size(); ++i)
+    together = packed_product(*ws[i], ys[i], &products[i]) && ws[i]->cols == ws[0]->cols;
   if (together) {
-    matmul_packed(pool, vk, scratch, {products, ws.size()}, x, M);
+    matmul_packed(pool, vk, scratch, {products, ws.size()}, x, ws[0]->cols, M);
     return;
   }
   for (size_t i = 0; i < ws.size(); ++i) matmul(pool, vk, scratch, *ws[i], x, M, ys[i], q8);

@@ -491,4 +491,67 @@ void convert_row_to_q8_0(TensorType type, const void* src, BlockQ8_0* dst, int64
   }
 }
 
+void affine_blocks(TensorType type, const void* src, int64_t n, uint8_t* q, float* s, float* o) {
+  auto put = [&](int64_t block, const int* ints, float scale, float offset) {
+    for (int j = 0; j < 32; ++j) q[block * 32 + j] = static_cast<uint8_t>(ints[j]);
+    s[block] = scale;
+    o[block] = offset;
+  };
+  // Q4_K / Q5_K (qh null for Q4_K): eight sub-blocks of 32, each with its 6-bit scale and min.
+  auto k_super_block = [&](uint16_t d16, uint16_t dmin16, const uint8_t scales[12], const uint8_t qs[128],
+                           const uint8_t* qh, int64_t at) {
+    const float d = fp16_to_f32(d16), dmin = fp16_to_f32(dmin16);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m, v[32];
+      scale_min_k(j, scales, &sc, &m);
+      for (int l = 0; l < 32; ++l) v[l] = q4k_nibble(qs, 32 * j + l) | (qh ? q5k_high_bit(qh, 32 * j + l) << 4 : 0);
+      put(at / 32 + j, v, d * static_cast<float>(sc), -(dmin * static_cast<float>(m)));
+    }
+  };
+  switch (type) {
+    case TensorType::q4_0:
+      each_block<BlockQ4_0>(src, n, 32, [&](const BlockQ4_0& b, int64_t at) {
+        int v[32];
+        nibbles(b.qs, v);
+        const float d = fp16_to_f32(b.d);
+        put(at / 32, v, d, -8.0f * d);
+      });
+      return;
+    case TensorType::q4_1:
+      each_block<BlockQ4_1>(src, n, 32, [&](const BlockQ4_1& b, int64_t at) {
+        int v[32];
+        nibbles(b.qs, v);
+        put(at / 32, v, fp16_to_f32(b.d), fp16_to_f32(b.m));
+      });
+      return;
+    case TensorType::q5_0:
+      each_block<BlockQ5_0>(src, n, 32, [&](const BlockQ5_0& b, int64_t at) {
+        int v[32];
+        five_bits(b.qs, b.qh, v);
+        const float d = fp16_to_f32(b.d);
+        put(at / 32, v, d, -16.0f * d);
+      });
+      return;
+    case TensorType::q5_1:
+      each_block<BlockQ5_1>(src, n, 32, [&](const BlockQ5_1& b, int64_t at) {
+        int v[32];
+        five_bits(b.qs, b.qh, v);
+        put(at / 32, v, fp16_to_f32(b.d), fp16_to_f32(b.m));
+      });
+      return;
+    case TensorType::q4_k:
+      each_block<BlockQ4_K>(src, n, kQK, [&](const BlockQ4_K& b, int64_t at) {
+        k_super_block(b.d, b.dmin, b.scales, b.qs, nullptr, at);
+      });
+      return;
+    case TensorType::q5_k:
+      each_block<BlockQ5_K>(src, n, kQK, [&](const BlockQ5_K& b, int64_t at) {
+        k_super_block(b.d, b.dmin, b.scales, b.qs, b.qh, at);
+      });
+      return;
+    default: break;
+  }
+  throw std::invalid_argument(std::string("affine_blocks: ") + to_string(type) + " is not a 4- or 5-bit format");
+}
+
 }  // namespace celer

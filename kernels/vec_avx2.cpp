@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/q4_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -157,6 +158,82 @@ void tile_q8_packed(const int8_t* xq, const float* xd, int64_t ldx, const uint8_
   }
 }
 
+// Packed 4/5-bit weights (q4_packed.hpp), one group of 16 rows (two halves of 8) x C
+// activation rows. The unsigned q is maddubs's unsigned operand as it is, so no sign trick is
+// needed; pairs of products land in int16, which holds a whole block's 4-bit sums (at most
+// 8 * 2 * 15 * 127 per lane) but only one step pair's at 5 bits, so those widen to int32 per
+// pair. Exact block sums, scaled as the AVX-512 kernel scales them: the same bits.
+template <int Bits, int C>
+void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t nb,
+                    int n_rows, float* y, int64_t ldy) {
+  constexpr int64_t bb = q4_block_bytes(Bits), so = q4_scales_offset(Bits);
+  const int64_t ldd = ldx / kQ8Block;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  // At 5 bits: byte j of a half takes bit j % 8 of byte j / 8 of its 32-bit mask.
+  [[maybe_unused]] const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  [[maybe_unused]] const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,  //
+                                                        1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  [[maybe_unused]] const __m256i fifth = _mm256_set1_epi8(16);
+  auto fifth_bits = [&](const uint8_t* masks, int step, int h) {
+    uint32_t m;
+    std::memcpy(&m, masks + step * 8 + h * 4, 4);
+    const __m256i sel = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(m)), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(sel, bit), fifth);
+  };
+  __m256 acc[2][C];
+  for (int h = 0; h < 2; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bb;
+    __m256i s32[2][C], s16[2][C];
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < C; ++c) s32[h][c] = s16[h][c] = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      __m256i lo[2], hi[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + t * 64 + h * 32));
+        lo[h] = _mm256_and_si256(v, low4);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (Bits == 5) {
+          lo[h] = _mm256_or_si256(lo[h], fifth_bits(blk + kQ4NibbleBytes, t, h));
+          hi[h] = _mm256_or_si256(hi[h], fifth_bits(blk + kQ4NibbleBytes, t + 4, h));
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        int32_t a_lo, a_hi;
+        std::memcpy(&a_lo, xq + c * ldx + b * kQ8Block + t * 4, 4);
+        std::memcpy(&a_hi, xq + c * ldx + b * kQ8Block + 16 + t * 4, 4);
+        const __m256i vlo = _mm256_set1_epi32(a_lo), vhi = _mm256_set1_epi32(a_hi);
+        for (int h = 0; h < 2; ++h) {
+          s16[h][c] = _mm256_add_epi16(s16[h][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], vlo), _mm256_maddubs_epi16(hi[h], vhi)));
+          if constexpr (Bits == 5) {
+            s32[h][c] = _mm256_add_epi32(s32[h][c], _mm256_madd_epi16(s16[h][c], ones));
+            s16[h][c] = _mm256_setzero_si256();
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 ws = _mm256_load_ps(reinterpret_cast<const float*>(blk + so + h * 32));
+      const __m256 wo = _mm256_load_ps(reinterpret_cast<const float*>(blk + so + kQ4ScaleBytes + h * 32));
+      for (int c = 0; c < C; ++c) {
+        if constexpr (Bits == 4) s32[h][c] = _mm256_madd_epi16(s16[h][c], ones);
+        const float dx = xd[c * ldd + b];
+        const __m256 vxs = _mm256_set1_ps(dx * static_cast<float>(xb[c * ldd + b] / -128));
+        acc[h][c] = _mm256_fmadd_ps(wo, vxs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[h][c]), _mm256_mul_ps(ws, _mm256_set1_ps(dx)), acc[h][c]));
+      }
+    }
+  }
+  alignas(32) float out[kPackRows];
+  for (int c = 0; c < C; ++c) {
+    _mm256_store_ps(out, acc[0][c]);
+    _mm256_store_ps(out + 8, acc[1][c]);
+    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
+  }
+}
+
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 template <typename Rows>
@@ -200,6 +277,18 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t*, int64_t l
       else
         tile_q8_packed<1>(x, d, ldx, w + g * ldg, nb, n_rows - g * kPackRows, out, ldy);
     }
+}
+
+void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
+                    const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
+                    const PackedPrefetch&) {
+  using Tile = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t, int, float*, int64_t);
+  static constexpr Tile tiles[2][2] = {{tile_q4_packed<4, 1>, tile_q4_packed<4, 2>}, {tile_q4_packed<5, 1>, tile_q4_packed<5, 2>}};
+  const int64_t ldd = ldx / kQ8Block;
+  for (int g = 0; g < ng && g * kPackRows < n_rows; ++g)
+    for (int i = 0; i < mt; i += 2)
+      tiles[bits == 5][std::min(2, mt - i) - 1](xq + i * ldx, xd + i * ldd, xb + i * ldd, ldx, w + g * ldg, nb,
+                                                n_rows - g * kPackRows, y + i * ldy + g * kPackRows, ldy);
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
@@ -424,7 +513,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                           attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                           attn_accumulate_q8, exp_sum, silu_mul, argmax};

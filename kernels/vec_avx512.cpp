@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kernels/q4_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -206,6 +207,77 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
   }
 }
 
+// Packed 4/5-bit weights (q4_packed.hpp): R groups of 16 weight rows x C activation rows, as
+// tile_q8_packed. Each 64-byte load holds steps t and t + 4 of a block in its low and high
+// nibbles; an AND and a shift give the two step vectors (at 5 bits a masked add puts each
+// lane's fifth bit back), and each meets its 4 activation bytes in one dpbusd. The weights are
+// the unsigned operand as they are; their offsets meet the activations' block sums instead.
+template <int Bits, bool Prefetch, int R, int C>
+void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t ldg,
+                    int64_t nb, int n_rows, float* y, int64_t ldy, const uint8_t* next, int64_t next_bytes) {
+  constexpr int64_t bb = q4_block_bytes(Bits), so = q4_scales_offset(Bits);
+  const int64_t ldd = ldx / kQ8Block;
+  const int64_t next_lines = (next_bytes + 63) / 64;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  [[maybe_unused]] const __m512i fifth = _mm512_set1_epi8(16);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bb;
+    if constexpr (Prefetch) {  // the same block 4 blocks on: the weights stream from memory (decode)
+      for (int r = 0; r < R; ++r)
+        for (int line = 0; line < bb / 64; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + r * ldg + 4 * bb + line * 64), _MM_HINT_T0);
+    } else {  // this block's share of the next weights
+      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
+    }
+    __m512i s[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) s[r][c] = _mm512_setzero_si512();
+    for (int t = 0; t < 4; ++t) {
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_load_si512(blk + r * ldg + t * 64);  // blocks start on cache lines
+        lo[r] = _mm512_and_si512(v, low4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        if constexpr (Bits == 5) {
+          uint64_t mlo, mhi;
+          std::memcpy(&mlo, blk + r * ldg + kQ4NibbleBytes + t * 8, 8);
+          std::memcpy(&mhi, blk + r * ldg + kQ4NibbleBytes + (t + 4) * 8, 8);
+          lo[r] = _mm512_mask_add_epi8(lo[r], _cvtu64_mask64(mlo), lo[r], fifth);
+          hi[r] = _mm512_mask_add_epi8(hi[r], _cvtu64_mask64(mhi), hi[r], fifth);
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        int32_t a_lo, a_hi;
+        std::memcpy(&a_lo, xq + c * ldx + b * kQ8Block + t * 4, 4);
+        std::memcpy(&a_hi, xq + c * ldx + b * kQ8Block + 16 + t * 4, 4);
+        const __m512i vlo = _mm512_set1_epi32(a_lo), vhi = _mm512_set1_epi32(a_hi);
+        for (int r = 0; r < R; ++r) s[r][c] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[r][c], lo[r], vlo), hi[r], vhi);
+      }
+    }
+    __m512 ws[R], wo[R];
+    for (int r = 0; r < R; ++r) {
+      ws[r] = _mm512_load_ps(blk + r * ldg + so);
+      wo[r] = _mm512_load_ps(blk + r * ldg + so + kQ4ScaleBytes);
+    }
+    for (int c = 0; c < C; ++c) {
+      const float dx = xd[c * ldd + b];
+      const __m512 vdx = _mm512_set1_ps(dx), vxs = _mm512_set1_ps(dx * static_cast<float>(xb[c * ldd + b] / -128));
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm512_fmadd_ps(wo[r], vxs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][c]), _mm512_mul_ps(ws[r], vdx), acc[r][c]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
+    if (rows <= 0) break;
+    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
+  }
+}
+
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 
@@ -224,12 +296,18 @@ template <bool Prefetch, size_t... I>
 constexpr auto make_tiles_q8(std::index_sequence<I...>) {
   return std::array<TileQ8, sizeof...(I)>{tile_q8_packed<Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
 }
+template <int Bits, bool Prefetch, size_t... I>
+constexpr auto make_tiles_q4(std::index_sequence<I...>) {
+  return std::array<TileQ8, sizeof...(I)>{tile_q4_packed<Bits, Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
+}
 template <typename Rows, bool Prefetch = true>
 constexpr auto kTiles = make_tiles<Rows, Prefetch>(std::make_index_sequence<kTileM * kTileN>());
 constexpr auto kTilesQ8Widened = make_tiles_q8_widened(std::make_index_sequence<kTileM * kTileN>());
 // [groups - 1][activation rows - 1]
 template <bool Prefetch>
 constexpr auto kTilesQ8 = make_tiles_q8<Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
+template <int Bits, bool Prefetch>
+constexpr auto kTilesQ4 = make_tiles_q4<Bits, Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -260,6 +338,15 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
     kTilesQ8<true>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, nullptr, 0);
   else
     kTilesQ8<false>[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, prefetch.next, prefetch.next_bytes);
+}
+
+void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
+                    const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
+                    const PackedPrefetch& prefetch) {
+  const size_t shape = static_cast<size_t>((ng - 1) * kTileM + mt - 1);
+  const auto& tiles = prefetch.stream ? (bits == 5 ? kTilesQ4<5, true> : kTilesQ4<4, true>)
+                                      : (bits == 5 ? kTilesQ4<5, false> : kTilesQ4<4, false>);
+  tiles[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, prefetch.next, prefetch.next_bytes);
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
@@ -520,7 +607,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                             attn_accumulate_q8, exp_sum, silu_mul, argmax};

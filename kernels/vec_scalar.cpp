@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/q4_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -67,6 +68,37 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
         uint16_t d;
         std::memcpy(&d, group + packed_scale_offset(nb, b, lane), 2);
         f = std::fma(static_cast<float>(s), fp16_to_f32(d) * xd[i * ldd + b], f);
+      }
+      y[i * ldy + r] = f;
+    }
+}
+
+// Walks the packed 4/5-bit layout (q4_packed.hpp) one output at a time.
+void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
+                    const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
+                    const PackedPrefetch&) {
+  const int64_t ldd = ldx / kQ8Block, bb = q4_block_bytes(bits);
+  for (int i = 0; i < mt; ++i)
+    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
+      const uint8_t* group = w + (r / kPackRows) * ldg;
+      const int lane = r % kPackRows;
+      float f = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* block = group + b * bb;
+        const int8_t* x = xq + i * ldx + b * kQ8Block;
+        int32_t s = 0;
+        for (int e = 0; e < kQ8Block; ++e) {
+          const uint8_t byte = block[(e % 16 / 4) * 64 + lane * 4 + e % 4];
+          int q = e < 16 ? byte & 15 : byte >> 4;
+          if (bits == 5) q |= (block[kQ4NibbleBytes + (e / 4) * 8 + (lane * 4 + e % 4) / 8] >> ((lane * 4 + e % 4) % 8) & 1) << 4;
+          s += q * x[e];
+        }
+        float ws, wo;
+        std::memcpy(&ws, block + q4_scales_offset(bits) + lane * 4, 4);
+        std::memcpy(&wo, block + q4_scales_offset(bits) + kQ4ScaleBytes + lane * 4, 4);
+        const float dx = xd[i * ldd + b];
+        f = std::fma(static_cast<float>(s), ws * dx, f);
+        f = std::fma(wo, dx * static_cast<float>(xb[i * ldd + b] / -128), f);
       }
       y[i * ldy + r] = f;
     }
@@ -173,7 +205,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels& vec_scalar() {
-  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, quantize_act_q8,
+  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                             attn_accumulate_q8, exp_sum, silu_mul, argmax};

@@ -59,9 +59,13 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   const ModelConfig& c = model.config();
   if (opt_.q8 == Q8Activations::int8) {
     auto pack = [&](WeightMatrix& w) {
-      if (w.type != TensorType::q8_0) return;
-      packed_.push_back(std::make_unique<PackedQ8>(pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols)));
-      w.packed = packed_.back().get();
+      if (w.type == TensorType::q8_0) {
+        packed_.push_back(std::make_unique<PackedQ8>(pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols)));
+        w.packed = packed_.back().get();
+      } else if (packed_q4_bits(w.type) != 0) {
+        packed_q4_.push_back(std::make_unique<PackedQ4>(pack_q4(w.type, w.data, w.rows, w.cols)));
+        w.packed_q4 = packed_q4_.back().get();
+      }
     };
     for (LayerWeights& l : layers_)
       for (WeightMatrix* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) pack(*w);

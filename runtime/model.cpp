@@ -1,6 +1,7 @@
 #include "runtime/model.hpp"
 
 #include "kernels/attention.hpp"
+#include "kernels/q4_packed.hpp"
 #include "kernels/quants.hpp"
 
 #include "runtime/error.hpp"
@@ -31,9 +32,10 @@ class Loader {
   }
   WeightMatrix matrix(const std::string& name, int64_t cols, int64_t rows) const {
     const GgufTensor& t = tensor(name, {cols, rows});
-    if (is_compute_type(t.type)) return WeightMatrix{t.type, t.data, rows, cols};
-    // A format only files hold (Q4_K, Q6_K, ...): converted once to Q8_0, which the kernels
-    // compute with (kernels/quants.hpp says what that costs in precision).
+    // 4- and 5-bit matrices are packed by the engine as they are (kernels/q4_packed.hpp).
+    if (is_compute_type(t.type) || packed_q4_bits(t.type) != 0) return WeightMatrix{t.type, t.data, rows, cols};
+    // Q6_K, Q2_K and Q3_K: converted once to Q8_0, which the kernels compute with
+    // (kernels/quants.hpp says what that costs in precision).
     const int64_t blocks_per_row = cols / kQ8Block;
     converted_.push_back(std::make_unique<BlockQ8_0[]>(static_cast<size_t>(blocks_per_row * rows)));
     BlockQ8_0* out = converted_.back().get();

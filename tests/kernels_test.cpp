@@ -13,6 +13,7 @@
 #include "kernels/cpu_features.hpp"
 #include "kernels/matmul.hpp"
 #include "kernels/ops.hpp"
+#include "kernels/q4_packed.hpp"
 #include "kernels/vec.hpp"
 #include "runtime/gguf_writer.hpp"
 
@@ -45,6 +46,24 @@ std::vector<float> decode(TensorType type, const std::vector<uint8_t>& bytes, in
   row_to_f32(vec_scalar(), type, bytes.data(), out.data(), n);
   return out;
 }
+
+// The packed copies int8 activations need (Q8_0, 4 and 5 bits), pointed at by w.
+struct Packed {
+  PackedQ8 q8;
+  PackedQ4 q4;
+};
+void pack_for_int8(WeightMatrix& w, Packed& p) {
+  if (w.type == TensorType::q8_0) {
+    p.q8 = pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols);
+    w.packed = &p.q8;
+  } else if (packed_q4_bits(w.type) != 0) {
+    p.q4 = pack_q4(w.type, w.data, w.rows, w.cols);
+    w.packed_q4 = &p.q4;
+  }
+}
+
+constexpr TensorType kLowBitTypes[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q4_k,
+                                       TensorType::q5_0, TensorType::q5_1, TensorType::q5_k};
 
 }  // namespace
 
@@ -205,6 +224,79 @@ TEST_CASE("Q8_0 activation quantization and packed integer tiles match the refer
   }
 }
 
+TEST_CASE("packing 4- and 5-bit rows keeps every weight exactly and pads the last group", "[kernels]") {
+  std::mt19937 rng(15);
+  const int64_t rows = 37, cols = 512;  // three groups, the last with 5 real rows; two K super-blocks
+  const auto wf = random_vector(rng, rows * cols);
+  for (TensorType type : kLowBitTypes) {
+    INFO(to_string(type));
+    const auto bytes = encode_tensor(type, wf.data(), rows * cols);
+    const PackedQ4 p = pack_q4(type, bytes.data(), rows, cols);
+    REQUIRE(p.bits == packed_q4_bits(type));
+    REQUIRE(p.groups() == 3);
+    CHECK(p.group_bytes() % 64 == 0);
+    CHECK(reinterpret_cast<uintptr_t>(p.data.data()) % 64 == 0);
+    const auto widened = decode(type, bytes, rows * cols);  // dequantize_row, the file's values
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        INFO("row " << r << " column " << c);
+        REQUIRE(packed_q4_value(p, r, c) == widened[r * cols + c]);
+      }
+    for (int64_t r = rows; r < p.groups() * kPackRows; ++r) CHECK(packed_q4_value(p, r, 7) == 0.0f);
+  }
+  const auto bytes = encode_tensor(TensorType::q4_k, wf.data(), 256);
+  CHECK_THROWS_AS(pack_q4(TensorType::q4_k, bytes.data(), 1, 96), std::invalid_argument);   // not whole super-blocks
+  CHECK_THROWS_AS(pack_q4(TensorType::q6_k, bytes.data(), 1, 256), std::invalid_argument);  // not 4 or 5 bits
+}
+
+TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on every ISA", "[kernels]") {
+  std::mt19937 rng(16);
+  for (const VecKernels* vk : kernel_sets())
+    for (TensorType type : kLowBitTypes)
+      for (int64_t k : {256, 768, 2304}) {
+        INFO(vk->name << " " << to_string(type) << " k=" << k);
+        const int64_t nb = k / kQ8Block;
+        const auto x = random_vector(rng, kTileM * k, 3.0f);
+        std::vector<int8_t> xq(kTileM * k);
+        std::vector<float> xd(kTileM * nb);
+        std::vector<int32_t> xb(kTileM * nb);
+        for (int i = 0; i < kTileM; ++i)
+          vec_scalar().quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, xb.data() + i * nb, k);
+        const int64_t n = 2 * kPackRows - 3;  // the second group partly padding
+        const auto wf = random_vector(rng, n * k);
+        const auto wbytes = encode_tensor(type, wf.data(), n * k);
+        const PackedQ4 packed = pack_q4(type, wbytes.data(), n, k);
+        const auto widened = decode(type, wbytes, n * k);
+        for (int mt = 1; mt <= kTileM; ++mt)
+          for (int ng = 1; ng <= kPackTileGroups; ++ng)
+            for (int mode = 0; mode < 3; ++mode) {
+              const PackedPrefetch prefetch = mode == 0   ? PackedPrefetch{}
+                                              : mode == 1 ? PackedPrefetch{true}
+                                                          : PackedPrefetch{false, packed.group(0), 3 * 64};
+              INFO("mt " << mt << " groups " << ng << " prefetch mode " << mode);
+              const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
+              std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
+              vk->gemm_q4_packed(packed.bits, xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(),
+                                 ng, nb, n_rows, y.data(), n, prefetch);
+              vec_scalar().gemm_q4_packed(packed.bits, xq.data(), xd.data(), xb.data(), k, mt, packed.group(0),
+                                          packed.group_bytes(), ng, nb, n_rows, same.data(), n, prefetch);
+              for (int i = 0; i < mt; ++i)
+                for (int j = 0; j < n; ++j) {
+                  if (j >= n_rows) {
+                    REQUIRE(y[i * n + j] == -1.0f);
+                    continue;
+                  }
+                  // The dequantized weights against the dequantized activations, in double.
+                  double ref = 0;
+                  for (int64_t e = 0; e < k; ++e)
+                    ref += double(widened[j * k + e]) * xq[i * k + e] * xd[i * nb + e / kQ8Block];
+                  REQUIRE(y[i * n + j] == Approx(ref).epsilon(1e-5).margin(1e-4));
+                  REQUIRE(y[i * n + j] == same[i * n + j]);
+                }
+            }
+      }
+}
+
 TEST_CASE("row conversions, exp_sum and silu_mul match the reference", "[kernels]") {
   std::mt19937 rng(3);
   for (const VecKernels* vk : kernel_sets()) {
@@ -290,19 +382,17 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
   ThreadPool pool(2);
   for (const VecKernels* vk : kernel_sets()) {
     MatmulScratch scratch;
-    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
+    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
+                            TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::q4_k, TensorType::q5_k}) {
       for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 5, 64}, {3, 37, 96}, {7, 300, 64},
-                             {8, 33, 128}, {19, 517, 96}, {64, 64, 256}, {5, 70, 172}}) {
+                             {8, 33, 128}, {19, 517, 96}, {64, 64, 256}, {5, 70, 172}, {2, 40, 512}, {17, 33, 256}}) {
         if (K % block_elems(type) != 0) continue;
         INFO(vk->name << " " << to_string(type) << " M=" << M << " N=" << N << " K=" << K);
         const auto wf = random_vector(rng, N * K);
         const auto bytes = encode_tensor(type, wf.data(), N * K);
         WeightMatrix w{type, bytes.data(), N, K};
-        PackedQ8 packed;
-        if (type == TensorType::q8_0) {
-          packed = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.data()), N, K);
-          w.packed = &packed;
-        }
+        Packed packed;
+        pack_for_int8(w, packed);
         const auto x = random_vector(rng, M * K);
         std::vector<float> y(M * N), ref(M * N);
         matmul_reference(w, x.data(), M, ref.data());
@@ -310,7 +400,7 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
           INFO("q8 activations " << to_string(q8));
           matmul(pool, *vk, scratch, w, x.data(), M, y.data(), q8);
           // int8 activations: half a quantization step per value, random signs.
-          const bool int8 = type == TensorType::q8_0 && q8 == Q8Activations::int8;
+          const bool int8 = (type == TensorType::q8_0 || packed_q4_bits(type) != 0) && q8 == Q8Activations::int8;
           if (int8) {  // the int8 path needs the packed form
             const WeightMatrix unpacked{type, bytes.data(), N, K};
             CHECK_THROWS_AS(matmul(pool, *vk, scratch, unpacked, x.data(), M, y.data(), q8), std::invalid_argument);
@@ -326,19 +416,18 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
 TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch", "[kernels]") {
   std::mt19937 rng(8);
   ThreadPool pool(2);
-  const int64_t N = 300, K = 192;
+  const int64_t N = 300, K = 256;
   for (const VecKernels* vk : kernel_sets()) {
     MatmulScratch scratch;
-    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
+    for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
+                            TensorType::q5_1, TensorType::q4_k, TensorType::q5_k}) {
+      if (K % block_elems(type) != 0) continue;
       INFO(vk->name << " " << to_string(type));
       const auto wf = random_vector(rng, N * K);
       const auto bytes = encode_tensor(type, wf.data(), N * K);
       WeightMatrix w{type, bytes.data(), N, K};
-      PackedQ8 packed;
-      if (type == TensorType::q8_0) {
-        packed = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.data()), N, K);
-        w.packed = &packed;
-      }
+      Packed packed;
+      pack_for_int8(w, packed);
       const auto x = random_vector(rng, 40 * K);
       std::vector<float> all(40 * N), one(N);
       for (Q8Activations q8 : {Q8Activations::f32, Q8Activations::int8}) {
@@ -358,22 +447,21 @@ TEST_CASE("matmuls sharing an input give the bits of separate matmuls", "[kernel
   const int64_t K = 96;
   const int64_t Ns[] = {48, 37, 80};  // different heights, one with a partial group
   for (const VecKernels* vk : kernel_sets())
-    for (TensorType type : {TensorType::q8_0, TensorType::f32})
+    for (TensorType type : {TensorType::q8_0, TensorType::f32, TensorType::q4_0})
       for (Q8Activations q8 : {Q8Activations::int8, Q8Activations::f32})
         for (int64_t M : {1, 5, 16, 23}) {
           INFO(vk->name << " " << to_string(type) << " " << to_string(q8) << " M=" << M);
           MatmulScratch scratch;
           std::vector<std::vector<uint8_t>> bytes;
-          std::vector<PackedQ8> packed(3);
+          std::vector<Packed> packed(3);
           WeightMatrix ws[3];
           for (int i = 0; i < 3; ++i) {
+            // With Q4_0: a mix, as a Q4_K_M file mixes 4 and 6 bits (Q4_0, Q5_1, Q8_0).
+            const TensorType t = type != TensorType::q4_0 ? type : i == 0 ? TensorType::q4_0 : i == 1 ? TensorType::q5_1 : TensorType::q8_0;
             const auto wf = random_vector(rng, Ns[i] * K);
-            bytes.push_back(encode_tensor(type, wf.data(), Ns[i] * K));
-            ws[i] = WeightMatrix{type, bytes.back().data(), Ns[i], K};
-            if (type == TensorType::q8_0) {
-              packed[i] = pack_q8_0(reinterpret_cast<const BlockQ8_0*>(bytes.back().data()), Ns[i], K);
-              ws[i].packed = &packed[i];
-            }
+            bytes.push_back(encode_tensor(t, wf.data(), Ns[i] * K));
+            ws[i] = WeightMatrix{t, bytes.back().data(), Ns[i], K};
+            pack_for_int8(ws[i], packed[i]);
           }
           const auto x = random_vector(rng, M * K);
           std::vector<float> together[3], alone(M * 80);

@@ -1,0 +1,77 @@
+#include "kernels/q4_packed.hpp"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/quants.hpp"
+
+namespace celer {
+
+int packed_q4_bits(TensorType type) {
+  switch (type) {
+    case TensorType::q4_0:
+    case TensorType::q4_1:
+    case TensorType::q4_k: return 4;
+    case TensorType::q5_0:
+    case TensorType::q5_1:
+    case TensorType::q5_k: return 5;
+    default: return 0;
+  }
+}
+
+PackedQ4 pack_q4(TensorType type, const void* rows_data, int64_t rows, int64_t cols) {
+  const int bits = packed_q4_bits(type);
+  if (bits == 0) throw std::invalid_argument(std::string("pack_q4: ") + to_string(type) + " is not a 4- or 5-bit format");
+  if (rows < 0 || cols % block_elems(type) != 0)
+    throw std::invalid_argument(std::string("pack_q4: ") + std::to_string(cols) + " columns of " + to_string(type) +
+                                " are not whole blocks of " + std::to_string(block_elems(type)));
+  PackedQ4 p;
+  p.bits = bits;
+  p.rows = rows;
+  p.cols = cols;
+  const int64_t nb = p.blocks(), bb = q4_block_bytes(bits);
+  p.data.assign(static_cast<size_t>(p.groups() * p.group_bytes()), 0);
+  std::vector<uint8_t> q(static_cast<size_t>(cols));
+  std::vector<float> s(static_cast<size_t>(nb)), o(static_cast<size_t>(nb));
+  for (int64_t row = 0; row < rows; ++row) {
+    affine_blocks(type, static_cast<const uint8_t*>(rows_data) + row * row_bytes(type, cols), cols, q.data(), s.data(),
+                  o.data());
+    uint8_t* group = p.data.data() + row / kPackRows * p.group_bytes();
+    const int r = static_cast<int>(row % kPackRows);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* block = group + b * bb;
+      const uint8_t* v = q.data() + b * kQ8Block;
+      for (int t = 0; t < 4; ++t)
+        for (int i = 0; i < 4; ++i)
+          block[t * 64 + r * 4 + i] = static_cast<uint8_t>((v[4 * t + i] & 15) | (v[16 + 4 * t + i] & 15) << 4);
+      if (bits == 5)
+        for (int step = 0; step < 8; ++step)
+          for (int i = 0; i < 4; ++i)
+            block[kQ4NibbleBytes + step * 8 + (r * 4 + i) / 8] |= static_cast<uint8_t>((v[4 * step + i] >> 4 & 1) << ((r * 4 + i) % 8));
+      std::memcpy(block + q4_scales_offset(bits) + r * 4, &s[b], 4);
+      std::memcpy(block + q4_scales_offset(bits) + kQ4ScaleBytes + r * 4, &o[b], 4);
+    }
+  }
+  return p;
+}
+
+float packed_q4_value(const PackedQ4& p, int64_t row, int64_t col) {
+  const int r = static_cast<int>(row % kPackRows);
+  const int64_t b = col / kQ8Block;
+  const int e = static_cast<int>(col % kQ8Block), t = e % 16 / 4, i = e % 4;
+  const uint8_t* block = p.group(row / kPackRows) + b * q4_block_bytes(p.bits);
+  const uint8_t byte = block[t * 64 + r * 4 + i];
+  int q = e < 16 ? byte & 15 : byte >> 4;
+  if (p.bits == 5) {
+    const int lane = r * 4 + i;
+    q |= (block[kQ4NibbleBytes + (e / 4) * 8 + lane / 8] >> (lane % 8) & 1) << 4;
+  }
+  float s, o;
+  std::memcpy(&s, block + q4_scales_offset(p.bits) + r * 4, 4);
+  std::memcpy(&o, block + q4_scales_offset(p.bits) + kQ4ScaleBytes + r * 4, 4);
+  return s * static_cast<float>(q) + o;
+}
+
+}  // namespace celer

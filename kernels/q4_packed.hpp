@@ -1,0 +1,63 @@
+// 4- and 5-bit weights (Q4_0, Q4_1, Q4_K; Q5_0, Q5_1, Q5_K) repacked for int8 dot products.
+//
+// Every one of these formats reads, per 32 weights of a row, as w = s * q + o with q an
+// unsigned integer of 4 or 5 bits: Q4_0 is s = d, o = -8d; Q4_1 is s = d, o = m; Q4_K is
+// s = d * sc, o = -dmin * m for the sub-block's 6-bit sc and m (Q5_* the same with 5 bits).
+// Both products are exact in f32 (an f16 times a 6-bit integer), so s * q + o is bit for bit
+// what dequantize_row gives. Packing keeps q at its width and stores s and o as f32:
+//
+//   group g (rows 16g .. 16g+15), block b of 32 columns, kQ4BlockBytes(bits) bytes each:
+//     nibbles[t][r][i]  (t < 4, r < 16, i < 4): q(row, 32b + 4t + i) & 15 in the low nibble,
+//                        q(row, 32b + 16 + 4t + i) & 15 in the high nibble          256 bytes
+//     high[s]           (bits 5 only, s < 8): a 64-bit mask, bit 4r + i = the fifth bit of
+//                        q(row, 32b + 4s + i)                                         64 bytes
+//     scales[r], offsets[r]: s and o as f32                                          128 bytes
+//
+// so one 64-byte load holds steps t and t + 4 (4 columns of each of 16 rows), which an AND and
+// a shift split into the two vectors that meet 4 activation bytes broadcast to every lane, as
+// in q8_packed.hpp; the 32 bytes of each half serve AVX2's 8-row lanes. The unsigned q is
+// dpbusd's (and maddubs's) first operand as it is, and o meets the activations' block sum:
+//   sum_j w_j x_j = s d_x sum_j q_j q_x,j + o d_x sum_j q_x,j.
+// A group takes 0.75 bytes per weight at 4 bits (a Q4 file holds 0.56), 0.875 at 5. Rows past
+// the end of the matrix are padding (q, s and o all 0).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/aligned.hpp"
+#include "kernels/q8_packed.hpp"
+#include "kernels/types.hpp"
+
+namespace celer {
+
+constexpr int64_t kQ4NibbleBytes = int64_t{kPackRows} * kQ8Block / 2;  // 256
+constexpr int64_t kQ4HighBytes = int64_t{kPackRows} * kQ8Block / 8;    // 64
+constexpr int64_t kQ4ScaleBytes = int64_t{kPackRows} * 4;              // 64, and as many offsets
+
+constexpr int64_t q4_block_bytes(int bits) { return kQ4NibbleBytes + (bits == 5 ? kQ4HighBytes : 0) + 2 * kQ4ScaleBytes; }
+constexpr int64_t q4_scales_offset(int bits) { return kQ4NibbleBytes + (bits == 5 ? kQ4HighBytes : 0); }
+
+// 4 or 5 for the types packed this way, 0 for any other.
+int packed_q4_bits(TensorType type);
+
+struct PackedQ4 {
+  int bits = 4;
+  int64_t rows = 0;  // of the original matrix
+  int64_t cols = 0;  // a multiple of 32 (of 256 for the K types)
+  AlignedVector<uint8_t> data;
+
+  int64_t blocks() const { return cols / kQ8Block; }
+  int64_t groups() const { return (rows + kPackRows - 1) / kPackRows; }
+  int64_t group_bytes() const { return blocks() * q4_block_bytes(bits); }  // a multiple of 64
+  const uint8_t* group(int64_t g) const { return data.data() + g * group_bytes(); }
+};
+
+// Packs `rows` GGUF rows of `cols` columns of a type packed_q4_bits accepts, stored back to
+// back. Throws std::invalid_argument for any other type or a column count its blocks do not
+// divide.
+PackedQ4 pack_q4(TensorType type, const void* rows_data, int64_t rows, int64_t cols);
+
+// Element (row, col) of a packed matrix as s * q + o (for tests and inspection).
+float packed_q4_value(const PackedQ4& p, int64_t row, int64_t col);
+
+}  // namespace celer
