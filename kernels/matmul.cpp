@@ -30,7 +30,7 @@ struct PackedProduct {
   PackedProduct() = default;
   PackedProduct(const PackedQ8& w, float* out)
       : rows(w.rows), n_groups(w.groups()), group_bytes(w.group_bytes()), data(w.data.data()), y(out) {}
-  PackedProduct(const PackedQ4& w, float* out)
+  PackedProduct(const PackedLowBit& w, float* out)
       : bits(w.bits), rows(w.rows), n_groups(w.groups()), group_bytes(w.group_bytes()), data(w.data.data()), y(out) {}
   const uint8_t* group(int64_t g) const { return data + g * group_bytes; }
 };
@@ -38,7 +38,7 @@ struct PackedProduct {
 // The packed form of w for int8 activations, or nullptr when it has none.
 bool packed_product(const WeightMatrix& w, float* y, PackedProduct* out) {
   if (w.type == TensorType::q8_0 && w.packed) *out = PackedProduct(*w.packed, y);
-  else if (w.packed_q4 && packed_q4_bits(w.type) != 0) *out = PackedProduct(*w.packed_q4, y);
+  else if (w.packed_low_bit && packed_low_bits(w.type) != 0) *out = PackedProduct(*w.packed_low_bit, y);
   else return false;
   return true;
 }
@@ -143,15 +143,15 @@ const char* to_string(Q8Activations mode) { return mode == Q8Activations::int8 ?
 
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8) {
-  if (q8 == Q8Activations::int8 && (w.type == TensorType::q8_0 || packed_q4_bits(w.type) != 0)) {
+  if (q8 == Q8Activations::int8 && (w.type == TensorType::q8_0 || packed_low_bits(w.type) != 0)) {
     PackedProduct product;
     if (!packed_product(w, y, &product))
       throw std::invalid_argument(std::string("matmul: int8 activations need the ") + to_string(w.type) +
-                                  " weights packed (pack_q8_0 or pack_q4)");
+                                  " weights packed (pack_q8_0 or pack_low_bit)");
     matmul_packed(pool, vk, scratch, {&product, 1}, x, w.cols, M);
     return;
   }
-  if (!widened_in_registers(w.type) && packed_q4_bits(w.type) == 0)
+  if (!widened_in_registers(w.type) && packed_low_bits(w.type) == 0)
     throw std::invalid_argument(std::string("matmul: ") + to_string(w.type) +
                                 " weights are converted to Q8_0 when a model loads");
   const int64_t K = w.cols;

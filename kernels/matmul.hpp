@@ -10,7 +10,7 @@
 // Q8_0 weights can instead meet activations quantized to int8 once per call, in int8 dot
 // products, in prefill and decode alike (Q8Activations::int8): the weights are then repacked
 // once, 16 rows interleaved (q8_packed.hpp), and the same packed tile serves both; 4- and 5-bit
-// weights (Q4_0 ... Q5_K) are packed likewise at their own width (q4_packed.hpp) and meet the
+// weights (Q4_0 ... Q5_K) are packed likewise at their own width (low_bit_packed.hpp) and meet the
 // same int8 activations. With f32 activations those are widened a panel at a time. Each output
 // comes from one accumulator in one K order, so the result of a row never depends on M or the
 // panel split (batch invariance, see vec.hpp).
@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "kernels/aligned.hpp"
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/thread_pool.hpp"
 #include "kernels/types.hpp"
@@ -35,7 +35,7 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
   int64_t rows = 0;
   int64_t cols = 0;
   const PackedQ8* packed = nullptr;     // Q8_0 only: the same weights packed for int8 activations
-  const PackedQ4* packed_q4 = nullptr;  // 4- and 5-bit types only: the same, see q4_packed.hpp
+  const PackedLowBit* packed_low_bit = nullptr;  // 4- and 5-bit types only: the same, see low_bit_packed.hpp
   const uint8_t* row(int64_t r) const {
     return static_cast<const uint8_t*>(data) + r * row_bytes(type, cols);
   }
@@ -57,7 +57,7 @@ enum class Q8Activations {
   f32,   // weights widened exactly to f32, like F16: the most accurate
   int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic):
          // the default, and the fastest prefill and decode; needs WeightMatrix::packed (Q8_0)
-         // or WeightMatrix::packed_q4 (4 and 5 bits)
+         // or WeightMatrix::packed_low_bit (4 and 5 bits)
 };
 const char* to_string(Q8Activations mode);
 

@@ -27,7 +27,7 @@ void convert_row_to_q8_0(TensorType type, const void* src, BlockQ8_0* dst, int64
 
 // A row of Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q5_K read as w = s * q + o per 32 weights: q[0..n)
 // the unsigned integers (0..15 or 0..31), s and o [0..n / 32) per block, so that s * q + o is
-// exactly what dequantize_row gives (q4_packed.hpp packs them). Throws std::invalid_argument
+// exactly what dequantize_row gives (low_bit_packed.hpp packs them). Throws std::invalid_argument
 // for any other type.
 void affine_blocks(TensorType type, const void* src, int64_t n, uint8_t* q, float* s, float* o);
 

@@ -66,7 +66,7 @@ struct VecKernels {
   void (*gemm_q8_packed)(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt, const uint8_t* w,
                          int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
                          const PackedPrefetch& prefetch);
-  // 4- or 5-bit weights packed by pack_q4 (q4_packed.hpp, `bits` 4 or 5) against the same
+  // 4- or 5-bit weights packed by pack_low_bit (low_bit_packed.hpp, `bits` 4 or 5) against the same
   // activations, with gemm_q8_packed's tile contract. Every output is computed alike: f = 0, then
   // for each block in K order f = fma(S, s_w * d_x, f) and f = fma(o_w, d_x * sum(q_x), f), where
   // S is the block's exact int32 sum of q_w * q_x and sum(q_x) = -xb / 128.

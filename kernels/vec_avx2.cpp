@@ -9,7 +9,7 @@
 #include <cstring>
 #include <limits>
 
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -49,14 +49,17 @@ float dot_f32(const float* a, const float* b, int64_t k) {
 struct F32Rows {
   using T = float;
   static __m256 load(const float* r, int64_t e) { return _mm256_loadu_ps(r + e); }
+  static const void* at(const float* r, int64_t e) { return r + e; }
 };
 struct F16Rows {
   using T = uint16_t;
   static __m256 load(const uint16_t* r, int64_t e) { return load_f16(r + e); }
+  static const void* at(const uint16_t* r, int64_t e) { return r + e; }
 };
 struct BF16Rows {
   using T = uint16_t;
   static __m256 load(const uint16_t* r, int64_t e) { return load_bf16(r + e); }
+  static const void* at(const uint16_t* r, int64_t e) { return r + e; }
 };
 struct Q8Rows {  // K is a multiple of 32: never a tail
   using T = BlockQ8_0;
@@ -65,6 +68,7 @@ struct Q8Rows {  // K is a multiple of 32: never a tail
     const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b.qs + e % kQ8Block));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(b.d)));
   }
+  static const void* at(const BlockQ8_0* r, int64_t e) { return r + e / kQ8Block; }
 };
 
 template <typename Rows, int MT, int NT>
@@ -72,8 +76,10 @@ void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
 
 // An MT x NT tile (MT <= 2 so that 8 accumulators and the operands fit AVX2's 16 registers):
 // each output has one accumulator fed 8 products at a time in K order. The last partial vector
-// is copied to zero-padded buffers first, so every row type shares one tail path.
-template <typename Rows, int MT, int NT>
+// is copied to zero-padded buffers first, so every row type shares one tail path. With
+// `Prefetch` (weights streaming from memory, as in decode) each row also fetches, a cache line
+// at a time, the line the next tile's row will need at the same column.
+template <typename Rows, int MT, int NT, bool Prefetch = true>
 void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t k, float* y, int64_t ldy) {
   __m256 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
@@ -83,6 +89,8 @@ void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
     __m256 xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
+      if constexpr (Prefetch)
+        if (e % 32 == 0) _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
       const __m256 wv = Rows::load(w + j * ldw, e);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
@@ -158,7 +166,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, int64_t ldx, const uint8_
   }
 }
 
-// Packed 4/5-bit weights (q4_packed.hpp), one group of 16 rows (two halves of 8) x C
+// Packed 4/5-bit weights (low_bit_packed.hpp), one group of 16 rows (two halves of 8) x C
 // activation rows. The unsigned q is maddubs's unsigned operand as it is, so no sign trick is
 // needed; pairs of products land in int16, which holds a whole block's 4-bit sums (at most
 // 8 * 2 * 15 * 127 per lane) but only one step pair's at 5 bits, so those widen to int32 per
@@ -236,20 +244,26 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
 
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
-template <typename Rows>
-constexpr Tile<Rows> kTiles[2][kTileN] = {{tile<Rows, 1, 1>, tile<Rows, 1, 2>, tile<Rows, 1, 3>, tile<Rows, 1, 4>},
-                                          {tile<Rows, 2, 1>, tile<Rows, 2, 2>, tile<Rows, 2, 3>, tile<Rows, 2, 4>}};
+template <typename Rows, bool Prefetch = true>
+constexpr Tile<Rows> kTiles[2][kTileN] = {
+    {tile<Rows, 1, 1, Prefetch>, tile<Rows, 1, 2, Prefetch>, tile<Rows, 1, 3, Prefetch>, tile<Rows, 1, 4, Prefetch>},
+    {tile<Rows, 2, 1, Prefetch>, tile<Rows, 2, 2, Prefetch>, tile<Rows, 2, 3, Prefetch>, tile<Rows, 2, 4, Prefetch>}};
 
 // Tiles of up to kTileM rows run as sub-tiles of two rows: every output is computed the same way
 // in either case.
-template <typename Rows>
+template <typename Rows, bool Prefetch = true>
 void gemm_rows(const float* x, int64_t ldx, int mt, const typename Rows::T* w, int64_t ldw, int nt, int64_t k,
                float* y, int64_t ldy) {
-  for (int i = 0; i < mt; i += 2) kTiles<Rows>[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  for (int i = 0; i < mt; i += 2)
+    kTiles<Rows, Prefetch>[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
 }
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
   gemm_rows<F32Rows>(x, ldx, mt, w, ldw, nt, k, y, ldy);
+}
+void gemm_f32_cached(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
+                     int64_t ldy) {
+  gemm_rows<F32Rows, false>(x, ldx, mt, w, ldw, nt, k, y, ldy);
 }
 void gemm_f16(const float* x, int64_t ldx, int mt, const uint16_t* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -513,7 +527,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32_cached, gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                           attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                           attn_accumulate_q8, exp_sum, silu_mul, argmax};

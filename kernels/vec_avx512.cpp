@@ -9,7 +9,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -207,7 +207,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
   }
 }
 
-// Packed 4/5-bit weights (q4_packed.hpp): R groups of 16 weight rows x C activation rows, as
+// Packed 4/5-bit weights (low_bit_packed.hpp): R groups of 16 weight rows x C activation rows, as
 // tile_q8_packed. Each 64-byte load holds steps t and t + 4 of a block in its low and high
 // nibbles; an AND and a shift give the two step vectors (at 5 bits a masked add puts each
 // lane's fifth bit back), and each meets its 4 activation bytes in one dpbusd. The weights are

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/q8_packed.hpp"
 #include "kernels/vec.hpp"
 
@@ -73,7 +73,7 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
     }
 }
 
-// Walks the packed 4/5-bit layout (q4_packed.hpp) one output at a time.
+// Walks the packed 4/5-bit layout (low_bit_packed.hpp) one output at a time.
 void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
                     const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
                     const PackedPrefetch&) {

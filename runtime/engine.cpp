@@ -62,9 +62,9 @@ Engine::Engine(const Model& model, const EngineOptions& options)
       if (w.type == TensorType::q8_0) {
         packed_.push_back(std::make_unique<PackedQ8>(pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols)));
         w.packed = packed_.back().get();
-      } else if (packed_q4_bits(w.type) != 0) {
-        packed_q4_.push_back(std::make_unique<PackedQ4>(pack_q4(w.type, w.data, w.rows, w.cols)));
-        w.packed_q4 = packed_q4_.back().get();
+      } else if (packed_low_bits(w.type) != 0) {
+        packed_low_bit_.push_back(std::make_unique<PackedLowBit>(pack_low_bit(w.type, w.data, w.rows, w.cols)));
+        w.packed_low_bit = packed_low_bit_.back().get();
       }
     };
     for (LayerWeights& l : layers_)

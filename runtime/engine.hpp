@@ -90,7 +90,7 @@ class Engine {
   std::vector<LayerWeights> layers_;
   WeightMatrix output_;
   std::vector<std::unique_ptr<PackedQ8>> packed_;
-  std::vector<std::unique_ptr<PackedQ4>> packed_q4_;
+  std::vector<std::unique_ptr<PackedLowBit>> packed_low_bit_;
   AllReduce* all_reduce_;  // nullptr with tp_size 1
   const VecKernels& vk_;
   ThreadPool pool_;

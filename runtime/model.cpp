@@ -1,7 +1,7 @@
 #include "runtime/model.hpp"
 
 #include "kernels/attention.hpp"
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/quants.hpp"
 
 #include "runtime/error.hpp"
@@ -32,8 +32,8 @@ class Loader {
   }
   WeightMatrix matrix(const std::string& name, int64_t cols, int64_t rows) const {
     const GgufTensor& t = tensor(name, {cols, rows});
-    // 4- and 5-bit matrices are packed by the engine as they are (kernels/q4_packed.hpp).
-    if (is_compute_type(t.type) || packed_q4_bits(t.type) != 0) return WeightMatrix{t.type, t.data, rows, cols};
+    // 4- and 5-bit matrices are packed by the engine as they are (kernels/low_bit_packed.hpp).
+    if (is_compute_type(t.type) || packed_low_bits(t.type) != 0) return WeightMatrix{t.type, t.data, rows, cols};
     // Q6_K, Q2_K and Q3_K: converted once to Q8_0, which the kernels compute with
     // (kernels/quants.hpp says what that costs in precision).
     const int64_t blocks_per_row = cols / kQ8Block;

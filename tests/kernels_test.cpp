@@ -13,7 +13,7 @@
 #include "kernels/cpu_features.hpp"
 #include "kernels/matmul.hpp"
 #include "kernels/ops.hpp"
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/vec.hpp"
 #include "runtime/gguf_writer.hpp"
 
@@ -50,15 +50,15 @@ std::vector<float> decode(TensorType type, const std::vector<uint8_t>& bytes, in
 // The packed copies int8 activations need (Q8_0, 4 and 5 bits), pointed at by w.
 struct Packed {
   PackedQ8 q8;
-  PackedQ4 q4;
+  PackedLowBit q4;
 };
 void pack_for_int8(WeightMatrix& w, Packed& p) {
   if (w.type == TensorType::q8_0) {
     p.q8 = pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols);
     w.packed = &p.q8;
-  } else if (packed_q4_bits(w.type) != 0) {
-    p.q4 = pack_q4(w.type, w.data, w.rows, w.cols);
-    w.packed_q4 = &p.q4;
+  } else if (packed_low_bits(w.type) != 0) {
+    p.q4 = pack_low_bit(w.type, w.data, w.rows, w.cols);
+    w.packed_low_bit = &p.q4;
   }
 }
 
@@ -231,8 +231,8 @@ TEST_CASE("packing 4- and 5-bit rows keeps every weight exactly and pads the las
   for (TensorType type : kLowBitTypes) {
     INFO(to_string(type));
     const auto bytes = encode_tensor(type, wf.data(), rows * cols);
-    const PackedQ4 p = pack_q4(type, bytes.data(), rows, cols);
-    REQUIRE(p.bits == packed_q4_bits(type));
+    const PackedLowBit p = pack_low_bit(type, bytes.data(), rows, cols);
+    REQUIRE(p.bits == packed_low_bits(type));
     REQUIRE(p.groups() == 3);
     CHECK(p.group_bytes() % 64 == 0);
     CHECK(reinterpret_cast<uintptr_t>(p.data.data()) % 64 == 0);
@@ -240,13 +240,13 @@ TEST_CASE("packing 4- and 5-bit rows keeps every weight exactly and pads the las
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
         INFO("row " << r << " column " << c);
-        REQUIRE(packed_q4_value(p, r, c) == widened[r * cols + c]);
+        REQUIRE(packed_low_bit_value(p, r, c) == widened[r * cols + c]);
       }
-    for (int64_t r = rows; r < p.groups() * kPackRows; ++r) CHECK(packed_q4_value(p, r, 7) == 0.0f);
+    for (int64_t r = rows; r < p.groups() * kPackRows; ++r) CHECK(packed_low_bit_value(p, r, 7) == 0.0f);
   }
   const auto bytes = encode_tensor(TensorType::q4_k, wf.data(), 256);
-  CHECK_THROWS_AS(pack_q4(TensorType::q4_k, bytes.data(), 1, 96), std::invalid_argument);   // not whole super-blocks
-  CHECK_THROWS_AS(pack_q4(TensorType::q6_k, bytes.data(), 1, 256), std::invalid_argument);  // not 4 or 5 bits
+  CHECK_THROWS_AS(pack_low_bit(TensorType::q4_k, bytes.data(), 1, 96), std::invalid_argument);   // not whole super-blocks
+  CHECK_THROWS_AS(pack_low_bit(TensorType::q6_k, bytes.data(), 1, 256), std::invalid_argument);  // not 4 or 5 bits
 }
 
 TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on every ISA", "[kernels]") {
@@ -265,7 +265,7 @@ TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on 
         const int64_t n = 2 * kPackRows - 3;  // the second group partly padding
         const auto wf = random_vector(rng, n * k);
         const auto wbytes = encode_tensor(type, wf.data(), n * k);
-        const PackedQ4 packed = pack_q4(type, wbytes.data(), n, k);
+        const PackedLowBit packed = pack_low_bit(type, wbytes.data(), n, k);
         const auto widened = decode(type, wbytes, n * k);
         for (int mt = 1; mt <= kTileM; ++mt)
           for (int ng = 1; ng <= kPackTileGroups; ++ng)
@@ -400,7 +400,7 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
           INFO("q8 activations " << to_string(q8));
           matmul(pool, *vk, scratch, w, x.data(), M, y.data(), q8);
           // int8 activations: half a quantization step per value, random signs.
-          const bool int8 = (type == TensorType::q8_0 || packed_q4_bits(type) != 0) && q8 == Q8Activations::int8;
+          const bool int8 = (type == TensorType::q8_0 || packed_low_bits(type) != 0) && q8 == Q8Activations::int8;
           if (int8) {  // the int8 path needs the packed form
             const WeightMatrix unpacked{type, bytes.data(), N, K};
             CHECK_THROWS_AS(matmul(pool, *vk, scratch, unpacked, x.data(), M, y.data(), q8), std::invalid_argument);

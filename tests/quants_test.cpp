@@ -14,7 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 #include "kernels/quants.hpp"
 #include "kernels/vec.hpp"
 #include "runtime/gguf.hpp"
@@ -287,6 +287,6 @@ TEST_CASE("files llama.cpp's quantizer wrote read as llama.cpp reads them, bit f
     CHECK(quantized == 9);  // every matrix (the norms stay F32)
     Model model(path);
     // Computed as stored at 4 and 5 bits (packed by the engine), converted to Q8_0 otherwise.
-    CHECK(model.main_type() == (packed_q4_bits(t) != 0 ? t : TensorType::q8_0));
+    CHECK(model.main_type() == (packed_low_bits(t) != 0 ? t : TensorType::q8_0));
   }
 }

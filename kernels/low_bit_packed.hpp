@@ -38,9 +38,9 @@ constexpr int64_t q4_block_bytes(int bits) { return kQ4NibbleBytes + (bits == 5 
 constexpr int64_t q4_scales_offset(int bits) { return kQ4NibbleBytes + (bits == 5 ? kQ4HighBytes : 0); }
 
 // 4 or 5 for the types packed this way, 0 for any other.
-int packed_q4_bits(TensorType type);
+int packed_low_bits(TensorType type);
 
-struct PackedQ4 {
+struct PackedLowBit {
   int bits = 4;
   int64_t rows = 0;  // of the original matrix
   int64_t cols = 0;  // a multiple of 32 (of 256 for the K types)
@@ -52,12 +52,12 @@ struct PackedQ4 {
   const uint8_t* group(int64_t g) const { return data.data() + g * group_bytes(); }
 };
 
-// Packs `rows` GGUF rows of `cols` columns of a type packed_q4_bits accepts, stored back to
+// Packs `rows` GGUF rows of `cols` columns of a type packed_low_bits accepts, stored back to
 // back. Throws std::invalid_argument for any other type or a column count its blocks do not
 // divide.
-PackedQ4 pack_q4(TensorType type, const void* rows_data, int64_t rows, int64_t cols);
+PackedLowBit pack_low_bit(TensorType type, const void* rows_data, int64_t rows, int64_t cols);
 
 // Element (row, col) of a packed matrix as s * q + o (for tests and inspection).
-float packed_q4_value(const PackedQ4& p, int64_t row, int64_t col);
+float packed_low_bit_value(const PackedLowBit& p, int64_t row, int64_t col);
 
 }  // namespace celer

@@ -1,4 +1,4 @@
-#include "kernels/q4_packed.hpp"
+#include "kernels/low_bit_packed.hpp"
 
 #include <cstring>
 #include <stdexcept>
@@ -9,7 +9,7 @@
 
 namespace celer {
 
-int packed_q4_bits(TensorType type) {
+int packed_low_bits(TensorType type) {
   switch (type) {
     case TensorType::q4_0:
     case TensorType::q4_1:
@@ -21,13 +21,13 @@ int packed_q4_bits(TensorType type) {
   }
 }
 
-PackedQ4 pack_q4(TensorType type, const void* rows_data, int64_t rows, int64_t cols) {
-  const int bits = packed_q4_bits(type);
-  if (bits == 0) throw std::invalid_argument(std::string("pack_q4: ") + to_string(type) + " is not a 4- or 5-bit format");
+PackedLowBit pack_low_bit(TensorType type, const void* rows_data, int64_t rows, int64_t cols) {
+  const int bits = packed_low_bits(type);
+  if (bits == 0) throw std::invalid_argument(std::string("pack_low_bit: ") + to_string(type) + " is not a 4- or 5-bit format");
   if (rows < 0 || cols % block_elems(type) != 0)
-    throw std::invalid_argument(std::string("pack_q4: ") + std::to_string(cols) + " columns of " + to_string(type) +
+    throw std::invalid_argument(std::string("pack_low_bit: ") + std::to_string(cols) + " columns of " + to_string(type) +
                                 " are not whole blocks of " + std::to_string(block_elems(type)));
-  PackedQ4 p;
+  PackedLowBit p;
   p.bits = bits;
   p.rows = rows;
   p.cols = cols;
@@ -57,7 +57,7 @@ PackedQ4 pack_q4(TensorType type, const void* rows_data, int64_t rows, int64_t c
   return p;
 }
 
-float packed_q4_value(const PackedQ4& p, int64_t row, int64_t col) {
+float packed_low_bit_value(const PackedLowBit& p, int64_t row, int64_t col) {
   const int r = static_cast<int>(row % kPackRows);
   const int64_t b = col / kQ8Block;
   const int e = static_cast<int>(col % kQ8Block), t = e % 16 / 4, i = e % 4;
