@@ -20,7 +20,7 @@ constexpr int64_t kSmallM = 16;
 // model's matrices: 5-10% faster from 9 to 15 rows, even at 8).
 constexpr int64_t kStreamRowsQ8 = 8;
 
-// One packed matrix (Q8_0, or 4 or 5 bits) and where its product goes.
+// One packed matrix (Q8_0, or 4 to 6 bits) and where its product goes.
 struct PackedProduct {
   int bits = 8;
   int64_t rows = 0, n_groups = 0, group_bytes = 0;
@@ -63,8 +63,21 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
   int8_t* xq = scratch.xq.data();
   float* xd = scratch.xd.data();
   int32_t* xb = scratch.xb.data();
+  // 6-bit weights meet the activations' sums per 16 values too.
+  bool sums16 = false;
+  for (const PackedProduct& p : products) sums16 = sums16 || p.bits == 6;
+  if (sums16 && scratch.x16.size() < static_cast<size_t>(M * K / 16)) scratch.x16.resize(M * K / 16);
+  int32_t* x16 = scratch.x16.data();
   pool.parallel_for(M, 16, [&](int64_t m0, int64_t m1, int) {
-    for (int64_t m = m0; m < m1; ++m) vk.quantize_act_q8(x + m * K, xq + m * K, xd + m * nb, xb + m * nb, K);
+    for (int64_t m = m0; m < m1; ++m) {
+      vk.quantize_act_q8(x + m * K, xq + m * K, xd + m * nb, xb + m * nb, K);
+      if (!sums16) continue;
+      for (int64_t j = 0; j < K / 16; ++j) {
+        int32_t sum = 0;
+        for (int e = 0; e < 16; ++e) sum += xq[m * K + 16 * j + e];
+        x16[m * (K / 16) + j] = sum;
+      }
+    }
   });
 
   // The unit of work is a pair of weight groups (one tile's worth of weight rows), which meets
@@ -115,6 +128,9 @@ void matmul_packed(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratc
       if (w.bits == 8)
         vk.gemm_q8_packed(xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes, ng, nb, n_rows, out,
                           N, prefetch);
+      else if (w.bits == 6)
+        vk.gemm_q6_packed(xq + m0 * K, xd + m0 * nb, x16 + m0 * (K / 16), K, mt, w.group(g0), w.group_bytes, ng, nb,
+                          n_rows, out, N, prefetch);
       else
         vk.gemm_q4_packed(w.bits, xq + m0 * K, xd + m0 * nb, xb + m0 * nb, K, mt, w.group(g0), w.group_bytes, ng, nb,
                           n_rows, out, N, prefetch);
@@ -137,6 +153,7 @@ void MatmulScratch::reserve(int n_threads, int64_t max_rows, int64_t max_cols) {
   xb.resize(static_cast<size_t>(max_rows * max_cols / kQ8Block));
   panels.resize(n_threads);
   for (auto& p : panels) p.resize(static_cast<size_t>(kPanelRows * max_cols));
+  x16.resize(static_cast<size_t>(max_rows * max_cols / 16));
 }
 
 const char* to_string(Q8Activations mode) { return mode == Q8Activations::int8 ? "int8" : "f32"; }
@@ -192,7 +209,7 @@ void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, cons
         }
         continue;
       }
-      // Many rows (or 4- and 5-bit weights): widen the panel once, then reuse it for every
+      // Many rows (or 4- to 6-bit weights): widen the panel once, then reuse it for every
       // tile of x. F32 rows that are already cache-line aligned are used in place.
       const float* panel = reinterpret_cast<const float*>(w.row(n0));
       if (w.type != TensorType::f32 || reinterpret_cast<uintptr_t>(panel) % kCacheLine != 0 || (K * 4) % kCacheLine != 0) {

@@ -9,8 +9,8 @@
 // rows from memory and widens them in registers (gemm_f16 / gemm_bf16 / gemm_q8_0_widened).
 // Q8_0 weights can instead meet activations quantized to int8 once per call, in int8 dot
 // products, in prefill and decode alike (Q8Activations::int8): the weights are then repacked
-// once, 16 rows interleaved (q8_packed.hpp), and the same packed tile serves both; 4- and 5-bit
-// weights (Q4_0 ... Q5_K) are packed likewise at their own width (low_bit_packed.hpp) and meet the
+// once, 16 rows interleaved (q8_packed.hpp), and the same packed tile serves both; 4- to 6-bit
+// weights (Q4_0 ... Q6_K) are packed likewise at their own width (low_bit_packed.hpp) and meet the
 // same int8 activations. With f32 activations those are widened a panel at a time. Each output
 // comes from one accumulator in one K order, so the result of a row never depends on M or the
 // panel split (batch invariance, see vec.hpp).
@@ -35,7 +35,7 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
   int64_t rows = 0;
   int64_t cols = 0;
   const PackedQ8* packed = nullptr;     // Q8_0 only: the same weights packed for int8 activations
-  const PackedLowBit* packed_low_bit = nullptr;  // 4- and 5-bit types only: the same, see low_bit_packed.hpp
+  const PackedLowBit* packed_low_bit = nullptr;  // 4- to 6-bit types only: the same, see low_bit_packed.hpp
   const uint8_t* row(int64_t r) const {
     return static_cast<const uint8_t*>(data) + r * row_bytes(type, cols);
   }
@@ -49,6 +49,7 @@ class MatmulScratch {
   AlignedVector<int8_t> xq;                  // [M, K]: activations quantized for Q8_0 weights
   AlignedVector<float> xd;                   // [M, K / 32]: their scales
   AlignedVector<int32_t> xb;                 // [M, K / 32]: their biases (see quantize_act_q8)
+  AlignedVector<int32_t> x16;                // [M, K / 16]: their sums per 16 (for 6-bit weights)
   std::vector<AlignedVector<float>> panels;  // per thread: [panel rows, K]
 };
 
@@ -57,17 +58,17 @@ enum class Q8Activations {
   f32,   // weights widened exactly to f32, like F16: the most accurate
   int8,  // activations quantized to int8 per row, int8 dot products (llama.cpp's arithmetic):
          // the default, and the fastest prefill and decode; needs WeightMatrix::packed (Q8_0)
-         // or WeightMatrix::packed_low_bit (4 and 5 bits)
+         // or WeightMatrix::packed_low_bit (4 to 6 bits)
 };
 const char* to_string(Q8Activations mode);
 
-// Throws std::invalid_argument for int8 activations on Q8_0, 4- or 5-bit weights that were not
-// packed, and for weights of the other types only files hold (Q6_K, ...: a model converts them).
+// Throws std::invalid_argument for int8 activations on Q8_0, 4- to 6-bit weights that were not
+// packed, and for weights of the other types only files hold (Q2_K, Q3_K: a model converts them).
 void matmul(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch, const WeightMatrix& w,
             const float* x, int64_t M, float* y, Q8Activations q8 = Q8Activations::f32);
 
 // y_i = x w_i^T for several matrices with the same input x (Q, K and V; gate and up). Packed
-// matrices with int8 activations (up to 4, the same K, any mix of Q8_0 and 4 or 5 bits) share one quantization of x and
+// matrices with int8 activations (up to 4, the same K, any mix of Q8_0 and 4 to 6 bits) share one quantization of x and
 // one parallel loop over all their weight pairs; anything else runs as one matmul each. The results
 // are those of separate matmuls, bit for bit.
 void matmul_shared_input(ThreadPool& pool, const VecKernels& vk, MatmulScratch& scratch,

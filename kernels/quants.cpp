@@ -551,7 +551,15 @@ void affine_blocks(TensorType type, const void* src, int64_t n, uint8_t* q, floa
       return;
     default: break;
   }
-  throw std::invalid_argument(std::string("affine_blocks: ") + to_string(type) + " is not a 4- or 5-bit format");
+  throw std::invalid_argument(std::string("affine_blocks: ") + to_string(type) + " is not a 4- or 5-bit format of 32-weight blocks");
+}
+
+void q6k_parts(const void* src, int64_t n, uint8_t* q, int8_t* sc, uint16_t* d) {
+  each_block<BlockQ6_K>(src, n, kQK, [&](const BlockQ6_K& b, int64_t at) {
+    for (int e = 0; e < kQK; ++e) q[at + e] = static_cast<uint8_t>(q6k_value(b, e));
+    for (int j = 0; j < kQK / 16; ++j) sc[at / 16 + j] = b.scales[j];
+    d[at / kQK] = b.d;
+  });
 }
 
 }  // namespace celer

@@ -31,4 +31,8 @@ void convert_row_to_q8_0(TensorType type, const void* src, BlockQ8_0* dst, int64
 // for any other type.
 void affine_blocks(TensorType type, const void* src, int64_t n, uint8_t* q, float* s, float* o);
 
+// A row of Q6_K as its parts, w = d * sc * (q - 32): q[0..n) (0..63), the int8 scale of each
+// 16 weights sc[0..n / 16), the f16 d of each 256 d[0..n / 256).
+void q6k_parts(const void* src, int64_t n, uint8_t* q, int8_t* sc, uint16_t* d);
+
 }  // namespace celer

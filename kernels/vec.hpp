@@ -73,6 +73,14 @@ struct VecKernels {
   void (*gemm_q4_packed)(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
                          const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
                          const PackedPrefetch& prefetch);
+  // 6-bit weights packed by pack_low_bit (Q6_K) against the same activations, with x16 the
+  // activations' integer sums per 16 values (row stride ldx / 16) in place of xb. Every output is
+  // computed alike: f = 0, then for each block in K order and each half h of it (columns 0-15,
+  // then 16-31) f = fma(S_h - 32 * x16_h, (d_w * sc_h) * d_x, f), where S_h is the half's exact
+  // int32 sum of q_w * q_x.
+  void (*gemm_q6_packed)(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, int mt, const uint8_t* w,
+                         int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
+                         const PackedPrefetch& prefetch);
   // x (f32, k a multiple of 32) -> int8 q and per 32: a scale d = absmax / 127 (q = round(x /
   // d)) and bias = -128 * sum(q), which cancels the +128 offset of packed weights.
   void (*quantize_act_q8)(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k);

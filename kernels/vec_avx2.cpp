@@ -174,7 +174,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, int64_t ldx, const uint8_
 template <int Bits, int C>
 void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t nb,
                     int n_rows, float* y, int64_t ldy) {
-  constexpr int64_t bb = q4_block_bytes(Bits), so = q4_scales_offset(Bits);
+  constexpr int64_t bb = low_bit_block_bytes(Bits), so = q4_scales_offset(Bits);
   const int64_t ldd = ldx / kQ8Block;
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -231,6 +231,70 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
         const float dx = xd[c * ldd + b];
         const __m256 vxs = _mm256_set1_ps(dx * static_cast<float>(xb[c * ldd + b] / -128));
         acc[h][c] = _mm256_fmadd_ps(wo, vxs, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[h][c]), _mm256_mul_ps(ws, _mm256_set1_ps(dx)), acc[h][c]));
+      }
+    }
+  }
+  alignas(32) float out[kPackRows];
+  for (int c = 0; c < C; ++c) {
+    _mm256_store_ps(out, acc[0][c]);
+    _mm256_store_ps(out + 8, acc[1][c]);
+    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
+  }
+}
+
+// Packed 6-bit weights (Q6_K, low_bit_packed.hpp), one group of 16 rows (two halves of 8) x C
+// activation rows, a block in two halves of columns as in the AVX-512 kernel. maddubs's pairs
+// (at most 2 * 63 * 127) fit int16 and widen to int32 every step. The same bits as AVX-512.
+template <int C>
+void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, const uint8_t* w, int64_t nb,
+                    int n_rows, float* y, int64_t ldy) {
+  constexpr int64_t bb = low_bit_block_bytes(6);
+  const int64_t ldd = ldx / kQ8Block, ld16 = ldx / 16;
+  const __m256i low4 = _mm256_set1_epi8(15), top2 = _mm256_set1_epi8(0x30);
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto top_bits = [&](__m256i top, int shift) {
+    switch (shift) {
+      case 0: return _mm256_and_si256(_mm256_slli_epi16(top, 4), top2);
+      case 2: return _mm256_and_si256(_mm256_slli_epi16(top, 2), top2);
+      case 4: return _mm256_and_si256(top, top2);
+      default: return _mm256_and_si256(_mm256_srli_epi16(top, 2), top2);
+    }
+  };
+  __m256 acc[2][C];
+  for (int g = 0; g < 2; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bb;
+    for (int h = 0; h < 2; ++h) {
+      __m256 wsc[2];  // d * sc of the column half h, per row, for row halves g
+      for (int g = 0; g < 2; ++g) {
+        const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(blk + kQ6DOffset + 16 * g)));
+        const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + kQ6ScaleOffset + h * kPackRows + 8 * g));
+        wsc[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+      }
+      __m256i s[2][C];
+      for (int g = 0; g < 2; ++g)
+        for (int c = 0; c < C; ++c) s[g][c] = _mm256_setzero_si256();
+      for (int t = 0; t < 4; ++t) {
+        __m256i wq[2];
+        for (int g = 0; g < 2; ++g) {
+          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + t * 64 + g * 32));
+          const __m256i top = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + kQ4NibbleBytes + (t / 2) * 64 + g * 32));
+          const __m256i nib = h == 0 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          wq[g] = _mm256_or_si256(nib, top_bits(top, 4 * (t % 2) + 2 * h));
+        }
+        for (int c = 0; c < C; ++c) {
+          int32_t a4;
+          std::memcpy(&a4, xq + c * ldx + b * kQ8Block + 16 * h + t * 4, 4);
+          const __m256i av = _mm256_set1_epi32(a4);
+          for (int g = 0; g < 2; ++g) s[g][c] = _mm256_add_epi32(s[g][c], _mm256_madd_epi16(_mm256_maddubs_epi16(wq[g], av), ones));
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m256i x32 = _mm256_set1_epi32(32 * x16[c * ld16 + 2 * b + h]);
+        const __m256 vdx = _mm256_set1_ps(xd[c * ldd + b]);
+        for (int g = 0; g < 2; ++g)
+          acc[g][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[g][c], x32)), _mm256_mul_ps(wsc[g], vdx), acc[g][c]);
       }
     }
   }
@@ -303,6 +367,16 @@ void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* 
     for (int i = 0; i < mt; i += 2)
       tiles[bits == 5][std::min(2, mt - i) - 1](xq + i * ldx, xd + i * ldd, xb + i * ldd, ldx, w + g * ldg, nb,
                                                 n_rows - g * kPackRows, y + i * ldy + g * kPackRows, ldy);
+}
+
+void gemm_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, int mt, const uint8_t* w,
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch&) {
+  const int64_t ldd = ldx / kQ8Block, ld16 = ldx / 16;
+  for (int g = 0; g < ng && g * kPackRows < n_rows; ++g)
+    for (int i = 0; i < mt; i += 2) {
+      auto* tile = mt - i >= 2 ? tile_q6_packed<2> : tile_q6_packed<1>;
+      tile(xq + i * ldx, xd + i * ldd, x16 + i * ld16, ldx, w + g * ldg, nb, n_rows - g * kPackRows, y + i * ldy + g * kPackRows, ldy);
+    }
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
@@ -527,7 +601,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx2() {
-  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32_cached, gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
+  static const VecKernels k{"avx2",   dot_f32,     gemm_f32, gemm_f32_cached, gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, gemm_q6_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                           attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                           attn_accumulate_q8, exp_sum, silu_mul, argmax};

@@ -215,7 +215,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
 template <int Bits, bool Prefetch, int R, int C>
 void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, const uint8_t* w, int64_t ldg,
                     int64_t nb, int n_rows, float* y, int64_t ldy, const uint8_t* next, int64_t next_bytes) {
-  constexpr int64_t bb = q4_block_bytes(Bits), so = q4_scales_offset(Bits);
+  constexpr int64_t bb = low_bit_block_bytes(Bits), so = q4_scales_offset(Bits);
   const int64_t ldd = ldx / kQ8Block;
   const int64_t next_lines = (next_bytes + 63) / 64;
   const __m512i low4 = _mm512_set1_epi8(15);
@@ -278,6 +278,81 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
   }
 }
 
+// Packed 6-bit weights (Q6_K, low_bit_packed.hpp): R groups x C activation rows, a block in two
+// halves (columns 0-15 from the low nibbles, 16-31 from the high ones), for each half has its
+// own scale. A nibble vector and its top-bit vector give the 6-bit weights of one step: the
+// nibble masked out, the top pair shifted to bits 4-5. Each half's exact sum, less 32 times the
+// activations' sum, is scaled once per output.
+template <bool Prefetch, int R, int C>
+void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, const uint8_t* w, int64_t ldg,
+                    int64_t nb, int n_rows, float* y, int64_t ldy, const uint8_t* next, int64_t next_bytes) {
+  constexpr int64_t bb = low_bit_block_bytes(6);
+  const int64_t ldd = ldx / kQ8Block, ld16 = ldx / 16;
+  const int64_t next_lines = (next_bytes + 63) / 64;
+  const __m512i low4 = _mm512_set1_epi8(15), top2 = _mm512_set1_epi8(0x30);
+  // Bits 4v + 2h .. 4v + 2h + 1 of each top byte moved to bits 4-5.
+  auto top_bits = [&](__m512i top, int shift) {
+    switch (shift) {
+      case 0: return _mm512_and_si512(_mm512_slli_epi16(top, 4), top2);
+      case 2: return _mm512_and_si512(_mm512_slli_epi16(top, 2), top2);
+      case 4: return _mm512_and_si512(top, top2);
+      default: return _mm512_and_si512(_mm512_srli_epi16(top, 2), top2);
+    }
+  };
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bb;
+    if constexpr (Prefetch) {
+      for (int r = 0; r < R; ++r)
+        for (int line = 0; line < bb / 64; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + r * ldg + 4 * bb + line * 64), _MM_HINT_T0);
+    } else {
+      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m512 wsc[R];  // d * sc of the half, per row
+      for (int r = 0; r < R; ++r) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + r * ldg + kQ6DOffset)));
+        const __m128i sc = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + r * ldg + kQ6ScaleOffset + h * kPackRows));
+        wsc[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+      }
+      __m512i s[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) s[r][c] = _mm512_setzero_si512();
+      for (int t = 0; t < 4; ++t) {
+        __m512i wq[R];
+        for (int r = 0; r < R; ++r) {
+          const __m512i v = _mm512_load_si512(blk + r * ldg + t * 64);
+          const __m512i top = _mm512_load_si512(blk + r * ldg + kQ4NibbleBytes + (t / 2) * 64);
+          const __m512i nib = h == 0 ? _mm512_and_si512(v, low4) : _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          wq[r] = _mm512_or_si512(nib, top_bits(top, 4 * (t % 2) + 2 * h));
+        }
+        for (int c = 0; c < C; ++c) {
+          int32_t a4;
+          std::memcpy(&a4, xq + c * ldx + b * kQ8Block + 16 * h + t * 4, 4);
+          const __m512i av = _mm512_set1_epi32(a4);
+          for (int r = 0; r < R; ++r) s[r][c] = _mm512_dpbusd_epi32(s[r][c], wq[r], av);
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m512i x32 = _mm512_set1_epi32(32 * x16[c * ld16 + 2 * b + h]);
+        const __m512 vdx = _mm512_set1_ps(xd[c * ldd + b]);
+        for (int r = 0; r < R; ++r)
+          acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][c], x32)), _mm512_mul_ps(wsc[r], vdx), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
+    if (rows <= 0) break;
+    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
+  }
+}
+
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 
@@ -300,6 +375,10 @@ template <int Bits, bool Prefetch, size_t... I>
 constexpr auto make_tiles_q4(std::index_sequence<I...>) {
   return std::array<TileQ8, sizeof...(I)>{tile_q4_packed<Bits, Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
 }
+template <bool Prefetch, size_t... I>
+constexpr auto make_tiles_q6(std::index_sequence<I...>) {
+  return std::array<TileQ8, sizeof...(I)>{tile_q6_packed<Prefetch, int(I / kTileM) + 1, int(I % kTileM) + 1>...};
+}
 template <typename Rows, bool Prefetch = true>
 constexpr auto kTiles = make_tiles<Rows, Prefetch>(std::make_index_sequence<kTileM * kTileN>());
 constexpr auto kTilesQ8Widened = make_tiles_q8_widened(std::make_index_sequence<kTileM * kTileN>());
@@ -308,6 +387,8 @@ template <bool Prefetch>
 constexpr auto kTilesQ8 = make_tiles_q8<Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
 template <int Bits, bool Prefetch>
 constexpr auto kTilesQ4 = make_tiles_q4<Bits, Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
+template <bool Prefetch>
+constexpr auto kTilesQ6 = make_tiles_q6<Prefetch>(std::make_index_sequence<kPackTileGroups * kTileM>());
 
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
@@ -347,6 +428,13 @@ void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* 
   const auto& tiles = prefetch.stream ? (bits == 5 ? kTilesQ4<5, true> : kTilesQ4<4, true>)
                                       : (bits == 5 ? kTilesQ4<5, false> : kTilesQ4<4, false>);
   tiles[shape](xq, xd, xb, ldx, w, ldg, nb, n_rows, y, ldy, prefetch.next, prefetch.next_bytes);
+}
+
+void gemm_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, int mt, const uint8_t* w,
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch& prefetch) {
+  const size_t shape = static_cast<size_t>((ng - 1) * kTileM + mt - 1);
+  const auto& tiles = prefetch.stream ? kTilesQ6<true> : kTilesQ6<false>;
+  tiles[shape](xq, xd, x16, ldx, w, ldg, nb, n_rows, y, ldy, prefetch.next, prefetch.next_bytes);
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {
@@ -607,7 +695,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels* vec_avx512() {
-  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
+  static const VecKernels k{"avx512",   dot_f32,     gemm_f32, gemm_f32_cached,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, gemm_q6_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                             attn_accumulate_q8, exp_sum, silu_mul, argmax};

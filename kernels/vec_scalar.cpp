@@ -77,7 +77,7 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
 void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
                     const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
                     const PackedPrefetch&) {
-  const int64_t ldd = ldx / kQ8Block, bb = q4_block_bytes(bits);
+  const int64_t ldd = ldx / kQ8Block, bb = low_bit_block_bytes(bits);
   for (int i = 0; i < mt; ++i)
     for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
       const uint8_t* group = w + (r / kPackRows) * ldg;
@@ -99,6 +99,37 @@ void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* 
         const float dx = xd[i * ldd + b];
         f = std::fma(static_cast<float>(s), ws * dx, f);
         f = std::fma(wo, dx * static_cast<float>(xb[i * ldd + b] / -128), f);
+      }
+      y[i * ldy + r] = f;
+    }
+}
+
+// Walks the packed 6-bit layout (low_bit_packed.hpp) one output at a time.
+void gemm_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, int mt, const uint8_t* w,
+                    int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch&) {
+  const int64_t ldd = ldx / kQ8Block, ld16 = ldx / 16, bb = low_bit_block_bytes(6);
+  for (int i = 0; i < mt; ++i)
+    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
+      const uint8_t* group = w + (r / kPackRows) * ldg;
+      const int lane = r % kPackRows;
+      float f = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* block = group + b * bb;
+        const int8_t* x = xq + i * ldx + b * kQ8Block;
+        int32_t s[2] = {0, 0};
+        for (int e = 0; e < kQ8Block; ++e) {
+          const int h = e / 16, t = e % 16 / 4, at = lane * 4 + e % 4;
+          const uint8_t byte = block[t * 64 + at];
+          const int top = block[kQ4NibbleBytes + (t / 2) * 64 + at] >> (4 * (t % 2) + 2 * h) & 3;
+          s[h] += ((h == 0 ? byte & 15 : byte >> 4) | top << 4) * x[e];
+        }
+        uint16_t d;
+        std::memcpy(&d, block + kQ6DOffset + 2 * lane, 2);
+        const float dw = fp16_to_f32(d), dx = xd[i * ldd + b];
+        for (int h = 0; h < 2; ++h) {
+          const auto sc = static_cast<int8_t>(block[kQ6ScaleOffset + h * kPackRows + lane]);
+          f = std::fma(static_cast<float>(s[h] - 32 * x16[i * ld16 + 2 * b + h]), dw * static_cast<float>(sc) * dx, f);
+        }
       }
       y[i * ldy + r] = f;
     }
@@ -205,7 +236,7 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const VecKernels& vec_scalar() {
-  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, quantize_act_q8,
+  static const VecKernels k{"scalar",   dot_f32,     gemm_f32, gemm_f32,    gemm_f16, gemm_bf16, gemm_q8_0_widened, gemm_q8_packed, gemm_q4_packed, gemm_q6_packed, quantize_act_q8,
                             to_f32_f16, f32_to_f16_saturating, to_f32_bf16, to_f32_q8_0, attn_scores<float>, attn_accumulate<float>,
                             attn_scores<uint16_t>, attn_accumulate<uint16_t>, attn_scores_q8,
                             attn_accumulate_q8, exp_sum, silu_mul, argmax};

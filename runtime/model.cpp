@@ -32,9 +32,9 @@ class Loader {
   }
   WeightMatrix matrix(const std::string& name, int64_t cols, int64_t rows) const {
     const GgufTensor& t = tensor(name, {cols, rows});
-    // 4- and 5-bit matrices are packed by the engine as they are (kernels/low_bit_packed.hpp).
+    // 4- to 6-bit matrices are packed by the engine as they are (kernels/low_bit_packed.hpp).
     if (is_compute_type(t.type) || packed_low_bits(t.type) != 0) return WeightMatrix{t.type, t.data, rows, cols};
-    // Q6_K, Q2_K and Q3_K: converted once to Q8_0, which the kernels compute with
+    // Q2_K and Q3_K: converted once to Q8_0, which the kernels compute with
     // (kernels/quants.hpp says what that costs in precision).
     const int64_t blocks_per_row = cols / kQ8Block;
     converted_.push_back(std::make_unique<BlockQ8_0[]>(static_cast<size_t>(blocks_per_row * rows)));

@@ -46,14 +46,14 @@ class Model {
   // Total parameters (for reports).
   uint64_t n_params() const;
   // The weight type most matrices are computed in (for reports), and the type the file stores
-  // them in (a Q6_K file is computed in Q8_0: see the converted matrices below).
+  // them in (a Q3_K file is computed in Q8_0: see the converted matrices below).
   TensorType main_type() const { return layers_.empty() ? output_.type : layers_[0].w_up.type; }
   TensorType stored_type() const;
 
  private:
   std::shared_ptr<const GgufFile> file_;
   std::shared_ptr<const ModelCard> card_;
-  // Matrices of Q6_K, Q2_K and Q3_K, converted to Q8_0 at load (the others are views into the
+  // Matrices of Q2_K and Q3_K, converted to Q8_0 at load (the others are views into the
   // mapped file).
   std::vector<std::unique_ptr<BlockQ8_0[]>> converted_;
   WeightMatrix token_embd_, output_;

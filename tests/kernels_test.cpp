@@ -62,8 +62,8 @@ void pack_for_int8(WeightMatrix& w, Packed& p) {
   }
 }
 
-constexpr TensorType kLowBitTypes[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q4_k,
-                                       TensorType::q5_0, TensorType::q5_1, TensorType::q5_k};
+constexpr TensorType kLowBitTypes[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q4_k, TensorType::q5_0,
+                                       TensorType::q5_1, TensorType::q5_k, TensorType::q6_k};
 
 }  // namespace
 
@@ -224,7 +224,7 @@ TEST_CASE("Q8_0 activation quantization and packed integer tiles match the refer
   }
 }
 
-TEST_CASE("packing 4- and 5-bit rows keeps every weight exactly and pads the last group", "[kernels]") {
+TEST_CASE("packing 4- to 6-bit rows keeps every weight exactly and pads the last group", "[kernels]") {
   std::mt19937 rng(15);
   const int64_t rows = 37, cols = 512;  // three groups, the last with 5 real rows; two K super-blocks
   const auto wf = random_vector(rng, rows * cols);
@@ -246,10 +246,10 @@ TEST_CASE("packing 4- and 5-bit rows keeps every weight exactly and pads the las
   }
   const auto bytes = encode_tensor(TensorType::q4_k, wf.data(), 256);
   CHECK_THROWS_AS(pack_low_bit(TensorType::q4_k, bytes.data(), 1, 96), std::invalid_argument);   // not whole super-blocks
-  CHECK_THROWS_AS(pack_low_bit(TensorType::q6_k, bytes.data(), 1, 256), std::invalid_argument);  // not 4 or 5 bits
+  CHECK_THROWS_AS(pack_low_bit(TensorType::q3_k, bytes.data(), 1, 256), std::invalid_argument);  // not 4 to 6 bits
 }
 
-TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on every ISA", "[kernels]") {
+TEST_CASE("packed 4- to 6-bit tiles give exact block sums and the same bits on every ISA", "[kernels]") {
   std::mt19937 rng(16);
   for (const VecKernels* vk : kernel_sets())
     for (TensorType type : kLowBitTypes)
@@ -260,8 +260,10 @@ TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on 
         std::vector<int8_t> xq(kTileM * k);
         std::vector<float> xd(kTileM * nb);
         std::vector<int32_t> xb(kTileM * nb);
+        std::vector<int32_t> x16(kTileM * k / 16, 0);
         for (int i = 0; i < kTileM; ++i)
           vec_scalar().quantize_act_q8(x.data() + i * k, xq.data() + i * k, xd.data() + i * nb, xb.data() + i * nb, k);
+        for (int64_t e = 0; e < kTileM * k; ++e) x16[e / 16] += xq[e];
         const int64_t n = 2 * kPackRows - 3;  // the second group partly padding
         const auto wf = random_vector(rng, n * k);
         const auto wbytes = encode_tensor(type, wf.data(), n * k);
@@ -276,10 +278,16 @@ TEST_CASE("packed 4- and 5-bit tiles give exact block sums and the same bits on 
               INFO("mt " << mt << " groups " << ng << " prefetch mode " << mode);
               const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
               std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
-              vk->gemm_q4_packed(packed.bits, xq.data(), xd.data(), xb.data(), k, mt, packed.group(0), packed.group_bytes(),
-                                 ng, nb, n_rows, y.data(), n, prefetch);
-              vec_scalar().gemm_q4_packed(packed.bits, xq.data(), xd.data(), xb.data(), k, mt, packed.group(0),
-                                          packed.group_bytes(), ng, nb, n_rows, same.data(), n, prefetch);
+              for (int pass = 0; pass < 2; ++pass) {  // this set, then the scalar reference
+                const VecKernels* set = pass == 0 ? vk : &vec_scalar();
+                float* out = pass == 0 ? y.data() : same.data();
+                if (packed.bits == 6)
+                  set->gemm_q6_packed(xq.data(), xd.data(), x16.data(), k, mt, packed.group(0), packed.group_bytes(), ng, nb,
+                                      n_rows, out, n, prefetch);
+                else
+                  set->gemm_q4_packed(packed.bits, xq.data(), xd.data(), xb.data(), k, mt, packed.group(0),
+                                      packed.group_bytes(), ng, nb, n_rows, out, n, prefetch);
+              }
               for (int i = 0; i < mt; ++i)
                 for (int j = 0; j < n; ++j) {
                   if (j >= n_rows) {
@@ -383,7 +391,8 @@ TEST_CASE("matmul matches the reference for every type, plan and shape", "[kerne
   for (const VecKernels* vk : kernel_sets()) {
     MatmulScratch scratch;
     for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
-                            TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::q4_k, TensorType::q5_k}) {
+                            TensorType::q4_1, TensorType::q5_0, TensorType::q5_1, TensorType::q4_k, TensorType::q5_k,
+                            TensorType::q6_k}) {
       for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 5, 64}, {3, 37, 96}, {7, 300, 64},
                              {8, 33, 128}, {19, 517, 96}, {64, 64, 256}, {5, 70, 172}, {2, 40, 512}, {17, 33, 256}}) {
         if (K % block_elems(type) != 0) continue;
@@ -420,7 +429,7 @@ TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch"
   for (const VecKernels* vk : kernel_sets()) {
     MatmulScratch scratch;
     for (TensorType type : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0, TensorType::q4_0,
-                            TensorType::q5_1, TensorType::q4_k, TensorType::q5_k}) {
+                            TensorType::q5_1, TensorType::q4_k, TensorType::q5_k, TensorType::q6_k}) {
       if (K % block_elems(type) != 0) continue;
       INFO(vk->name << " " << to_string(type));
       const auto wf = random_vector(rng, N * K);
@@ -444,7 +453,7 @@ TEST_CASE("a row's matmul result is bit-identical whatever else is in the batch"
 TEST_CASE("matmuls sharing an input give the bits of separate matmuls", "[kernels]") {
   std::mt19937 rng(14);
   ThreadPool pool(2);
-  const int64_t K = 96;
+  const int64_t K = 256;
   const int64_t Ns[] = {48, 37, 80};  // different heights, one with a partial group
   for (const VecKernels* vk : kernel_sets())
     for (TensorType type : {TensorType::q8_0, TensorType::f32, TensorType::q4_0})
@@ -456,8 +465,8 @@ TEST_CASE("matmuls sharing an input give the bits of separate matmuls", "[kernel
           std::vector<Packed> packed(3);
           WeightMatrix ws[3];
           for (int i = 0; i < 3; ++i) {
-            // With Q4_0: a mix, as a Q4_K_M file mixes 4 and 6 bits (Q4_0, Q5_1, Q8_0).
-            const TensorType t = type != TensorType::q4_0 ? type : i == 0 ? TensorType::q4_0 : i == 1 ? TensorType::q5_1 : TensorType::q8_0;
+            // With Q4_0: a mix, as a Q4_K_M file mixes 4 and 6 bits (Q4_0, Q6_K, Q8_0).
+            const TensorType t = type != TensorType::q4_0 ? type : i == 0 ? TensorType::q4_0 : i == 1 ? TensorType::q6_k : TensorType::q8_0;
             const auto wf = random_vector(rng, Ns[i] * K);
             bytes.push_back(encode_tensor(t, wf.data(), Ns[i] * K));
             ws[i] = WeightMatrix{t, bytes.back().data(), Ns[i], K};

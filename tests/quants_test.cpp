@@ -286,7 +286,7 @@ TEST_CASE("files llama.cpp's quantizer wrote read as llama.cpp reads them, bit f
     }
     CHECK(quantized == 9);  // every matrix (the norms stay F32)
     Model model(path);
-    // Computed as stored at 4 and 5 bits (packed by the engine), converted to Q8_0 otherwise.
+    // Computed as stored at 4 to 6 bits (packed by the engine), converted to Q8_0 otherwise.
     CHECK(model.main_type() == (packed_low_bits(t) != 0 ? t : TensorType::q8_0));
   }
 }
