@@ -74,7 +74,8 @@ struct Q8Rows {  // K is a multiple of 32: never a tail
 template <typename Rows, int MT, int NT>
 void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, int64_t e, int64_t k, __m256 (&acc)[MT][NT]);
 
-// An MT x NT tile (MT <= 2 so that 8 accumulators and the operands fit AVX2's 16 registers):
+// An MT x NT tile (MT <= 3: 12 accumulators, 3 activation vectors and a weight vector fill AVX2's
+// 16 registers, and 12 independent FMA chains keep both FMA pipes busy where 8 left them waiting):
 // each output has one accumulator fed 8 products at a time in K order. The last partial vector
 // is copied to zero-padded buffers first, so every row type shares one tail path. With
 // `Prefetch` (weights streaming from memory, as in decode) each row also fetches, a cache line
@@ -309,17 +310,18 @@ void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
 template <typename Rows>
 using Tile = void (*)(const float*, int64_t, const typename Rows::T*, int64_t, int64_t, float*, int64_t);
 template <typename Rows, bool Prefetch = true>
-constexpr Tile<Rows> kTiles[2][kTileN] = {
+constexpr Tile<Rows> kTiles[3][kTileN] = {
     {tile<Rows, 1, 1, Prefetch>, tile<Rows, 1, 2, Prefetch>, tile<Rows, 1, 3, Prefetch>, tile<Rows, 1, 4, Prefetch>},
-    {tile<Rows, 2, 1, Prefetch>, tile<Rows, 2, 2, Prefetch>, tile<Rows, 2, 3, Prefetch>, tile<Rows, 2, 4, Prefetch>}};
+    {tile<Rows, 2, 1, Prefetch>, tile<Rows, 2, 2, Prefetch>, tile<Rows, 2, 3, Prefetch>, tile<Rows, 2, 4, Prefetch>},
+    {tile<Rows, 3, 1, Prefetch>, tile<Rows, 3, 2, Prefetch>, tile<Rows, 3, 3, Prefetch>, tile<Rows, 3, 4, Prefetch>}};
 
-// Tiles of up to kTileM rows run as sub-tiles of two rows: every output is computed the same way
+// Tiles of up to kTileM rows run as sub-tiles of three rows: every output is computed the same way
 // in either case.
 template <typename Rows, bool Prefetch = true>
 void gemm_rows(const float* x, int64_t ldx, int mt, const typename Rows::T* w, int64_t ldw, int nt, int64_t k,
                float* y, int64_t ldy) {
-  for (int i = 0; i < mt; i += 2)
-    kTiles<Rows, Prefetch>[std::min(2, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
+  for (int i = 0; i < mt; i += 3)
+    kTiles<Rows, Prefetch>[std::min(3, mt - i) - 1][nt - 1](x + i * ldx, ldx, w, ldw, k, y + i * ldy, ldy);
 }
 void gemm_f32(const float* x, int64_t ldx, int mt, const float* w, int64_t ldw, int nt, int64_t k, float* y,
               int64_t ldy) {
