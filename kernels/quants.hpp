@@ -1,8 +1,8 @@
-// The block formats GGUF files hold beyond what the matmul kernels compute with (Q4_0, Q4_1,
-// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; layouts in kernels/types.hpp): the scalar reference that reads
-// them, a quantizer that writes them, and the conversion to Q8_0 a model makes when it loads
-// such a file. All of them are plain loops over one row; they run at load or write time, never
-// in a step.
+// The block formats GGUF files hold beyond F32, F16, BF16 and Q8_0 (Q4_0, Q4_1, Q5_0, Q5_1,
+// Q2_K ... Q6_K; layouts in kernels/types.hpp): the scalar reference that reads them, a
+// quantizer that writes them, their parts as the packed kernels take them (low_bit_packed.hpp),
+// and the conversion to Q8_0 a model makes when it loads Q2_K or Q3_K. All of them are plain
+// loops over one row; they run at load or write time, never in a step.
 #pragma once
 
 #include <cstdint>

@@ -95,6 +95,19 @@ Engine::Engine(const Model& model, const EngineOptions& options)
   mm_.reserve(opt_.n_threads, T, max_cols);
 }
 
+uint64_t Engine::weight_bytes_per_token() const {
+  auto bytes = [](const WeightMatrix& w) -> uint64_t {
+    if (w.packed) return static_cast<uint64_t>(w.packed->data.size());
+    if (w.packed_low_bit) return static_cast<uint64_t>(w.packed_low_bit->data.size());
+    return static_cast<uint64_t>(row_bytes(w.type, w.cols)) * w.rows;
+  };
+  const WeightMatrix& embd = model_.token_embd();
+  uint64_t total = bytes(output_) + row_bytes(embd.type, embd.cols);
+  for (const LayerWeights& l : layers_)
+    total += bytes(l.wq) + bytes(l.wk) + bytes(l.wv) + bytes(l.wo) + bytes(l.w_gate) + bytes(l.w_up) + bytes(l.w_down);
+  return total;
+}
+
 void Engine::validate(std::span<const SequenceInput> batch) const {
   if (batch.empty()) throw Error(ErrorCode::invalid_argument, "empty batch");
   if (batch.size() > static_cast<size_t>(opt_.max_seqs))

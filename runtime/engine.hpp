@@ -67,6 +67,9 @@ class Engine {
   int block_size() const { return kKvBlock; }
   int32_t max_context() const { return opt_.max_context; }
   const VecKernels& kernels() const { return vk_; }
+  // Bytes of weights one decode step of this shard reads, in the form its matmuls read them (the
+  // packed copies where there are), plus one embedding row.
+  uint64_t weight_bytes_per_token() const;
   ThreadPool& pool() { return pool_; }
 
   // Runs one step. Writes one row of n_vocab logits per sequence that wants them, in order, to

@@ -192,10 +192,10 @@ int run_bench(const BenchArgs& a) {
   for (int r = 0; r < a.reps; ++r) pp.push_back(a.p / run_pp(a.p));
   for (int r = 0; r < a.reps; ++r) tg.push_back(a.n / run_tg(a.n));
   const Summary spp = summarize(pp), stg = summarize(tg);
-  const double gb_per_token = static_cast<double>(model.weight_bytes_per_token()) / 1e9;
+  const double gb_per_token = static_cast<double>(engine.weight_bytes_per_token()) / 1e9;
   const double bw = copy_bandwidth_gbs(eo.n_threads);
 
-  // "q4_k as q8_0" for a file whose matrices are converted when it loads.
+  // "q3_k as q8_0" for a file whose matrices are converted when it loads.
   const std::string type_name = model.stored_type() == model.main_type()
                                     ? to_string(model.main_type())
                                     : std::string(to_string(model.stored_type())) + " as " + to_string(model.main_type());
@@ -244,7 +244,7 @@ int run_bench(const BenchArgs& a) {
         {"pp", {{"tokens", a.p}, {"tokens_per_second_mean", spp.mean}, {"tokens_per_second_sd", spp.sd}, {"samples", pp}}},
         {"tg", {{"tokens", a.n}, {"tokens_per_second_mean", stg.mean}, {"tokens_per_second_sd", stg.sd},
                 {"weight_gb_per_second", stg.mean * gb_per_token}, {"samples", tg}}},
-        {"weight_bytes_per_token", model.weight_bytes_per_token()},
+        {"weight_bytes_per_token", engine.weight_bytes_per_token()}, {"file_weight_bytes_per_token", model.weight_bytes_per_token()},
         {"copy_bandwidth_gb_per_second", bw}};
     if (a.actors) j["actor_overhead"] = overhead;
     std::ofstream out(a.json);
