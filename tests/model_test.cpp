@@ -344,6 +344,27 @@ TEST_CASE("celer quantize rewrites a model by a preset; the result loads and sta
   CHECK_THROWS_AS(quantize_file(dir.path() + "/missing.gguf", dir.path() + "/x.gguf", QuantizePreset::q4_0), Error);
 }
 
+TEST_CASE("a Q4_K_M model gives each sequence the same tokens alone, batched and chunked", "[model][quants]") {
+  // Q4_K and Q6_K matrices through the packed 4- and 6-bit kernels, whose tiles take any number
+  // of activation rows: batch invariance must hold for them as for Q8_0.
+  TempDir dir;
+  make_model(small_quantizable_spec(), dir.path() + "/f32.gguf");
+  quantize_file(dir.path() + "/f32.gguf", dir.path() + "/q4_k_m.gguf", QuantizePreset::q4_k_m);
+  Model model(dir.path() + "/q4_k_m.gguf");
+  REQUIRE(model.main_type() == TensorType::q4_k);
+  EngineOptions eo;
+  eo.max_seqs = 3;
+  eo.max_context = 128;
+  Engine engine(model, eo);
+  const std::vector<TokenId>& base = kSmallVocabTokens;
+  const std::vector<std::vector<TokenId>> prompts{base, std::vector<TokenId>(base.begin(), base.begin() + 5),
+                                                  std::vector<TokenId>(base.rbegin(), base.rend() - 1)};
+  std::vector<std::vector<TokenId>> alone;
+  for (const auto& p : prompts) alone.push_back(greedy_batched(engine, {p}, 24, 512)[0]);
+  CHECK(greedy_batched(engine, prompts, 24, 512) == alone);
+  CHECK(greedy_batched(engine, prompts, 24, 3) == alone);
+}
+
 TEST_CASE("perplexity agrees with llama-perplexity on the same file and text", "[model][perplexity]") {
   // llama.cpp c392e509: `llama-perplexity -m stories260K.gguf -f perplexity-story.txt -c 128`
   // printed [1]4.1442 ... [12]4.0897 and "Final estimate: PPL = 4.0897 +/- 0.24930".
