@@ -120,6 +120,18 @@ void tail(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
   }
 }
 
+// The outputs of one packed group's tile (two halves of 8 rows, C activation rows): the first
+// n_rows of its 16 rows.
+template <int C>
+void store_group(const __m256 (&acc)[2][C], int n_rows, float* y, int64_t ldy) {
+  alignas(32) float out[kPackRows];
+  for (int c = 0; c < C; ++c) {
+    _mm256_store_ps(out, acc[0][c]);
+    _mm256_store_ps(out + 8, acc[1][c]);
+    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
+  }
+}
+
 // Packed Q8_0 (q8_packed.hpp), one group of 16 weight rows (two halves of 8) x C activation
 // rows. AVX2 has no u8 x s8 product that cannot saturate, so each 4-byte step uses the signed
 // quants (stored + 128) with the sign trick: |a| times q with a's sign, pairs summed in int16
@@ -159,12 +171,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, int64_t ldx, const uint8_
         acc[h][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][c]), _mm256_mul_ps(ws, _mm256_set1_ps(xd[c * ldd + b])), acc[h][c]);
     }
   }
-  alignas(32) float out[kPackRows];
-  for (int c = 0; c < C; ++c) {
-    _mm256_store_ps(out, acc[0][c]);
-    _mm256_store_ps(out + 8, acc[1][c]);
-    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
-  }
+  store_group(acc, n_rows, y, ldy);
 }
 
 // Packed 4/5-bit weights (low_bit_packed.hpp), one group of 16 rows (two halves of 8) x C
@@ -235,12 +242,7 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
       }
     }
   }
-  alignas(32) float out[kPackRows];
-  for (int c = 0; c < C; ++c) {
-    _mm256_store_ps(out, acc[0][c]);
-    _mm256_store_ps(out + 8, acc[1][c]);
-    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
-  }
+  store_group(acc, n_rows, y, ldy);
 }
 
 // Packed 6-bit weights (Q6_K, low_bit_packed.hpp), one group of 16 rows (two halves of 8) x C
@@ -299,12 +301,7 @@ void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
       }
     }
   }
-  alignas(32) float out[kPackRows];
-  for (int c = 0; c < C; ++c) {
-    _mm256_store_ps(out, acc[0][c]);
-    _mm256_store_ps(out + 8, acc[1][c]);
-    std::memcpy(y + c * ldy, out, sizeof(float) * std::min(kPackRows, n_rows));
-  }
+  store_group(acc, n_rows, y, ldy);
 }
 
 template <typename Rows>

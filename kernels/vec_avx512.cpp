@@ -151,6 +151,17 @@ void tile_q8_widened(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ld
   store_tile(acc, y, ldy);
 }
 
+// The outputs of a packed tile of R groups x C activation rows: the first n_rows of its rows.
+template <int R, int C>
+void store_groups(const __m512 (&acc)[R][C], int n_rows, float* y, int64_t ldy) {
+  for (int r = 0; r < R; ++r) {
+    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
+    if (rows <= 0) break;
+    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
+  }
+}
+
 // Packed Q8_0 (q8_packed.hpp): R groups of 16 weight rows x C activation rows. Each 64-byte
 // step of a group holds 4 quants of each of its 16 rows; one dpbusd multiplies it by 4
 // activation bytes broadcast to all lanes, adding 4 products into each row's int32 lane: 64
@@ -199,12 +210,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
       for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][c]), _mm512_mul_ps(ws[r], xs), acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
-    if (rows <= 0) break;
-    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
-    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
-  }
+  store_groups(acc, n_rows, y, ldy);
 }
 
 // Packed 4/5-bit weights (low_bit_packed.hpp): R groups of 16 weight rows x C activation rows, as
@@ -270,12 +276,7 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
         acc[r][c] = _mm512_fmadd_ps(wo[r], vxs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][c]), _mm512_mul_ps(ws[r], vdx), acc[r][c]));
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
-    if (rows <= 0) break;
-    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
-    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
-  }
+  store_groups(acc, n_rows, y, ldy);
 }
 
 // Packed 6-bit weights (Q6_K, low_bit_packed.hpp): R groups x C activation rows, a block in two
@@ -345,12 +346,7 @@ void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const int rows = std::min(kPackRows, n_rows - r * kPackRows);
-    if (rows <= 0) break;
-    const __mmask16 m = rows == kPackRows ? static_cast<__mmask16>(0xFFFF) : tail_mask(rows);
-    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(y + c * ldy + r * kPackRows, m, acc[r][c]);
-  }
+  store_groups(acc, n_rows, y, ldy);
 }
 
 template <typename Rows>

@@ -73,66 +73,68 @@ void gemm_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
     }
 }
 
+// y[i * ldy + r] = output(i, group of row r, its lane) for every activation row i < mt and
+// weight row r of the tile's ng packed groups below n_rows.
+template <typename F>
+void each_packed_output(int mt, const uint8_t* w, int64_t ldg, int ng, int n_rows, float* y, int64_t ldy, F output) {
+  for (int i = 0; i < mt; ++i)
+    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) y[i * ldy + r] = output(i, w + (r / kPackRows) * ldg, r % kPackRows);
+}
+
 // Walks the packed 4/5-bit layout (low_bit_packed.hpp) one output at a time.
 void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* xb, int64_t ldx, int mt,
                     const uint8_t* w, int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy,
                     const PackedPrefetch&) {
   const int64_t ldd = ldx / kQ8Block, bb = low_bit_block_bytes(bits);
-  for (int i = 0; i < mt; ++i)
-    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
-      const uint8_t* group = w + (r / kPackRows) * ldg;
-      const int lane = r % kPackRows;
-      float f = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* block = group + b * bb;
-        const int8_t* x = xq + i * ldx + b * kQ8Block;
-        int32_t s = 0;
-        for (int e = 0; e < kQ8Block; ++e) {
-          const uint8_t byte = block[(e % 16 / 4) * 64 + lane * 4 + e % 4];
-          int q = e < 16 ? byte & 15 : byte >> 4;
-          if (bits == 5) q |= (block[kQ4NibbleBytes + (e / 4) * 8 + (lane * 4 + e % 4) / 8] >> ((lane * 4 + e % 4) % 8) & 1) << 4;
-          s += q * x[e];
-        }
-        float ws, wo;
-        std::memcpy(&ws, block + q4_scales_offset(bits) + lane * 4, 4);
-        std::memcpy(&wo, block + q4_scales_offset(bits) + kQ4ScaleBytes + lane * 4, 4);
-        const float dx = xd[i * ldd + b];
-        f = std::fma(static_cast<float>(s), ws * dx, f);
-        f = std::fma(wo, dx * static_cast<float>(xb[i * ldd + b] / -128), f);
+  each_packed_output(mt, w, ldg, ng, n_rows, y, ldy, [&](int i, const uint8_t* group, int lane) {
+    float f = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* block = group + b * bb;
+      const int8_t* x = xq + i * ldx + b * kQ8Block;
+      int32_t s = 0;
+      for (int e = 0; e < kQ8Block; ++e) {
+        const uint8_t byte = block[(e % 16 / 4) * 64 + lane * 4 + e % 4];
+        int q = e < 16 ? byte & 15 : byte >> 4;
+        if (bits == 5) q |= (block[kQ4NibbleBytes + (e / 4) * 8 + (lane * 4 + e % 4) / 8] >> ((lane * 4 + e % 4) % 8) & 1) << 4;
+        s += q * x[e];
       }
-      y[i * ldy + r] = f;
+      float ws, wo;
+      std::memcpy(&ws, block + q4_scales_offset(bits) + lane * 4, 4);
+      std::memcpy(&wo, block + q4_scales_offset(bits) + kQ4ScaleBytes + lane * 4, 4);
+      const float dx = xd[i * ldd + b];
+      f = std::fma(static_cast<float>(s), ws * dx, f);
+      f = std::fma(wo, dx * static_cast<float>(xb[i * ldd + b] / -128), f);
     }
+    return f;
+  });
 }
 
 // Walks the packed 6-bit layout (low_bit_packed.hpp) one output at a time.
 void gemm_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64_t ldx, int mt, const uint8_t* w,
                     int64_t ldg, int ng, int64_t nb, int n_rows, float* y, int64_t ldy, const PackedPrefetch&) {
   const int64_t ldd = ldx / kQ8Block, ld16 = ldx / 16, bb = low_bit_block_bytes(6);
-  for (int i = 0; i < mt; ++i)
-    for (int r = 0; r < std::min(n_rows, ng * kPackRows); ++r) {
-      const uint8_t* group = w + (r / kPackRows) * ldg;
-      const int lane = r % kPackRows;
-      float f = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* block = group + b * bb;
-        const int8_t* x = xq + i * ldx + b * kQ8Block;
-        int32_t s[2] = {0, 0};
-        for (int e = 0; e < kQ8Block; ++e) {
-          const int h = e / 16, t = e % 16 / 4, at = lane * 4 + e % 4;
-          const uint8_t byte = block[t * 64 + at];
-          const int top = block[kQ4NibbleBytes + (t / 2) * 64 + at] >> (4 * (t % 2) + 2 * h) & 3;
-          s[h] += ((h == 0 ? byte & 15 : byte >> 4) | top << 4) * x[e];
-        }
-        uint16_t d;
-        std::memcpy(&d, block + kQ6DOffset + 2 * lane, 2);
-        const float dw = fp16_to_f32(d), dx = xd[i * ldd + b];
-        for (int h = 0; h < 2; ++h) {
-          const auto sc = static_cast<int8_t>(block[kQ6ScaleOffset + h * kPackRows + lane]);
-          f = std::fma(static_cast<float>(s[h] - 32 * x16[i * ld16 + 2 * b + h]), dw * static_cast<float>(sc) * dx, f);
-        }
+  each_packed_output(mt, w, ldg, ng, n_rows, y, ldy, [&](int i, const uint8_t* group, int lane) {
+    float f = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* block = group + b * bb;
+      const int8_t* x = xq + i * ldx + b * kQ8Block;
+      int32_t s[2] = {0, 0};
+      for (int e = 0; e < kQ8Block; ++e) {
+        const int h = e / 16, t = e % 16 / 4, at = lane * 4 + e % 4;
+        const uint8_t byte = block[t * 64 + at];
+        const int top = block[kQ4NibbleBytes + (t / 2) * 64 + at] >> (4 * (t % 2) + 2 * h) & 3;
+        s[h] += ((h == 0 ? byte & 15 : byte >> 4) | top << 4) * x[e];
       }
-      y[i * ldy + r] = f;
+      uint16_t d;
+      std::memcpy(&d, block + kQ6DOffset + 2 * lane, 2);
+      const float dw = fp16_to_f32(d), dx = xd[i * ldd + b];
+      for (int h = 0; h < 2; ++h) {
+        const auto sc = static_cast<int8_t>(block[kQ6ScaleOffset + h * kPackRows + lane]);
+        f = std::fma(static_cast<float>(s[h] - 32 * x16[i * ld16 + 2 * b + h]), dw * static_cast<float>(sc) * dx, f);
+      }
     }
+    return f;
+  });
 }
 
 void quantize_act_q8(const float* x, int8_t* q, float* d, int32_t* bias, int64_t k) {

@@ -62,6 +62,12 @@ void pack_for_int8(WeightMatrix& w, Packed& p) {
   }
 }
 
+// Prefetching is a hint that must not change results: nothing (mode 0), the tile's own weights
+// ahead (1), or another region (2).
+PackedPrefetch prefetch_mode(int mode, const uint8_t* other) {
+  return mode == 0 ? PackedPrefetch{} : mode == 1 ? PackedPrefetch{true} : PackedPrefetch{false, other, 3 * 64};
+}
+
 constexpr TensorType kLowBitTypes[] = {TensorType::q4_0, TensorType::q4_1, TensorType::q4_k, TensorType::q5_0,
                                        TensorType::q5_1, TensorType::q5_k, TensorType::q6_k};
 
@@ -192,10 +198,7 @@ TEST_CASE("Q8_0 activation quantization and packed integer tiles match the refer
       for (int mt = 1; mt <= kTileM; ++mt)
         for (int ng = 1; ng <= kPackTileGroups; ++ng)
           for (int mode = 0; mode < 3; ++mode) {
-            // Prefetching is a hint: nothing, the tile's own weights ahead, or another region.
-            const PackedPrefetch prefetch = mode == 0   ? PackedPrefetch{}
-                                            : mode == 1 ? PackedPrefetch{true}
-                                                        : PackedPrefetch{false, packed.group(0), 3 * 64};
+            const PackedPrefetch prefetch = prefetch_mode(mode, packed.group(0));
             INFO("mt " << mt << " groups " << ng << " prefetch mode " << mode);
             const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
             std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
@@ -273,9 +276,7 @@ TEST_CASE("packed 4- to 6-bit tiles give exact block sums and the same bits on e
         for (int mt = 1; mt <= kTileM; ++mt)
           for (int ng = 1; ng <= std::min<int64_t>(kPackTileGroups, packed.groups()); ++ng)
             for (int mode = 0; mode < 3; ++mode) {
-              const PackedPrefetch prefetch = mode == 0   ? PackedPrefetch{}
-                                              : mode == 1 ? PackedPrefetch{true}
-                                                          : PackedPrefetch{false, packed.group(0), 3 * 64};
+              const PackedPrefetch prefetch = prefetch_mode(mode, packed.group(0));
               INFO("mt " << mt << " groups " << ng << " prefetch mode " << mode);
               const int n_rows = static_cast<int>(std::min<int64_t>(ng * kPackRows, n));
               std::vector<float> y(mt * n, -1.0f), same(mt * n, -1.0f);
