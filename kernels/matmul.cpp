@@ -35,7 +35,7 @@ struct PackedProduct {
   const uint8_t* group(int64_t g) const { return data + g * group_bytes; }
 };
 
-// The packed form of w for int8 activations, or nullptr when it has none.
+// The packed form of w for int8 activations, in *out; false when it has none.
 bool packed_product(const WeightMatrix& w, float* y, PackedProduct* out) {
   if (w.type == TensorType::q8_0 && w.packed) *out = PackedProduct(*w.packed, y);
   else if (w.packed_low_bit && packed_low_bits(w.type) != 0) *out = PackedProduct(*w.packed_low_bit, y);

@@ -50,16 +50,19 @@ struct F32Rows {
   using T = float;
   static __m256 load(const float* r, int64_t e) { return _mm256_loadu_ps(r + e); }
   static const void* at(const float* r, int64_t e) { return r + e; }
+  static constexpr int kLine = 16;  // elements per cache line: one prefetch each
 };
 struct F16Rows {
   using T = uint16_t;
   static __m256 load(const uint16_t* r, int64_t e) { return load_f16(r + e); }
   static const void* at(const uint16_t* r, int64_t e) { return r + e; }
+  static constexpr int kLine = 32;
 };
 struct BF16Rows {
   using T = uint16_t;
   static __m256 load(const uint16_t* r, int64_t e) { return load_bf16(r + e); }
   static const void* at(const uint16_t* r, int64_t e) { return r + e; }
+  static constexpr int kLine = 32;
 };
 struct Q8Rows {  // K is a multiple of 32: never a tail
   using T = BlockQ8_0;
@@ -69,6 +72,7 @@ struct Q8Rows {  // K is a multiple of 32: never a tail
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(b.d)));
   }
   static const void* at(const BlockQ8_0* r, int64_t e) { return r + e / kQ8Block; }
+  static constexpr int kLine = kQ8Block;  // a block (34 bytes) at a time
 };
 
 template <typename Rows, int MT, int NT>
@@ -91,7 +95,7 @@ void tile(const float* x, int64_t ldx, const typename Rows::T* w, int64_t ldw, i
     for (int i = 0; i < MT; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + e);
     for (int j = 0; j < NT; ++j) {
       if constexpr (Prefetch)
-        if (e % 32 == 0) _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
+        if (e % Rows::kLine == 0) _mm_prefetch(static_cast<const char*>(Rows::at(w + (j + NT) * ldw, e)), _MM_HINT_T0);
       const __m256 wv = Rows::load(w + j * ldw, e);
       for (int i = 0; i < MT; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }

@@ -89,7 +89,8 @@ class Engine {
   EngineOptions opt_;
   ModelShard shard_;
   // The shard's weights as the matmuls see them: with int8 activations every Q8_0 matrix points
-  // at its packed copy (packed_), made once here.
+  // at its packed copy (packed_), and every 4- to 6-bit one at its own (packed_low_bit_), made
+  // once here.
   std::vector<LayerWeights> layers_;
   WeightMatrix output_;
   std::vector<std::unique_ptr<PackedQ8>> packed_;
