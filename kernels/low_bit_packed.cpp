@@ -77,21 +77,14 @@ PackedLowBit pack_low_bit(TensorType type, const void* rows_data, int64_t rows, 
 float packed_low_bit_value(const PackedLowBit& p, int64_t row, int64_t col) {
   const int r = static_cast<int>(row % kPackRows);
   const int64_t b = col / kQ8Block;
-  const int e = static_cast<int>(col % kQ8Block), t = e % 16 / 4, i = e % 4;
+  const int e = static_cast<int>(col % kQ8Block);
   const uint8_t* block = p.group(row / kPackRows) + b * low_bit_block_bytes(p.bits);
-  const uint8_t byte = block[t * 64 + r * 4 + i];
-  int q = e < 16 ? byte & 15 : byte >> 4;
+  const int q = packed_low_bit_q(block, p.bits, r, e);
   if (p.bits == 6) {
-    const int h = e / 16;
-    q |= (block[kQ4NibbleBytes + (t / 2) * 64 + r * 4 + i] >> (4 * (t % 2) + 2 * h) & 3) << 4;
     uint16_t d;
     std::memcpy(&d, block + kQ6DOffset + 2 * r, 2);
-    const auto sc = static_cast<int8_t>(block[kQ6ScaleOffset + h * kPackRows + r]);
+    const auto sc = static_cast<int8_t>(block[kQ6ScaleOffset + (e / 16) * kPackRows + r]);
     return fp16_to_f32(d) * static_cast<float>(sc) * static_cast<float>(q - 32);
-  }
-  if (p.bits == 5) {
-    const int lane = r * 4 + i;
-    q |= (block[kQ4NibbleBytes + (e / 4) * 8 + lane / 8] >> (lane % 8) & 1) << 4;
   }
   float s, o;
   std::memcpy(&s, block + q4_scales_offset(p.bits) + r * 4, 4);

@@ -72,6 +72,17 @@ struct PackedLowBit {
 // divide.
 PackedLowBit pack_low_bit(TensorType type, const void* rows_data, int64_t rows, int64_t cols);
 
+// The integer q of column e (< 32) of lane `lane` (< 16) in one packed block of `bits` bits: the
+// layout above, read one element at a time (the scalar kernels and packed_low_bit_value).
+inline int packed_low_bit_q(const uint8_t* block, int bits, int lane, int e) {
+  const int t = e % 16 / 4, at = lane * 4 + e % 4;
+  const uint8_t byte = block[t * 64 + at];
+  const int q = e < 16 ? byte & 15 : byte >> 4;
+  if (bits == 5) return q | (block[kQ4NibbleBytes + (e / 4) * 8 + at / 8] >> (at % 8) & 1) << 4;
+  if (bits == 6) return q | (block[kQ4NibbleBytes + (t / 2) * 64 + at] >> (4 * (t % 2) + 2 * (e / 16)) & 3) << 4;
+  return q;
+}
+
 // Element (row, col) of a packed matrix as s * q + o or d * sc * (q - 32) (for tests and inspection).
 float packed_low_bit_value(const PackedLowBit& p, int64_t row, int64_t col);
 

@@ -272,12 +272,13 @@ void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
     for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * bb;
+    __m256 d[2];  // the rows' d, for both column halves
+    for (int g = 0; g < 2; ++g) d[g] = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(blk + kQ6DOffset + 16 * g)));
     for (int h = 0; h < 2; ++h) {
       __m256 wsc[2];  // d * sc of the column half h, per row, for row halves g
       for (int g = 0; g < 2; ++g) {
-        const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(blk + kQ6DOffset + 16 * g)));
         const __m128i sc = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + kQ6ScaleOffset + h * kPackRows + 8 * g));
-        wsc[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+        wsc[g] = _mm256_mul_ps(d[g], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
       }
       __m256i s[2][C];
       for (int g = 0; g < 2; ++g)

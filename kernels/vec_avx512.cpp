@@ -151,6 +151,23 @@ void tile_q8_widened(const float* x, int64_t ldx, const BlockQ8_0* w, int64_t ld
   store_tile(acc, y, ldy);
 }
 
+// What a packed tile fetches while it computes block b of nb (see PackedPrefetch): with
+// `Prefetch` (decode, the weights stream from memory) the block 4 blocks on (blocks lie
+// block_bytes apart) in each of its R groups; otherwise block b's share of the next_lines
+// lines at `next`.
+template <bool Prefetch, int R>
+void fetch_ahead(const uint8_t* blk, int64_t ldg, int64_t block_bytes, int64_t b, int64_t nb, const uint8_t* next,
+                 int64_t next_lines) {
+  if constexpr (Prefetch) {
+    for (int r = 0; r < R; ++r)
+      for (int64_t line = 0; line < block_bytes / 64; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + r * ldg + 4 * block_bytes + line * 64), _MM_HINT_T0);
+  } else {
+    for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
+  }
+}
+
 // The outputs of a packed tile of R groups x C activation rows: the first n_rows of its rows.
 template <int R, int C>
 void store_groups(const __m512 (&acc)[R][C], int n_rows, float* y, int64_t ldy) {
@@ -185,13 +202,7 @@ void tile_q8_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
       const __m512i bias = _mm512_set1_epi32(xb[c * ldd + b]);
       for (int r = 0; r < R; ++r) s[r][c] = bias;
     }
-    if constexpr (Prefetch) {  // the same block 4 blocks on: the weights stream from memory (decode)
-      for (int r = 0; r < R; ++r)
-        for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(q + r * ldg + 4 * kPackQuantBytes + line * 64), _MM_HINT_T0);
-    } else {  // this block's share of the next weights
-      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
-    }
+    fetch_ahead<Prefetch, R>(q, ldg, kPackQuantBytes, b, nb, next, next_lines);
     for (int step = 0; step < kQ8Block / 4; ++step) {
       __m512i wv[R];
       for (int r = 0; r < R; ++r) wv[r] = _mm512_load_si512(q + r * ldg + step * 64);  // groups start on cache lines
@@ -231,14 +242,7 @@ void tile_q4_packed(const int8_t* xq, const float* xd, const int32_t* xb, int64_
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * bb;
-    if constexpr (Prefetch) {  // the same block 4 blocks on: the weights stream from memory (decode)
-      for (int r = 0; r < R; ++r)
-        for (int line = 0; line < bb / 64; ++line)
-          _mm_prefetch(reinterpret_cast<const char*>(blk + r * ldg + 4 * bb + line * 64), _MM_HINT_T0);
-    } else {  // this block's share of the next weights
-      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
-    }
+    fetch_ahead<Prefetch, R>(blk, ldg, bb, b, nb, next, next_lines);
     __m512i s[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) s[r][c] = _mm512_setzero_si512();
@@ -305,20 +309,15 @@ void tile_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * bb;
-    if constexpr (Prefetch) {
-      for (int r = 0; r < R; ++r)
-        for (int line = 0; line < bb / 64; ++line)
-          _mm_prefetch(reinterpret_cast<const char*>(blk + r * ldg + 4 * bb + line * 64), _MM_HINT_T0);
-    } else {
-      for (int64_t line = b * next_lines / nb; line < (b + 1) * next_lines / nb; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T1);
-    }
+    fetch_ahead<Prefetch, R>(blk, ldg, bb, b, nb, next, next_lines);
+    __m512 d[R];  // the rows' d, for both halves
+    for (int r = 0; r < R; ++r)
+      d[r] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + r * ldg + kQ6DOffset)));
     for (int h = 0; h < 2; ++h) {
       __m512 wsc[R];  // d * sc of the half, per row
       for (int r = 0; r < R; ++r) {
-        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(blk + r * ldg + kQ6DOffset)));
         const __m128i sc = _mm_load_si128(reinterpret_cast<const __m128i*>(blk + r * ldg + kQ6ScaleOffset + h * kPackRows));
-        wsc[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+        wsc[r] = _mm512_mul_ps(d[r], _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
       }
       __m512i s[R][C];
       for (int r = 0; r < R; ++r)

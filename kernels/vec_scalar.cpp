@@ -92,12 +92,7 @@ void gemm_q4_packed(int bits, const int8_t* xq, const float* xd, const int32_t* 
       const uint8_t* block = group + b * bb;
       const int8_t* x = xq + i * ldx + b * kQ8Block;
       int32_t s = 0;
-      for (int e = 0; e < kQ8Block; ++e) {
-        const uint8_t byte = block[(e % 16 / 4) * 64 + lane * 4 + e % 4];
-        int q = e < 16 ? byte & 15 : byte >> 4;
-        if (bits == 5) q |= (block[kQ4NibbleBytes + (e / 4) * 8 + (lane * 4 + e % 4) / 8] >> ((lane * 4 + e % 4) % 8) & 1) << 4;
-        s += q * x[e];
-      }
+      for (int e = 0; e < kQ8Block; ++e) s += packed_low_bit_q(block, bits, lane, e) * x[e];
       float ws, wo;
       std::memcpy(&ws, block + q4_scales_offset(bits) + lane * 4, 4);
       std::memcpy(&wo, block + q4_scales_offset(bits) + kQ4ScaleBytes + lane * 4, 4);
@@ -119,12 +114,7 @@ void gemm_q6_packed(const int8_t* xq, const float* xd, const int32_t* x16, int64
       const uint8_t* block = group + b * bb;
       const int8_t* x = xq + i * ldx + b * kQ8Block;
       int32_t s[2] = {0, 0};
-      for (int e = 0; e < kQ8Block; ++e) {
-        const int h = e / 16, t = e % 16 / 4, at = lane * 4 + e % 4;
-        const uint8_t byte = block[t * 64 + at];
-        const int top = block[kQ4NibbleBytes + (t / 2) * 64 + at] >> (4 * (t % 2) + 2 * h) & 3;
-        s[h] += ((h == 0 ? byte & 15 : byte >> 4) | top << 4) * x[e];
-      }
+      for (int e = 0; e < kQ8Block; ++e) s[e / 16] += packed_low_bit_q(block, 6, lane, e) * x[e];
       uint16_t d;
       std::memcpy(&d, block + kQ6DOffset + 2 * lane, 2);
       const float dw = fp16_to_f32(d), dx = xd[i * ldd + b];

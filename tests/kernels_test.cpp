@@ -47,18 +47,18 @@ std::vector<float> decode(TensorType type, const std::vector<uint8_t>& bytes, in
   return out;
 }
 
-// The packed copies int8 activations need (Q8_0, 4 and 5 bits), pointed at by w.
+// The packed copies int8 activations need (Q8_0, 4 to 6 bits), pointed at by w.
 struct Packed {
   PackedQ8 q8;
-  PackedLowBit q4;
+  PackedLowBit low_bit;
 };
 void pack_for_int8(WeightMatrix& w, Packed& p) {
   if (w.type == TensorType::q8_0) {
     p.q8 = pack_q8_0(static_cast<const BlockQ8_0*>(w.data), w.rows, w.cols);
     w.packed = &p.q8;
   } else if (packed_low_bits(w.type) != 0) {
-    p.q4 = pack_low_bit(w.type, w.data, w.rows, w.cols);
-    w.packed_low_bit = &p.q4;
+    p.low_bit = pack_low_bit(w.type, w.data, w.rows, w.cols);
+    w.packed_low_bit = &p.low_bit;
   }
 }
 
