@@ -39,6 +39,9 @@ struct WeightMatrix {  // [rows, cols]: `rows` rows of `cols` contiguous element
   const uint8_t* row(int64_t r) const {
     return static_cast<const uint8_t*>(data) + r * row_bytes(type, cols);
   }
+  // Rows [first, first + n): a view into the same memory (not of the packed copies, which the
+  // engine makes for the views it computes with).
+  WeightMatrix rows_view(int64_t first, int64_t n) const { return {type, row(first), n, cols}; }
 };
 
 // Scratch owned by whoever runs matmuls on a pool, sized once (reserve) so that a forward pass

@@ -11,6 +11,8 @@ const char* to_string(ChatFormat format) {
     case ChatFormat::zephyr: return "zephyr";
     case ChatFormat::phi3: return "phi3";
     case ChatFormat::gemma: return "gemma";
+    case ChatFormat::chatglm3: return "chatglm3";
+    case ChatFormat::chatglm4: return "chatglm4";
     case ChatFormat::fallback: return "fallback";
   }
   return "fallback";
@@ -18,7 +20,10 @@ const char* to_string(ChatFormat format) {
 
 ChatFormat detect_chat_format(std::string_view t) {
   auto has = [&](std::string_view s) { return t.find(s) != std::string_view::npos; };
-  // Order matters: Phi-3 also writes <|user|> (Zephyr's marker) but ends turns with <|end|>.
+  // Order matters: Phi-3 and GLM also write <|user|> (Zephyr's marker); Phi-3 ends turns with
+  // <|end|>, GLM opens the conversation with [gMASK].
+  if (has("[gMASK]<sop>")) return ChatFormat::chatglm4;
+  if (has("[gMASK]sop")) return ChatFormat::chatglm3;
   if (has("<|im_start|>")) return ChatFormat::chatml;
   if (has("<|start_header_id|>")) return ChatFormat::llama3;
   if (has("<start_of_turn>")) return ChatFormat::gemma;
@@ -94,6 +99,16 @@ std::string render_chat(ChatFormat format, const std::vector<ChatMessage>& messa
       }
       return out + "<start_of_turn>model\n";
     }
+    case ChatFormat::chatglm3:
+    case ChatFormat::chatglm4: {
+      // GLM writes its prefix tokens itself (its tokenizer adds no BOS); a turn has no end
+      // marker: the next role's token ends it, which is why <|user|> is end of generation.
+      const bool glm3 = format == ChatFormat::chatglm3;
+      out = glm3 ? "[gMASK]sop" : "[gMASK]<sop>";
+      for (const auto& m : messages)
+        out += "<|" + std::string(is_system(m) ? "system" : m.role) + "|>" + (glm3 ? "\n " : "\n") + m.content;
+      return out + "<|assistant|>";
+    }
     case ChatFormat::fallback:
       for (const auto& m : messages) {
         const char* who = is_system(m) ? "System" : m.role == "assistant" ? "Assistant" : "User";
@@ -113,6 +128,8 @@ std::vector<std::string> chat_stop_strings(ChatFormat format) {
     case ChatFormat::zephyr: return {};  // </s> is EOS: the scheduler ends there already
     case ChatFormat::phi3: return {"<|end|>"};
     case ChatFormat::gemma: return {"<end_of_turn>"};
+    case ChatFormat::chatglm3:
+    case ChatFormat::chatglm4: return {"<|user|>", "<|observation|>"};
     case ChatFormat::fallback: return {"\nUser:"};
   }
   return {};

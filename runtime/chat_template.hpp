@@ -24,6 +24,8 @@ enum class ChatFormat {
   zephyr,   // <|user|>\n...</s>\n<|assistant|>\n
   phi3,     // <|user|>\n...<|end|>\n<|assistant|>\n
   gemma,    // <start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n
+  chatglm3, // [gMASK]sop<|user|>\n ...<|assistant|>   (ChatGLM3)
+  chatglm4, // [gMASK]<sop><|user|>\n...<|assistant|>  (GLM-4)
   fallback, // "System: ...\nUser: ...\nAssistant:" lines
 };
 

@@ -93,18 +93,46 @@ Model::Model(const std::string& path) : file_(std::make_shared<GgufFile>(path)),
     const std::string p = "blk." + std::to_string(i) + ".";
     LayerWeights& l = layers_[i];
     l.attn_norm = load.vector(p + "attn_norm.weight", c.n_embd);
-    l.wq = load.matrix(p + "attn_q.weight", c.n_embd, q_dim);
-    l.wk = load.matrix(p + "attn_k.weight", c.n_embd, kv_dim);
-    l.wv = load.matrix(p + "attn_v.weight", c.n_embd, kv_dim);
-    l.wo = load.matrix(p + "attn_output.weight", q_dim, c.n_embd);
-    if (c.arch == Architecture::qwen2) {
-      l.bq = load.vector(p + "attn_q.bias", q_dim);
-      l.bk = load.vector(p + "attn_k.bias", kv_dim);
-      l.bv = load.vector(p + "attn_v.bias", kv_dim);
+    const bool glm = c.arch == Architecture::chatglm;
+    if (glm && f.find_tensor(p + "attn_qkv.weight")) {
+      // GLM's fused QKV: the rows of Q, then K, then V, as are its bias's elements. The engine
+      // computes with views of the three row ranges, as with separate tensors.
+      const int64_t n = q_dim + 2 * kv_dim;
+      const WeightMatrix qkv = load.matrix(p + "attn_qkv.weight", c.n_embd, n);
+      l.wq = qkv.rows_view(0, q_dim);
+      l.wk = qkv.rows_view(q_dim, kv_dim);
+      l.wv = qkv.rows_view(q_dim + kv_dim, kv_dim);
+      if (const GgufTensor* b = load.optional(p + "attn_qkv.bias", {n})) {
+        const std::vector<float> bias = load.vector(*b);
+        l.bq.assign(bias.begin(), bias.begin() + q_dim);
+        l.bk.assign(bias.begin() + q_dim, bias.begin() + q_dim + kv_dim);
+        l.bv.assign(bias.begin() + q_dim + kv_dim, bias.end());
+      }
+    } else {
+      l.wq = load.matrix(p + "attn_q.weight", c.n_embd, q_dim);
+      l.wk = load.matrix(p + "attn_k.weight", c.n_embd, kv_dim);
+      l.wv = load.matrix(p + "attn_v.weight", c.n_embd, kv_dim);
+      if (c.arch == Architecture::qwen2) {
+        l.bq = load.vector(p + "attn_q.bias", q_dim);
+        l.bk = load.vector(p + "attn_k.bias", kv_dim);
+        l.bv = load.vector(p + "attn_v.bias", kv_dim);
+      } else if (glm) {  // GLM written with separate Q, K, V: their biases are optional
+        if (const GgufTensor* b = load.optional(p + "attn_q.bias", {q_dim})) l.bq = load.vector(*b);
+        if (const GgufTensor* b = load.optional(p + "attn_k.bias", {kv_dim})) l.bk = load.vector(*b);
+        if (const GgufTensor* b = load.optional(p + "attn_v.bias", {kv_dim})) l.bv = load.vector(*b);
+      }
     }
+    l.wo = load.matrix(p + "attn_output.weight", q_dim, c.n_embd);
     l.ffn_norm = load.vector(p + "ffn_norm.weight", c.n_embd);
-    l.w_gate = load.matrix(p + "ffn_gate.weight", c.n_embd, c.n_ff);
-    l.w_up = load.matrix(p + "ffn_up.weight", c.n_embd, c.n_ff);
+    if (glm) {
+      // GLM's fused gate-and-up: rows [0, n_ff) go through SiLU and multiply rows [n_ff, 2 n_ff).
+      const WeightMatrix up = load.matrix(p + "ffn_up.weight", c.n_embd, 2 * int64_t{c.n_ff});
+      l.w_gate = up.rows_view(0, c.n_ff);
+      l.w_up = up.rows_view(c.n_ff, c.n_ff);
+    } else {
+      l.w_gate = load.matrix(p + "ffn_gate.weight", c.n_embd, c.n_ff);
+      l.w_up = load.matrix(p + "ffn_up.weight", c.n_embd, c.n_ff);
+    }
     l.w_down = load.matrix(p + "ffn_down.weight", c.n_ff, c.n_embd);
   }
 }

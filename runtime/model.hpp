@@ -1,6 +1,9 @@
 // A decoder-only transformer read from GGUF: its hyper-parameters, views of its weights inside
-// the mapped file, and its tokenizer. Architectures: `llama` (Llama 1/2/3, Mistral, TinyStories)
-// and `qwen2` (Llama plus biases on Q, K and V, NeoX-ordered RoPE).
+// the mapped file, and its tokenizer. Architectures: `llama` (Llama 1/2/3, Mistral, TinyStories),
+// `qwen2` (Llama plus biases on Q, K and V, NeoX-ordered RoPE) and `chatglm` (ChatGLM3, GLM-4:
+// fused QKV with bias, RoPE over half of each head, fused gate-and-up FFN), laid out as llama.cpp
+// writes them. The fused tensors are read as views of their row ranges, so the engine and tensor
+// parallelism see the same LayerWeights for every architecture.
 #pragma once
 
 #include <memory>
@@ -18,7 +21,7 @@ namespace celer {
 struct LayerWeights {
   std::vector<float> attn_norm;   // [n_embd]
   WeightMatrix wq, wk, wv, wo;    // [n_head*hd, n_embd], [n_kv*hd, n_embd] x2, [n_embd, n_head*hd]
-  std::vector<float> bq, bk, bv;  // qwen2 only, else empty
+  std::vector<float> bq, bk, bv;  // qwen2 and chatglm (optional there), else empty
   std::vector<float> ffn_norm;    // [n_embd]
   WeightMatrix w_gate, w_up;      // [n_ff, n_embd]
   WeightMatrix w_down;            // [n_embd, n_ff]

@@ -21,9 +21,14 @@ ModelConfig read_config(const GgufFile& f) {
   } else if (c.arch_name == "qwen2") {
     c.arch = Architecture::qwen2;
     c.rope_style = RopeStyle::neox;
+  } else if (c.arch_name == "chatglm") {
+    // ChatGLM3 and GLM-4 rotate adjacent pairs of the first rope.dimension_count (half) of each
+    // head's dimensions, as llama.cpp computes them (its LLAMA_ROPE_TYPE_NORM for chatglm).
+    c.arch = Architecture::chatglm;
+    c.rope_style = RopeStyle::normal;
   } else {
     throw Error(ErrorCode::unsupported,
-                f.path() + ": architecture '" + c.arch_name + "' is not supported (llama, qwen2 are)");
+                f.path() + ": architecture '" + c.arch_name + "' is not supported (llama, qwen2, chatglm are)");
   }
   const std::string a = c.arch_name + ".";
   auto get = [&](const std::string& key) { return positive(f, a + key, f.get_int(a + key)); };

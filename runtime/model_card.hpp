@@ -13,7 +13,7 @@
 
 namespace celer {
 
-enum class Architecture { llama, qwen2 };
+enum class Architecture { llama, qwen2, chatglm };
 
 struct ModelConfig {
   Architecture arch = Architecture::llama;
@@ -26,7 +26,7 @@ struct ModelConfig {
   int head_dim = 0;
   int n_ff = 0;
   int n_ctx_train = 0;  // the context length the model was trained for
-  int n_rot = 0;        // rotated dimensions of each head (== head_dim for Llama and Qwen2)
+  int n_rot = 0;        // rotated dimensions of each head (head_dim for Llama and Qwen2, half of it for GLM)
   float rms_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
   RopeStyle rope_style = RopeStyle::normal;

@@ -27,22 +27,61 @@ class Random {
   uint64_t s_;
 };
 
+// GLM's tokenizer as llama.cpp's converter writes it, on top of the copied vocabulary: its
+// special tokens appended where the vocabulary lacks them (as control tokens), no BOS added,
+// <|endoftext|> as EOS and <|user|> as end of turn, and a chat template of its family. A byte-level
+// BPE vocabulary becomes GLM-4's (pre-tokenizer chatglm-bpe), a SentencePiece one ChatGLM3's.
+// Returns the vocabulary's size.
+int64_t write_glm_tokenizer(const GgufFile& vocab, GgufWriter& w) {
+  GgufValue tokens = vocab.get_array("tokenizer.ggml.tokens", GgufType::string);
+  const GgufValue* types = vocab.find("tokenizer.ggml.token_type");
+  const GgufValue* scores = vocab.find("tokenizer.ggml.scores");
+  GgufValue new_types = types ? *types : GgufValue{GgufType::array, {}, GgufType::i32, {}};
+  if (!types) new_types.array.assign(tokens.array.size(), GgufScalar(int32_t{1}));  // normal
+  GgufValue new_scores = scores ? *scores : GgufValue{};
+  auto id_of = [&](const std::string& text) -> uint32_t {
+    for (size_t i = 0; i < tokens.array.size(); ++i)
+      if (std::get<std::string>(tokens.array[i]) == text) return static_cast<uint32_t>(i);
+    tokens.array.emplace_back(text);
+    new_types.array.emplace_back(int32_t{3});  // control
+    if (scores) new_scores.array.emplace_back(0.0f);
+    return static_cast<uint32_t>(tokens.array.size() - 1);
+  };
+  for (const char* t : {"[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|assistant|>", "<|observation|>"}) id_of(t);
+  const uint32_t eos = id_of("<|endoftext|>"), eot = id_of("<|user|>"), gmask = id_of("[gMASK]");
+  w.set("tokenizer.ggml.tokens", tokens);
+  w.set("tokenizer.ggml.token_type", new_types);
+  if (scores) w.set("tokenizer.ggml.scores", new_scores);
+  const bool bpe = vocab.get_string("tokenizer.ggml.model") == "gpt2";
+  if (bpe) w.set_string("tokenizer.ggml.pre", "chatglm-bpe");
+  w.set_u32("tokenizer.ggml.bos_token_id", gmask);
+  w.set_u32("tokenizer.ggml.eos_token_id", eos);
+  w.set_u32("tokenizer.ggml.eot_token_id", eot);
+  w.set_bool("tokenizer.ggml.add_bos_token", false);
+  w.set_string("tokenizer.chat_template",
+               std::string(bpe ? "[gMASK]<sop>" : "[gMASK]sop") +
+                   "{% for message in messages %}<|{{ message['role'] }}|>\n" + (bpe ? "" : " ") +
+                   "{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}");
+  return static_cast<int64_t>(tokens.array.size());
+}
+
 }  // namespace
 
 void make_model(const ModelSpec& s, const std::string& out_path) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, "make-model: " + what); };
-  if (s.arch != "llama" && s.arch != "qwen2") bad("--arch must be llama or qwen2, not '" + s.arch + "'");
+  const bool glm = s.arch == "chatglm";
+  if (s.arch != "llama" && s.arch != "qwen2" && !glm) bad("--arch must be llama, qwen2 or chatglm, not '" + s.arch + "'");
   if (s.dim <= 0 || s.layers <= 0 || s.heads <= 0 || s.kv_heads <= 0 || s.ffn <= 0 || s.context <= 0)
     bad("dimensions must be positive");
   if (s.dim % s.heads != 0) bad("--dim must be a multiple of --heads");
   if (s.heads % s.kv_heads != 0) bad("--heads must be a multiple of --kv-heads");
   if ((s.dim / s.heads) % 2 != 0) bad("the head size (dim / heads) must be even for RoPE");
+  if (glm && (s.dim / s.heads) % 4 != 0) bad("the head size (dim / heads) must be a multiple of 4 for GLM's RoPE over half of it");
   const int64_t blk = block_elems(s.type);
   if (s.dim % blk != 0 || s.ffn % blk != 0)
     bad(std::string("--dim and --ffn must be multiples of ") + std::to_string(blk) + " for " + to_string(s.type));
 
   GgufFile vocab(s.vocab_path);
-  const int64_t n_vocab = static_cast<int64_t>(vocab.get_array("tokenizer.ggml.tokens", GgufType::string).array.size());
   const int head_dim = s.dim / s.heads;
 
   GgufWriter w;
@@ -76,11 +115,15 @@ void make_model(const ModelSpec& s, const std::string& out_path) {
   w.set_u32(a + "feed_forward_length", s.ffn);
   w.set_u32(a + "attention.head_count", s.heads);
   w.set_u32(a + "attention.head_count_kv", s.kv_heads);
-  w.set_u32(a + "rope.dimension_count", head_dim);
+  // GLM rotates half of each head (and its norms' epsilon is GLM-4-9B's).
+  w.set_u32(a + "rope.dimension_count", glm ? head_dim / 2 : head_dim);
   w.set_f32(a + "rope.freq_base", s.arch == "qwen2" ? 1000000.0f : 10000.0f);
-  w.set_f32(a + "attention.layer_norm_rms_epsilon", 1e-5f);
+  w.set_f32(a + "attention.layer_norm_rms_epsilon", glm ? 1.5625e-7f : 1e-5f);
   for (const auto& [key, value] : vocab.metadata())
     if (key.rfind("tokenizer.", 0) == 0) w.set(key, value);
+  const int64_t n_vocab =
+      glm ? write_glm_tokenizer(vocab, w)
+          : static_cast<int64_t>(vocab.get_array("tokenizer.ggml.tokens", GgufType::string).array.size());
 
   Random rng(s.seed);
   std::vector<float> buf;
@@ -105,6 +148,15 @@ void make_model(const ModelSpec& s, const std::string& out_path) {
   for (int i = 0; i < s.layers; ++i) {
     const std::string p = "blk." + std::to_string(i) + ".";
     vector(p + "attn_norm.weight", s.dim, 1.0f, 0.1f);
+    if (glm) {  // fused as llama.cpp lays GLM out: Q, K, V rows in one matrix, gate and up in one
+      matrix(p + "attn_qkv.weight", s.dim, q_dim + 2 * kv_dim, s.type);
+      vector(p + "attn_qkv.bias", q_dim + 2 * kv_dim, 0.0f, 0.1f);
+      matrix(p + "attn_output.weight", q_dim, s.dim, s.type);
+      vector(p + "ffn_norm.weight", s.dim, 1.0f, 0.1f);
+      matrix(p + "ffn_up.weight", s.dim, 2 * int64_t{s.ffn}, s.type);
+      matrix(p + "ffn_down.weight", s.ffn, s.dim, s.type);
+      continue;
+    }
     matrix(p + "attn_q.weight", s.dim, q_dim, s.type);
     matrix(p + "attn_k.weight", s.dim, kv_dim, s.type);
     matrix(p + "attn_v.weight", s.dim, kv_dim, s.type);

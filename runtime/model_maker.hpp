@@ -11,7 +11,7 @@
 namespace celer {
 
 struct ModelSpec {
-  std::string arch = "llama";  // llama or qwen2
+  std::string arch = "llama";  // llama, qwen2 or chatglm (GLM-4 shaped: fused QKV and gate-up)
   int dim = 768;
   int layers = 12;
   int heads = 12;

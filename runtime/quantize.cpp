@@ -90,6 +90,10 @@ TensorType preset_tensor_type(QuantizePreset preset, const std::string& name, in
         break;
       default: break;
     }
+  } else if (ends_with(name, "attn_qkv.weight")) {
+    // GLM's fused QKV (which holds V) takes one type more under the _M presets.
+    if (preset == QuantizePreset::q4_k_m) t = TensorType::q5_k;
+    else if (preset == QuantizePreset::q5_k_m) t = TensorType::q6_k;
   }
   return row_length % block_elems(t) == 0 ? t : fallback(t, row_length);
 }

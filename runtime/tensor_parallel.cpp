@@ -139,9 +139,6 @@ void check_divides(int size, int n, const char* what, const char* key) {
                                             what + " (" + key + ")");
 }
 
-// Rows [first, first + n) of w: a view into the same memory.
-WeightMatrix rows_of(const WeightMatrix& w, int64_t first, int64_t n) { return {w.type, w.row(first), n, w.cols}; }
-
 // Columns [first, first + n) of every row of w, gathered into `store` (a column slice of GGUF's
 // row-major layout is not contiguous). Block types must be cut on block boundaries.
 WeightMatrix columns_of(const WeightMatrix& w, int64_t first, int64_t n, const std::string& name, int size,
@@ -191,15 +188,15 @@ ModelShard::ModelShard(const Model& model, int rank, int size) : model_(&model),
     const std::string p = "blk." + std::to_string(i) + ".";
     l.attn_norm = s.attn_norm;
     l.ffn_norm = s.ffn_norm;
-    l.wq = rows_of(s.wq, q0, qn);
-    l.wk = rows_of(s.wk, kv0, kvn);
-    l.wv = rows_of(s.wv, kv0, kvn);
+    l.wq = s.wq.rows_view(q0, qn);
+    l.wk = s.wk.rows_view(kv0, kvn);
+    l.wv = s.wv.rows_view(kv0, kvn);
     l.bq = slice_of(s.bq, q0, qn);
     l.bk = slice_of(s.bk, kv0, kvn);
     l.bv = slice_of(s.bv, kv0, kvn);
     l.wo = columns_of(s.wo, q0, qn, p + "attn_output.weight", size, owned_[2 * i]);
-    l.w_gate = rows_of(s.w_gate, f0, fn);
-    l.w_up = rows_of(s.w_up, f0, fn);
+    l.w_gate = s.w_gate.rows_view(f0, fn);
+    l.w_up = s.w_up.rows_view(f0, fn);
     l.w_down = columns_of(s.w_down, f0, fn, p + "ffn_down.weight", size, owned_[2 * i + 1]);
   }
 }

@@ -70,7 +70,7 @@ const std::vector<PreSpec>& pre_specs() {
       {{"default"}, {R"re([\p{P}\$\+<=>\^~\|]+)re", kGpt2, R"re(\p{N}+)re", R"re([0-9][0-9][0-9])re"}, false},
       {{"gpt-2", "phi-2", "mpt", "olmo", "jais"}, {kGpt2}, false},
       {{"llama3", "llama-v3", "llama-bpe", "falcon3"}, {kLlama3}, true},
-      {{"dbrx", "smaug-bpe"}, {kLlama3}, false},
+      {{"dbrx", "smaug-bpe", "chatglm-bpe"}, {kLlama3}, false},  // chatglm-bpe: GLM-4
       {{"qwen2", "deepseek-r1-qwen", "stablelm2"}, {kQwen2}, false},
       {{"deepseek-llm"},
        {kNewlines, kDeepseekLlmLetters, kDeepseekLlmPunct, R"re(\s+$)re", kCjk, R"re(\p{N}+)re"},

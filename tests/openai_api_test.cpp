@@ -474,6 +474,13 @@ TEST_CASE("chat templates: each family is recognised and rendered", "[chat_templ
   CHECK(render_chat(ChatFormat::gemma, conv) ==
         "<start_of_turn>user\nS\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n<start_of_turn>user\nU2<end_of_turn>\n"
         "<start_of_turn>model\n");
+
+  // GLM writes <|user|> too, so its [gMASK] prefix must win over Zephyr's marker.
+  CHECK(detect_chat_format("[gMASK]<sop>{% for m in messages %}{{ '<|user|>' }}") == ChatFormat::chatglm4);
+  CHECK(render_chat(ChatFormat::chatglm4, conv) == "[gMASK]<sop><|system|>\nS<|user|>\nU1<|assistant|>\nA1<|user|>\nU2<|assistant|>");
+  CHECK(detect_chat_format("{{ '[gMASK]sop' }}{{ '<|user|>' }}") == ChatFormat::chatglm3);
+  CHECK(render_chat(ChatFormat::chatglm3, {{"user", "U"}}) == "[gMASK]sop<|user|>\n U<|assistant|>");
+  CHECK(chat_stop_strings(ChatFormat::chatglm4) == std::vector<std::string>{"<|user|>", "<|observation|>"});
 }
 
 TEST_CASE("chat templates: the fallback", "[chat_template]") {

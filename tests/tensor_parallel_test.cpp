@@ -406,10 +406,11 @@ TEST_CASE("stories260K: TP = 2 and 4 give the logits of TP = 1 and the reference
     CHECK(std::vector<TokenId>(refs[i].generated.begin(), refs[i].generated.begin() + 40) == tokens1[i]);
 }
 
-TEST_CASE("random llama and qwen2 models, F32, Q8_0, Q4_0 and Q5_1: TP = 2 and 4 agree with TP = 1", "[tp]") {
+TEST_CASE("random llama, qwen2 and chatglm models, F32, Q8_0, Q4_0 and Q5_1: TP = 2 and 4 agree with TP = 1", "[tp]") {
   TempDir dir;
   const auto prompts = reference_prompts();
-  for (const std::string arch : {"llama", "qwen2"})
+  // chatglm: the shards slice views of its fused QKV and gate-and-up matrices.
+  for (const std::string arch : {"llama", "qwen2", "chatglm"})
     // Q4_0 and Q5_1: the packed 4- and 5-bit kernels on row and column slices (the K-quants'
     // 256-wide blocks do not divide this model's slices).
     for (TensorType type : {TensorType::f32, TensorType::q8_0, TensorType::q4_0, TensorType::q5_1}) {

@@ -255,8 +255,9 @@ TEST_CASE("pre-tokenizers without a test vocab split as their regexes say", "[to
   CHECK(split("gpt-2", "I'VE") == Pieces{"I", "'", "VE"});
   CHECK(split("default", "a+b=12345") == Pieces{"a", "+", "b", "=", "123", "45"});
   CHECK(detail::PreTokenizer::create("no-such-pre") == nullptr);
+  CHECK(split("chatglm-bpe", text) == split("llama3", text));  // GLM-4 splits as Llama 3 does
   for (const char* name : {"default", "gpt-2", "mpt", "llama3", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder",
-                           "falcon", "starcoder", "refact"}) {
+                           "falcon", "starcoder", "refact", "chatglm-bpe"}) {
     // Pieces cover the text exactly, in order.
     const std::string mixed = "x = f(42)  # \xE4\xBD\xA0\xE5\xA5\xBD\r\n\t\xF0\x9F\xA6\x99 don't";
     std::string joined;

@@ -14,7 +14,7 @@ Command add_make_model(CLI::App& app) {
   auto type = std::make_shared<std::string>("f32");
   auto out = std::make_shared<std::string>();
   CLI::App* c = app.add_subcommand("make-model", "Write a random-weight GGUF model (tokenizer from a vocab GGUF)");
-  c->add_option("--arch", spec->arch, "llama or qwen2");
+  c->add_option("--arch", spec->arch, "llama, qwen2 or chatglm (GLM-4 layout, with GLM's special tokens added to the vocab)");
   c->add_option("--dim", spec->dim, "Embedding size");
   c->add_option("--layers", spec->layers, "Transformer blocks");
   c->add_option("--heads", spec->heads, "Attention heads");
