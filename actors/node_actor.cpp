@@ -135,17 +135,24 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         const double kv_bytes = static_cast<double>(spec.n_kv_blocks) *
                                 static_cast<double>(KvCache::block_bytes(m.n_layer, std::max(1, m.n_head_kv / std::max(1, spec.size)),
                                                                          m.head_dim, kv));
-        if (const MemoryInfo mem = memory_info(); mem.available > 0 && kv_bytes > static_cast<double>(mem.available))
+        // Counted with the KV caches of shards still being built (promised, not yet in
+        // MemAvailable), so shards that fit one by one but not together are not all admitted.
+        auto promise = std::make_shared<MemoryPromise>();
+        MemoryInfo mem;
+        uint64_t building = 0;
+        const auto want = static_cast<uint64_t>(std::min(kv_bytes, 1.8e19));
+        if (!promise_memory(want, mem, building, *promise))
           return caf::make_error(caf::sec::invalid_argument,
                                  "node " + st.setup.name + ": a shard with " + std::to_string(spec.n_kv_blocks) + " KV blocks needs " +
-                                     format_bytes(static_cast<uint64_t>(std::min(kv_bytes, 1.8e19))) + "; " +
-                                     format_bytes(mem.available) + " are available");
+                                     format_bytes(want) + "; " + format_bytes(mem.available) + " are available" +
+                                     (building > 0 ? ", of which " + format_bytes(building) + " are promised to shards being built"
+                                                   : std::string()));
         // The shard builds its engine in its own thread: a large model's packing does not hold
         // up this actor, and a failure (std::bad_alloc) is the shard's exit reason.
         // It works for the scheduler that asks for it.
         auto shard = self->spawn<caf::detached>(shard_actor, st.setup.model, engine_options(spec, st.setup.shard_threads),
                                                 std::shared_ptr<LocalAllReduceGroup>{},
-                                                caf::actor_cast<caf::actor_addr>(self->current_sender()));
+                                                caf::actor_cast<caf::actor_addr>(self->current_sender()), promise);
         adopt(self, shard);
         return shard;
       },

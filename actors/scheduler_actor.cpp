@@ -357,7 +357,7 @@ void spawn_shard(Self* self) {
       eo.tp_rank = r;
       eo.tp_size = tp;
       st.ranks[r] = self->spawn<caf::detached>(shard_actor, std::shared_ptr<const Model>(st.setup.model), eo, group,
-                                               self->address());
+                                               self->address(), std::shared_ptr<MemoryPromise>{});
       self->monitor(st.ranks[r]);
     }
     *st.shard_for_exit = st.ranks;

@@ -4,12 +4,21 @@
 #include "actors/failure.hpp"
 #include "actors/wire.hpp"
 #include "runtime/error.hpp"
+#include "runtime/memory_info.hpp"
 
 namespace celer {
 
 ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> self, std::shared_ptr<const Model> model,
-                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner) {
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner,
+                          std::shared_ptr<MemoryPromise> memory) {
   self->state.owner = std::move(owner);
+  // Once the engine is built or has thrown (std::bad_alloc), its memory is no longer a promise.
+  struct Release {
+    MemoryPromise* p;
+    ~Release() {
+      if (p) p->release();
+    }
+  } release_memory{memory.get()};
   exit_with_exception_text(self);  // a failed start (std::bad_alloc) says so to the scheduler
   count_unexpected(self, self->state.malformed);
   // How long a rank waits for its peers' partial sums before it counts them lost: longer than

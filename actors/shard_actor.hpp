@@ -23,6 +23,7 @@
 namespace celer {
 
 class NetworkAllReduce;
+class MemoryPromise;
 
 struct ShardState {
   std::shared_ptr<NetworkAllReduce> network;  // a network group's rank; null otherwise
@@ -38,8 +39,11 @@ struct ShardState {
 // `group` (kept alive by every rank; aborted when a rank exits, so no peer waits forever), or,
 // with no group, a network group (actors/collective.hpp) that peers_atom connects. `owner` is
 // the scheduler the shard works for: steps and peers are taken from it alone.
+// `memory`, when given, is the promise of the KV cache's bytes that admitted this shard
+// (runtime/memory_info.hpp): released once the engine holds them, or has failed to.
 ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> self, std::shared_ptr<const Model> model,
-                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner);
+                          EngineOptions options, std::shared_ptr<LocalAllReduceGroup> group, caf::actor_addr owner,
+                          std::shared_ptr<MemoryPromise> memory);
 
 // The engine options a ShardSpec describes (threads: the spec's, else `default_threads`).
 EngineOptions engine_options(const ShardSpec& spec, int default_threads);

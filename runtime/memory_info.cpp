@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 namespace celer {
@@ -48,7 +49,27 @@ std::string own_cgroup_dir() {
   return "";
 }
 
+std::mutex promised_mutex;
+uint64_t promised_bytes = 0;  // the sum of the live MemoryPromises
+
 }  // namespace
+
+void MemoryPromise::release() {
+  if (bytes_ == 0) return;
+  std::lock_guard lock(promised_mutex);
+  promised_bytes -= bytes_;
+  bytes_ = 0;
+}
+
+bool promise_memory(uint64_t bytes, MemoryInfo& seen, uint64_t& promised_to_others, MemoryPromise& out) {
+  seen = memory_info();
+  std::lock_guard lock(promised_mutex);
+  promised_to_others = promised_bytes;
+  if (seen.available > 0 && (promised_bytes > seen.available || bytes > seen.available - promised_bytes)) return false;
+  promised_bytes += bytes;
+  out.bytes_ += bytes;
+  return true;
+}
 
 MemoryInfo memory_info() {
   std::ifstream in("/proc/meminfo");

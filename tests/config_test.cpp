@@ -7,6 +7,7 @@
 #include <string>
 
 #include "runtime/error.hpp"
+#include "runtime/memory_info.hpp"
 #include "tests/test_util.hpp"
 
 using namespace celer;
@@ -713,4 +714,33 @@ TEST_CASE("dtype names for the serving code's mismatch check", "[config]") {
   CHECK(dtype_name(TensorType::bf16) == "bf16");
   CHECK(dtype_name(TensorType::q8_0) == "q8_0");
   CHECK(parse_config("dtype: q8_0", "t.yaml").dtype == TensorType::q8_0);
+}
+
+TEST_CASE("memory promised to allocations being built counts as taken until released", "[config][memory]") {
+  // Nothing is allocated here: promises are bookkeeping, checked against MemAvailable.
+  MemoryInfo seen;
+  uint64_t others = 0;
+  MemoryPromise probe;
+  REQUIRE(promise_memory(0, seen, others, probe));
+  if (seen.available == 0) return;  // no /proc/meminfo: every promise is made, nothing to check
+  const uint64_t share = seen.available / 10 * 6;  // 60%: one fits, two do not
+  {
+    MemoryPromise first, second;
+    CHECK(promise_memory(share, seen, others, first));
+    CHECK(first.bytes() == share);
+    CHECK_FALSE(promise_memory(share, seen, others, second));
+    CHECK(others >= share);
+    CHECK(second.bytes() == 0);
+    first.release();
+    CHECK(first.bytes() == 0);
+    CHECK(promise_memory(share, seen, others, second));  // the first one's bytes are back
+    MemoryPromise moved(std::move(second));
+    CHECK(second.bytes() == 0);
+    CHECK(moved.bytes() == share);
+  }  // destroyed: released
+  MemoryPromise again;
+  CHECK(promise_memory(share, seen, others, again));
+  CHECK(others == 0);
+  MemoryPromise huge;
+  CHECK_FALSE(promise_memory(seen.available + (uint64_t{1} << 40), seen, others, huge));
 }
