@@ -7,16 +7,28 @@
 
 namespace celer {
 
+namespace {
+
+// A peer runs at most one call ahead (it cannot finish call k + 1 before this rank's share of
+// k + 1 arrives); a call further ahead than this means a peer that is not following the protocol.
+constexpr uint64_t kMaxPendingCalls = 4;
+
+}  // namespace
+
 // What the endpoint actor and the summing thread share.
 struct NetworkAllReduce::Inbox {
   std::mutex mutex;
   std::condition_variable arrived;
   int size = 1;
   struct Call {
+    uint64_t number = 0;                      // 0: the slot is free
     std::vector<std::vector<uint8_t>> parts;  // [size]
     int count = 0;
   };
-  std::map<uint64_t, Call> calls;  // by call number
+  // Calls done + 1 .. done + kMaxPendingCalls, in slot number % kMaxPendingCalls: a ring whose
+  // slots (and their vectors of parts) are reused, so a call allocates no bookkeeping.
+  Call calls[kMaxPendingCalls];
+  uint64_t done = 0;               // the last call sum() has taken
   std::string aborted;             // why, once the group is broken
   std::vector<caf::actor_addr> peers;  // the group's endpoints, once connect() has them
   uint64_t refused = 0;                // partial sums from actors that are not a peer
@@ -31,10 +43,6 @@ struct NetworkAllReduce::Inbox {
 };
 
 namespace {
-
-// A peer runs at most one call ahead (it cannot finish call k + 1 before this rank's share of
-// k + 1 arrives); more calls pending than this means a peer that is not following the protocol.
-constexpr size_t kMaxPendingCalls = 4;
 
 struct EndpointState {
   static inline const char* name = "celer.collective";
@@ -64,13 +72,21 @@ EndpointActor::behavior_type endpoint_actor(EndpointActor::stateful_pointer<Endp
         {
           std::lock_guard lock(inbox->mutex);
           if (!inbox->aborted.empty()) return;
-          auto [it, fresh] = inbox->calls.try_emplace(part.call);
-          NetworkAllReduce::Inbox::Call& call = it->second;
-          if (fresh) call.parts.resize(static_cast<size_t>(inbox->size));
-          if (!call.parts[part.rank].empty() || inbox->calls.size() > kMaxPendingCalls) {
-            inbox->aborted = "rank " + std::to_string(part.rank) + " sent call " + std::to_string(part.call) +
-                             (fresh ? " too far ahead" : " twice");
+          NetworkAllReduce::Inbox::Call& call = inbox->calls[part.call % kMaxPendingCalls];
+          const auto sent = [&](const char* what) {
+            inbox->aborted = "rank " + std::to_string(part.rank) + " sent call " + std::to_string(part.call) + what;
+          };
+          if (part.call <= inbox->done) {
+            sent(" after it was summed");
+          } else if (part.call > inbox->done + kMaxPendingCalls || (call.number != 0 && call.number != part.call)) {
+            sent(" too far ahead");
+          } else if (call.number == part.call && call.parts[part.rank].size() != 0) {
+            sent(" twice");
           } else {
+            if (call.number == 0) {
+              call.number = part.call;
+              call.parts.resize(static_cast<size_t>(inbox->size));
+            }
             call.parts[part.rank] = std::move(part.bytes);
             ++call.count;
           }
@@ -130,27 +146,42 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
   const uint64_t call = ++calls_;
   const size_t n_bytes = static_cast<size_t>(n) * sizeof(float);
   own_.assign(data, data + n);
-  ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
-  std::memcpy(part.bytes.data(), data, n_bytes);
-  for (int r = 0; r < size_; ++r)
-    if (r != rank_) caf::send_as(endpoint_, peers_[r], reduce_atom::value, part);  // from its endpoint: what peers accept
+  // One message for every peer (CAF shares its contents; a remote peer's copy is serialized from
+  // it), sent from this rank's endpoint: what peers accept. The last peer is handed this rank's
+  // reference, so that a local receiver, which takes the part by reference, finds the message
+  // unshared and moves the bytes out instead of copying them.
+  {
+    ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
+    std::memcpy(part.bytes.data(), data, n_bytes);
+    caf::message message = caf::make_message(reduce_atom::value, std::move(part));
+    const auto from = caf::actor_cast<caf::strong_actor_ptr>(endpoint_);
+    const int last = rank_ == size_ - 1 ? size_ - 2 : size_ - 1;
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_) continue;
+      if (r == last) peers_[r]->eq_impl(caf::make_message_id(), from, nullptr, std::move(message));
+      else peers_[r]->eq_impl(caf::make_message_id(), from, nullptr, message);
+    }
+  }
 
-  Inbox::Call arrived;
   {
     std::unique_lock lock(inbox_->mutex);
+    Inbox::Call& slot = inbox_->calls[call % kMaxPendingCalls];
     const bool complete = inbox_->arrived.wait_for(lock, timeout_, [&] {
-      if (!inbox_->aborted.empty()) return true;
-      auto it = inbox_->calls.find(call);
-      return it != inbox_->calls.end() && it->second.count == size_ - 1;
+      return !inbox_->aborted.empty() || (slot.number == call && slot.count == size_ - 1);
     });
     if (!complete && inbox_->aborted.empty())
       inbox_->aborted = "all-reduce: no partial sums from every peer within " + std::to_string(timeout_.count()) + " ms";
     if (!inbox_->aborted.empty())
       throw Error(ErrorCode::unavailable, "rank " + std::to_string(rank_) + ": " + inbox_->aborted);
-    auto it = inbox_->calls.find(call);
-    arrived = std::move(it->second);
-    inbox_->calls.erase(it);
+    // The slot's parts become arrived_ and arrived_'s emptied vectors the slot's: both kept.
+    arrived_.swap(slot.parts);
+    for (auto& p : slot.parts) p.clear();
+    slot.parts.resize(static_cast<size_t>(size_));
+    slot.number = 0;
+    slot.count = 0;
+    inbox_->done = call;
   }
+  const std::vector<std::vector<uint8_t>>& arrived = arrived_;
   // Every rank adds the same partials in the same (rank) order: the same bits everywhere.
   const float* parts[64];
   for (int r = 0; r < size_; ++r) {
@@ -158,13 +189,13 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
       parts[r] = own_.data();
       continue;
     }
-    if (arrived.parts[r].size() != n_bytes) {
-      const std::string why = "rank " + std::to_string(r) + " sent " + std::to_string(arrived.parts[r].size() / 4) +
+    if (arrived[r].size() != n_bytes) {
+      const std::string why = "rank " + std::to_string(r) + " sent " + std::to_string(arrived[r].size() / 4) +
                               " values, expected " + std::to_string(n);
       abort(why);
       throw Error(ErrorCode::unavailable, "all-reduce: " + why);
     }
-    parts[r] = reinterpret_cast<const float*>(arrived.parts[r].data());
+    parts[r] = reinterpret_cast<const float*>(arrived[r].data());
   }
   for (int64_t i = 0; i < n; ++i) data[i] = parts[0][i];
   for (int r = 1; r < size_; ++r)

@@ -21,7 +21,6 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -66,6 +65,7 @@ class NetworkAllReduce : public AllReduce {
   std::vector<EndpointActor> peers_;  // [size]; peers_[rank_] is endpoint_
   uint64_t calls_ = 0;
   std::vector<float> own_;  // this rank's partial of the current call (the sum overwrites data)
+  std::vector<std::vector<uint8_t>> arrived_;  // the peers' partials of the current call, by rank
 };
 
 }  // namespace celer

@@ -8,6 +8,7 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "actors/collective.hpp"
 #include "actors/replica.hpp"
 #include "actors/scheduler_actor.hpp"
 #include "actors/shard_actor.hpp"
@@ -433,4 +434,49 @@ TEST_CASE("actors: killing the scheduler mid-stream: the supervisor restarts it 
     CHECK(out[q.id].tokens == solo(*r.model, q));
   }
   CHECK(r.stats().scheduler_restarts == 1);
+}
+
+TEST_CASE("a network all-reduce sums call after call and refuses a peer's stale, repeated or early parts", "[actors][tp]") {
+  caf::actor_system sys{Replica::make_config()};
+  constexpr int64_t n = 1000;
+  auto run = [&](auto&& check_after) {
+    NetworkAllReduce a(sys, 0, 2, std::chrono::seconds(5)), b(sys, 1, 2, std::chrono::seconds(5));
+    a.connect({a.endpoint(), b.endpoint()});
+    b.connect({a.endpoint(), b.endpoint()});
+    // 50 calls, rank 1 in its own thread: each rank ends with the same sums.
+    std::vector<float> xa(n), xb(n);
+    std::thread other([&] {
+      for (int call = 1; call <= 50; ++call) {
+        for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<float>(call * i);
+        b.sum(xb.data(), n);
+      }
+    });
+    bool same = true;
+    for (int call = 1; call <= 50; ++call) {
+      for (int64_t i = 0; i < n; ++i) xa[i] = 1.0f + static_cast<float>(i);
+      a.sum(xa.data(), n);
+      for (int64_t i = 0; i < n; i += 97) same = same && xa[i] == 1.0f + static_cast<float>(i) + static_cast<float>(call * i);
+    }
+    other.join();
+    CHECK(same);
+    CHECK(xa == xb);
+    check_after(a, b);
+  };
+  // A part from rank 1's endpoint for a call rank 0 has summed already, or one far ahead of it:
+  // rank 0's next sum fails and says which.
+  for (const auto& [call, why] : {std::pair<uint64_t, const char*>{50, "after it was summed"}, {60, "too far ahead"}}) {
+    run([&, call = call, why = why](NetworkAllReduce& a, NetworkAllReduce& b) {
+      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, ReducePart{call, 1, std::vector<uint8_t>(4 * n)});
+      std::vector<float> x(n);
+      CHECK_THROWS_WITH(a.sum(x.data(), n), Catch::Contains(why));
+    });
+  }
+  // The same call's part twice.
+  run([&](NetworkAllReduce& a, NetworkAllReduce& b) {
+    for (int k = 0; k < 2; ++k)
+      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, ReducePart{51, 1, std::vector<uint8_t>(4 * n)});
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::vector<float> x(n);
+    CHECK_THROWS_WITH(a.sum(x.data(), n), Catch::Contains("twice"));
+  });
 }
