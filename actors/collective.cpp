@@ -146,20 +146,16 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
   const uint64_t call = ++calls_;
   const size_t n_bytes = static_cast<size_t>(n) * sizeof(float);
   own_.assign(data, data + n);
-  // One message for every peer (CAF shares its contents; a remote peer's copy is serialized from
-  // it), sent from this rank's endpoint: what peers accept. The last peer is handed this rank's
-  // reference, so that a local receiver, which takes the part by reference, finds the message
-  // unshared and moves the bytes out instead of copying them.
+  // Sent from this rank's endpoint (what peers accept); the last peer gets the part itself, so
+  // that with two ranks the bytes are written once and moved, not copied.
   {
     ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
     std::memcpy(part.bytes.data(), data, n_bytes);
-    caf::message message = caf::make_message(reduce_atom::value, std::move(part));
-    const auto from = caf::actor_cast<caf::strong_actor_ptr>(endpoint_);
     const int last = rank_ == size_ - 1 ? size_ - 2 : size_ - 1;
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
-      if (r == last) peers_[r]->eq_impl(caf::make_message_id(), from, nullptr, std::move(message));
-      else peers_[r]->eq_impl(caf::make_message_id(), from, nullptr, message);
+      if (r == last) caf::send_as(endpoint_, peers_[r], reduce_atom::value, std::move(part));
+      else caf::send_as(endpoint_, peers_[r], reduce_atom::value, part);
     }
   }
 
