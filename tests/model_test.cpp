@@ -185,19 +185,37 @@ TEST_CASE("stories260K: the three prompts batched give the tokens each gives alo
   CHECK(mixed[0] == std::vector<TokenId>(alone[2].begin(), alone[2].begin() + 30));
 }
 
+namespace {
+
+// A 2-layer random model of the given architecture (dim 128, 4 heads, 2 KV heads, FFN 256).
+ModelSpec tiny_spec(const std::string& arch, const std::string& vocab, uint64_t seed) {
+  ModelSpec spec;
+  spec.arch = arch;
+  spec.dim = 128;
+  spec.layers = 2;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.ffn = 256;
+  spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/" + vocab;
+  spec.seed = seed;
+  return spec;
+}
+
+std::string perplexity_text() {
+  std::ifstream in(std::string(CELER_TEST_DATA) + "/perplexity-story.txt");
+  REQUIRE(in.good());
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
 TEST_CASE("F16, BF16 and Q8_0 copies of a random model agree with its F32 copy", "[model]") {
   TempDir dir;
   const std::vector<TokenId> tokens{1, 15043, 3186, 29991, 306, 626, 263, 1243, 310, 278, 29871, 13, 450, 4996};
   for (const std::string arch : {"llama", "qwen2", "chatglm"}) {
-    ModelSpec spec;
-    spec.arch = arch;
-    spec.dim = 128;
-    spec.layers = 2;
-    spec.heads = 4;
-    spec.kv_heads = 2;
-    spec.ffn = 256;
-    spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/ggml-vocab-llama-spm.gguf";
-    spec.seed = 7;
+    ModelSpec spec = tiny_spec(arch, "ggml-vocab-llama-spm.gguf", 7);
     std::map<TensorType, std::vector<float>> logits;
     for (TensorType t : {TensorType::f32, TensorType::f16, TensorType::bf16, TensorType::q8_0}) {
       spec.type = t;
@@ -375,14 +393,11 @@ TEST_CASE("perplexity agrees with llama-perplexity on the same file and text", "
   // llama.cpp c392e509: `llama-perplexity -m stories260K.gguf -f perplexity-story.txt -c 128`
   // printed [1]4.1442 ... [12]4.0897 and "Final estimate: PPL = 4.0897 +/- 0.24930".
   Model model(kStories);
-  std::ifstream in(std::string(CELER_TEST_DATA) + "/perplexity-story.txt");
-  REQUIRE(in.good());
-  std::stringstream text;
-  text << in.rdbuf();
+  const std::string text = perplexity_text();
   PerplexityOptions o;
   o.n_ctx = 128;
   int calls = 0;
-  const PerplexityResult r = perplexity(model, text.str(), o, [&](int done, int total, double) {
+  const PerplexityResult r = perplexity(model, text, o, [&](int done, int total, double) {
     CHECK(done == ++calls);
     CHECK(total == 12);
   });
@@ -392,25 +407,17 @@ TEST_CASE("perplexity agrees with llama-perplexity on the same file and text", "
   CHECK(r.ppl_error == Approx(0.24930).epsilon(0.02));
   CHECK(r.running.front() == Approx(4.1442).epsilon(0.005));
   o.chunks = 3;
-  CHECK(perplexity(model, text.str(), o).running.size() == 3);
+  CHECK(perplexity(model, text, o).running.size() == 3);
   o.n_ctx = 1024;  // past what the text holds twice, and past the model's context
-  CHECK_THROWS_AS(perplexity(model, text.str(), o), Error);
+  CHECK_THROWS_AS(perplexity(model, text, o), Error);
   o.n_ctx = 128;
   CHECK_THROWS_WITH(perplexity(model, "Once upon a time.", o), Catch::Contains("needs at least 256"));
 }
 
 TEST_CASE("a GLM-4-shaped model made by celer reads as llama.cpp reads it", "[model][chatglm]") {
   TempDir dir;
-  ModelSpec spec;
-  spec.arch = "chatglm";
-  spec.dim = 128;
-  spec.layers = 2;
-  spec.heads = 4;
-  spec.kv_heads = 2;
-  spec.ffn = 256;
-  spec.vocab_path = std::string(CELER_TEST_DATA) + "/vocab/ggml-vocab-gpt-2.gguf";
+  ModelSpec spec = tiny_spec("chatglm", "ggml-vocab-gpt-2.gguf", 5);
   spec.type = TensorType::f16;
-  spec.seed = 5;
   const std::string path = dir.path() + "/glm.gguf";
   make_model(spec, path);
   {
@@ -442,13 +449,9 @@ TEST_CASE("a GLM-4-shaped model made by celer reads as llama.cpp reads it", "[mo
   // --vocab ggml-vocab-gpt-2.gguf --type f16 --seed 5): [1]70229.0249 ... [6]78194.2548, "Final
   // estimate: PPL = 78194.2548". celer gave 78193.62. The same weights with RoPE over the whole
   // head give 80331 (2.7% off), so the 0.1% bound below tells a wrong GLM layer apart.
-  std::ifstream in(std::string(CELER_TEST_DATA) + "/perplexity-story.txt");
-  REQUIRE(in.good());
-  std::stringstream text;
-  text << in.rdbuf();
   PerplexityOptions o;
   o.n_ctx = 128;
-  const PerplexityResult r = perplexity(model, text.str(), o);
+  const PerplexityResult r = perplexity(model, perplexity_text(), o);
   CHECK(r.chunks == 6);
   CHECK(r.ppl == Approx(78194.2548).epsilon(0.001));
   CHECK(r.running.front() == Approx(70229.0249).epsilon(0.001));
