@@ -22,7 +22,7 @@ struct NetworkAllReduce::Inbox {
   int size = 1;
   struct Call {
     uint64_t number = 0;                      // 0: the slot is free
-    std::vector<std::vector<uint8_t>> parts;  // [size]
+    std::vector<std::vector<uint8_t>> parts;  // [size], sized once by the constructor
     int count = 0;
   };
   // Calls done + 1 .. done + kMaxPendingCalls, in slot number % kMaxPendingCalls: a ring whose
@@ -80,13 +80,10 @@ EndpointActor::behavior_type endpoint_actor(EndpointActor::stateful_pointer<Endp
             sent(" after it was summed");
           } else if (part.call > inbox->done + kMaxPendingCalls || (call.number != 0 && call.number != part.call)) {
             sent(" too far ahead");
-          } else if (call.number == part.call && call.parts[part.rank].size() != 0) {
+          } else if (call.number == part.call && !call.parts[part.rank].empty()) {
             sent(" twice");
           } else {
-            if (call.number == 0) {
-              call.number = part.call;
-              call.parts.resize(static_cast<size_t>(inbox->size));
-            }
+            call.number = part.call;
             call.parts[part.rank] = std::move(part.bytes);
             ++call.count;
           }
@@ -114,6 +111,8 @@ NetworkAllReduce::NetworkAllReduce(caf::actor_system& sys, int rank, int size, s
     throw Error(ErrorCode::invalid_argument,
                 "all-reduce rank " + std::to_string(rank) + " of " + std::to_string(size) + " is out of range");
   inbox_->size = size;
+  for (Inbox::Call& c : inbox_->calls) c.parts.resize(static_cast<size_t>(size));
+  arrived_.resize(static_cast<size_t>(size));
   endpoint_ = sys.spawn(endpoint_actor, inbox_, rank);
 }
 
@@ -172,12 +171,10 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
     // The slot's parts become arrived_ and arrived_'s emptied vectors the slot's: both kept.
     arrived_.swap(slot.parts);
     for (auto& p : slot.parts) p.clear();
-    slot.parts.resize(static_cast<size_t>(size_));
     slot.number = 0;
     slot.count = 0;
     inbox_->done = call;
   }
-  const std::vector<std::vector<uint8_t>>& arrived = arrived_;
   // Every rank adds the same partials in the same (rank) order: the same bits everywhere.
   const float* parts[64];
   for (int r = 0; r < size_; ++r) {
@@ -185,13 +182,13 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
       parts[r] = own_.data();
       continue;
     }
-    if (arrived[r].size() != n_bytes) {
-      const std::string why = "rank " + std::to_string(r) + " sent " + std::to_string(arrived[r].size() / 4) +
+    if (arrived_[r].size() != n_bytes) {
+      const std::string why = "rank " + std::to_string(r) + " sent " + std::to_string(arrived_[r].size() / 4) +
                               " values, expected " + std::to_string(n);
       abort(why);
       throw Error(ErrorCode::unavailable, "all-reduce: " + why);
     }
-    parts[r] = reinterpret_cast<const float*>(arrived[r].data());
+    parts[r] = reinterpret_cast<const float*>(arrived_[r].data());
   }
   for (int64_t i = 0; i < n; ++i) data[i] = parts[0][i];
   for (int r = 1; r < size_; ++r)
