@@ -204,7 +204,7 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         if (req->prompt_tokens.empty()) {
           const Tokenizer& tok = st.setup.card->tokenizer();
           try {
-            req->prompt_tokens = tok.encode(req->prompt_text, req->add_bos && tok.add_bos_default(), req->parse_special);
+            req->prompt_tokens = tokenize_prompt(tok, *req, st.setup.conversations.get());
           } catch (const Error& e) {
             send_error(self, client, req->id, ErrorKind::invalid_request, e.what());
             return;
@@ -214,7 +214,7 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         // serves it, and resumes the request elsewhere if that replica's node dies.
         const RequestId client_id = req->id;
         auto request = self->spawn(request_actor, client, SchedulerActor{}, caf::actor_cast<ResumeSink>(self), client_id, *req,
-                                   st.setup.card, unix_us());
+                                   st.setup.card, st.setup.conversations, unix_us());
         self->monitor(request);
         st.requests.insert(request.address());
         route(self, request, std::move(req), "", true);

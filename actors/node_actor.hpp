@@ -43,6 +43,7 @@
 #include <caf/all.hpp>
 
 #include "actors/interfaces.hpp"
+#include "runtime/conversation_memory.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_card.hpp"
 
@@ -53,6 +54,7 @@ struct NodeSetup {
   std::string model_path;
   std::shared_ptr<const ModelCard> card;  // tokenizes requests, decodes their streams
   std::shared_ptr<const Model> model;     // the weights, for shards; null where none is placed
+  std::shared_ptr<ConversationMemory> conversations;  // the ids of recent text prompts and answers; may be null
   int32_t max_context = 0;   // the serving context (ModelInfo)
   int shard_threads = 1;     // compute threads of each shard built here unless its spec says
   // The router and its standby (if any), set with join_atom once they are known; requests go to

@@ -84,6 +84,12 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   return s;
 }
 
+std::shared_ptr<ConversationMemory> conversation_memory(const ClusterConfig& c) {
+  if (c.conversation_memory.max_entries == 0) return nullptr;
+  return std::make_shared<ConversationMemory>(ConversationMemory::Limits{static_cast<size_t>(c.conversation_memory.max_entries),
+                                                                          static_cast<size_t>(c.conversation_memory.max_tokens)});
+}
+
 SupervisorActor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup) { return sys.spawn(supervisor_actor, setup); }
 
 void wait_until_ready(caf::actor_system& sys, const SupervisorActor& replica, std::chrono::milliseconds timeout) {

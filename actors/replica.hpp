@@ -16,6 +16,8 @@ namespace celer {
 int32_t serving_context(const ClusterConfig& config, const ModelCard& model);
 
 ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
+// The process's conversation memory of `config` (conversation_memory:), null when it is off.
+std::shared_ptr<ConversationMemory> conversation_memory(const ClusterConfig& config);
 
 SupervisorActor spawn_replica(caf::actor_system& sys, const ReplicaSetup& setup);
 

@@ -23,7 +23,8 @@ void await_scheduler(RequestActor::stateful_pointer<RequestState> self) {
 
 RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<RequestState> self, StreamSink client,
                                           SchedulerActor scheduler, ResumeSink supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const ModelCard> card, int64_t received_us) {
+                                          std::shared_ptr<const ModelCard> card, std::shared_ptr<ConversationMemory> conversations,
+                                          int64_t received_us) {
   auto& st = self->state;
   st.client = std::move(client);
   st.scheduler = std::move(scheduler);
@@ -31,6 +32,7 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
   st.client_id = client_id;
   st.id = request.id;
   st.card = std::move(card);
+  st.conversations = std::move(conversations);
   st.decoder = std::make_unique<StreamDecoder>(st.card->tokenizer());
   st.stop = request.stop;
   st.original = std::move(request);
@@ -143,6 +145,7 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
           if (s.stopped) out.reason = FinishReason::stop;
           out.completion_tokens = s.sent;
           self->send(s.client, event_atom::value, encode(out));
+          if (s.conversations) s.conversations->remember(s.card->tokenizer(), s.original, s.generated);
           self->quit();
         } else if (auto* err = std::get_if<ErrorReply>(&*d.message)) {
           ErrorReply out = *err;

@@ -12,6 +12,8 @@
 //               (resume_atom, scheduler, id) from a new scheduler that took the request over
 //               (a null scheduler at spawn: the first one takes it this way too)
 //               (cancel_atom) from the client
+// When the request ends, a text prompt and the tokens generated for it are remembered
+// (runtime/conversation_memory.hpp), so the next turn of the conversation reuses their ids.
 // Messages out: (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) to the client, with
 //               the client's request id, the first being an empty TokenChunk that introduces
 //               this actor; (cancel_atom, id, reason) to the scheduler.
@@ -25,6 +27,7 @@
 #include <caf/all.hpp>
 
 #include "actors/interfaces.hpp"
+#include "runtime/conversation_memory.hpp"
 #include "runtime/model_card.hpp"
 #include "runtime/protocol.hpp"
 
@@ -44,6 +47,7 @@ struct RequestState {
   RequestId client_id = 0;  // the id the client chose
   RequestId id = 0;         // the replica's id
   std::shared_ptr<const ModelCard> card;  // its tokenizer decodes the stream
+  std::shared_ptr<ConversationMemory> conversations;  // told a text prompt's answer (may be null)
   std::unique_ptr<StreamDecoder> decoder;
   std::vector<std::string> stop;
   std::string tail;         // the last text sent, kept to find stop strings spanning chunks
@@ -58,6 +62,7 @@ struct RequestState {
 
 RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<RequestState> self, StreamSink client,
                                           SchedulerActor scheduler, ResumeSink supervisor, RequestId client_id, GenerateRequest request,
-                            std::shared_ptr<const ModelCard> card, int64_t received_us);
+                                          std::shared_ptr<const ModelCard> card, std::shared_ptr<ConversationMemory> conversations,
+                                          int64_t received_us);
 
 }  // namespace celer

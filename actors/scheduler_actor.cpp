@@ -632,9 +632,9 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         req.id = s.next_id++;
         const Tokenizer& tok = s.setup.model->tokenizer();
         if (req.prompt_tokens.empty())
-          req.prompt_tokens = tok.encode(req.prompt_text, req.add_bos && tok.add_bos_default(), req.parse_special);
+          req.prompt_tokens = tokenize_prompt(tok, req, s.setup.conversations.get());
         auto request = self->spawn(request_actor, client, caf::actor_cast<SchedulerActor>(self), ResumeSink{s.supervisor}, client_id, req,
-                                   s.setup.model->card(), received_us);
+                                   s.setup.model->card(), s.setup.conversations, received_us);
         if (auto bad = check_prompt(tok, req)) {
           self->send(request, event_atom::value, encode(*bad));
           return;

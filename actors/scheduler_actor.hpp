@@ -30,6 +30,7 @@
 #include <caf/all.hpp>
 
 #include "actors/interfaces.hpp"
+#include "runtime/conversation_memory.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/model.hpp"
@@ -48,6 +49,9 @@ struct ReplicaSetup {
   int64_t response_cache_ttl_ms = 60000;
   int64_t default_deadline_ms = 0;    // applied to requests without a deadline; 0: none
   Priority default_priority = Priority::normal;  // priorities.default: for requests that give none
+  // The ids of recent text prompts and answers, for the requests this scheduler tokenizes (a
+  // single process); null: none. In a cluster the client's node tokenizes (NodeSetup).
+  std::shared_ptr<ConversationMemory> conversations;
   int max_step_failures = 3;          // consecutive failed steps before the running requests fail
   int max_restarts = 5;               // shard restarts allowed within restart_window
   std::chrono::milliseconds restart_window{60000};

@@ -37,6 +37,14 @@ namespace {
 
 bool is_system(const ChatMessage& m) { return m.role == "system" || m.role == "developer"; }
 
+// An assistant turn after the separator that follows its role, unless the answer begins with
+// that separator itself: an answer re-sent as the model wrote it ("Assistant:" then " Once")
+// renders as the prompt it was generated from followed by the answer, which is what lets the
+// next turn find both in the prefix cache.
+std::string after_separator(const char* separator, const std::string& answer) {
+  return answer.rfind(separator, 0) == 0 ? answer : separator + answer;
+}
+
 // Llama-2 and Mistral have no system turn of their own: its text goes inside the first [INST].
 std::string render_inst(const std::vector<ChatMessage>& messages, bool llama2) {
   std::string system, out;
@@ -53,7 +61,7 @@ std::string render_inst(const std::vector<ChatMessage>& messages, bool llama2) {
       out += "[INST] " + content + " [/INST]";
       first_user = false;
     } else {  // assistant
-      out += (llama2 ? " " : "") + m.content + (llama2 ? " </s>" : "</s>");
+      out += (llama2 ? after_separator(" ", m.content) : m.content) + (llama2 ? " </s>" : "</s>");
     }
   }
   return out;
@@ -105,14 +113,22 @@ std::string render_chat(ChatFormat format, const std::vector<ChatMessage>& messa
       // marker: the next role's token ends it, which is why <|user|> is end of generation.
       const bool glm3 = format == ChatFormat::chatglm3;
       out = glm3 ? "[gMASK]sop" : "[gMASK]<sop>";
-      for (const auto& m : messages)
-        out += "<|" + std::string(is_system(m) ? "system" : m.role) + "|>" + (glm3 ? "\n " : "\n") + m.content;
+      for (const auto& m : messages) {
+        const char* separator = glm3 ? "\n " : "\n";
+        out += "<|" + std::string(is_system(m) ? "system" : m.role) + "|>" +
+               (m.role == "assistant" ? after_separator(separator, m.content) : separator + m.content);
+      }
       return out + "<|assistant|>";
     }
     case ChatFormat::fallback:
       for (const auto& m : messages) {
-        const char* who = is_system(m) ? "System" : m.role == "assistant" ? "Assistant" : "User";
-        out += std::string(who) + ": " + m.content + "\n";
+        // The answer follows "Assistant:" as the model wrote it after that prompt (an SPM model
+        // begins with " Once", another may not): the prompt of the turn before, then its answer.
+        if (m.role == "assistant") {
+          out += "Assistant:" + m.content + "\n";
+          continue;
+        }
+        out += std::string(is_system(m) ? "System" : "User") + ": " + m.content + "\n";
       }
       return out + "Assistant:";
   }

@@ -312,6 +312,13 @@ void read_response_cache(const Value& v, ResponseCacheConfig& c) {
                  });
 }
 
+void read_conversation_memory(const Value& v, ConversationMemoryConfig& c) {
+  read_fields(v, {
+                     {"max_entries", [&](const Value& x) { c.max_entries = x.count(0, 1 << 24); }},
+                     {"max_tokens", [&](const Value& x) { c.max_tokens = x.integer(1, int64_t{1} << 32); }},
+                 });
+}
+
 RateLimit read_rate_limit(const Value& v) {
   RateLimit r;
   read_fields(v, {
@@ -647,6 +654,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"kv_cache_blocks", read_blocks},
                         {"enable_prefix_caching", [&](const Value& x) { c.enable_prefix_caching = x.boolean(); }},
                         {"response_cache", [&](const Value& x) { read_response_cache(x, c.response_cache); }},
+                        {"conversation_memory", [&](const Value& x) { read_conversation_memory(x, c.conversation_memory); }},
                         {"priorities", read_priorities},
                         {"rate_limits", [&](const Value& x) { read_rate_limits(x, c.rate_limits); }},
                         {"deadline", [&](const Value& x) { c.deadline = x.duration(0); }},
@@ -778,6 +786,10 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   out << YAML::Key << "enabled" << YAML::Value << c.response_cache.enabled;
   out << YAML::Key << "max_entries" << YAML::Value << c.response_cache.max_entries;
   out << YAML::Key << "ttl" << YAML::Value << format_duration(c.response_cache.ttl);
+  out << YAML::EndMap;
+  out << YAML::Key << "conversation_memory" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "max_entries" << YAML::Value << c.conversation_memory.max_entries;
+  out << YAML::Key << "max_tokens" << YAML::Value << c.conversation_memory.max_tokens;
   out << YAML::EndMap;
   out << YAML::Key << "priorities" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "default" << YAML::Value << name_of(kPriorities, c.default_priority) << YAML::EndMap;

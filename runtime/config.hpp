@@ -38,6 +38,14 @@ struct ResponseCacheConfig {
   bool operator==(const ResponseCacheConfig&) const = default;
 };
 
+// The ids of recent text prompts and their answers (runtime/conversation_memory.hpp), so a
+// conversation re-sent as text finds its whole history in the prefix cache. max_entries 0: off.
+struct ConversationMemoryConfig {
+  int32_t max_entries = 1024;
+  int64_t max_tokens = int64_t{1} << 20;
+  bool operator==(const ConversationMemoryConfig&) const = default;
+};
+
 // A token bucket: refilled at tokens_per_second, holding at most burst tokens.
 
 // Absent from the file = the defaults = no limits.
@@ -180,6 +188,7 @@ struct ClusterConfig {
   int64_t kv_cache_blocks = 0;                     // 0: derived from kv_cache_memory
   bool enable_prefix_caching = true;
   ResponseCacheConfig response_cache;
+  ConversationMemoryConfig conversation_memory;
   Priority default_priority = Priority::normal;  // "priorities: {default: ...}": for requests that give none
   RateLimitsConfig rate_limits;
   std::chrono::milliseconds deadline{0};  // default request deadline; 0: none

@@ -370,13 +370,13 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_bos, bool parse_special) const {
+std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_bos, bool parse_special, bool continues) const {
   std::vector<TokenId> out;
   out.reserve(text.size() / 3 + 2);
   if (add_bos && d_->bos >= 0) out.push_back(d_->bos);
   if (text.empty()) return out;
   // SPM prefixes a space to the start and to each run after a special token, as llama.cpp does.
-  bool after_special = true;
+  bool after_special = !continues;
   for (const Fragment& frag : partition(*d_, text, parse_special)) {
     if (frag.token >= 0) {
       out.push_back(frag.token);

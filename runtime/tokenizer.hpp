@@ -55,8 +55,9 @@ class Tokenizer {
   // Encode text. add_bos prepends BOS (when the vocab has one); parse_special recognises the text
   // of control and unknown special tokens (e.g. "<s>", "<|endoftext|>") as those tokens.
   // Invalid UTF-8 never throws: SPM encodes its bytes through byte fallback, byte-level BPE reads
-  // each invalid byte as U+FFFD (as llama.cpp does).
-  std::vector<TokenId> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
+  // each invalid byte as U+FFFD (as llama.cpp does). `continues`: the text goes on from text
+  // already encoded (ConversationMemory): SPM adds no space prefix to its first run.
+  std::vector<TokenId> encode(std::string_view text, bool add_bos, bool parse_special = false, bool continues = false) const;
 
   // The bytes a token stands for in output text: SPM U+2581 -> ' ', <0x0A> -> byte 0x0A; gpt2
   // byte-level characters mapped back to bytes; user-defined tokens as written; control, unknown

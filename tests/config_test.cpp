@@ -56,6 +56,7 @@ response_cache:
   enabled: true
   max_entries: 99
   ttl: 2s
+conversation_memory: {max_entries: 0, max_tokens: 5000}
 priorities:
   default: interactive
 rate_limits:
@@ -117,6 +118,7 @@ TEST_CASE("an empty document is the default config", "[config]") {
   CHECK_FALSE(defaults.response_cache.enabled);
   CHECK(defaults.response_cache.max_entries == 1024);
   CHECK(defaults.response_cache.ttl == milliseconds(60'000));
+  CHECK(defaults.conversation_memory.max_entries == 1024);
   CHECK(defaults.default_priority == Priority::normal);
   CHECK(defaults.rate_limits == RateLimitsConfig{});
   CHECK(defaults.deadline == milliseconds(0));
@@ -159,6 +161,7 @@ TEST_CASE("every key of a full document", "[config]") {
   CHECK(c.response_cache.enabled);
   CHECK(c.response_cache.max_entries == 99);
   CHECK(c.response_cache.ttl == milliseconds(2000));
+  CHECK(c.conversation_memory == ConversationMemoryConfig{0, 5000});
   CHECK(c.default_priority == Priority::interactive);
   CHECK(c.rate_limits.default_limit == RateLimit{50, 100});
   REQUIRE(c.rate_limits.tenants.size() == 2);

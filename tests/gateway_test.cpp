@@ -650,3 +650,49 @@ TEST_CASE("gateway: a Transfer-Encoding that does not end with chunked is a 400 
     CHECK(conn.request("GET", "/health").status == 200);
   }
 }
+
+// A conversation re-sent as text: every turn's prompt repeats the turns before it, the
+// server's own answers included, as the client received them. The server remembers the ids it
+// generated (runtime/conversation_memory.hpp), so turn k finds all of turn k-1 in the prefix
+// cache up to its last full block: the prompt and the answer, whose last token was sampled
+// but never computed.
+TEST_CASE("gateway: a conversation re-sent as text finds its earlier turns, answers included, in the prefix cache",
+          "[gateway][conversation]") {
+  Server server;
+  const char* words[] = {"a red ball", "the big tree", "her mom", "a little cat", "the park"};
+  for (const bool chat : {false, true})
+    for (const bool session : {false, true}) {
+      DYNAMIC_SECTION((chat ? "chat" : "completions") << (session ? " with a session id" : " without a session id")) {
+        std::string prompt = std::string("Once upon a time, ") + (session ? "Tom" : "Sue") + (chat ? " sang" : " ran");
+        json messages = json::array({{{"role", "user"}, {"content", prompt}}});
+        int previous_positions = 0;  // positions of the previous turn whose KV was computed
+        std::string previous_answer;
+        for (int turn = 0; turn < 4; ++turn) {
+          // Sampled at a high temperature: answers that re-tokenizing would not give back.
+          json body = {{"max_tokens", 24}, {"temperature", 1.5}, {"seed", 7 + turn}};
+          if (session) body["session_id"] = chat ? "chat-1" : "text-1";
+          if (chat) body["messages"] = messages;
+          else body["prompt"] = prompt;
+          Reply r = post(server.http_port(), chat ? "/v1/chat/completions" : "/v1/completions", body);
+          REQUIRE(r.status == 200);
+          const json j = r.j();
+          const int prompt_tokens = j["usage"]["prompt_tokens"];
+          const int completion_tokens = j["usage"]["completion_tokens"];
+          const int cached = j["usage"]["prompt_tokens_details"]["cached_tokens"];
+          INFO("turn " << turn << ": " << prompt_tokens << " prompt tokens, " << cached << " cached; the last answer " << previous_answer);
+          if (turn > 0) CHECK(cached >= previous_positions / 16 * 16);
+          previous_positions = prompt_tokens + completion_tokens - 1;
+          const std::string answer = chat ? j["choices"][0]["message"]["content"].get<std::string>()
+                                          : j["choices"][0]["text"].get<std::string>();
+          previous_answer = j["choices"][0]["finish_reason"].get<std::string>() + ": " + json(answer).dump();
+          const std::string next = std::string(" Then she saw ") + words[turn] + ".";
+          if (chat) {
+            messages.push_back({{"role", "assistant"}, {"content", answer}});
+            messages.push_back({{"role", "user"}, {"content", next}});
+          } else {
+            prompt += answer + next;
+          }
+        }
+      }
+    }
+}

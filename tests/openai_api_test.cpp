@@ -487,7 +487,13 @@ TEST_CASE("chat templates: the fallback", "[chat_template]") {
   CHECK(detect_chat_format("") == ChatFormat::fallback);
   CHECK(detect_chat_format("{{ something unknown }}") == ChatFormat::fallback);
   CHECK(render_chat(ChatFormat::fallback, {{"system", "Be kind."}, {"user", "Hi"}, {"assistant", "Hello"}, {"user", "Story?"}}) ==
-        "System: Be kind.\nUser: Hi\nAssistant: Hello\nUser: Story?\nAssistant:");
+        "System: Be kind.\nUser: Hi\nAssistant:Hello\nUser: Story?\nAssistant:");
+  // An answer renders as the prompt it came from followed by it, so the next turn's prompt starts
+  // with both; llama-2's and GLM's separators are not doubled when the answer begins with them.
+  const std::string prompt = render_chat(ChatFormat::fallback, {{"user", "Hi"}});
+  CHECK(render_chat(ChatFormat::fallback, {{"user", "Hi"}, {"assistant", " Hello"}, {"user", "Story?"}}).rfind(prompt + " Hello\n", 0) == 0);
+  CHECK(render_chat(ChatFormat::llama2, {{"user", "U"}, {"assistant", " A"}}) == "[INST] U [/INST] A </s>");
+  CHECK(render_chat(ChatFormat::chatglm4, {{"user", "U"}, {"assistant", "\nA"}}) == "[gMASK]<sop><|user|>\nU<|assistant|>\nA<|assistant|>");
   CHECK(chat_stop_strings(ChatFormat::fallback) == std::vector<std::string>{"\nUser:"});
   CHECK(chat_stop_strings(ChatFormat::chatml) == std::vector<std::string>{"<|im_end|>"});
   CHECK(std::string(to_string(ChatFormat::gemma)) == "gemma");

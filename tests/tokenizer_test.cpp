@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "runtime/conversation_memory.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gguf.hpp"
 #include "runtime/tokenizer_internal.hpp"
@@ -551,6 +552,91 @@ TEST_CASE("encode speed", "[tokenizer][speed]") {
     CHECK(ms(t2, t3) / reps < 100);
     CHECK(tok.decode(ids) == text);
   }
+}
+
+
+namespace {
+std::vector<TokenId> concat(std::vector<TokenId> a, const std::vector<TokenId>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+}  // namespace
+
+TEST_CASE("conversation memory: a re-sent answer keeps the ids that were generated", "[tokenizer][conversation]") {
+  GgufFile file(vocab_path("llama-spm"));
+  Tokenizer tok(file);
+  ConversationMemory memory({16, 1 << 16});
+  GenerateRequest turn1;
+  turn1.prompt_text = "Hello world";
+  turn1.session_id = "s";
+  CHECK(memory.tokenize(tok, turn1) == tok.encode("Hello world", true));  // nothing remembered yet
+  turn1.prompt_tokens = memory.tokenize(tok, turn1);
+  // The model wrote " world" as " wor" + "ld", which re-tokenizing would not give back; then
+  // an end of generation.
+  const auto wor = tok.encode(" wor", false, false, true), ld = tok.encode("ld", false, false, true);
+  const auto answer = concat(wor, ld);
+  REQUIRE(answer != tok.encode(" world", false, false, true));
+  memory.remember(tok, turn1, concat(answer, {tok.eos()}));
+
+  GenerateRequest turn2 = turn1;
+  turn2.prompt_tokens.clear();
+  turn2.prompt_text = "Hello world world again";
+  CHECK(memory.tokenize(tok, turn2) == concat(concat(turn1.prompt_tokens, answer), tok.encode(" again", false, false, true)));
+  CHECK(memory.tokenize(tok, turn2) != tok.encode(turn2.prompt_text, true));
+  // A text that repeats only part of the answer (a stop string cut it) reuses that part's ids.
+  turn2.prompt_text = "Hello world work";
+  CHECK(memory.tokenize(tok, turn2) == concat(concat(turn1.prompt_tokens, wor), tok.encode("k", false, false, true)));
+  // Another session, or none, does not see this one's entries; other flags are other entries.
+  turn2.prompt_text = "Hello world world again";
+  GenerateRequest other = turn2;
+  other.session_id = "t";
+  CHECK(memory.tokenize(tok, other) == tok.encode(other.prompt_text, true));
+  other.session_id.clear();
+  CHECK(memory.tokenize(tok, other) == tok.encode(other.prompt_text, true));
+  other = turn2;
+  other.parse_special = true;
+  CHECK(memory.tokenize(tok, other) == tok.encode(other.prompt_text, true, true));
+  // A text that diverges inside the prompt finds nothing.
+  other = turn2;
+  other.prompt_text = "Hello there world world";
+  CHECK(memory.tokenize(tok, other) == tok.encode(other.prompt_text, true));
+  const auto stats = memory.stats();
+  CHECK(stats.entries == 1);
+  CHECK(stats.hits == 3);
+}
+
+TEST_CASE("conversation memory: bounded, least recently used forgotten first", "[tokenizer][conversation]") {
+  GgufFile file(vocab_path("llama-spm"));
+  Tokenizer tok(file);
+  ConversationMemory memory({2, 1 << 16});
+  auto remember = [&](const std::string& prompt) {
+    GenerateRequest r;
+    r.prompt_text = prompt;
+    r.prompt_tokens = tok.encode(prompt, true);
+    memory.remember(tok, r, concat(tok.encode(" wor", false, false, true), tok.encode("ld", false, false, true)));
+  };
+  auto reused = [&](const std::string& prompt) {
+    GenerateRequest r;
+    r.prompt_text = prompt + " world";
+    return memory.tokenize(tok, r) != tok.encode(r.prompt_text, true);
+  };
+  remember("One");
+  remember("Two");
+  CHECK(reused("One"));  // One is now the most recently used
+  remember("Three");     // forgets Two
+  CHECK(memory.stats().entries == 2);
+  CHECK(reused("One"));
+  CHECK(reused("Three"));
+  CHECK_FALSE(reused("Two"));
+  remember("Three");  // the same prompt and answer again: one entry
+  CHECK(memory.stats().entries == 2);
+  // The token bound: an entry over it is not kept, and the total stays within it.
+  ConversationMemory small({16, 8});
+  GenerateRequest r;
+  r.prompt_text = "A long prompt of many more than eight tokens, surely";
+  r.prompt_tokens = tok.encode(r.prompt_text, true);
+  small.remember(tok, r, {});
+  CHECK(small.stats().entries == 0);
 }
 
 }  // namespace celer

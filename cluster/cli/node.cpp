@@ -157,6 +157,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.model_path = config.model;
     ns.card = card;
     ns.model = model;
+    ns.conversations = conversation_memory(config);
     ns.max_context = serving_context(config, *card);
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;

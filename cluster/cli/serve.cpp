@@ -98,7 +98,8 @@ struct Node {
 
 int serve(const ClusterConfig& config, StopSignals& signals) {
   auto model = std::make_shared<Model>(config.model);
-  const ReplicaSetup setup = replica_setup(config, model);  // refuses a KV cache that cannot fit
+  ReplicaSetup setup = replica_setup(config, model);  // refuses a KV cache that cannot fit
+  setup.conversations = conversation_memory(config);
   caf::actor_system_config cfg;
   cfg.load<caf::io::middleman>();
   configure_serving_node(cfg);
