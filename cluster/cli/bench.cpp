@@ -1,7 +1,9 @@
 // celer bench: drive a running `celer serve` like vLLM's `vllm bench serve` (DESIGN.md §9),
 // through the client library (--connect) or the OpenAI HTTP API (--url, cluster/cli/bench_http.*).
 // Open-loop Poisson arrivals at --request-rate, optionally capped at --max-concurrency requests
-// in flight, over a synthetic dataset of token-id prompts; reports TTFT, TPOT, ITL and
+// in flight, over a synthetic dataset of token-id prompts (sent as text decoded with --tokenizer's
+// vocabulary to servers that take no token ids, multi-turn sessions then re-sending the answers'
+// text as chat clients do); reports TTFT, TPOT, ITL and
 // end-to-end latency, throughput and the prefix-cache hit rate, on stdout and as JSON.
 //
 // Threads: worker threads share one Client (it is thread-safe). Each worker takes the next job
@@ -30,6 +32,8 @@
 #include "cluster/cli/bench_http.hpp"
 #include "cluster/cli/commands.hpp"
 #include "runtime/error.hpp"
+#include "runtime/gguf.hpp"
+#include "runtime/tokenizer.hpp"
 #include "runtime/workload.hpp"
 
 namespace celer::cli {
@@ -45,6 +49,7 @@ struct BenchArgs {
   std::string connect;  // HOST:PORT (client library)
   std::string url;      // http://HOST:PORT (OpenAI HTTP API)
   std::string model;    // --url: the request's model field
+  std::string tokenizer;  // --url: a GGUF whose vocabulary turns the prompts into text; "": token ids
   std::string request_rate = "inf";
   int max_concurrency = 0;
   std::string dataset = "random";
@@ -81,6 +86,7 @@ double seconds_since(clock_type::time_point start) {
 struct Runner {
   Client* client;           // --connect
   const HttpTarget* http;   // --url
+  const Tokenizer* text;    // --url --tokenizer: prompts are sent as text
   const wl::Dataset& data;
   const std::vector<double>& arrivals;  // [jobs]: seconds after start
   RequestOptions options;               // max_tokens and session_id are set per request
@@ -99,16 +105,17 @@ struct Runner {
     }
   }
 
-  // One request: its timings, counts and outcome. `output` receives the generated tokens.
-  wl::RequestRecord send(const wl::BenchRequest& r, std::vector<TokenId> prompt, size_t index,
-                         std::vector<TokenId>& output) {
+  // One request: its timings, counts and outcome. `output` receives the generated tokens (and
+  // `output_text` their text, over HTTP).
+  wl::RequestRecord send(const wl::BenchRequest& r, HttpPrompt prompt, size_t index, std::vector<TokenId>& output,
+                         std::string& output_text) {
     RequestOptions o = options;
     o.max_tokens = r.output_len;
     o.sampling.seed = seed + index;  // reproducible draws when --temperature > 0
     // Routing affinity: the turns of one session go to the replica that holds their prefix.
     if (r.session >= 0) o.session_id = "bench-" + std::to_string(seed) + "-" + std::to_string(r.session);
     if (http) {
-      wl::RequestRecord hr = http_stream(*http, prompt, o, start, output);
+      wl::RequestRecord hr = http_stream(*http, prompt, o, start, output, output_text);
       hr.session = r.session;
       hr.turn = r.turn;
       return hr;
@@ -117,7 +124,7 @@ struct Runner {
     rec.session = r.session;
     rec.turn = r.turn;
     rec.send_s = seconds_since(start);
-    Client::Stream stream = client->stream_tokens(std::move(prompt), o);
+    Client::Stream stream = client->stream_tokens(std::move(prompt.tokens), o);
     while (auto chunk = stream.next()) {
       const double t = seconds_since(start);
       rec.token_times_s.insert(rec.token_times_s.end(), chunk->tokens.size(), t);
@@ -143,6 +150,7 @@ struct Runner {
     const wl::Job& job = data.jobs[j];
     std::vector<wl::RequestRecord>& out = records[j];
     wl::Conversation conversation;  // multi-turn only
+    std::string history;            // multi-turn with text prompts: the conversation so far
     for (const wl::BenchRequest& r : job.requests) {
       if (!out.empty() && !out.back().ok) {
         // A later turn cannot be built without the earlier turns' outputs.
@@ -153,10 +161,26 @@ struct Runner {
         skipped.error_message = "an earlier turn of the session failed";
         out.push_back(std::move(skipped));
       } else {
-        std::vector<TokenId> prompt = r.session >= 0 ? conversation.next_prompt(r.prompt) : r.prompt;
+        HttpPrompt prompt;
+        if (text) {
+          // The first turn's text as decoded; a later turn's new words go on after the answer.
+          prompt.is_text = true;
+          if (r.turn > 0) {
+            prompt.text = history;
+            for (TokenId id : r.prompt) prompt.text += text->token_to_piece(id);
+          } else {
+            prompt.text = text->decode(r.prompt);
+          }
+        } else {
+          prompt.tokens = r.session >= 0 ? conversation.next_prompt(r.prompt) : r.prompt;
+        }
         std::vector<TokenId> generated;
-        out.push_back(send(r, prompt, j * job.requests.size() + out.size(), generated));
-        if (out.back().ok) conversation.add_turn(prompt, generated);
+        std::string answer;
+        out.push_back(send(r, prompt, j * job.requests.size() + out.size(), generated, answer));
+        if (out.back().ok) {
+          if (text) history = prompt.text + answer;
+          else conversation.add_turn(prompt.tokens, generated);
+        }
       }
       if (!out.back().ok) ++failed;
       ++finished;
@@ -244,6 +268,7 @@ nlohmann::json to_json(const BenchArgs& a, double rate, const wl::Summary& s,
   j["label"] = a.label;
   j["server"] = a.url.empty() ? a.connect : a.url;
   j["transport"] = a.url.empty() ? "client-library" : "http";
+  j["prompts"] = a.tokenizer.empty() ? "token ids" : "text";
   j["dataset"] = a.dataset;
   j["request_rate"] = std::isinf(rate) ? nlohmann::json("inf") : nlohmann::json(rate);
   j["max_concurrency"] = a.max_concurrency;
@@ -327,6 +352,15 @@ int run_bench(BenchArgs& a) {
     http = parse_url(a.url);
     http.model = a.model;
   }
+  std::unique_ptr<Tokenizer> text;
+  if (!a.tokenizer.empty()) {
+    if (a.url.empty()) throw Error(ErrorCode::invalid_argument, "--tokenizer sends text prompts over HTTP: give --url");
+    text = std::make_unique<Tokenizer>(GgufFile(a.tokenizer));
+    if (!a.vocab_size_given) a.data.vocab_size = text->n_vocab();
+    else if (a.data.vocab_size > text->n_vocab())
+      throw Error(ErrorCode::invalid_argument, "--vocab-size " + std::to_string(a.data.vocab_size) + " is larger than the " +
+                                                   std::to_string(text->n_vocab()) + " tokens of " + a.tokenizer);
+  }
   const auto [host, port] = a.url.empty() ? parse_host_port(a.connect) : std::pair<std::string, uint16_t>{};
   std::unique_ptr<Client> client;
   if (a.url.empty()) {
@@ -364,7 +398,7 @@ int run_bench(BenchArgs& a) {
   options.sampling = SamplingParams{};
   options.sampling.temperature = a.temperature;
   options.ignore_eos = a.ignore_eos;
-  Runner runner{client.get(), a.url.empty() ? nullptr : &http, data, arrivals, options, a.data.seed, {}, {}};
+  Runner runner{client.get(), a.url.empty() ? nullptr : &http, text.get(), data, arrivals, options, a.data.seed, {}, {}};
   runner.records.resize(data.jobs.size());
   const size_t limit = a.max_concurrency > 0 ? static_cast<size_t>(a.max_concurrency) : kMaxWorkers;
   const size_t n_workers = std::min(data.jobs.size(), limit);
@@ -417,6 +451,9 @@ Command add_bench(CLI::App& app) {
   auto* url = c->add_option("--url", a->url, "http://HOST:PORT of an OpenAI-compatible server (celer's gateway)");
   connect->excludes(url);
   c->add_option("--model", a->model, "With --url: the model field of each request (celer needs none)");
+  c->add_option("--tokenizer", a->tokenizer,
+                "With --url: send prompts as text, decoded with this GGUF's vocabulary (for servers that take no token "
+                "ids or return none); multi-turn sessions re-send the answers' text");
   c->add_option("--request-rate", a->request_rate,
                 "Requests per second, Poisson arrivals (multi-turn: session starts); inf sends all at once")
       ->capture_default_str();

@@ -79,11 +79,11 @@ HttpTarget parse_url(const std::string& url) {
   return t;
 }
 
-workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<TokenId>& prompt,
-                                    const RequestOptions& o, std::chrono::steady_clock::time_point start,
-                                    std::vector<TokenId>& output) {
+workload::RequestRecord http_stream(const HttpTarget& target, const HttpPrompt& prompt, const RequestOptions& o,
+                                    std::chrono::steady_clock::time_point start, std::vector<TokenId>& output,
+                                    std::string& output_text) {
   workload::RequestRecord rec;
-  json body = {{"prompt", prompt},
+  json body = {{"prompt", prompt.is_text ? json(prompt.text) : json(prompt.tokens)},
                {"max_tokens", o.max_tokens},
                {"temperature", o.sampling.temperature},
                {"seed", o.sampling.seed},
@@ -104,7 +104,8 @@ workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<
     req.set(http::field::host, target.host);
     req.set(http::field::content_type, "application/json");
     req.set(http::field::accept, "text/event-stream");
-    req.body() = body.dump();
+    // Text decoded from random ids may end inside a character: invalid UTF-8 is sent as U+FFFD.
+    req.body() = body.dump(-1, ' ', false, json::error_handler_t::replace);
     req.prepare_payload();
     http::write(stream, req);
 
@@ -135,6 +136,7 @@ workload::RequestRecord http_stream(const HttpTarget& target, const std::vector<
       if (ev.contains("choices") && ev["choices"].is_array())
         for (const json& c : ev["choices"]) {
           size_t n = 0;
+          if (c.contains("text") && c["text"].is_string()) output_text += c["text"].get<std::string>();
           if (c.contains("token_ids") && c["token_ids"].is_array()) {
             for (const json& id : c["token_ids"]) output.push_back(id.get<TokenId>());
             n = c["token_ids"].size();
