@@ -73,6 +73,11 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   s.scheduler.max_context = context;
   s.scheduler.default_rate = c.rate_limits.default_limit;
   s.scheduler.tenant_rates = c.rate_limits.tenants;
+  for (int p = 0; p < kPriorityClasses; ++p) {
+    const LatencyObjective o = c.slo.of(static_cast<Priority>(p));
+    s.scheduler.slo[static_cast<size_t>(p)] = Objective{o.ttft.count(), o.itl.count()};
+  }
+  s.scheduler.refuse_late = c.slo.refuse_late;
   s.prefix_caching = c.enable_prefix_caching;
   s.response_cache_entries = c.response_cache.enabled ? static_cast<size_t>(c.response_cache.max_entries) : 0;
   s.response_cache_ttl_ms = c.response_cache.ttl.count();

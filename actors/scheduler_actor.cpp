@@ -723,6 +723,17 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         r.allreduce_calls = s.allreduce_calls;
         r.malformed_messages = s.malformed;
         r.preemptions = s.scheduler->n_preemptions();
+        const SloCounters& slo = s.scheduler->slo_counters();
+        r.slo_finished = slo.finished;
+        r.slo_met = slo.met;
+        r.slo_refused = slo.refused;
+        r.ttft_missed = slo.ttft_missed;
+        r.itl_tokens = slo.itl_tokens;
+        r.itl_tokens_over = slo.itl_tokens_over;
+        r.itl_steps = slo.itl_steps;
+        r.itl_steps_over = slo.itl_steps_over;
+        r.itl_objective_us = static_cast<uint64_t>(s.scheduler->itl_objective_ms()) * 1000;
+        r.step_budget = s.scheduler->step_budget();
         r.shard_restarts = s.total_restarts;
         return encode(r);
       },

@@ -6,6 +6,12 @@
 #include "runtime/error.hpp"
 
 namespace celer {
+namespace {
+
+// Holds its blocks and has one token to compute: a stream waiting for its next token.
+bool is_decoding(const BlockCandidate& c) { return c.started && c.running && c.n_tokens - c.n_computed == 1; }
+
+}  // namespace
 
 BlockPlan BlockPlanner::plan(const BlockPlanRequest& r) {
   auto bad = [](const std::string& what) { throw Error(ErrorCode::invalid_argument, "block plan: " + what); };
@@ -53,17 +59,24 @@ BlockPlan BlockPlanner::plan(const BlockPlanRequest& r) {
   };
   int32_t budget = r.max_batch_tokens;
   int32_t n_chosen = 0;
+  // A chunk of prefill leaves one token of the budget to each decoding sequence after it, so
+  // that no stream skips a step behind a long prompt.
+  std::vector<int32_t> decoding_after(cands.size() + 1, 0);
+  for (size_t k = cands.size(); k-- > 0;)
+    decoding_after[k] = decoding_after[k + 1] + (is_decoding(cands[k]) ? 1 : 0);
   for (size_t k = 0; k < cands.size(); ++k) {
     BlockCandidate& s = cands[k];
     if (preempted[k]) continue;
     if (n_chosen == r.max_batch_size || budget == 0) break;
+    const bool decoding = is_decoding(s);
+    if (tokens_to_run(2, decoding, budget, decoding_after[k + 1]) == 0) continue;  // the budget is the later streams'
     if (!s.started) {
       std::vector<BlockCopy> mine;
       s.n_computed = blocks_.begin(s.id, tokens_.at(s.id), &mine);
       for (const BlockCopy& c : mine) copies.push_back({s.id, c});
       s.started = true;
     }
-    const int32_t n = std::min(s.n_tokens - s.n_computed, budget);
+    const int32_t n = tokens_to_run(s.n_tokens - s.n_computed, decoding, budget, decoding_after[k + 1]);
     bool fits = blocks_.reserve(s.id, s.n_computed + n);
     for (size_t v = cands.size(); !fits && v-- > k + 1;) {
       const BlockCandidate& victim = cands[v];

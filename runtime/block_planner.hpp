@@ -14,6 +14,7 @@
 // on different threads) with nothing shared.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <unordered_map>
 #include <vector>
@@ -22,6 +23,15 @@
 #include "runtime/protocol.hpp"
 
 namespace celer {
+
+// The walk's share of the step's token budget, the same in BlockPlanner::plan and in the
+// scheduler's local plans: a decoding sequence (one token left) takes its token; a longer one
+// (a prompt) at most what the budget leaves after one token for each decoding sequence after
+// it in the walk, so that no stream skips a step behind a long prompt. 0: it waits a step.
+inline int32_t tokens_to_run(int32_t left, bool decoding, int32_t budget, int32_t decoding_after) {
+  if (decoding) return budget > 0 ? 1 : 0;
+  return std::max(0, std::min(left, budget - decoding_after));
+}
 
 class BlockPlanner {
  public:

@@ -319,6 +319,26 @@ void read_conversation_memory(const Value& v, ConversationMemoryConfig& c) {
                  });
 }
 
+void read_objective(const Value& v, LatencyObjective& o) {
+  read_fields(v, {
+                     {"ttft", [&](const Value& x) { o.ttft = x.duration(0); }},
+                     {"itl", [&](const Value& x) { o.itl = x.duration(0); }},
+                 });
+}
+
+void read_slo(const Value& v, SloConfig& c) {
+  auto for_class = [&](Priority p) { return [&c, p](const Value& x) { read_objective(x, c.classes[static_cast<size_t>(p)]); }; };
+  static const Names<bool> kAdmission = {{"queue", false}, {"refuse", true}};
+  read_fields(v, {
+                     {"ttft", [&](const Value& x) { c.all.ttft = x.duration(0); }},
+                     {"itl", [&](const Value& x) { c.all.itl = x.duration(0); }},
+                     {"interactive", for_class(Priority::interactive)},
+                     {"normal", for_class(Priority::normal)},
+                     {"batch", for_class(Priority::batch)},
+                     {"admission", [&](const Value& x) { c.refuse_late = x.choice(kAdmission); }},
+                 });
+}
+
 RateLimit read_rate_limit(const Value& v) {
   RateLimit r;
   read_fields(v, {
@@ -658,6 +678,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"priorities", read_priorities},
                         {"rate_limits", [&](const Value& x) { read_rate_limits(x, c.rate_limits); }},
                         {"deadline", [&](const Value& x) { c.deadline = x.duration(0); }},
+                        {"slo", [&](const Value& x) { read_slo(x, c.slo); }},
                         {"listen", [&](const Value& x) { read_listen(x, c.listen); }},
                         {"http", [&](const Value& x) { read_http(x, c.http.emplace()); }},
                         {"supervision", [&](const Value& x) { read_supervision(x, c.supervision); }},
@@ -802,6 +823,19 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   }
   out << YAML::EndMap << YAML::EndMap;
   out << YAML::Key << "deadline" << YAML::Value << format_duration(c.deadline);
+  out << YAML::Key << "slo" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "ttft" << YAML::Value << format_duration(c.slo.all.ttft);
+  out << YAML::Key << "itl" << YAML::Value << format_duration(c.slo.all.itl);
+  static constexpr const char* kClassKeys[] = {"interactive", "normal", "batch"};
+  for (int p = 0; p < kPriorityClasses; ++p) {
+    const LatencyObjective& o = c.slo.classes[static_cast<size_t>(p)];
+    if (o == LatencyObjective{}) continue;
+    out << YAML::Key << kClassKeys[p] << YAML::Value << YAML::Flow << YAML::BeginMap;
+    out << YAML::Key << "ttft" << YAML::Value << format_duration(o.ttft);
+    out << YAML::Key << "itl" << YAML::Value << format_duration(o.itl) << YAML::EndMap;
+  }
+  out << YAML::Key << "admission" << YAML::Value << (c.slo.refuse_late ? "refuse" : "queue");
+  out << YAML::EndMap;
   if (!c.is_cluster()) {  // in a cluster, the nodes' endpoints replace these
     begin_endpoint(out, "listen", c.listen);
     out << YAML::Key << "token" << YAML::Value << YAML::DoubleQuoted << c.listen.token;

@@ -15,6 +15,7 @@
 // an integer or with a unit: 250ms, 2s, 1m, 1h.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -44,6 +45,34 @@ struct ConversationMemoryConfig {
   int32_t max_entries = 1024;
   int64_t max_tokens = int64_t{1} << 20;
   bool operator==(const ConversationMemoryConfig&) const = default;
+};
+
+// A latency objective: a stream's first token within ttft of its arrival, each later token
+// within itl of the one before. 0: none.
+struct LatencyObjective {
+  std::chrono::milliseconds ttft{0};
+  std::chrono::milliseconds itl{0};
+  bool operator==(const LatencyObjective&) const = default;
+};
+
+// The slo: section (docs/slo.md): objectives for every priority class (ttft, itl), a class's own
+// (interactive:, normal:, batch:, each key replacing the section's), and what admission does
+// with a request that cannot meet its TTFT objective. With no itl anywhere, the server picks
+// one from the step times it measures at start-up (runtime/step_budget.hpp).
+struct SloConfig {
+  LatencyObjective all;
+  std::array<LatencyObjective, kPriorityClasses> classes{};
+  bool refuse_late = false;  // admission: refuse; the default, queue, admits it and counts the miss
+  LatencyObjective of(Priority p) const {
+    const LatencyObjective& c = classes[static_cast<size_t>(p)];
+    return {c.ttft.count() > 0 ? c.ttft : all.ttft, c.itl.count() > 0 ? c.itl : all.itl};
+  }
+  bool itl_written() const {
+    for (const auto& c : classes)
+      if (c.itl.count() > 0) return true;
+    return all.itl.count() > 0;
+  }
+  bool operator==(const SloConfig&) const = default;
 };
 
 // A token bucket: refilled at tokens_per_second, holding at most burst tokens.
@@ -192,6 +221,7 @@ struct ClusterConfig {
   Priority default_priority = Priority::normal;  // "priorities: {default: ...}": for requests that give none
   RateLimitsConfig rate_limits;
   std::chrono::milliseconds deadline{0};  // default request deadline; 0: none
+  SloConfig slo;
   ListenConfig listen;                    // single-process only: in a cluster each node's host and port replace it
   std::optional<HttpConfig> http;         // nullopt: no gateway; single-process only: in a cluster it is a node's
   SupervisionConfig supervision;

@@ -202,6 +202,26 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
   append(out, "celer_allreduce_seconds_total %.6f\n", static_cast<double>(r.allreduce_us) / 1e6);
   header(out, "celer_allreduce_calls_total", "counter", "Tensor-parallel all-reduces rank 0 took part in.");
   append(out, "celer_allreduce_calls_total %" PRIu64 "\n", r.allreduce_calls);
+  // Latency objectives (slo:): goodput and the share of steps and tokens over the ITL objective.
+  header(out, "celer_slo_requests_total", "counter",
+         "Finished requests, and those that met their TTFT and ITL objectives (goodput, as DistServe counts it).");
+  append(out, "celer_slo_requests_total{outcome=\"finished\"} %" PRIu64 "\nceler_slo_requests_total{outcome=\"met\"} %" PRIu64 "\n",
+         r.slo_finished, r.slo_met);
+  header(out, "celer_slo_refused_total", "counter", "Requests refused at admission because they could not meet their TTFT objective.");
+  append(out, "celer_slo_refused_total %" PRIu64 "\n", r.slo_refused);
+  header(out, "celer_ttft_missed_total", "counter", "First tokens later than their TTFT objective.");
+  append(out, "celer_ttft_missed_total %" PRIu64 "\n", r.ttft_missed);
+  header(out, "celer_itl_tokens_total", "counter",
+         "Output tokens after the first under an ITL objective, and those that came later than it after the token before.");
+  append(out, "celer_itl_tokens_total{outcome=\"all\"} %" PRIu64 "\nceler_itl_tokens_total{outcome=\"over\"} %" PRIu64 "\n",
+         r.itl_tokens, r.itl_tokens_over);
+  header(out, "celer_itl_steps_total", "counter", "Steps with a stream under an ITL objective, and those in which one of them waited longer.");
+  append(out, "celer_itl_steps_total{outcome=\"all\"} %" PRIu64 "\nceler_itl_steps_total{outcome=\"over\"} %" PRIu64 "\n",
+         r.itl_steps, r.itl_steps_over);
+  header(out, "celer_itl_objective_seconds", "gauge", "The tightest ITL objective of the streams running (0: none).");
+  append(out, "celer_itl_objective_seconds %.6f\n", static_cast<double>(r.itl_objective_us) / 1e6);
+  header(out, "celer_step_budget_tokens", "gauge", "The token budget of the last step.");
+  append(out, "celer_step_budget_tokens %d\n", r.step_budget);
   return out;
 }
 

@@ -355,6 +355,7 @@ ApiError error_from(ErrorKind kind, const std::string& message) {
     case ErrorKind::rate_limited: return {429, message, "rate_limit_exceeded", "", "rate_limit_exceeded"};
     case ErrorKind::queue_full: return {503, message, "server_overloaded", "", "queue_full"};
     case ErrorKind::unavailable: return {503, message, "server_unavailable", "", "unavailable"};
+    case ErrorKind::slo_unattainable: return {503, message, "server_overloaded", "", "slo_unattainable"};
     // 504: the server (not the client) ran out of time before it could answer.
     case ErrorKind::deadline_exceeded: return {504, message, "timeout", "", "deadline_exceeded"};
     case ErrorKind::internal: return {500, message, "server_error", "", "internal_error"};
@@ -364,7 +365,7 @@ ApiError error_from(ErrorKind kind, const std::string& message) {
 
 std::optional<ErrorKind> error_kind_of_code(std::string_view code) {
   if (code.empty()) return std::nullopt;
-  for (int k = 0; k <= static_cast<int>(ErrorKind::unavailable); ++k)
+  for (int k = 0; k <= static_cast<int>(ErrorKind::slo_unattainable); ++k)
     if (error_from(static_cast<ErrorKind>(k), "").code == code) return static_cast<ErrorKind>(k);
   return std::nullopt;
 }

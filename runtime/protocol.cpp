@@ -18,6 +18,7 @@ const char* to_string(ErrorKind kind) {
     case ErrorKind::deadline_exceeded: return "deadline_exceeded";
     case ErrorKind::internal: return "internal";
     case ErrorKind::unavailable: return "unavailable";
+    case ErrorKind::slo_unattainable: return "slo_unattainable";
   }
   return "?";
 }

@@ -36,6 +36,7 @@ enum class ErrorKind : uint8_t {
   deadline_exceeded = 4, // the request's deadline passed
   internal = 5,          // a failure inside celer that retries could not hide
   unavailable = 6,       // no replica can take requests now
+  slo_unattainable = 7,  // admission: the request cannot meet its TTFT objective (slo.admission: refuse)
 };
 const char* to_string(ErrorKind kind);
 
@@ -244,6 +245,21 @@ struct ReplicaStats {
   uint64_t step_us = 0;
   uint64_t allreduce_us = 0;
   uint64_t allreduce_calls = 0;
+  // Latency objectives (slo:, runtime/step_budget.hpp). Requests finished, and those that met
+  // their TTFT and ITL objectives (goodput); those refused at admission for their TTFT
+  // objective; first tokens later than their objective; output tokens after the first, and
+  // those later than the ITL objective after the one before; steps with a stream under an ITL
+  // objective, and those in which one of them waited longer than it.
+  uint64_t slo_finished = 0;
+  uint64_t slo_met = 0;
+  uint64_t slo_refused = 0;
+  uint64_t ttft_missed = 0;
+  uint64_t itl_tokens = 0;
+  uint64_t itl_tokens_over = 0;
+  uint64_t itl_steps = 0;
+  uint64_t itl_steps_over = 0;
+  uint64_t itl_objective_us = 0;  // the tightest objective of the streams running now (0: none)
+  int32_t step_budget = 0;        // the last step's token budget
 };
 
 // ---- The cluster's messages (docs/cluster.md) ----

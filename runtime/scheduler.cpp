@@ -1,17 +1,30 @@
 #include "runtime/scheduler.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <string>
 
 #include "runtime/error.hpp"
 
 namespace celer {
+namespace {
+
+// The step time the budget aims at, as a share of the ITL objective: the gap between two tokens
+// is the step plus the scheduling and messages around it, which the model does not see.
+constexpr double kItlHeadroom = 0.85;
+// The least prefill a step gives the first waiting prompt while streams run: prompts always
+// progress, even when the streams alone fill the objective.
+constexpr int32_t kMinPrefillTokens = 16;
+
+}  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& config, std::function<bool(TokenId)> is_eog)
     : config_(config), is_eog_(std::move(is_eog)) {
   if (config_.max_batch_size < 1 || config_.max_batch_tokens < 1 || config_.max_queue < 0 || config_.max_context < 2)
     throw Error(ErrorCode::invalid_argument, "scheduler limits must be positive");
+  for (const Objective& o : config_.slo) has_slo_ = has_slo_ || o.ttft_ms > 0 || o.itl_ms > 0;
+  budget_ = config_.max_batch_tokens;
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config, KvBlockManager& blocks, std::function<bool(TokenId)> is_eog)
@@ -74,6 +87,16 @@ std::optional<ErrorReply> Scheduler::admit(const GenerateRequest& request, int64
   if (n_waiting() >= config_.max_queue && n_running() + n_waiting() >= config_.max_batch_size)
     return reject(ErrorKind::queue_full, "the waiting queue is full (" + std::to_string(config_.max_queue) + " requests)");
   const int32_t max_tokens = std::min(request.max_tokens, config_.max_context - n_prompt);
+  const Objective& o = config_.slo[static_cast<size_t>(request.priority)];
+  if (config_.refuse_late && o.ttft_ms > 0) {
+    const double eta = predicted_ttft_ms(request.priority, n_prompt);
+    if (eta > static_cast<double>(o.ttft_ms)) {
+      ++slo_.refused;
+      return reject(ErrorKind::slo_unattainable, "the request cannot meet its TTFT objective of " + std::to_string(o.ttft_ms) +
+                                                     " ms: the prompts queued ahead of it and its own need about " +
+                                                     std::to_string(static_cast<int64_t>(eta)) + " ms of prefill");
+    }
+  }
   if (!take_tokens(request.tenant, n_prompt + max_tokens, now_ms))
     return reject(ErrorKind::rate_limited, "tenant '" + request.tenant + "' is over its token rate limit");
 
@@ -84,6 +107,7 @@ std::optional<ErrorReply> Scheduler::admit(const GenerateRequest& request, int64
   s.request.prompt_tokens.clear();
   s.n_prompt = n_prompt;
   s.arrival = next_arrival_++;
+  s.admitted_ms = now_ms;
   s.n_cached = -1;  // set on first start
   s.times.queued_us = unix_us();
   waiting_[static_cast<int>(request.priority)].push_back(request.id);
@@ -117,7 +141,95 @@ void Scheduler::preempt(Sequence& s) {
   }
 }
 
+// The steps the prompts waiting ahead of (or with) a new one of class p need before its first
+// token, at the current budget, from the step-time model.
+double Scheduler::predicted_ttft_ms(Priority p, int32_t n_prompt) const {
+  if (!step_times_.ready()) return -1;
+  StepShape decode;
+  int64_t ahead = n_prompt;
+  for (const auto& [id, s] : seqs_) {
+    const int32_t left = static_cast<int32_t>(s.tokens.size()) - s.n_computed;
+    if (s.running && left == 1) decode.add(s.n_computed, 1);
+    else if (s.request.priority <= p && s.n_computed < s.n_prompt) ahead += s.n_prompt - s.n_computed;
+  }
+  const int32_t chunk = std::max(kMinPrefillTokens, budget_ - decode.tokens);
+  StepShape step = decode;
+  step.add(0, chunk);
+  return std::ceil(static_cast<double>(ahead) / chunk) * step_times_.predict_us(step) / 1000.0;
+}
+
+int32_t Scheduler::compute_budget(int64_t now_ms) {
+  tightest_itl_ms_ = 0;
+  const int32_t cap = config_.max_batch_tokens;
+  if (!has_slo_ || !step_times_.ready()) return cap;
+  auto left = [](const Sequence& s) { return static_cast<int32_t>(s.tokens.size()) - s.n_computed; };
+  // The streams in decode, the tightest ITL objective among them, and its class.
+  StepShape decode;
+  Priority tight = Priority::batch;
+  const Sequence* prompt = nullptr;  // the first prompt the walk reaches
+  for (RequestId id : running_) {
+    const Sequence& s = seqs_.at(id);
+    if (left(s) > 1) {
+      if (!prompt || before(s, *prompt)) prompt = &s;
+      continue;
+    }
+    decode.add(s.n_computed, 1);
+    const int64_t itl = objective(s).itl_ms;
+    if (itl > 0 && s.times.first_token_us != 0 && (tightest_itl_ms_ == 0 || itl < tightest_itl_ms_)) {
+      tightest_itl_ms_ = itl;
+      tight = s.request.priority;
+    }
+  }
+  for (const auto& q : waiting_)
+    if (!q.empty()) {
+      const Sequence& s = seqs_.at(q.front());
+      if (!prompt || s.request.priority < prompt->request.priority) prompt = &s;
+      break;
+    }
+  const int32_t room = cap - decode.tokens;
+  if (!prompt || tightest_itl_ms_ == 0 || room <= 0) return cap;
+
+  int32_t p = step_times_.max_new_tokens(decode, prompt->n_computed, tightest_itl_ms_ * 1000.0 * kItlHeadroom, room);
+  // A prompt of a higher class than the stream that sets the objective, which would miss its
+  // own TTFT objective at that pace, gets the chunks that meet it instead (the stream's ITL
+  // misses are counted).
+  const Objective& po = objective(*prompt);
+  const int32_t prompt_left = left(*prompt);
+  if (po.ttft_ms > 0 && prompt->request.priority < tight && prompt->times.first_token_us == 0) {
+    const double time_left_us = static_cast<double>(prompt->admitted_ms + po.ttft_ms - now_ms) * 1000.0;
+    auto eta_us = [&](int32_t q) {
+      StepShape s = decode;
+      s.add(prompt->n_computed, q);
+      return std::ceil(static_cast<double>(prompt_left) / q) * step_times_.predict_us(s);
+    };
+    if (p == 0 || eta_us(p) > time_left_us) {
+      int32_t lo = std::max(p, 1), hi = std::max(lo, std::min(room, prompt_left));
+      if (eta_us(hi) <= time_left_us) {
+        while (lo < hi) {  // the smallest chunk that meets it
+          const int32_t mid = lo + (hi - lo) / 2;
+          if (eta_us(mid) <= time_left_us) hi = mid;
+          else lo = mid + 1;
+        }
+      }
+      p = hi;
+    }
+  }
+  p = std::max(p, std::min(room, kMinPrefillTokens));
+  return std::min(cap, decode.tokens + p);
+}
+
 void Scheduler::finish(Sequence& s, FinishReason reason, std::vector<SchedulerEvent>& events) {
+  // Goodput: a request that met its objectives (DistServe: TTFT, and the mean time per output
+  // token after the first against the ITL objective).
+  const Objective& o = objective(s);
+  const int32_t n_out = static_cast<int32_t>(s.tokens.size()) - s.n_prompt;
+  if (n_out > 0) {
+    ++slo_.finished;
+    const bool ttft_ok = o.ttft_ms == 0 || s.times.first_token_us - s.times.queued_us <= o.ttft_ms * 1000;
+    const bool tpot_ok = o.itl_ms == 0 || n_out < 2 ||
+                         (s.times.last_token_us - s.times.first_token_us) / (n_out - 1) <= o.itl_ms * 1000;
+    if (ttft_ok && tpot_ok) ++slo_.met;
+  }
   SchedulerEvent e;
   e.kind = SchedulerEvent::Kind::finished;
   e.id = s.request.id;
@@ -149,12 +261,18 @@ std::vector<RequestId> Scheduler::running_in_order() const {
 std::optional<BlockPlan> Scheduler::plan_locally(const std::vector<RequestId>& running) const {
   if (reset_pending_ || !ended_.empty() || n_waiting() > 0 || running_.empty()) return std::nullopt;
   BlockPlan plan;
-  int32_t budget = config_.max_batch_tokens;
+  int32_t budget = budget_;
+  auto left = [&](const Sequence& s) { return static_cast<int32_t>(s.tokens.size()) - s.n_computed; };
+  int32_t decoding_after = 0;
+  for (RequestId id : running) decoding_after += left(seqs_.at(id)) == 1 ? 1 : 0;
   for (RequestId id : running) {
     const Sequence& s = seqs_.at(id);
+    const bool decoding = left(s) == 1;
+    decoding_after -= decoding ? 1 : 0;
     if (static_cast<int32_t>(plan.chosen.size()) == config_.max_batch_size || budget == 0) break;
     if (!s.started()) return std::nullopt;
-    const int32_t n = std::min(static_cast<int32_t>(s.tokens.size()) - s.n_computed, budget);
+    const int32_t n = tokens_to_run(left(s), decoding, budget, decoding_after);
+    if (n == 0) continue;
     const int32_t positions = s.n_computed + n;
     if (positions > static_cast<int32_t>(s.table.size()) * kKvBlock) return std::nullopt;
     PlannedSequence& p = plan.chosen.emplace_back();
@@ -181,6 +299,7 @@ std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std
                                                 " generated tokens", events);
   }
 
+  budget_ = compute_budget(now_ms);
   const std::vector<RequestId> running = running_in_order();
   if (std::optional<BlockPlan> local = plan_locally(running)) {
     ++local_plans_;
@@ -193,7 +312,7 @@ std::variant<BlockPlan, BlockPlanRequest> Scheduler::prepare(int64_t now_ms, std
   r.ended = std::move(ended_);
   commits_.clear();
   ended_.clear();
-  r.max_batch_tokens = config_.max_batch_tokens;
+  r.max_batch_tokens = budget_;
   r.max_batch_size = config_.max_batch_size;
   // Candidates in order: per class, running (by arrival) then waiting (queue order). Every
   // running one (a possible victim), but no more waiting ones than a step can take: the walk
@@ -278,6 +397,8 @@ Step Scheduler::schedule(int64_t now_ms, std::vector<SchedulerEvent>& events) {
 
 void Scheduler::update(const Step& step, const StepResult& result, std::vector<SchedulerEvent>& events) {
   const int64_t now_us = unix_us();
+  if (result.step_us > 0) step_times_.observe(shape_of(step), static_cast<double>(result.step_us));
+  bool itl_step = false, itl_step_over = false;
   for (const StepSequence& ss : step.sequences) {
     auto it = seqs_.find(ss.id);
     // Gone (finished) or preempted since the step was built: its results no longer apply.
@@ -310,11 +431,24 @@ void Scheduler::update(const Step& step, const StepResult& result, std::vector<S
     e.has_logprob = st.has_logprob;
     if (st.has_logprob) e.logprob = st.logprob;
     events.push_back(std::move(e));
-    if (s.times.first_token_us == 0) s.times.first_token_us = now_us;
+    const Objective& o = objective(s);
+    if (s.times.first_token_us == 0) {
+      s.times.first_token_us = now_us;
+      if (o.ttft_ms > 0 && now_us - s.times.queued_us > o.ttft_ms * 1000) ++slo_.ttft_missed;
+    } else if (o.itl_ms > 0) {
+      itl_step = true;
+      ++slo_.itl_tokens;
+      if (now_us - s.times.last_token_us > o.itl_ms * 1000) {
+        ++slo_.itl_tokens_over;
+        itl_step_over = true;
+      }
+    }
     s.times.last_token_us = now_us;
     if (!s.request.ignore_eos && is_eog_ && is_eog_(st.token)) finish(s, FinishReason::stop, events);
     else if (completion >= s.request.max_tokens) finish(s, FinishReason::length, events);
   }
+  if (itl_step) ++slo_.itl_steps;
+  if (itl_step_over) ++slo_.itl_steps_over;
 }
 
 void Scheduler::fail_all(ErrorKind kind, const std::string& message, std::vector<SchedulerEvent>& events) {

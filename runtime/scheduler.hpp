@@ -29,8 +29,15 @@
 // - Admission (admit): rejected at once with its own ErrorKind when the prompt leaves no room
 //   in the context, the waiting queue is full, or the tenant's token bucket cannot pay for
 //   prompt + max_tokens. Deadlines are checked on admission and at every step.
+// - Latency objectives (config.slo): each step's token budget is sized by step_budget() from an
+//   online model of step time (StepTimeModel): the decoding streams take one token each, and
+//   prefill gets what keeps the step within the tightest ITL objective among the streams in
+//   decode, unless a waiting prompt of a higher class would then miss its TTFT objective, when
+//   it gets what it needs. max_batch_tokens is the upper bound. With refuse_late, admission
+//   refuses a request whose predicted first token is later than its TTFT objective.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -43,16 +50,33 @@
 #include "runtime/block_planner.hpp"
 #include "runtime/kv_block_manager.hpp"
 #include "runtime/protocol.hpp"
+#include "runtime/step_time_model.hpp"
 
 namespace celer {
 
+// A class's latency objectives in milliseconds (0: none): its first token within ttft_ms of
+// admission, each later one within itl_ms of the one before.
+struct Objective {
+  int64_t ttft_ms = 0;
+  int64_t itl_ms = 0;
+  bool operator==(const Objective&) const = default;
+};
+
 struct SchedulerConfig {
   int32_t max_batch_size = 16;
-  int32_t max_batch_tokens = 512;
+  int32_t max_batch_tokens = 512;  // the most tokens in a step; the step budget below stays within it
   int32_t max_queue = 256;       // waiting sequences (all classes) beyond a full batch before admission rejects
   int32_t max_context = 2048;
   RateLimit default_rate;        // tenants without their own entry
   std::map<std::string, RateLimit> tenant_rates;
+  std::array<Objective, kPriorityClasses> slo{};  // by priority class
+  bool refuse_late = false;  // admission refuses a request that cannot meet its TTFT objective
+};
+
+// What the latency objectives came to (ReplicaStats' slo_ and itl_ fields).
+struct SloCounters {
+  uint64_t finished = 0, met = 0, refused = 0, ttft_missed = 0;
+  uint64_t itl_tokens = 0, itl_tokens_over = 0, itl_steps = 0, itl_steps_over = 0;
 };
 
 // What an update() or a schedule() produced for the request actors.
@@ -116,6 +140,12 @@ class Scheduler {
   // Counts reset_kv() calls: a plan asked for before a reset must not be applied after it.
   uint64_t kv_epoch() const { return kv_epoch_; }
   const SchedulerConfig& config() const { return config_; }
+  // The latency objectives: what they came to, the step-time model, the last step's budget and
+  // the tightest ITL objective of the streams in decode then (0: none).
+  const SloCounters& slo_counters() const { return slo_; }
+  const StepTimeModel& step_times() const { return step_times_; }
+  int32_t step_budget() const { return budget_; }
+  int64_t itl_objective_ms() const { return tightest_itl_ms_; }
 
  private:
   struct Sequence {
@@ -125,6 +155,7 @@ class Scheduler {
     int32_t n_computed = 0;
     int32_t n_cached = 0;         // prompt tokens found in the prefix cache on first admission
     uint64_t arrival = 0;
+    int64_t admitted_ms = 0;      // admission time on the scheduler's clock (TTFT objectives)
     StageTimes times;             // queued, admitted, prefill done, first and last token
     int32_t n_sent = 0;           // tokens the cache has been sent (BlockCandidate::new_tokens)
     std::vector<int32_t> table;   // the blocks the cache's last plan gave it (empty: none)
@@ -140,6 +171,11 @@ class Scheduler {
   };
 
   bool take_tokens(const std::string& tenant, double amount, int64_t now_ms);
+  const Objective& objective(const Sequence& s) const { return config_.slo[static_cast<size_t>(s.request.priority)]; }
+  // This step's token budget (see the policy above), and the time the queue ahead of a new
+  // request of class p with n_prompt tokens needs for its prefill (-1: unknown yet).
+  int32_t compute_budget(int64_t now_ms);
+  double predicted_ttft_ms(Priority p, int32_t n_prompt) const;
   std::vector<RequestId> running_in_order() const;  // by class, then arrival (the walk's order)
   std::optional<BlockPlan> plan_locally(const std::vector<RequestId>& running_in_order) const;
   void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
@@ -166,6 +202,11 @@ class Scheduler {
   uint64_t next_arrival_ = 0;
   uint64_t next_step_ = 1;
   uint64_t preemptions_ = 0;
+  bool has_slo_ = false;  // some class has an objective
+  StepTimeModel step_times_;
+  int32_t budget_ = 0;
+  int64_t tightest_itl_ms_ = 0;
+  SloCounters slo_;
 };
 
 }  // namespace celer

@@ -30,6 +30,7 @@ enum ErrorKind {
   deadlineExceeded @4;
   internal @5;
   unavailable @6;
+  sloUnattainable @7;
 }
 
 struct SamplingParams {
@@ -158,6 +159,16 @@ struct ReplicaStats {
   stepUs @13 :UInt64;
   allreduceUs @14 :UInt64;
   allreduceCalls @15 :UInt64;
+  sloFinished @16 :UInt64;
+  sloMet @17 :UInt64;
+  sloRefused @18 :UInt64;
+  ttftMissed @19 :UInt64;
+  itlTokens @20 :UInt64;
+  itlTokensOver @21 :UInt64;
+  itlSteps @22 :UInt64;
+  itlStepsOver @23 :UInt64;
+  itlObjectiveUs @24 :UInt64;
+  stepBudget @25 :Int32;
 }
 
 struct BlockCommit {

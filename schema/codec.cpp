@@ -188,6 +188,16 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setStepUs(m.step_us);
   b.setAllreduceUs(m.allreduce_us);
   b.setAllreduceCalls(m.allreduce_calls);
+  b.setSloFinished(m.slo_finished);
+  b.setSloMet(m.slo_met);
+  b.setSloRefused(m.slo_refused);
+  b.setTtftMissed(m.ttft_missed);
+  b.setItlTokens(m.itl_tokens);
+  b.setItlTokensOver(m.itl_tokens_over);
+  b.setItlSteps(m.itl_steps);
+  b.setItlStepsOver(m.itl_steps_over);
+  b.setItlObjectiveUs(m.itl_objective_us);
+  b.setStepBudget(m.step_budget);
 }
 
 void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
@@ -495,7 +505,7 @@ ErrorReply read(cs::ErrorReply::Reader r) {
   const At at{"ErrorReply"};
   ErrorReply m;
   m.id = r.getId();
-  m.kind = read_enum<ErrorKind>(r.getKind(), static_cast<int>(ErrorKind::unavailable) + 1, at, "kind");
+  m.kind = read_enum<ErrorKind>(r.getKind(), static_cast<int>(ErrorKind::slo_unattainable) + 1, at, "kind");
   m.message = read_text(r.getMessage(), at, "message");
   return m;
 }
@@ -606,6 +616,16 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   m.step_us = r.getStepUs();
   m.allreduce_us = in_range<uint64_t>(r.getAllreduceUs(), 0, m.step_us, at, "allreduce_us");
   m.allreduce_calls = r.getAllreduceCalls();
+  m.slo_finished = r.getSloFinished();
+  m.slo_met = in_range<uint64_t>(r.getSloMet(), 0, m.slo_finished, at, "slo_met");
+  m.slo_refused = r.getSloRefused();
+  m.ttft_missed = r.getTtftMissed();
+  m.itl_tokens = r.getItlTokens();
+  m.itl_tokens_over = in_range<uint64_t>(r.getItlTokensOver(), 0, m.itl_tokens, at, "itl_tokens_over");
+  m.itl_steps = r.getItlSteps();
+  m.itl_steps_over = in_range<uint64_t>(r.getItlStepsOver(), 0, m.itl_steps, at, "itl_steps_over");
+  m.itl_objective_us = r.getItlObjectiveUs();
+  m.step_budget = non_negative(r.getStepBudget(), at, "step_budget");
   return m;
 }
 

@@ -500,7 +500,7 @@ TEST_CASE("chat templates: the fallback", "[chat_template]") {
 }
 
 TEST_CASE("openai: an error code reads back as the ErrorKind that produced it", "[openai]") {
-  for (int k = 0; k <= static_cast<int>(ErrorKind::unavailable); ++k) {
+  for (int k = 0; k <= static_cast<int>(ErrorKind::slo_unattainable); ++k) {
     const auto kind = static_cast<ErrorKind>(k);
     const std::string code = openai::error_from(kind, "x").code;
     INFO(to_string(kind) << " -> '" << code << "'");

@@ -697,7 +697,7 @@ TEST_CASE("TokenChunk, Finished, ErrorReply validation", "[schema]") {
   rejects(fin, [](Finished& m) { m.times.first_token_us = -5; }, "Finished.times.first_token_us");
 
   const ErrorReply err = sample_error();
-  rejects(err, [](ErrorReply& m) { m.kind = static_cast<ErrorKind>(7); }, "ErrorReply.kind");
+  rejects(err, [](ErrorReply& m) { m.kind = static_cast<ErrorKind>(8); }, "ErrorReply.kind");
   rejects(err, [](ErrorReply& m) { m.message = kHugeText; }, "ErrorReply.message");
 }
 
