@@ -89,6 +89,14 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   return s;
 }
 
+std::optional<PickedItlObjective> pick_missing_itl(const ClusterConfig& config, ReplicaSetup& setup) {
+  if (config.slo.itl_written() || !setup.model) return std::nullopt;
+  PickedItlObjective picked =
+      pick_itl_objective(*setup.model, setup.engine, setup.scheduler.max_batch_size, setup.scheduler.max_batch_tokens);
+  for (Objective& o : setup.scheduler.slo) o.itl_ms = picked.itl_ms;
+  return picked;
+}
+
 std::shared_ptr<ConversationMemory> conversation_memory(const ClusterConfig& c) {
   if (c.conversation_memory.max_entries == 0) return nullptr;
   return std::make_shared<ConversationMemory>(ConversationMemory::Limits{static_cast<size_t>(c.conversation_memory.max_entries),

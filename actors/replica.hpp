@@ -8,6 +8,7 @@
 
 #include "actors/scheduler_actor.hpp"
 #include "runtime/config.hpp"
+#include "runtime/itl_objective.hpp"
 
 namespace celer {
 
@@ -16,6 +17,9 @@ namespace celer {
 int32_t serving_context(const ClusterConfig& config, const ModelCard& model);
 
 ReplicaSetup replica_setup(const ClusterConfig& config, std::shared_ptr<const Model> model);
+// With no ITL objective in config.slo, picks one on this machine for every class of the
+// setup's scheduler (runtime/itl_objective.hpp) and returns it; nullopt when one is written.
+std::optional<PickedItlObjective> pick_missing_itl(const ClusterConfig& config, ReplicaSetup& setup);
 // The process's conversation memory of `config` (conversation_memory:), null when it is off.
 std::shared_ptr<ConversationMemory> conversation_memory(const ClusterConfig& config);
 

@@ -23,6 +23,11 @@ RouterActor ask_router(caf::actor_system& sys, const NodeActor& node, std::chron
 SupervisorActor ReplicaStarter::start(const ReplicaPlan& rp, const std::map<std::string, NodeActor>& peers) const {
   ReplicaSetup setup = replica_setup(rp.config, model);
   setup.name = rp.name;
+  // The scheduler's node measures its objective where it holds the weights; a replica whose
+  // scheduler runs apart from them keeps the fixed budget unless slo.itl is written.
+  if (auto picked = pick_missing_itl(rp.config, setup))
+    std::printf("celer: node %s: replica %s: slo: no itl objective written; picked on this machine: %s\n", node_name.c_str(),
+                rp.name.c_str(), picked->describe().c_str());
   setup.model_path = model_path;
   setup.routers = routers;
   if (rp.cache_node != node_name) setup.cache_node = peers.at(rp.cache_node);

@@ -100,6 +100,8 @@ int serve(const ClusterConfig& config, StopSignals& signals) {
   auto model = std::make_shared<Model>(config.model);
   ReplicaSetup setup = replica_setup(config, model);  // refuses a KV cache that cannot fit
   setup.conversations = conversation_memory(config);
+  if (auto picked = pick_missing_itl(config, setup))
+    std::printf("celer: slo: no itl objective written; picked on this machine: %s\n", picked->describe().c_str());
   caf::actor_system_config cfg;
   cfg.load<caf::io::middleman>();
   configure_serving_node(cfg);
@@ -204,6 +206,13 @@ int run_serve(const ServeArgs& a) {
     if (!shown.listen.token.empty()) shown.listen.token = "(redacted)";
     if (!shown.cluster.secret.empty()) shown.cluster.secret = "(redacted)";
     std::fputs(to_yaml(shown).c_str(), stdout);
+    if (!config.slo.itl_written() && !config.model.empty()) {
+      // What `celer serve` would pick: measured here, with the model it would serve.
+      auto model = std::make_shared<Model>(config.model);
+      ReplicaSetup setup = replica_setup(config, model);
+      if (auto picked = pick_missing_itl(config, setup))
+        std::printf("# slo.itl is not written: celer serve picks it at start-up; on this machine %s\n", picked->describe().c_str());
+    }
     return 0;
   }
   check_startable(config, a);
