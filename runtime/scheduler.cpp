@@ -143,19 +143,33 @@ void Scheduler::preempt(Sequence& s) {
 
 // The steps the prompts waiting ahead of (or with) a new one of class p need before its first
 // token, at the current budget, from the step-time model.
+double Scheduler::prefill_us(const StepShape& decode, int64_t tokens, int32_t n_past, int32_t chunk) const {
+  double us = 0;
+  for (int64_t done = 0; done < tokens; done += chunk) {
+    StepShape s = decode;
+    s.add(n_past + static_cast<int32_t>(done), static_cast<int32_t>(std::min<int64_t>(chunk, tokens - done)));
+    us += step_times_.predict_us(s);
+  }
+  return us;
+}
+
 double Scheduler::predicted_ttft_ms(Priority p, int32_t n_prompt) const {
   if (!step_times_.ready()) return -1;
   StepShape decode;
   int64_t ahead = n_prompt;
+  bool paced = false;  // a stream of this class or a higher one sets the pace of prefill
   for (const auto& [id, s] : seqs_) {
     const int32_t left = static_cast<int32_t>(s.tokens.size()) - s.n_computed;
-    if (s.running && left == 1) decode.add(s.n_computed, 1);
-    else if (s.request.priority <= p && s.n_computed < s.n_prompt) ahead += s.n_prompt - s.n_computed;
+    if (s.running && left == 1) {
+      decode.add(s.n_computed, 1);
+      paced = paced || (s.request.priority <= p && objective(s).itl_ms > 0);
+    } else if (s.request.priority <= p && s.n_computed < s.n_prompt) {
+      ahead += s.n_prompt - s.n_computed;
+    }
   }
-  const int32_t chunk = std::max(kMinPrefillTokens, budget_ - decode.tokens);
-  StepShape step = decode;
-  step.add(0, chunk);
-  return std::ceil(static_cast<double>(ahead) / chunk) * step_times_.predict_us(step) / 1000.0;
+  const int32_t room = std::max(1, config_.max_batch_tokens - decode.tokens);
+  const int32_t chunk = paced ? std::min(room, std::max(kMinPrefillTokens, budget_ - decode.tokens)) : room;
+  return prefill_us(decode, ahead, 0, chunk) / 1000.0;
 }
 
 int32_t Scheduler::compute_budget(int64_t now_ms) {
@@ -196,12 +210,9 @@ int32_t Scheduler::compute_budget(int64_t now_ms) {
   const Objective& po = objective(*prompt);
   const int32_t prompt_left = left(*prompt);
   if (po.ttft_ms > 0 && prompt->request.priority < tight && prompt->times.first_token_us == 0) {
-    const double time_left_us = static_cast<double>(prompt->admitted_ms + po.ttft_ms - now_ms) * 1000.0;
-    auto eta_us = [&](int32_t q) {
-      StepShape s = decode;
-      s.add(prompt->n_computed, q);
-      return std::ceil(static_cast<double>(prompt_left) / q) * step_times_.predict_us(s);
-    };
+    // Aimed a little early: the model's error and the time between steps.
+    const double time_left_us = static_cast<double>(prompt->admitted_ms + po.ttft_ms - now_ms) * 1000.0 * kItlHeadroom;
+    auto eta_us = [&](int32_t q) { return prefill_us(decode, prompt_left, prompt->n_computed, q); };
     if (p == 0 || eta_us(p) > time_left_us) {
       int32_t lo = std::max(p, 1), hi = std::max(lo, std::min(room, prompt_left));
       if (eta_us(hi) <= time_left_us) {

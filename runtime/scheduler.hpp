@@ -176,6 +176,8 @@ class Scheduler {
   // request of class p with n_prompt tokens needs for its prefill (-1: unknown yet).
   int32_t compute_budget(int64_t now_ms);
   double predicted_ttft_ms(Priority p, int32_t n_prompt) const;
+  // The model's time for `tokens` of prefill from position n_past, in chunks, beside `decode`.
+  double prefill_us(const StepShape& decode, int64_t tokens, int32_t n_past, int32_t chunk) const;
   std::vector<RequestId> running_in_order() const;  // by class, then arrival (the walk's order)
   std::optional<BlockPlan> plan_locally(const std::vector<RequestId>& running_in_order) const;
   void preempt(Sequence& s);  // the scheduler's half: the cache took (or lost) its blocks
