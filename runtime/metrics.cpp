@@ -22,6 +22,13 @@ void header(std::string& out, const char* name, const char* type, const char* he
   append(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+// A counter of two outcomes, e.g. all steps and those over the objective.
+void counter_by_outcome(std::string& out, const char* name, const char* help, const char* first, uint64_t a,
+                        const char* second, uint64_t b) {
+  header(out, name, "counter", help);
+  append(out, "%s{outcome=\"%s\"} %" PRIu64 "\n%s{outcome=\"%s\"} %" PRIu64 "\n", name, first, a, name, second, b);
+}
+
 const char* outcome_label(int i) {
   static constexpr const char* kLabels[] = {"stop", "length", "cancelled", "error"};
   return kLabels[i];
@@ -203,21 +210,19 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
   header(out, "celer_allreduce_calls_total", "counter", "Tensor-parallel all-reduces rank 0 took part in.");
   append(out, "celer_allreduce_calls_total %" PRIu64 "\n", r.allreduce_calls);
   // Latency objectives (slo:): goodput and the share of steps and tokens over the ITL objective.
-  header(out, "celer_slo_requests_total", "counter",
-         "Finished requests, and those that met their TTFT and ITL objectives (goodput, as DistServe counts it).");
-  append(out, "celer_slo_requests_total{outcome=\"finished\"} %" PRIu64 "\nceler_slo_requests_total{outcome=\"met\"} %" PRIu64 "\n",
-         r.slo_finished, r.slo_met);
+  counter_by_outcome(out, "celer_slo_requests_total",
+                     "Finished requests, and those that met their TTFT and ITL objectives (goodput, as DistServe counts it).",
+                     "finished", r.slo_finished, "met", r.slo_met);
   header(out, "celer_slo_refused_total", "counter", "Requests refused at admission because they could not meet their TTFT objective.");
   append(out, "celer_slo_refused_total %" PRIu64 "\n", r.slo_refused);
   header(out, "celer_ttft_missed_total", "counter", "First tokens later than their TTFT objective.");
   append(out, "celer_ttft_missed_total %" PRIu64 "\n", r.ttft_missed);
-  header(out, "celer_itl_tokens_total", "counter",
-         "Output tokens after the first under an ITL objective, and those that came later than it after the token before.");
-  append(out, "celer_itl_tokens_total{outcome=\"all\"} %" PRIu64 "\nceler_itl_tokens_total{outcome=\"over\"} %" PRIu64 "\n",
-         r.itl_tokens, r.itl_tokens_over);
-  header(out, "celer_itl_steps_total", "counter", "Steps with a stream under an ITL objective, and those in which one of them waited longer.");
-  append(out, "celer_itl_steps_total{outcome=\"all\"} %" PRIu64 "\nceler_itl_steps_total{outcome=\"over\"} %" PRIu64 "\n",
-         r.itl_steps, r.itl_steps_over);
+  counter_by_outcome(out, "celer_itl_tokens_total",
+                     "Output tokens after the first under an ITL objective, and those that came later than it after the token before.",
+                     "all", r.itl_tokens, "over", r.itl_tokens_over);
+  counter_by_outcome(out, "celer_itl_steps_total",
+                     "Steps with a stream under an ITL objective, and those in which one of them waited longer.", "all", r.itl_steps,
+                     "over", r.itl_steps_over);
   header(out, "celer_itl_objective_seconds", "gauge", "The tightest ITL objective of the streams running (0: none).");
   append(out, "celer_itl_objective_seconds %.6f\n", static_cast<double>(r.itl_objective_us) / 1e6);
   header(out, "celer_step_budget_tokens", "gauge", "The token budget of the last step.");

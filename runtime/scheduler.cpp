@@ -141,8 +141,6 @@ void Scheduler::preempt(Sequence& s) {
   }
 }
 
-// The steps the prompts waiting ahead of (or with) a new one of class p need before its first
-// token, at the current budget, from the step-time model.
 double Scheduler::prefill_us(const StepShape& decode, int64_t tokens, int32_t n_past, int32_t chunk) const {
   double us = 0;
   for (int64_t done = 0; done < tokens; done += chunk) {
@@ -153,6 +151,9 @@ double Scheduler::prefill_us(const StepShape& decode, int64_t tokens, int32_t n_
   return us;
 }
 
+// The prefill that the prompts waiting ahead of (or with) a new one of class p and its own need
+// before its first token: at the pace the streams' ITL objectives allow when a stream of its
+// class or a higher one sets it, else in the largest chunks.
 double Scheduler::predicted_ttft_ms(Priority p, int32_t n_prompt) const {
   if (!step_times_.ready()) return -1;
   StepShape decode;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "runtime/error.hpp"
@@ -211,8 +212,25 @@ Distribution distribution_ms(const std::vector<double>& seconds) {
   return d;
 }
 
-Summary summarize(const std::vector<RequestRecord>& records, double duration_s) {
+GoodputObjectives parse_goodput(const std::vector<std::string>& items) {
+  GoodputObjectives o;
+  for (const std::string& item : items) {
+    const auto colon = item.find(':');
+    const std::string key = item.substr(0, colon);
+    char* end = nullptr;
+    const double ms = colon == std::string::npos ? 0 : std::strtod(item.c_str() + colon + 1, &end);
+    double* field = key == "ttft" ? &o.ttft_ms : key == "tpot" ? &o.tpot_ms : key == "e2el" ? &o.e2el_ms : key == "itl" ? &o.itl_ms : nullptr;
+    if (!field || colon == std::string::npos || end == item.c_str() + colon + 1 || *end != '\0' || !(ms > 0) || std::isinf(ms))
+      throw Error(ErrorCode::invalid_argument,
+                  "--goodput wants KEY:MS items with KEY one of ttft, tpot, e2el, itl and MS a positive number, not '" + item + "'");
+    *field = ms;
+  }
+  return o;
+}
+
+Summary summarize(const std::vector<RequestRecord>& records, double duration_s, const GoodputObjectives& objectives) {
   Summary s;
+  size_t gaps_over = 0;
   s.duration_s = duration_s;
   std::vector<double> ttft, tpot, itl, e2el;
   std::vector<double> stage[std::size(kStageNames)];
@@ -244,11 +262,22 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
                               server,                                       std::max(0.0, e2e - server)};
       for (size_t k = 0; k < std::size(kStageNames); ++k) stage[k].push_back(spans[k]);
     }
-    if (r.token_times_s.empty()) continue;
+    auto meets = [](double objective_ms, double seconds) { return objective_ms == 0 || seconds * 1e3 <= objective_ms; };
+    if (r.token_times_s.empty()) {  // no token: only an end-to-end objective can be met
+      if (objectives.any() && objectives.ttft_ms == 0 && objectives.tpot_ms == 0 && meets(objectives.e2el_ms, e2e)) ++s.good_requests;
+      continue;
+    }
     const double first = r.token_times_s.front() - r.send_s;
     ttft.push_back(first);
-    if (r.completion_tokens > 1) tpot.push_back((e2e - first) / (r.completion_tokens - 1));
-    for (size_t i = 1; i < r.token_times_s.size(); ++i) itl.push_back(r.token_times_s[i] - r.token_times_s[i - 1]);
+    const double per_token = r.completion_tokens > 1 ? (e2e - first) / (r.completion_tokens - 1) : 0;
+    if (r.completion_tokens > 1) tpot.push_back(per_token);
+    for (size_t i = 1; i < r.token_times_s.size(); ++i) {
+      itl.push_back(r.token_times_s[i] - r.token_times_s[i - 1]);
+      if (objectives.itl_ms > 0 && itl.back() * 1e3 > objectives.itl_ms) ++gaps_over;
+    }
+    if (objectives.any() && meets(objectives.ttft_ms, first) && meets(objectives.tpot_ms, per_token) &&
+        meets(objectives.e2el_ms, e2e))
+      ++s.good_requests;
     if (r.turn >= 0) {
       turn_sum[static_cast<size_t>(r.turn)] += first;
       ++turn_count[static_cast<size_t>(r.turn)];
@@ -258,7 +287,9 @@ Summary summarize(const std::vector<RequestRecord>& records, double duration_s) 
     s.request_throughput = static_cast<double>(s.completed) / duration_s;
     s.output_throughput = static_cast<double>(s.completion_tokens) / duration_s;
     s.total_token_throughput = static_cast<double>(s.prompt_tokens + s.completion_tokens) / duration_s;
+    s.goodput = static_cast<double>(s.good_requests) / duration_s;
   }
+  if (!itl.empty()) s.itl_over_share = static_cast<double>(gaps_over) / static_cast<double>(itl.size());
   if (s.prompt_tokens > 0)
     s.prefix_cache_hit_rate = static_cast<double>(s.cached_tokens) / static_cast<double>(s.prompt_tokens);
   s.ttft = distribution_ms(ttft);

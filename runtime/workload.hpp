@@ -132,6 +132,16 @@ struct Distribution {
 };
 Distribution distribution_ms(const std::vector<double>& seconds);
 
+// The objectives a completed request must meet to count toward goodput, as DistServe defines
+// it and `vllm bench serve --goodput ttft:MS tpot:MS e2el:MS` writes them; itl: the objective
+// whose share of token gaps over it is reported. Milliseconds; 0: none.
+struct GoodputObjectives {
+  double ttft_ms = 0, tpot_ms = 0, e2el_ms = 0, itl_ms = 0;
+  bool any() const { return ttft_ms > 0 || tpot_ms > 0 || e2el_ms > 0 || itl_ms > 0; }
+};
+// "KEY:MS" items (keys ttft, tpot, e2el, itl; MS a positive number). Throws Error naming a bad one.
+GoodputObjectives parse_goodput(const std::vector<std::string>& items);
+
 struct Summary {
   size_t completed = 0;
   size_t failed = 0;
@@ -152,6 +162,11 @@ struct Summary {
   // Where the end-to-end latency went, from the server's stage times (requests that reported
   // them): name and distribution, in the order a request passes them (see kStageNames).
   std::vector<std::pair<std::string, Distribution>> stages;
+  // With objectives: the completed requests that met all of them, per second of the run, and
+  // the share of token gaps longer than the itl objective.
+  size_t good_requests = 0;
+  double goodput = 0;
+  double itl_over_share = 0;
 };
 
 // The stages of the latency breakdown, each a difference of two StageTimes (or of the
@@ -165,6 +180,6 @@ struct Summary {
 inline constexpr const char* kStageNames[] = {"queue", "prefill", "first_token", "decode", "server", "outside"};
 
 // Metrics over the completed records; failed ones only count in `failed` and `failures`.
-Summary summarize(const std::vector<RequestRecord>& records, double duration_s);
+Summary summarize(const std::vector<RequestRecord>& records, double duration_s, const GoodputObjectives& objectives = {});
 
 }  // namespace celer::workload

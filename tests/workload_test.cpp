@@ -298,6 +298,21 @@ TEST_CASE("summary: latencies, throughput, hit rate, failures, per-turn TTFT", "
   CHECK(s.itl.p99 == Approx(198));  // rank 1.98 between 100 and 200
   CHECK(s.e2el.mean == Approx(375));
   CHECK(s.mean_ttft_ms_by_turn.empty());
+  CHECK(s.good_requests == 0);  // no objectives, no goodput
+
+  SECTION("goodput: the requests that met every objective, per second; the ITL gaps over its objective") {
+    // Request 1: TTFT 100 ms, TPOT 133 ms, E2EL 500 ms; request 2: TTFT 200 ms, E2EL 250 ms.
+    CHECK(summarize(r, 2.0, parse_goodput({"ttft:150"})).good_requests == 1);
+    CHECK(summarize(r, 2.0, parse_goodput({"ttft:250"})).goodput == Approx(1.0));
+    CHECK(summarize(r, 2.0, parse_goodput({"ttft:250", "tpot:100"})).good_requests == 1);  // request 2 has no TPOT
+    CHECK(summarize(r, 2.0, parse_goodput({"e2el:300"})).good_requests == 1);
+    const Summary g = summarize(r, 2.0, parse_goodput({"itl:150"}));
+    CHECK(g.itl_over_share == Approx(1.0 / 3));  // the 200 ms gap of 200, 0 and 100 ms
+    CHECK(g.good_requests == 2);                 // itl counts gaps, not requests
+    CHECK_THROWS_WITH(parse_goodput({"ttft"}), Catch::Contains("KEY:MS"));
+    CHECK_THROWS_WITH(parse_goodput({"ttft:-1"}), Catch::Contains("'ttft:-1'"));
+    CHECK_THROWS_WITH(parse_goodput({"latency:5"}), Catch::Contains("ttft, tpot, e2el, itl"));
+  }
 
   SECTION("multi-turn: mean TTFT per turn index") {
     std::vector<RequestRecord> turns;

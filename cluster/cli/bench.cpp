@@ -58,6 +58,8 @@ struct BenchArgs {
   float temperature = 0;
   std::string json;
   std::string label;
+  std::vector<std::string> goodput;  // --goodput KEY:MS items, read into objectives
+  wl::GoodputObjectives objectives;
   bool vocab_size_given = false;  // --vocab-size on the command line; else the served model's
   int32_t context = 0;            // the served model's context (with --connect)
 };
@@ -236,6 +238,10 @@ void print_summary(const BenchArgs& a, double rate, const wl::Summary& s,
   std::printf("%-40s %.2f\n", "Request throughput (req/s):", s.request_throughput);
   std::printf("%-40s %.2f\n", "Output token throughput (tok/s):", s.output_throughput);
   std::printf("%-40s %.2f\n", "Total token throughput (tok/s):", s.total_token_throughput);
+  if (!a.goodput.empty()) {
+    std::printf("%-40s %.2f (%zu requests)\n", "Request goodput (req/s):", s.goodput, s.good_requests);
+    std::printf("%-40s %.2f\n", "Token gaps over the ITL objective (%):", s.itl_over_share * 100);
+  }
   print_distribution("---------------Time to First Token----------------", "TTFT", s.ttft);
   print_distribution("-----Time per Output Token (excl. 1st token)------", "TPOT", s.tpot);
   print_distribution("---------------Inter-token Latency----------------", "ITL", s.itl);
@@ -306,6 +312,13 @@ nlohmann::json to_json(const BenchArgs& a, double rate, const wl::Summary& s,
   j["request_throughput"] = s.request_throughput;
   j["output_throughput"] = s.output_throughput;
   j["total_token_throughput"] = s.total_token_throughput;
+  if (!a.goodput.empty()) {
+    const wl::GoodputObjectives& o = a.objectives;
+    j["goodput_objectives_ms"] = {{"ttft", o.ttft_ms}, {"tpot", o.tpot_ms}, {"e2el", o.e2el_ms}, {"itl", o.itl_ms}};
+    j["goodput"] = s.goodput;
+    j["good_requests"] = s.good_requests;
+    j["itl_over_objective_share"] = s.itl_over_share;
+  }
   add_distribution(j, "ttft", s.ttft);
   add_distribution(j, "tpot", s.tpot);
   add_distribution(j, "itl", s.itl);
@@ -343,6 +356,7 @@ int run_bench(BenchArgs& a) {
                 "--dataset must be random, shared-prefix or multi-turn, not '" + a.dataset + "'");
   a.data.kind = *kind;
   const double rate = parse_rate(a.request_rate);
+  a.objectives = wl::parse_goodput(a.goodput);  // refused before anything is sent
   if (a.max_concurrency < 0)
     throw Error(ErrorCode::invalid_argument, "--max-concurrency must be 0 (unlimited) or more");
   if (a.temperature < 0) throw Error(ErrorCode::invalid_argument, "--temperature must not be negative");
@@ -430,7 +444,7 @@ int run_bench(BenchArgs& a) {
 
   std::vector<wl::RequestRecord> all;
   for (const auto& job : runner.records) all.insert(all.end(), job.begin(), job.end());
-  const wl::Summary summary = wl::summarize(all, duration);
+  const wl::Summary summary = wl::summarize(all, duration, a.objectives);
   print_summary(a, rate, summary, runner.records);
   if (!a.json.empty()) {
     std::ofstream f(a.json);
@@ -484,6 +498,9 @@ Command add_bench(CLI::App& app) {
       ->capture_default_str();
   c->add_flag("--ignore-eos,!--no-ignore-eos", a->ignore_eos,
               "Generate exactly the output length, past end-of-sequence tokens (default on)");
+  c->add_option("--goodput", a->goodput,
+                "Objectives for goodput, as KEY:MS (ttft, tpot, e2el, itl): requests/s that met them all (DistServe), and the "
+                "share of token gaps over itl");
   c->add_option("--temperature", a->temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
   c->add_option("--json", a->json, "Write the results (summary and per-request records) to this JSON file");
   c->add_option("--label", a->label, "A name for this run, in the report and the JSON");
