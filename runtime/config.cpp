@@ -826,11 +826,10 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   out << YAML::Key << "slo" << YAML::Value << YAML::BeginMap;
   out << YAML::Key << "ttft" << YAML::Value << format_duration(c.slo.all.ttft);
   out << YAML::Key << "itl" << YAML::Value << format_duration(c.slo.all.itl);
-  static constexpr const char* kClassKeys[] = {"interactive", "normal", "batch"};
   for (int p = 0; p < kPriorityClasses; ++p) {
     const LatencyObjective& o = c.slo.classes[static_cast<size_t>(p)];
     if (o == LatencyObjective{}) continue;
-    out << YAML::Key << kClassKeys[p] << YAML::Value << YAML::Flow << YAML::BeginMap;
+    out << YAML::Key << name_of(kPriorities, static_cast<Priority>(p)) << YAML::Value << YAML::Flow << YAML::BeginMap;
     out << YAML::Key << "ttft" << YAML::Value << format_duration(o.ttft);
     out << YAML::Key << "itl" << YAML::Value << format_duration(o.itl) << YAML::EndMap;
   }

@@ -67,9 +67,7 @@ std::vector<TokenId> ConversationMemory::tokenize(const Tokenizer& tok, const Ge
         }
       }
     }
-    if (best == lru_.end()) {
-      ids.clear();
-    } else {
+    if (best != lru_.end()) {
       ++stats_.hits;
       stats_.reused_tokens += best_ids;
       ids.assign(best->ids.begin(), best->ids.begin() + static_cast<std::ptrdiff_t>(best_ids));

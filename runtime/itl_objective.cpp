@@ -5,12 +5,11 @@
 #include <cmath>
 #include <cstdio>
 
+#include "runtime/step_time_model.hpp"
+
 namespace celer {
 namespace {
 
-// The share of the objective the scheduler's budget aims a step at (kItlHeadroom in
-// runtime/scheduler.cpp): the objective leaves the same room.
-constexpr double kHeadroom = 0.85;
 constexpr int32_t kContext = 32;  // positions each decoding sequence has
 
 }  // namespace
@@ -83,7 +82,7 @@ PickedItlObjective pick_itl_objective(const Model& model, EngineOptions eo, int3
       out.step_ms = t;
       break;
     }
-  out.itl_ms = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(out.step_ms / kHeadroom)));
+  out.itl_ms = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(out.step_ms / kItlHeadroom)));
   return out;
 }
 

@@ -10,9 +10,6 @@
 namespace celer {
 namespace {
 
-// The step time the budget aims at, as a share of the ITL objective: the gap between two tokens
-// is the step plus the scheduling and messages around it, which the model does not see.
-constexpr double kItlHeadroom = 0.85;
 // The least prefill a step gives the first waiting prompt while streams run: prompts always
 // progress, even when the streams alone fill the objective.
 constexpr int32_t kMinPrefillTokens = 16;

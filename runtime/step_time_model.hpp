@@ -23,6 +23,11 @@
 
 namespace celer {
 
+// The step time the step budget aims at, as a share of the ITL objective (and how much of an
+// objective picked from a step time that step is): the gap between two tokens is the step plus
+// the scheduling and messages around it, which the model does not see.
+constexpr double kItlHeadroom = 0.85;
+
 struct StepShape {
   int32_t rows = 0;
   int32_t tokens = 0;

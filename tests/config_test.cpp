@@ -57,6 +57,12 @@ response_cache:
   max_entries: 99
   ttl: 2s
 conversation_memory: {max_entries: 0, max_tokens: 5000}
+slo:
+  ttft: 2s
+  itl: 150ms
+  interactive: {ttft: 300ms, itl: 50ms}
+  batch: {ttft: 1m}
+  admission: refuse
 priorities:
   default: interactive
 rate_limits:
@@ -162,6 +168,11 @@ TEST_CASE("every key of a full document", "[config]") {
   CHECK(c.response_cache.max_entries == 99);
   CHECK(c.response_cache.ttl == milliseconds(2000));
   CHECK(c.conversation_memory == ConversationMemoryConfig{0, 5000});
+  CHECK(c.slo.refuse_late);
+  CHECK(c.slo.itl_written());
+  CHECK(c.slo.of(Priority::interactive) == LatencyObjective{milliseconds(300), milliseconds(50)});
+  CHECK(c.slo.of(Priority::normal) == LatencyObjective{milliseconds(2000), milliseconds(150)});
+  CHECK(c.slo.of(Priority::batch) == LatencyObjective{milliseconds(60'000), milliseconds(150)});
   CHECK(c.default_priority == Priority::interactive);
   CHECK(c.rate_limits.default_limit == RateLimit{50, 100});
   REQUIRE(c.rate_limits.tenants.size() == 2);
@@ -313,6 +324,10 @@ TEST_CASE("a bad size or duration string shows the units", "[config]") {
   check_error("kv_cache_memory: 1.5GiB", 1, "kv_cache_memory", "GiB");
   check_error("kv_cache_memory: 12mib", 1, "kv_cache_memory", "MiB");
   check_error("deadline: 3 weeks", 1, "deadline", "ms, s");
+  check_error("slo:\n  itl: fast\n", 2, "slo.itl", "ms, s");
+  check_error("slo: {admission: sometimes}", 1, "slo.admission", "refuse");
+  check_error("slo:\n  urgent: {ttft: 1s}\n", 2, "urgent", "interactive");
+  check_error("conversation_memory: {max_entries: -1}", 1, "conversation_memory.max_entries", "0..");
 }
 
 TEST_CASE("a key given twice is an error at the second", "[config]") {

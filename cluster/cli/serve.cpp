@@ -208,10 +208,15 @@ int run_serve(const ServeArgs& a) {
     std::fputs(to_yaml(shown).c_str(), stdout);
     if (!config.slo.itl_written() && !config.model.empty()) {
       // What `celer serve` would pick: measured here, with the model it would serve.
-      auto model = std::make_shared<Model>(config.model);
-      ReplicaSetup setup = replica_setup(config, model);
-      if (auto picked = pick_missing_itl(config, setup))
-        std::printf("# slo.itl is not written: celer serve picks it at start-up; on this machine %s\n", picked->describe().c_str());
+      // A model or KV cache that cannot be used is `celer serve`'s to refuse: the config is printed.
+      try {
+        auto model = std::make_shared<Model>(config.model);
+        ReplicaSetup setup = replica_setup(config, model);
+        if (auto picked = pick_missing_itl(config, setup))
+          std::printf("# slo.itl is not written: celer serve picks it at start-up; on this machine %s\n", picked->describe().c_str());
+      } catch (const Error& e) {
+        std::printf("# slo.itl is not written: celer serve picks it at start-up; it cannot be measured here: %s\n", e.what());
+      }
     }
     return 0;
   }
