@@ -10,14 +10,24 @@
 namespace celer {
 namespace {
 
-constexpr int32_t kContext = 32;  // positions each decoding sequence has
+constexpr int32_t kContext = 32;          // positions each decoding sequence has
+constexpr double kPrefillRateKept = 0.9;  // of the largest chunk's prefill rate
+
+double median(std::vector<double>& v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
 
 }  // namespace
 
 std::string PickedItlObjective::describe() const {
-  char buf[256];
-  std::snprintf(buf, sizeof buf, "%lld ms (a decode step of %d sequences took %.1f ms; with a %d-token prompt chunk %.1f ms)",
-                static_cast<long long>(itl_ms), rows, decode_ms, chunk, step_ms);
+  char buf[320];
+  std::snprintf(buf, sizeof buf,
+                "%lld ms (a decode step of %d sequences takes %.1f ms and each prompt token adds %.2f ms; "
+                "%d-token chunks keep 90%% of the prefill rate of %d-token ones, in %.1f ms steps)",
+                static_cast<long long>(itl_ms), rows, decode_ms, per_token_ms, chunk, max_chunk, step_ms);
   return buf;
 }
 
@@ -67,21 +77,37 @@ PickedItlObjective pick_itl_objective(const Model& model, EngineOptions eo, int3
     return best;
   };
   time_step(0);  // warm-up
-  const double decode = time_step(0);
-  std::vector<std::pair<int32_t, double>> steps;
+  std::vector<std::pair<double, double>> steps;
+  steps.push_back({0, time_step(0)});
   for (int32_t p = 32; p < max_chunk; p *= 2) steps.push_back({p, time_step(p)});
   steps.push_back({max_chunk, time_step(max_chunk)});
-  double best_cost = 1e300;
-  for (const auto& [p, t] : steps) best_cost = std::min(best_cost, std::max(1e-6, t - decode) / p);
+
+  return fit_itl_objective(steps, rows, max_chunk);
+}
+
+PickedItlObjective fit_itl_objective(std::span<const std::pair<double, double>> steps, int32_t rows, int32_t max_chunk) {
+  // t = a + b * p, fitted by Theil-Sen: b is the median of the slopes between every two steps, a
+  // the median of t - b * p. One disturbed step moves neither (least squares would let a slow
+  // largest chunk tilt the line and halve a).
+  std::vector<double> values;
+  for (size_t i = 0; i < steps.size(); ++i)
+    for (size_t j = i + 1; j < steps.size(); ++j)
+      if (steps[j].first != steps[i].first) values.push_back((steps[j].second - steps[i].second) / (steps[j].first - steps[i].first));
+  const double b = std::max(1e-6, median(values));
+  values.clear();
+  for (const auto& [p, t] : steps) values.push_back(t - b * p);
+  const double a = std::max(1e-3, median(values));
+
+  // p / (a + b p) >= k * P / (a + b P)  <=>  p >= k P a / (a + (1 - k) b P).
+  const double big = max_chunk;
+  const double needed = kPrefillRateKept * big * a / (a + (1 - kPrefillRateKept) * b * big);
   PickedItlObjective out;
   out.rows = rows;
-  out.decode_ms = decode;
-  for (const auto& [p, t] : steps)
-    if (std::max(1e-6, t - decode) / p <= best_cost * 1.1) {
-      out.chunk = p;
-      out.step_ms = t;
-      break;
-    }
+  out.decode_ms = a;
+  out.per_token_ms = b;
+  out.max_chunk = max_chunk;
+  out.chunk = std::clamp(static_cast<int32_t>(std::ceil(needed)), 1, max_chunk);
+  out.step_ms = a + b * out.chunk;
   out.itl_ms = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(out.step_ms / kItlHeadroom)));
   return out;
 }

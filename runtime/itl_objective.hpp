@@ -1,15 +1,19 @@
 // The ITL objective a server picks for itself when its config writes none (slo: in
 // runtime/config.hpp): measured at start-up on the machine it runs on, with the model it serves.
 //
-// A step that decodes a full batch and adds a prompt chunk of p tokens takes t(p); the prompt's
-// marginal cost per token is (t(p) - t(0)) / p, and falls as p grows (the weights are read once
-// per step, whatever p). The objective is the step time at the smallest chunk whose marginal
-// cost is within 10% of the best measured, over the scheduler's headroom: streams are as smooth
-// as the machine allows without giving up more than about a tenth of prefill throughput.
+// A step that decodes a full batch and adds a prompt chunk of p tokens takes t(p) = a + b*p: a is
+// the decode batch alone, b each prompt token (a straight line fitted to steps of several chunk
+// sizes, so that one disturbed step does not move the pick). Prefill runs at p / t(p) tokens per
+// millisecond, which rises with p towards 1/b because the decode batch's cost a is shared by more
+// prompt tokens. The objective is the step time at the smallest chunk that keeps 90% of the
+// prefill rate of the largest chunk the budget allows, over the scheduler's headroom: streams are
+// as smooth as the machine allows without giving up more than a tenth of prefill throughput.
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/engine.hpp"
@@ -19,14 +23,19 @@ namespace celer {
 
 struct PickedItlObjective {
   int64_t itl_ms = 0;
-  double decode_ms = 0;  // t(0): the full decode batch alone
-  int32_t rows = 0;      // its sequences
-  int32_t chunk = 0;     // the prompt chunk chosen
-  double step_ms = 0;    // t(chunk)
+  double decode_ms = 0;     // a: the full decode batch alone (fitted)
+  double per_token_ms = 0;  // b: each prompt token the step adds (fitted)
+  int32_t rows = 0;         // the decode batch's sequences
+  int32_t chunk = 0;        // the prompt chunk chosen
+  int32_t max_chunk = 0;    // the largest the budget allows
+  double step_ms = 0;       // a + b * chunk
   std::string describe() const;
 };
 
 // Runs a few steps on a scratch engine of `engine`'s options (one rank; KV for the steps only).
 PickedItlObjective pick_itl_objective(const Model& model, EngineOptions engine, int32_t max_batch_size, int32_t max_batch_tokens);
+
+// The pick from measured steps: (prompt chunk, step ms) pairs of a decode batch of `rows`.
+PickedItlObjective fit_itl_objective(std::span<const std::pair<double, double>> steps, int32_t rows, int32_t max_chunk);
 
 }  // namespace celer
