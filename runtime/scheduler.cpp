@@ -202,6 +202,9 @@ int32_t Scheduler::compute_budget(int64_t now_ms) {
   if (!prompt || tightest_itl_ms_ == 0 || room <= 0) return cap;
 
   int32_t p = step_times_.max_new_tokens(decode, prompt->n_computed, tightest_itl_ms_ * 1000.0 * kItlHeadroom, room);
+  // Chunks grow at most twofold a step past what the model has seen, so that a fit that has
+  // forgotten what prefill costs learns it again with a small step rather than a long one.
+  p = std::min(p, std::max(kMinPrefillTokens, 2 * step_times_.largest_chunk_seen()));
   // A prompt of a higher class than the stream that sets the objective, which would miss its
   // own TTFT objective at that pace, gets the chunks that meet it instead (the stream's ITL
   // misses are counted).

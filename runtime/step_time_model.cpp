@@ -55,6 +55,12 @@ void StepTimeModel::fit() {
   for (int i = 0; i < n; ++i) coef_[static_cast<size_t>(i)] = a[i][n] / a[i][i];
 }
 
+int32_t StepTimeModel::largest_chunk_seen() const {
+  double most = 0;
+  for (const Sample& s : window_) most = std::max(most, s.x[2] - s.x[1]);
+  return static_cast<int32_t>(most);
+}
+
 double StepTimeModel::predict_us(const StepShape& shape) const {
   const auto x = features(shape);
   double t = 0;

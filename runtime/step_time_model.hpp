@@ -54,6 +54,11 @@ class StepTimeModel {
   // predicted within target_us.
   int32_t max_new_tokens(const StepShape& base, int32_t n_past, double target_us, int32_t cap) const;
   const std::array<double, 4>& coefficients() const { return coef_; }
+  // The most new tokens beyond one a row that a step in the window had: how far the fit has
+  // seen prefill. Past about twice that, its per-token cost is a guess (after a window of
+  // decode-only steps the ridge has shrunk it toward zero), so the budget grows chunks toward
+  // what it predicts rather than jumping there.
+  int32_t largest_chunk_seen() const;
 
  private:
   static std::array<double, 4> features(const StepShape& s);

@@ -672,6 +672,32 @@ TEST_CASE("step budget: decoding streams keep within their ITL objective while l
   CHECK(worst > 60'000);
 }
 
+TEST_CASE("step budget: after a window of decode-only steps, a long prompt's chunks grow back to the objective's size",
+          "[slo]") {
+  FakeMachine m;
+  SchedulerConfig c;
+  c.max_batch_size = 16;
+  c.max_batch_tokens = 1024;
+  c.max_context = 4096;
+  for (Objective& o : c.slo) o.itl_ms = 100;
+  KvBlockManager blocks(2048, false);
+  Scheduler s(c, blocks, nullptr);
+  int64_t now_ms = 1'000'000;
+  std::vector<SchedulerEvent> events;
+  for (RequestId id = 1; id <= 8; ++id) REQUIRE_FALSE(s.admit(slo_request(id, 16, 1000), now_ms));
+  // Two windows of decode: the fit has forgotten what a prompt token costs.
+  for (size_t i = 0; i < 2 * StepTimeModel::kWindow; ++i) run_fake_step(s, m, now_ms, events);
+  REQUIRE(s.step_times().largest_chunk_seen() == 0);
+  REQUIRE_FALSE(s.admit(slo_request(100, 2000, 1), now_ms));
+  std::vector<double> steps;
+  for (int i = 0; i < 8; ++i) steps.push_back(run_fake_step(s, m, now_ms, events));
+  INFO("first steps (us): " << steps[0] << " " << steps[1] << " " << steps[2] << " " << steps[3] << " " << steps[4]);
+  for (double us : steps) CHECK(us <= 100'000);
+  // (100 ms * 0.85 - 20 ms - 8 rows) / 0.4 ms a token: about 150-token chunks, reached within a
+  // few steps.
+  CHECK(steps.back() > 70'000);
+}
+
 TEST_CASE("step budget: a higher class's prompt gets the chunks its TTFT objective needs; admission can refuse a late one",
           "[slo]") {
   FakeMachine m;
