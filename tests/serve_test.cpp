@@ -9,7 +9,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -219,4 +221,121 @@ TEST_CASE("serve: --print-config does not print the token", "[serve]") {
   INFO(r.output);
   CHECK(r.exited(0));
   CHECK_THAT(r.output, Catch::Contains("token: \"(redacted)\"") && !Catch::Contains("do-not-print-me"));
+}
+
+namespace {
+
+// One run of the ITL test's load on a server: a stream decodes, then six long prompts arrive
+// at once. The stream's gaps between tokens, before and while the prompts run.
+struct ItlRun {
+  std::vector<double> gaps_before_ms, gaps_during_ms;
+  int prompts_done = 0;
+};
+
+ItlRun run_itl_load(uint16_t port, int32_t n_vocab) {
+  auto connect = [&] {
+    auto c = Client::connect("127.0.0.1", port);
+    REQUIRE(std::holds_alternative<std::unique_ptr<Client>>(c));
+    return std::move(std::get<std::unique_ptr<Client>>(c));
+  };
+  std::unique_ptr<Client> streamer = connect(), prompter = connect();
+  RequestOptions o;
+  o.max_tokens = 400;
+  o.ignore_eos = true;
+  o.sampling.temperature = 0;
+  std::vector<TokenId> prompt{1, 403, 407, 261, 378, 316, 266, 275};
+  Client::Stream stream = streamer->stream_tokens(prompt, o);
+  ItlRun run;
+  std::atomic<bool> prompts_running{false}, prompts_over{false};
+  std::thread prompts;
+  auto last = std::chrono::steady_clock::now();
+  int tokens = 0;
+  while (auto chunk = stream.next()) {
+    if (chunk->tokens.empty()) continue;
+    const auto now = std::chrono::steady_clock::now();
+    const double gap = std::chrono::duration<double, std::milli>(now - last).count();
+    last = now;
+    if (tokens > 0 && !prompts_over) (prompts_running ? run.gaps_during_ms : run.gaps_before_ms).push_back(gap);
+    tokens += static_cast<int>(chunk->tokens.size());
+    if (tokens >= 30 && !prompts.joinable()) {
+      prompts_running = true;
+      prompts = std::thread([&] {
+        RequestOptions po;
+        po.max_tokens = 1;
+        po.sampling.temperature = 0;
+        std::vector<Client::Stream> long_prompts;
+        for (int p = 0; p < 6; ++p) {
+          std::vector<TokenId> ids(1000);
+          for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<TokenId>(3 + (i * 31 + static_cast<size_t>(p) * 97) % static_cast<size_t>(n_vocab - 3));
+          long_prompts.push_back(prompter->stream_tokens(std::move(ids), po));
+        }
+        for (auto& s : long_prompts) {
+          while (s.next()) {
+          }
+          if (std::holds_alternative<Completion>(s.result())) ++run.prompts_done;
+        }
+        prompts_over = true;
+      });
+    }
+  }
+  if (prompts.joinable()) prompts.join();
+  REQUIRE(std::holds_alternative<Completion>(stream.result()));
+  return run;
+}
+
+double quantile(std::vector<double> v, double q) {
+  REQUIRE_FALSE(v.empty());
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+}  // namespace
+
+TEST_CASE("serve: a stream with an ITL objective keeps its gaps within it while long prompts arrive", "[serve][slo]") {
+  // A random 5M-parameter model on one thread: a decode step takes a few milliseconds, a
+  // 1000-token prompt in one step a hundred or more.
+  TempDir dir;
+  const std::string model = dir.path() + "/m.gguf";
+  CelerRun made = run_celer(CELER_BIN,
+                            {"make-model", "--arch", "llama", "--dim", "256", "--layers", "6", "--heads", "4", "--kv-heads",
+                             "4", "--ffn", "768", "--context", "4096", "--vocab", kModel, "--type", "q8_0", model},
+                            60s);
+  REQUIRE(made.exited(0));
+  const std::string base = "model: " + model + "\nmax_batch_size: 8\nmax_batch_tokens: 1024\nthreads: 1\nkv_cache_blocks: 1024\n";
+  const int32_t n_vocab = 512;
+
+  // First the fixed budget (an objective no step reaches): the step time this machine has now.
+  ItlRun fixed;
+  {
+    const std::string config = write_config(dir, base + "slo: {itl: 1h}\n");
+    ServeProcess server(CELER_BIN, {"--config", config});
+    fixed = run_itl_load(server.port(), n_vocab);
+  }
+  const double decode_ms = quantile(fixed.gaps_before_ms, 0.5);
+  const double long_ms = quantile(fixed.gaps_during_ms, 1.0);
+  // The objective: a third of the long step, and room for several decode steps.
+  const int64_t itl_ms = static_cast<int64_t>(std::ceil(std::max(long_ms / 3, 4 * decode_ms)));
+  INFO("fixed budget: decode gap p50 " << decode_ms << " ms, longest gap " << long_ms << " ms; objective " << itl_ms << " ms");
+  CHECK(fixed.prompts_done == 6);
+  REQUIRE(long_ms > 1.5 * static_cast<double>(itl_ms));  // the fixed budget misses it: the check below can fail
+
+  const std::string config = write_config(dir, base + "slo: {itl: " + std::to_string(itl_ms) + "ms}\n");
+  ServeProcess server(CELER_BIN, {"--config", config});
+  const ItlRun paced = run_itl_load(server.port(), n_vocab);
+  // The gaps of the steps that carried a prompt chunk: longer than the slowest decode steps.
+  const double decode_p90_ms = quantile(fixed.gaps_before_ms, 0.9);
+  std::vector<double> during;
+  std::string all;
+  for (double g : paced.gaps_during_ms) {
+    if (g > 2 * decode_p90_ms + 1) during.push_back(g);
+    all += std::to_string(static_cast<int>(g)) + " ";
+  }
+  const size_t over = static_cast<size_t>(std::count_if(during.begin(), during.end(), [&](double g) { return g > static_cast<double>(itl_ms); }));
+  INFO("with the objective, the stream's gaps (ms) while the prompts ran: " << all);
+  INFO(during.size() << " steps carried prompt chunks, " << over << " over " << itl_ms << " ms; p50 " << quantile(during, 0.5)
+                     << " p90 " << quantile(during, 0.9) << " max " << quantile(during, 1.0) << " ms");
+  CHECK(paced.prompts_done == 6);
+  CHECK(during.size() >= 12);  // the prompts took many steps, each with the stream's token
+  CHECK(static_cast<double>(over) <= 0.15 * static_cast<double>(during.size()));
+  CHECK(quantile(during, 1.0) < 2 * static_cast<double>(itl_ms));  // none near the fixed budget's long steps
 }
