@@ -11,7 +11,8 @@ namespace celer {
 namespace {
 
 constexpr int32_t kContext = 32;          // positions each decoding sequence has
-constexpr double kPrefillRateKept = 0.9;  // of the largest chunk's prefill rate
+constexpr double kRateKept = 0.9;   // of the largest chunk's step throughput
+constexpr int32_t kMinChunk = 32;   // the smallest chunk picked: steps have costs the scratch engine does not see
 
 double median(std::vector<double>& v) {
   if (v.empty()) return 0;
@@ -26,7 +27,7 @@ std::string PickedItlObjective::describe() const {
   char buf[320];
   std::snprintf(buf, sizeof buf,
                 "%lld ms (a decode step of %d sequences takes %.1f ms and each prompt token adds %.2f ms; "
-                "%d-token chunks keep 90%% of the prefill rate of %d-token ones, in %.1f ms steps)",
+                "%d-token chunks keep 90%% of the throughput of %d-token ones, in %.1f ms steps)",
                 static_cast<long long>(itl_ms), rows, decode_ms, per_token_ms, chunk, max_chunk, step_ms);
   return buf;
 }
@@ -68,8 +69,11 @@ PickedItlObjective pick_itl_objective(const Model& model, EngineOptions eo, int3
     batch.clear();
     for (int32_t r = 0; r < rows; ++r) batch.push_back({one, kContext, tables[static_cast<size_t>(r)], true});
     if (p > 0) batch.push_back({std::span<const TokenId>(prompt.data(), static_cast<size_t>(p)), 0, tables[static_cast<size_t>(rows)], true});
+    // The fastest of several tries (the others may have been disturbed): five for the short
+    // steps, which set the line's intercept and cost little, three for the long ones.
+    const int tries = p <= 64 ? 5 : 3;
     double best = 1e300;
-    for (int rep = 0; rep < 3; ++rep) {  // the fastest of three: the others may have been disturbed
+    for (int rep = 0; rep < tries; ++rep) {
       const auto t0 = clock::now();
       engine.forward(batch, logits.data());
       best = std::min(best, std::chrono::duration<double, std::milli>(clock::now() - t0).count());
@@ -98,15 +102,20 @@ PickedItlObjective fit_itl_objective(std::span<const std::pair<double, double>> 
   for (const auto& [p, t] : steps) values.push_back(t - b * p);
   const double a = std::max(1e-3, median(values));
 
-  // p / (a + b p) >= k * P / (a + b P)  <=>  p >= k P a / (a + (1 - k) b P).
-  const double big = max_chunk;
-  const double needed = kPrefillRateKept * big * a / (a + (1 - kPrefillRateKept) * b * big);
+  // A step's throughput is (rows + p) / (a + b p) tokens a millisecond: the decode rows are
+  // work done too. Where a decode row costs less than a prompt token (a > b * rows: the weights'
+  // reads dominate a decode step, as on a GPU or a wide CPU), larger chunks raise it; where it
+  // costs as much (a CPU that is compute-bound already at the decode batch), every chunk gives
+  // the same, and the smallest is as good.
+  auto rate = [&](double p) { return (rows + p) / (a + b * p); };
+  const double target = kRateKept * rate(max_chunk);
   PickedItlObjective out;
   out.rows = rows;
   out.decode_ms = a;
   out.per_token_ms = b;
   out.max_chunk = max_chunk;
-  out.chunk = std::clamp(static_cast<int32_t>(std::ceil(needed)), 1, max_chunk);
+  out.chunk = std::min(kMinChunk, max_chunk);
+  while (out.chunk < max_chunk && rate(out.chunk) < target) ++out.chunk;
   out.step_ms = a + b * out.chunk;
   out.itl_ms = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(out.step_ms / kItlHeadroom)));
   return out;

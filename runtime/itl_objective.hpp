@@ -1,13 +1,13 @@
 // The ITL objective a server picks for itself when its config writes none (slo: in
 // runtime/config.hpp): measured at start-up on the machine it runs on, with the model it serves.
 //
-// A step that decodes a full batch and adds a prompt chunk of p tokens takes t(p) = a + b*p: a is
-// the decode batch alone, b each prompt token (a straight line fitted to steps of several chunk
-// sizes, so that one disturbed step does not move the pick). Prefill runs at p / t(p) tokens per
-// millisecond, which rises with p towards 1/b because the decode batch's cost a is shared by more
-// prompt tokens. The objective is the step time at the smallest chunk that keeps 90% of the
-// prefill rate of the largest chunk the budget allows, over the scheduler's headroom: streams are
-// as smooth as the machine allows without giving up more than a tenth of prefill throughput.
+// A step that decodes a full batch of `rows` sequences and adds a prompt chunk of p tokens takes
+// t(p) = a + b*p: a is the decode batch alone, b each prompt token (a straight line fitted to
+// steps of several chunk sizes by Theil-Sen, so that one disturbed step does not move the pick).
+// The step then does rows + p tokens of work in t(p). The objective is the step time at the
+// smallest chunk (at least 32 tokens) whose throughput is within 90% of the largest chunk's the
+// budget allows, over the scheduler's headroom: streams are as smooth as the machine allows
+// without giving up more than a tenth of its throughput.
 #pragma once
 
 #include <cstdint>

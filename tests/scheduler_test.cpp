@@ -593,33 +593,37 @@ TEST_CASE("step-time model: learns the machine's costs from the steps it sees, a
   CHECK(model.max_new_tokens(decode, 0, target, 4096) < p);
 }
 
-TEST_CASE("picked ITL objective: the smallest chunk that keeps 90% of the prefill rate, stable under a disturbed step", "[slo]") {
-  // A machine whose step is 30 ms for the decode batch plus 1.5 ms a prompt token.
+TEST_CASE("picked ITL objective: the smallest chunk that keeps 90% of the step throughput, stable under a disturbed step", "[slo]") {
   auto steps_of = [](double a, double b, double disturbed_chunk, double extra_ms) {
     std::vector<std::pair<double, double>> steps;
     for (double p : {0.0, 32.0, 64.0, 128.0, 256.0, 497.0}) steps.push_back({p, a + b * p + (p == disturbed_chunk ? extra_ms : 0)});
     return steps;
   };
-  const auto clean = steps_of(30, 1.5, -1, 0);
-  const PickedItlObjective picked = fit_itl_objective(clean, 15, 497);
-  CHECK(picked.decode_ms == Approx(30));
+  // A machine whose decode batch of 15 costs 90 ms (its weights' reads) and each prompt token
+  // 1.5 ms more: bigger chunks share the reads among more tokens.
+  const PickedItlObjective picked = fit_itl_objective(steps_of(90, 1.5, -1, 0), 15, 497);
+  CHECK(picked.decode_ms == Approx(90));
   CHECK(picked.per_token_ms == Approx(1.5));
-  auto rate = [&](int32_t p) { return p / (30 + 1.5 * p); };
+  auto rate = [&](int32_t p) { return (15.0 + p) / (90 + 1.5 * p); };
   CHECK(rate(picked.chunk) >= 0.9 * rate(497));
   CHECK(rate(picked.chunk - 1) < 0.9 * rate(497));
-  CHECK(picked.step_ms == Approx(30 + 1.5 * picked.chunk));
+  CHECK(picked.chunk > 32);
+  CHECK(picked.step_ms == Approx(90 + 1.5 * picked.chunk));
   CHECK(picked.itl_ms == static_cast<int64_t>(std::ceil(picked.step_ms / kItlHeadroom)));
   // One step slowed by a quarter (another process took the core) moves the pick a little, not
   // by a factor.
   for (double chunk : {0.0, 32.0, 128.0, 497.0}) {
-    const PickedItlObjective moved = fit_itl_objective(steps_of(30, 1.5, chunk, 0.25 * (30 + 1.5 * chunk)), 15, 497);
+    const PickedItlObjective moved = fit_itl_objective(steps_of(90, 1.5, chunk, 0.25 * (90 + 1.5 * chunk)), 15, 497);
     CHECK(moved.itl_ms >= picked.itl_ms * 0.75);
     CHECK(moved.itl_ms <= picked.itl_ms * 1.35);
   }
-  // A machine on which the decode batch costs more against the prompt picks bigger chunks.
-  CHECK(fit_itl_objective(steps_of(90, 1.5, -1, 0), 15, 497).chunk > picked.chunk);
+  // A machine that is compute-bound already at the decode batch (a decode row costs what a
+  // prompt token does): every chunk gives the same throughput, and the smallest, 32, is picked.
+  const PickedItlObjective flat = fit_itl_objective(steps_of(22.5, 1.5, -1, 0), 15, 497);
+  CHECK(flat.chunk == 32);
+  CHECK(flat.itl_ms == static_cast<int64_t>(std::ceil((22.5 + 1.5 * 32) / kItlHeadroom)));
   // A budget that allows only small chunks picks within it.
-  CHECK(fit_itl_objective(steps_of(30, 1.5, -1, 0), 15, 40).chunk <= 40);
+  CHECK(fit_itl_objective(steps_of(90, 1.5, -1, 0), 15, 24).chunk <= 24);
 }
 
 TEST_CASE("step budget: decoding streams keep within their ITL objective while long prompts arrive, and the prompts progress",
