@@ -197,6 +197,23 @@ std::variant<ModelInfo, ClientError> Client::model_info(int64_t timeout_ms) {
   return out;
 }
 
+std::variant<ChaosReply, ClientError> Client::inject_fault(const ChaosFault& fault, int64_t timeout_ms) {
+  caf::scoped_actor self{*impl_->sys};
+  std::variant<ChaosReply, ClientError> out = ClientError{ErrorKind::unavailable, "no answer"};
+  self->request(caf::actor_cast<NodeActor>(impl_->server), std::chrono::milliseconds(std::max<int64_t>(1, timeout_ms)),
+                chaos_atom::value, encode(fault))
+      .receive(
+          [&](const WireMessage& wm) {
+            DecodeResult d = decode(wm);
+            if (d.message && std::holds_alternative<ChaosReply>(*d.message)) out = std::get<ChaosReply>(*d.message);
+            else if (d.message && std::holds_alternative<ErrorReply>(*d.message))
+              out = ClientError{std::get<ErrorReply>(*d.message).kind, std::get<ErrorReply>(*d.message).message};
+            else out = ClientError{ErrorKind::internal, "malformed answer to a fault: " + (d.message ? std::string(message_name(*d.message)) : d.error)};
+          },
+          [&](const caf::error& e) { out = ClientError{ErrorKind::unavailable, "the fault was not taken: " + impl_->sys->render(e)}; });
+  return out;
+}
+
 Client::Stream Client::stream(const std::string& prompt, const RequestOptions& options) {
   GenerateRequest r = make_request(options);
   r.prompt_text = prompt;

@@ -36,7 +36,8 @@ using EndpointActor = caf::typed_actor<caf::reacts_to<reduce_atom, ReducePart>, 
 
 using ShardActor = caf::typed_actor<caf::replies_to<step_atom, WireMessage>::with<WireMessage>,  // Step -> StepResult
                                     caf::replies_to<collective_atom>::with<EndpointActor>,
-                                    caf::replies_to<peers_atom, std::vector<EndpointActor>>::with<bool>>;
+                                    caf::replies_to<peers_atom, std::vector<EndpointActor>>::with<bool>,
+    caf::reacts_to<chaos_atom, bool, uint32_t, uint32_t>>;  // its scheduler: hang (true) or slow, for ms, by ms a step
 
 // What schedulers and caches tell the router (and its standby).
 using ReportSink = caf::typed_actor<caf::reacts_to<report_atom, WireMessage>,               // a scheduler's load
@@ -62,7 +63,8 @@ using SchedulerActor = caf::typed_actor<
     caf::replies_to<shard_atom>::with<ShardActor>,        // the current rank 0 (null while down)
     caf::reacts_to<shard_atom, bool>,                     // this node: stop the shard (true: respawn)
     caf::replies_to<cache_atom>::with<CacheActor>,
-    caf::reacts_to<cache_atom, bool>>;
+    caf::reacts_to<cache_atom, bool>,
+    caf::replies_to<chaos_atom, WireMessage>::with<WireMessage>>;  // its supervisor: ChaosFault -> ChaosReply
 
 // Who a request actor asks to resume its request when its scheduler died: the replica's
 // supervisor (one process) or the request's node (a cluster).
@@ -87,7 +89,8 @@ using SupervisorActor = ServerActor::extend_with<ResumeSink>::extend<
     caf::replies_to<sched_atom>::with<SchedulerActor>,    // the current scheduler
     caf::reacts_to<sched_atom, bool>,                     // this node: stop the scheduler (true: respawn)
     caf::replies_to<shard_atom>::with<ShardActor>,
-    caf::replies_to<cache_atom>::with<CacheActor>>;
+    caf::replies_to<cache_atom>::with<CacheActor>,
+    caf::replies_to<chaos_atom, WireMessage>::with<WireMessage>>;  // the router: ChaosFault -> ChaosReply
 
 using RouterActor = ReportSink::extend<
     caf::replies_to<join_atom, std::string, SupervisorActor>::with<bool>,          // a replica is ready
@@ -95,7 +98,8 @@ using RouterActor = ReportSink::extend<
     caf::replies_to<route_atom, WireMessage>::with<SupervisorActor, std::string>,  // RouteQuery -> replica
     caf::replies_to<status_atom>::with<WireMessage>,                               // ClusterStatus
     caf::replies_to<stats_atom>::with<SupervisorActor>,                            // a replica to ask for stats
-    caf::replies_to<drain_atom, std::string>::with<bool>>;                         // drain that node
+    caf::replies_to<drain_atom, std::string>::with<bool>,                          // drain that node
+    caf::replies_to<chaos_atom, WireMessage>::with<WireMessage>>;                  // a node: ChaosFault -> ChaosReply
 
 using NodeActor = ServerActor::extend_with<ResumeSink>::extend<
     caf::replies_to<spawn_atom, WireMessage>::with<ShardActor>,  // ShardSpec -> a shard rank built here
@@ -106,7 +110,8 @@ using NodeActor = ServerActor::extend_with<ResumeSink>::extend<
     caf::replies_to<router_atom>::with<RouterActor>,           // the router running here (null: none)
     caf::reacts_to<peer_atom, std::string>,                    // a node that dialed this one: its name
     caf::replies_to<drain_atom>::with<int32_t>,                // this node: refuse new requests
-    caf::replies_to<drain_atom, std::string>::with<bool>>;     // `celer drain`: that node leaves
+    caf::replies_to<drain_atom, std::string>::with<bool>,      // `celer drain`: that node leaves
+    caf::replies_to<chaos_atom, WireMessage>::with<WireMessage>>;  // ChaosFault -> ChaosReply (a client, or the router)
 
 // A message that is no part of the actor's interface (a peer holding the secret may send
 // anything) is counted in `counter` and answered with unexpected_message: never printed (a peer

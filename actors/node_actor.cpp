@@ -1,6 +1,14 @@
 #include "actors/node_actor.hpp"
 
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "actors/cache_actor.hpp"
 #include "actors/failure.hpp"
@@ -37,6 +45,66 @@ void adopt(Self* self, const Handle& child) {
 RouterActor router_of(Self* self) {
   auto& st = self->state;
   return st.router < st.setup.routers.size() ? st.setup.routers[st.router] : RouterActor{};
+}
+
+// Stops or kills this node's own process, as `celer chaos` asks (docs/chaos.md), a moment after
+// the reply has gone out. A stopped process cannot continue itself: a child continues it
+// after duration_ms (it only sleeps and signals, which is safe after fork in a threaded
+// process).
+void signal_self(int sig, uint32_t duration_ms) {
+  std::thread([sig, duration_ms] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const pid_t me = getpid();
+    if (sig == SIGSTOP) {
+      const pid_t child = fork();
+      if (child == 0) {
+        timespec t{static_cast<time_t>(duration_ms / 1000), static_cast<long>(duration_ms % 1000) * 1'000'000L};
+        while (nanosleep(&t, &t) != 0) {
+        }
+        kill(me, SIGCONT);
+        _exit(0);
+      }
+      if (child < 0) return;  // no child to continue it: not stopped
+      kill(me, SIGSTOP);
+      waitpid(child, nullptr, 0);  // continued: the child has exited
+      return;
+    }
+    kill(me, sig);
+  }).detach();
+}
+
+caf::result<WireMessage> chaos_fault(Self* self, const WireMessage& wm) {
+  auto& st = self->state;
+  auto refuse = [&](const std::string& why) {
+    ++st.chaos_refused;
+    return encode(ErrorReply{0, ErrorKind::invalid_request, "chaos: " + why});
+  };
+  if (!st.setup.chaos)
+    return refuse("this cluster was not started with `chaos: enabled` in its config; faults are refused");
+  DecodeResult d = decode(wm);
+  if (!d.message || !std::holds_alternative<ChaosFault>(*d.message))
+    return refuse("not a ChaosFault: " + (d.message ? std::string(message_name(*d.message)) : d.error));
+  const ChaosFault& f = std::get<ChaosFault>(*d.message);
+  const auto sender = caf::actor_cast<caf::actor_addr>(self->current_sender());
+  const bool from_router = std::any_of(st.setup.routers.begin(), st.setup.routers.end(),
+                                       [&](const RouterActor& r) { return r.address() == sender; });
+  if (!from_router) {
+    // A client's: the router knows where its target is.
+    const RouterActor router = router_of(self);
+    if (!router) return refuse("no router is up to pass it to");
+    auto rp = self->make_response_promise<WireMessage>();
+    self->request(router, std::chrono::seconds(10), chaos_atom::value, wm)
+        .then([=](const WireMessage& reply) mutable { rp.deliver(reply); }, [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+    return rp;
+  }
+  if (f.kind != ChaosFault::Kind::sigkill && f.kind != ChaosFault::Kind::sigstop)
+    return refuse("a node carries out signals to its process; actor faults go to their replica");
+  if (f.node != st.setup.name) return refuse("this is node " + st.setup.name + ", not " + f.node);
+  const bool stop = f.kind == ChaosFault::Kind::sigstop;
+  signal_self(stop ? SIGSTOP : SIGKILL, f.duration_ms);
+  return encode(ChaosReply{st.setup.name, static_cast<int32_t>(getpid()),
+                           stop ? "stopped the process of node " + st.setup.name + " for " + std::to_string(f.duration_ms) + " ms"
+                                : "killed the process of node " + st.setup.name});
 }
 
 // Asks the router for a replica and hands it the request as if `request` (the request actor
@@ -258,10 +326,29 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
         if (!router_of(self)) return caf::make_error(caf::sec::request_receiver_down, "no router");
         auto rp = self->make_response_promise<WireMessage>();
         self->request(router_of(self), kRouteTimeout, status_atom::value)
-            .then([=](const WireMessage& status) mutable { rp.deliver(status); },
-                  [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+            .then(
+                [=](const WireMessage& status) mutable {
+                  // The router's view, and what this node (the one asked) refused.
+                  DecodeResult d = decode(status);
+                  if (!d.message || !std::holds_alternative<ClusterStatus>(*d.message)) {
+                    rp.deliver(status);
+                    return;
+                  }
+                  nlohmann::json j = nlohmann::json::parse(std::get<ClusterStatus>(*d.message).json, nullptr, false);
+                  if (j.is_discarded()) {
+                    rp.deliver(status);
+                    return;
+                  }
+                  j["entry"] = {{"node", self->state.setup.name},
+                                {"chaos", self->state.setup.chaos},
+                                {"chaos_refused", self->state.chaos_refused},
+                                {"malformed_messages", self->state.malformed}};
+                  rp.deliver(encode(ClusterStatus{j.dump()}));
+                },
+                [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
         return rp;
       },
+      [=](chaos_atom, const WireMessage& wm) -> caf::result<WireMessage> { return chaos_fault(self, wm); },
       [=](join_atom, const std::vector<RouterActor>& routers) {
         if (!sent_from_this_node(self)) return;  // which routers a node uses is its own process's business
         auto& st = self->state;

@@ -30,6 +30,9 @@
 //           the router) drains and leaves -> bool
 //           (drain_atom) from its own process: refuse new requests from now on -> the number of
 //           this node's requests still in flight
+//           (chaos_atom, WireMessage{ChaosFault}) -> WireMessage{ChaosReply | ErrorReply}: from a
+//           client, passed to the router; from the router, a signal to this node's process
+//           (docs/chaos.md). Refused and counted unless the config says `chaos: enabled`
 #pragma once
 
 #include <chrono>
@@ -62,6 +65,7 @@ struct NodeSetup {
   std::vector<RouterActor> routers;
   RouterActor local_router;   // the router (or standby) running on this node, for router_atom
   std::chrono::milliseconds heartbeat_interval{500};  // how often the router hears from this node
+  bool chaos = false;  // `chaos: enabled`: faults to inject are taken (docs/chaos.md)
   // Called (on an actor thread) when a `celer drain` names this node: the process drains and
   // leaves as on SIGTERM.
   std::function<void()> on_drain;
@@ -86,6 +90,7 @@ struct NodeState {
   uint64_t routed = 0;
   uint64_t route_failures = 0;
   uint64_t malformed = 0;
+  uint64_t chaos_refused = 0;  // faults to inject refused (no `chaos: enabled`, or malformed)
   static inline const char* name = "celer.node";
 };
 

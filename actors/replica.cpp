@@ -86,6 +86,8 @@ ReplicaSetup replica_setup(const ClusterConfig& c, std::shared_ptr<const Model> 
   s.max_restarts = c.supervision.max_restarts;
   s.restart_window = c.supervision.window;
   s.restart_backoff = c.supervision.backoff;
+  s.step_timeout = c.supervision.hang_timeout;
+  s.chaos = c.chaos;
   return s;
 }
 

@@ -73,6 +73,50 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
 }
 
 void run_step(Self* self);
+bool count_restart(Self* self, std::vector<std::chrono::steady_clock::time_point>& restarts, uint64_t& total,
+                   const char* what, const std::string& why);
+
+// A fault its supervisor passes on (docs/chaos.md): the cache or a shard rank of this replica is
+// killed, hung or slowed. Only in a cluster with `chaos: enabled`, only from the supervisor.
+WireMessage inject_fault(Self* self, const WireMessage& wm) {
+  auto& st = self->state;
+  auto refuse = [&](const std::string& why) {
+    ++st.malformed;
+    return encode(ErrorReply{0, ErrorKind::invalid_request, "chaos: " + why});
+  };
+  if (!st.setup.chaos) return refuse("this cluster was not started with `chaos: enabled`");
+  if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != st.supervisor.address())
+    return refuse("a fault from an actor that is not this replica's supervisor");
+  DecodeResult d = decode(wm);
+  if (!d.message || !std::holds_alternative<ChaosFault>(*d.message)) return refuse("not a ChaosFault");
+  const ChaosFault& f = std::get<ChaosFault>(*d.message);
+  const std::string replica = "replica " + st.setup.name;
+  if (f.role == "cache") {
+    if (f.kind != ChaosFault::Kind::kill) return refuse("a cache can only be killed");
+    if (!st.cache_up) return refuse("the cache of " + replica + " is not up");
+    caf::anon_send_exit(st.cache, caf::exit_reason::kill);
+    return encode(ChaosReply{"", 0, "killed the cache of " + replica});
+  }
+  if (f.role != "shard") return refuse("no role '" + f.role + "' (cache or shard here; the supervisor kills the scheduler)");
+  if (f.rank < 0 || static_cast<size_t>(f.rank) >= st.ranks.size())
+    return refuse(replica + " has no shard rank " + std::to_string(f.rank) + " (tensor parallel " + std::to_string(st.ranks.size()) + ")");
+  if (!st.shard_up) return refuse("the shards of " + replica + " are being rebuilt");
+  const ShardActor& rank = st.ranks[static_cast<size_t>(f.rank)];
+  const std::string what = "shard rank " + std::to_string(f.rank) + " of " + replica;
+  switch (f.kind) {
+    case ChaosFault::Kind::kill:
+      caf::anon_send_exit(rank, caf::exit_reason::kill);
+      return encode(ChaosReply{"", 0, "killed " + what});
+    case ChaosFault::Kind::hang:
+      self->send(rank, chaos_atom::value, true, f.duration_ms, uint32_t{0});
+      return encode(ChaosReply{"", 0, "hung " + what + " for " + std::to_string(f.duration_ms) + " ms"});
+    case ChaosFault::Kind::slow:
+      self->send(rank, chaos_atom::value, false, f.duration_ms, f.delay_ms);
+      return encode(ChaosReply{"", 0, "slowed " + what + " by " + std::to_string(f.delay_ms) + " ms a step for " +
+                                          std::to_string(f.duration_ms) + " ms"});
+    default: return refuse("a shard can be killed, hung or slowed; a node's process is signalled by its node");
+  }
+}
 
 // Sends the step to the shard group and applies its result.
 void send_step(Self* self, std::shared_ptr<Step> step) {
@@ -81,8 +125,8 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
   const WireMessage wire = encode(*step);
   // Ranks other than 0 only answer that they are done; a failing rank shows up as a down message.
   for (size_t r = 1; r < st.ranks.size(); ++r)
-    self->request(st.ranks[r], kStepTimeout, step_atom::value, wire).then([](const WireMessage&) {}, [](const caf::error&) {});
-  self->request(st.shard, kStepTimeout, step_atom::value, wire)
+    self->request(st.ranks[r], st.setup.step_timeout, step_atom::value, wire).then([](const WireMessage&) {}, [](const caf::error&) {});
+  self->request(st.shard, st.setup.step_timeout, step_atom::value, wire)
       .then(
           [=](const WireMessage& reply) {
             auto& s = self->state;
@@ -109,12 +153,24 @@ void send_step(Self* self, std::shared_ptr<Step> step) {
           },
           [=](const caf::error& e) {
             // The shard died with the step (its down message restarts it), could not be
-            // reached, or hung past kStepTimeout (it is stopped, and so replaced): either way
+            // reached, or hung past the step timeout (supervision.hang_timeout; it is stopped, and so replaced): either way
             // its KV is gone.
             auto& s = self->state;
             s.step_in_flight = false;
-            if (e == caf::sec::request_timeout && s.shard_up)
+            if (e == caf::sec::request_timeout && s.shard_up) {
+              // Hung: alive, but not answering. Treated as dead now rather than when it wakes
+              // (a kill is only read by an actor that reads its mailbox): the group is stopped
+              // and a new one built, and its down message, when it comes, is for a group gone.
+              s.shard_up = false;
+              ++s.hung_shards;
               for (const ShardActor& r : s.ranks) caf::anon_send_exit(r, caf::exit_reason::kill);
+              s.scheduler->reset_kv();
+              if (count_restart(self, s.restarts, s.total_restarts, "model shard",
+                                "a step took longer than supervision.hang_timeout (" +
+                                    std::to_string(s.setup.step_timeout.count()) + " ms)"))
+                self->delayed_send(self, s.setup.restart_backoff, shard_atom::value, true);
+              return;
+            }
             if (s.shard_up) ++s.step_failures;
             s.scheduler->reset_kv();
             self->delayed_send(self, std::chrono::milliseconds(10), kick_atom::value);
@@ -706,6 +762,7 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         run_step(self);
       },
       [=](cache_atom) { return self->state.cache; },
+      [=](chaos_atom, const WireMessage& wm) -> WireMessage { return inject_fault(self, wm); },
       [=](stats_atom) -> WireMessage {
         auto& s = self->state;
         ReplicaStats r;
@@ -734,6 +791,7 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         r.itl_steps_over = slo.itl_steps_over;
         r.itl_objective_us = static_cast<uint64_t>(s.scheduler->itl_objective_ms()) * 1000;
         r.step_budget = s.scheduler->step_budget();
+        r.hung_shards = s.hung_shards;
         r.shard_restarts = s.total_restarts;
         return encode(r);
       },

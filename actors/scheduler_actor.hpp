@@ -56,6 +56,8 @@ struct ReplicaSetup {
   int max_restarts = 5;               // shard restarts allowed within restart_window
   std::chrono::milliseconds restart_window{60000};
   std::chrono::milliseconds restart_backoff{100};
+  std::chrono::milliseconds step_timeout{120'000};  // supervision.hang_timeout: a longer step's shard counts as hung
+  bool chaos = false;                 // `chaos: enabled`: faults to inject are taken (docs/chaos.md)
   // In a cluster (docs/cluster.md): the replica's name, the GGUF file as its nodes see it, the
   // node actors (actors/node_actor.hpp) that build its cache and each shard rank there (null /
   // empty: spawned in this process, as a one-process server does), and the router it reports
@@ -67,8 +69,6 @@ struct ReplicaSetup {
   std::vector<RouterActor> routers;      // the router, then its standby (if any)
 };
 
-// How long a step may take before its shard counts as hung; it is then replaced like a dead one.
-constexpr auto kStepTimeout = std::chrono::minutes(2);
 // How long a node may take to build a shard (load and pack its slice of the weights).
 constexpr auto kShardSpawnTimeout = std::chrono::minutes(10);
 
@@ -112,6 +112,7 @@ struct SchedulerActorState {
   int step_failures = 0;
   std::vector<std::chrono::steady_clock::time_point> restarts;  // within the window
   uint64_t total_restarts = 0;
+  uint64_t hung_shards = 0;  // steps past supervision.hang_timeout, each replacing its group
   RequestId next_id = 1;
   uint64_t malformed = 0;
   bool stopping = false;  // after stop_atom: requests are refused

@@ -1,5 +1,7 @@
 #include "actors/shard_actor.hpp"
 
+#include <thread>
+
 #include "actors/collective.hpp"
 #include "actors/failure.hpp"
 #include "actors/wire.hpp"
@@ -53,7 +55,10 @@ ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> s
         }
         try {
           ++self->state.steps;
-          return encode(self->state.executor->run(std::get<Step>(*d.message)));
+          WireMessage result = encode(self->state.executor->run(std::get<Step>(*d.message)));
+          if (self->state.slow_ms > 0 && std::chrono::steady_clock::now() < self->state.slow_until)
+            std::this_thread::sleep_for(std::chrono::milliseconds(self->state.slow_ms));
+          return result;
         } catch (const Error& e) {
           if (e.code() == ErrorCode::unavailable && self->state.network) {
             // The group is broken (a peer died or went silent mid-step): this rank's KV is as
@@ -64,6 +69,20 @@ ShardActor::behavior_type shard_actor(ShardActor::stateful_pointer<ShardState> s
           ++self->state.malformed;
           return encode(ErrorReply{0, ErrorKind::invalid_request, std::string("shard: step refused: ") + e.what()});
         }
+      },
+      [=](chaos_atom, bool hang, uint32_t duration_ms, uint32_t delay_ms) {
+        // Its scheduler takes a fault only in a cluster with `chaos: enabled`. A detached actor:
+        // the sleep holds up this shard alone, as a wedged device or a stuck driver call would.
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->state.owner) {
+          ++self->state.malformed;
+          return;
+        }
+        if (hang) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(duration_ms));
+          return;
+        }
+        self->state.slow_ms = delay_ms;
+        self->state.slow_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(duration_ms);
       },
       [=](collective_atom) -> EndpointActor {
         if (!self->state.network) return EndpointActor{};

@@ -5,6 +5,9 @@
 // Messages:  (step_atom, WireMessage{Step}) -> WireMessage{StepResult} or WireMessage{ErrorReply}
 //            (collective_atom) -> its all-reduce endpoint (a network group's rank)
 //            (peers_atom, [endpoint per rank]): connects a network group; sent before the first step
+//            (chaos_atom, hang, duration_ms, delay_ms) from its scheduler, in a cluster with
+//            `chaos: enabled` (docs/chaos.md): hang stops answering for duration_ms (the thread
+//            sleeps: alive, not answering); otherwise every step for duration_ms takes delay_ms more
 // A malformed or refused step gets an ErrorReply (and counts); the shard keeps serving. A broken
 // all-reduce (a peer gone or silent) ends the shard with the reason: its scheduler rebuilds
 // the group.
@@ -32,6 +35,9 @@ struct ShardState {
   uint64_t steps = 0;
   uint64_t malformed = 0;
   caf::actor_addr owner;  // the scheduler it works for
+  // An injected slowness (chaos_atom): each step until slow_until sleeps slow_ms after it runs.
+  std::chrono::steady_clock::time_point slow_until{};
+  uint32_t slow_ms = 0;
   static inline const char* name = "celer.shard";
 };
 

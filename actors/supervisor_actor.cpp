@@ -143,6 +143,27 @@ SupervisorActor::behavior_type supervisor_actor(Self* self, ReplicaSetup setup) 
                 [=](caf::error& err) mutable { rp.deliver(std::move(err)); });
         return rp;
       },
+      [=](chaos_atom, const WireMessage& wm) -> caf::result<WireMessage> {
+        // A fault to inject (docs/chaos.md), from the router: the scheduler is killed here (this
+        // supervisor restarts it as after any crash); its cache and shards by the scheduler.
+        auto& st = self->state;
+        auto refuse = [](const std::string& why) { return encode(ErrorReply{0, ErrorKind::invalid_request, "chaos: " + why}); };
+        if (!st.setup.chaos) return refuse("this cluster was not started with `chaos: enabled`");
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<ChaosFault>(*d.message)) return refuse("not a ChaosFault");
+        const ChaosFault& f = std::get<ChaosFault>(*d.message);
+        if (!st.up) return refuse("the scheduler of replica " + st.setup.name + " is restarting");
+        if (f.role == "scheduler") {
+          if (f.kind != ChaosFault::Kind::kill) return refuse("a scheduler can only be killed");
+          caf::anon_send_exit(st.scheduler, caf::exit_reason::kill);
+          return encode(ChaosReply{"", 0, "killed the scheduler of replica " + st.setup.name});
+        }
+        // Asked rather than delegated: the scheduler takes faults from its supervisor only.
+        auto rp = self->make_response_promise<WireMessage>();
+        self->request(st.scheduler, std::chrono::seconds(5), chaos_atom::value, wm)
+            .then([=](const WireMessage& reply) mutable { rp.deliver(reply); }, [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
+        return rp;
+      },
       [=](shard_atom) { return self->delegate(self->state.scheduler, shard_atom::value); },
       [=](info_atom) { return self->delegate(self->state.scheduler, info_atom::value); },
       [=](drain_atom) { return self->delegate(self->state.scheduler, drain_atom::value); },

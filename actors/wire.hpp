@@ -37,6 +37,7 @@ using status_atom = caf::atom_constant<caf::atom("status")>;      // client -> n
 using reduce_atom = caf::atom_constant<caf::atom("reduce")>;      // rank -> peer rank's endpoint: ReducePart
 using peers_atom = caf::atom_constant<caf::atom("peers")>;        // scheduler -> shard: every rank's endpoint
 using peer_atom = caf::atom_constant<caf::atom("peer")>;          // node -> node it dialed: (its name)
+using chaos_atom = caf::atom_constant<caf::atom("chaos")>;        // client -> node -> router -> target: ChaosFault (docs/chaos.md)
 using drain_atom = caf::atom_constant<caf::atom("drain")>;        // client -> node: stop taking requests, then leave
 
 // Whether the message being handled came from an actor on this node. The operations that stop or

@@ -227,6 +227,54 @@ RouterActor::behavior_type router_actor(Self* self, RouterSetup setup) {
           if (s.supervisors[i] && s.table->up(static_cast<int32_t>(i))) return s.supervisors[i];
         return caf::make_error(caf::sec::request_receiver_down, "no replica is up");
       },
+      [=](chaos_atom, const WireMessage& wm) -> caf::result<WireMessage> {
+        // A fault to inject (docs/chaos.md), from a node's entry: passed to the node whose
+        // process it signals, or to the supervisor of the replica whose actor it hits; the
+        // reply names the node where the config puts that actor.
+        auto& st = self->state;
+        auto refuse = [&](const std::string& why) {
+          ++st.malformed;
+          return encode(ErrorReply{0, ErrorKind::invalid_request, "chaos: " + why});
+        };
+        if (!st.setup.chaos) return refuse("this cluster was not started with `chaos: enabled`");
+        DecodeResult d = decode(wm);
+        if (!d.message || !std::holds_alternative<ChaosFault>(*d.message)) return refuse("not a ChaosFault");
+        const ChaosFault f = std::get<ChaosFault>(*d.message);
+        auto rp = self->make_response_promise<WireMessage>();
+        auto answer = [=](const std::string& node) mutable {
+          return [=](const WireMessage& reply) mutable {
+            DecodeResult r = decode(reply);
+            if (r.message && std::holds_alternative<ChaosReply>(*r.message)) {
+              ChaosReply done = std::get<ChaosReply>(*r.message);
+              if (done.node.empty()) done.node = node;
+              rp.deliver(encode(done));
+            } else {
+              rp.deliver(reply);
+            }
+          };
+        };
+        auto failed = [=](caf::error& e) mutable { rp.deliver(std::move(e)); };
+        if (f.kind == ChaosFault::Kind::sigkill || f.kind == ChaosFault::Kind::sigstop) {
+          auto it = st.nodes.find(f.node);
+          if (it == st.nodes.end() || !it->second.actor || !it->second.up) {
+            rp.deliver(refuse("no node named '" + f.node + "' is up"));
+            return rp;
+          }
+          self->request(it->second.actor, std::chrono::seconds(5), chaos_atom::value, wm).then(answer(f.node), failed);
+          return rp;
+        }
+        auto it = st.index.find(f.replica);
+        if (it == st.index.end() || !st.supervisors[static_cast<size_t>(it->second)]) {
+          rp.deliver(refuse("no replica named '" + f.replica + "' has joined"));
+          return rp;
+        }
+        std::string node;
+        for (const RouterSetup::Placement& p : st.setup.actors)
+          if (p.replica == f.replica && p.role == f.role && (p.role != "shard" || p.rank == f.rank)) node = p.node;
+        self->request(st.supervisors[static_cast<size_t>(it->second)], std::chrono::seconds(5), chaos_atom::value, wm)
+            .then(answer(node), failed);
+        return rp;
+      },
       [=](drain_atom, const std::string& node) {
         // `celer drain` through another node: passed to the named node's actor.
         auto rp = self->make_response_promise<bool>();

@@ -38,6 +38,7 @@ struct RouterSetup {
   };
   std::vector<Placement> actors;
   std::chrono::milliseconds node_timeout{2000};
+  bool chaos = false;  // `chaos: enabled`: faults to inject are passed on to their targets (docs/chaos.md)
 };
 
 struct RouterState {

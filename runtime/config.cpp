@@ -278,6 +278,7 @@ void read_fields(const Value& section, const Fields& fields) {
 template <class E>
 using Names = std::vector<std::pair<const char*, E>>;
 
+const Names<bool> kChaosModes = {{"disabled", false}, {"enabled", true}};
 const Names<std::optional<TensorType>> kDtypes = {
     {"auto", std::nullopt},     {"f32", TensorType::f32},   {"f16", TensorType::f16},
     {"bf16", TensorType::bf16}, {"q8_0", TensorType::q8_0},
@@ -409,6 +410,7 @@ void read_supervision(const Value& v, SupervisionConfig& c) {
                      {"max_restarts", [&](const Value& x) { c.max_restarts = x.count(0, 1'000'000); }},
                      {"window", [&](const Value& x) { c.window = x.duration(1); }},
                      {"backoff", [&](const Value& x) { c.backoff = x.duration(0); }},
+                     {"hang_timeout", [&](const Value& x) { c.hang_timeout = x.duration(100); }},
                  });
 }
 
@@ -682,6 +684,7 @@ void read_config(const Value& root, ClusterConfig& c) {
                         {"listen", [&](const Value& x) { read_listen(x, c.listen); }},
                         {"http", [&](const Value& x) { read_http(x, c.http.emplace()); }},
                         {"supervision", [&](const Value& x) { read_supervision(x, c.supervision); }},
+                        {"chaos", [&](const Value& x) { c.chaos = x.choice(kChaosModes); }},
                         {"cluster", [&](const Value& x) { read_membership(x, c.cluster); }},
                         {"nodes", read_nodes},
                         {"replicas", read_replicas},
@@ -848,7 +851,9 @@ void emit_sections(YAML::Emitter& out, const ClusterConfig& c) {
   out << YAML::Key << "max_restarts" << YAML::Value << c.supervision.max_restarts;
   out << YAML::Key << "window" << YAML::Value << format_duration(c.supervision.window);
   out << YAML::Key << "backoff" << YAML::Value << format_duration(c.supervision.backoff);
+  out << YAML::Key << "hang_timeout" << YAML::Value << format_duration(c.supervision.hang_timeout);
   out << YAML::EndMap;
+  out << YAML::Key << "chaos" << YAML::Value << (c.chaos ? "enabled" : "disabled");
   emit_cluster_sections(out, c);
 }
 

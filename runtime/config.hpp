@@ -111,6 +111,9 @@ struct SupervisionConfig {
   int32_t max_restarts = 5;
   std::chrono::milliseconds window{60'000};
   std::chrono::milliseconds backoff{100};
+  // A step that takes longer counts its shard as hung: the shard is stopped and replaced like a
+  // dead one (its sequences recompute). Above any real step on the machine.
+  std::chrono::milliseconds hang_timeout{120'000};
   bool operator==(const SupervisionConfig&) const = default;
 };
 
@@ -225,6 +228,9 @@ struct ClusterConfig {
   ListenConfig listen;                    // single-process only: in a cluster each node's host and port replace it
   std::optional<HttpConfig> http;         // nullopt: no gateway; single-process only: in a cluster it is a node's
   SupervisionConfig supervision;
+  // `chaos: enabled`: the cluster's nodes take faults to inject (docs/chaos.md) from any peer
+  // that may talk to them; otherwise every such request is refused and counted.
+  bool chaos = false;
   MembershipConfig cluster;
   std::vector<NodeConfig> nodes;        // empty: a single process; non-empty: replicas is too
   std::vector<ReplicaConfig> replicas;  // empty without nodes

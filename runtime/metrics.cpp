@@ -200,6 +200,8 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
   append(out, "celer_actor_restarts_total{actor=\"scheduler\"} %" PRIu64 "\nceler_actor_restarts_total{actor=\"shard\"} %" PRIu64 "\n",
          r.scheduler_restarts, r.shard_restarts);
   append(out, "celer_actor_restarts_total{actor=\"cache\"} %" PRIu64 "\n", r.cache_restarts);
+  header(out, "celer_hung_shards_total", "counter", "Shard groups replaced because a step took longer than supervision.hang_timeout.");
+  append(out, "celer_hung_shards_total %" PRIu64 "\n", r.hung_shards);
   header(out, "celer_steps_total", "counter", "Forward steps the replica ran.");
   append(out, "celer_steps_total %" PRIu64 "\n", r.steps);
   header(out, "celer_step_seconds_total", "counter", "Time rank 0 spent running forward steps.");

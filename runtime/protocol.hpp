@@ -240,6 +240,7 @@ struct ReplicaStats {
   uint64_t shard_restarts = 0;        // shard actors respawned by the scheduler
   uint64_t scheduler_restarts = 0;    // schedulers respawned by the replica's supervisor
   uint64_t cache_restarts = 0;        // cache actors respawned by the scheduler
+  uint64_t hung_shards = 0;           // shard groups replaced for a step past supervision.hang_timeout
   // Forward steps run, and their time on rank 0: all of it, and inside all-reduces.
   uint64_t steps = 0;
   uint64_t step_us = 0;
@@ -320,6 +321,25 @@ struct ModelInfo {
 // the fields); kept as text so that the command prints it without knowing its every field.
 struct ClusterStatus {
   std::string json;
+};
+
+// A fault to inject (docs/chaos.md): refused by a cluster whose config does not say
+// `chaos: enabled`.
+struct ChaosFault {
+  enum class Kind : uint8_t { kill, hang, slow, sigkill, sigstop };
+  Kind kind = Kind::kill;
+  std::string role;     // kill: scheduler, cache or shard; hang, slow: shard
+  std::string replica;
+  int32_t rank = 0;     // a shard's tensor-parallel rank
+  std::string node;     // sigkill, sigstop
+  uint32_t duration_ms = 0;  // hang, slow, sigstop
+  uint32_t delay_ms = 0;     // slow: added to every step
+};
+
+struct ChaosReply {
+  std::string node;  // where the fault was carried out
+  int32_t pid = 0;   // that node's process
+  std::string message;
 };
 
 }  // namespace celer

@@ -169,6 +169,7 @@ struct ReplicaStats {
   itlStepsOver @23 :UInt64;
   itlObjectiveUs @24 :UInt64;
   stepBudget @25 :Int32;
+  hungShards @26 :UInt64;
 }
 
 struct BlockCommit {
@@ -272,6 +273,31 @@ struct ClusterStatus {
   json @0 :Text;
 }
 
+# A fault to inject (docs/chaos.md), from `celer chaos` or a test through any node; taken only by
+# a cluster whose config says `chaos: enabled`.
+struct ChaosFault {
+  kind @0 :Kind;
+  enum Kind {
+    kill @0;      # the actor (role, replica, rank) exits as killed; its supervisor restarts it
+    hang @1;      # the shard rank stops answering for durationMs
+    slow @2;      # the shard rank adds delayMs to every step for durationMs
+    sigkill @3;   # the process of node `node` is killed
+    sigstop @4;   # the process of node `node` is stopped for durationMs, then continued
+  }
+  role @1 :Text;       # kill: scheduler, cache or shard; hang, slow: shard
+  replica @2 :Text;
+  rank @3 :Int32;      # shard: its tensor-parallel rank
+  node @4 :Text;       # sigkill, sigstop
+  durationMs @5 :UInt32;
+  delayMs @6 :UInt32;
+}
+
+struct ChaosReply {
+  node @0 :Text;       # where the fault was carried out
+  pid @1 :Int32;       # that node's process
+  message @2 :Text;    # what was done
+}
+
 # The root of every message on the wire.
 struct Envelope {
   version @0 :UInt16;  # must equal celer::kProtocolVersion
@@ -292,5 +318,7 @@ struct Envelope {
     routeQuery @14 :RouteQuery;
     modelInfo @15 :ModelInfo;
     clusterStatus @16 :ClusterStatus;
+    chaosFault @17 :ChaosFault;
+    chaosReply @18 :ChaosReply;
   }
 }

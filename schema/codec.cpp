@@ -198,6 +198,7 @@ void put(cs::ReplicaStats::Builder b, const ReplicaStats& m) {
   b.setItlStepsOver(m.itl_steps_over);
   b.setItlObjectiveUs(m.itl_objective_us);
   b.setStepBudget(m.step_budget);
+  b.setHungShards(m.hung_shards);
 }
 
 void put(cs::BlockPlanRequest::Builder b, const BlockPlanRequest& m) {
@@ -303,6 +304,22 @@ void put(cs::ClusterStatus::Builder b, const ClusterStatus& m) {
   put_text(m.json, [&](auto t) { b.setJson(t); });
 }
 
+void put(cs::ChaosFault::Builder b, const ChaosFault& m) {
+  b.setKind(static_cast<cs::ChaosFault::Kind>(m.kind));
+  put_text(m.role, [&](auto t) { b.setRole(t); });
+  put_text(m.replica, [&](auto t) { b.setReplica(t); });
+  b.setRank(m.rank);
+  put_text(m.node, [&](auto t) { b.setNode(t); });
+  b.setDurationMs(m.duration_ms);
+  b.setDelayMs(m.delay_ms);
+}
+
+void put(cs::ChaosReply::Builder b, const ChaosReply& m) {
+  put_text(m.node, [&](auto t) { b.setNode(t); });
+  b.setPid(m.pid);
+  put_text(m.message, [&](auto t) { b.setMessage(t); });
+}
+
 struct PutInEnvelope {
   cs::Envelope::Builder env;
   void operator()(const GenerateRequest& m) { put(env.initGenerateRequest(), m); }
@@ -321,6 +338,8 @@ struct PutInEnvelope {
   void operator()(const RouteQuery& m) { put(env.initRouteQuery(), m); }
   void operator()(const ModelInfo& m) { put(env.initModelInfo(), m); }
   void operator()(const ClusterStatus& m) { put(env.initClusterStatus(), m); }
+  void operator()(const ChaosFault& m) { put(env.initChaosFault(), m); }
+  void operator()(const ChaosReply& m) { put(env.initChaosReply(), m); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -626,6 +645,7 @@ ReplicaStats read(cs::ReplicaStats::Reader r) {
   m.itl_steps_over = in_range<uint64_t>(r.getItlStepsOver(), 0, m.itl_steps, at, "itl_steps_over");
   m.itl_objective_us = r.getItlObjectiveUs();
   m.step_budget = non_negative(r.getStepBudget(), at, "step_budget");
+  m.hung_shards = r.getHungShards();
   return m;
 }
 
@@ -792,6 +812,31 @@ ClusterStatus read(cs::ClusterStatus::Reader r) {
   return ClusterStatus{read_text(r.getJson(), lim::kMaxStatusBytes, At{"ClusterStatus"}, "json")};
 }
 
+ChaosFault read(cs::ChaosFault::Reader r) {
+  const At at{"ChaosFault"};
+  ChaosFault m;
+  const auto kind = static_cast<uint16_t>(r.getKind());
+  if (kind > static_cast<uint16_t>(ChaosFault::Kind::sigstop))
+    throw Error(ErrorCode::invalid_argument, "ChaosFault.kind: unknown kind " + std::to_string(kind));
+  m.kind = static_cast<ChaosFault::Kind>(kind);
+  m.role = read_text(r.getRole(), at, "role");
+  m.replica = read_text(r.getReplica(), at, "replica");
+  m.rank = in_range<int32_t>(r.getRank(), 0, 4096, at, "rank");
+  m.node = read_text(r.getNode(), at, "node");
+  m.duration_ms = r.getDurationMs();
+  m.delay_ms = r.getDelayMs();
+  return m;
+}
+
+ChaosReply read(cs::ChaosReply::Reader r) {
+  const At at{"ChaosReply"};
+  ChaosReply m;
+  m.node = read_text(r.getNode(), at, "node");
+  m.pid = r.getPid();
+  m.message = read_text(r.getMessage(), at, "message");
+  return m;
+}
+
 Message read(cs::Envelope::Reader env) {
   switch (env.which()) {
     case cs::Envelope::GENERATE_REQUEST: return read(env.getGenerateRequest());
@@ -810,6 +855,8 @@ Message read(cs::Envelope::Reader env) {
     case cs::Envelope::ROUTE_QUERY: return read(env.getRouteQuery());
     case cs::Envelope::MODEL_INFO: return read(env.getModelInfo());
     case cs::Envelope::CLUSTER_STATUS: return read(env.getClusterStatus());
+    case cs::Envelope::CHAOS_FAULT: return read(env.getChaosFault());
+    case cs::Envelope::CHAOS_REPLY: return read(env.getChaosReply());
   }
   throw Error(ErrorCode::invalid_argument,
               "Envelope: unknown message kind " + std::to_string(static_cast<uint16_t>(env.which())));
@@ -904,7 +951,8 @@ const char* message_name(const Message& m) {
   static constexpr const char* kNames[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
                                            "Cancel",          "Step",       "StepResult", "ReplicaStats",
                                            "BlockPlanRequest", "BlockPlan", "CachedResponse", "ShardSpec",
-                                           "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus"};
+                                           "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus",
+                                           "ChaosFault", "ChaosReply"};
   static_assert(std::size(kNames) == std::variant_size_v<Message>);
   return m.index() < std::size(kNames) ? kNames[m.index()] : "valueless";
 }

@@ -27,7 +27,7 @@ struct WireMessage {
 
 using Message = std::variant<GenerateRequest, TokenChunk, Finished, ErrorReply, Cancel, Step, StepResult,
                              ReplicaStats, BlockPlanRequest, BlockPlan, CachedResponse, ShardSpec, ReplicaReport,
-                             RouteQuery, ModelInfo, ClusterStatus>;
+                             RouteQuery, ModelInfo, ClusterStatus, ChaosFault, ChaosReply>;
 
 // Limits decode() enforces. Sizes are element counts, text lengths are bytes.
 namespace wire_limits {

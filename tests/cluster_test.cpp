@@ -999,3 +999,151 @@ TEST_CASE("cluster: the node of a tensor-parallel rank killed and started again:
   CHECK(b->stop(SIGTERM) == 0);
   CHECK(a->stop(SIGTERM) == 0);
 }
+
+// ---- Faults injected through the chaos endpoint (docs/chaos.md) ----
+
+namespace {
+
+std::function<std::string(std::string)> with_chaos(const std::string& extra = "") {
+  return [extra](std::string text) { return text + "chaos: enabled\n" + extra; };
+}
+
+ChaosFault fault(ChaosFault::Kind kind, const std::string& role, const std::string& replica, uint32_t duration_ms = 0,
+                 uint32_t delay_ms = 0) {
+  ChaosFault f;
+  f.kind = kind;
+  f.role = role;
+  f.replica = replica;
+  f.duration_ms = duration_ms;
+  f.delay_ms = delay_ms;
+  return f;
+}
+
+ChaosFault node_fault(ChaosFault::Kind kind, const std::string& node, uint32_t duration_ms = 0) {
+  ChaosFault f;
+  f.kind = kind;
+  f.node = node;
+  f.duration_ms = duration_ms;
+  return f;
+}
+
+// The load of run_load with `f` injected through the front node once every stream is running:
+// nothing fails, and every stream's tokens are its solo run's. Returns the seconds from the
+// fault to the load's end.
+double check_fault_loses_nothing(Launched& l, const ChaosFault& f, const std::string& reply_says) {
+  const auto expected = solo_runs(l.ports[0]);
+  auto injector = connect(l.ports[0]);
+  std::string said;
+  std::chrono::steady_clock::time_point injected;
+  const LoadResult r = run_load(l.ports[0], 24, expected, [&] {
+    injected = std::chrono::steady_clock::now();
+    auto reply = injector->inject_fault(f);
+    if (auto* e = std::get_if<ClientError>(&reply)) said = "refused: " + e->message;
+    else said = std::get<ChaosReply>(reply).message + " on node " + std::get<ChaosReply>(reply).node;
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - injected).count();
+  INFO("the fault: " << said << "; the load ended " << seconds << " s after it; " << (r.errors.empty() ? "" : r.errors.front()));
+  CHECK_THAT(said, Catch::Contains(reply_says));
+  CHECK(r.failed == 0);
+  CHECK(r.mismatched == 0);
+  return seconds;
+}
+
+}  // namespace
+
+TEST_CASE("cluster: without `chaos: enabled` a fault is refused with the reason and counted; the cluster serves on",
+          "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml");
+  auto client = connect(l.ports[0]);
+  auto reply = client->inject_fault(fault(ChaosFault::Kind::kill, "shard", "r2"));
+  REQUIRE(std::holds_alternative<ClientError>(reply));
+  CHECK_THAT(std::get<ClientError>(reply).message, Catch::Contains("chaos: enabled"));
+  reply = client->inject_fault(node_fault(ChaosFault::Kind::sigkill, "n2"));
+  REQUIRE(std::holds_alternative<ClientError>(reply));
+  const nlohmann::json s = status(l.ports[0]);
+  CHECK(s["entry"]["chaos"] == false);
+  CHECK(s["entry"]["chaos_refused"] == 2);
+  for (const auto& rep : s["replicas"]) CHECK(rep["up"] == true);
+  const Reference ref = load_reference().front();
+  CHECK(tokens_of(client->generate_tokens(ref.prompt, greedy(static_cast<int>(ref.generated.size())))) == ref.generated);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a target that does not exist is named in the refusal", "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  auto client = connect(l.ports[0]);
+  auto refused = [&](const ChaosFault& f) {
+    auto reply = client->inject_fault(f);
+    return std::holds_alternative<ClientError>(reply) ? std::get<ClientError>(reply).message : "taken";
+  };
+  CHECK_THAT(refused(fault(ChaosFault::Kind::kill, "shard", "r9")), Catch::Contains("no replica named 'r9'"));
+  ChaosFault rank = fault(ChaosFault::Kind::kill, "shard", "r1");
+  rank.rank = 3;
+  CHECK_THAT(refused(rank), Catch::Contains("has no shard rank 3"));
+  CHECK_THAT(refused(fault(ChaosFault::Kind::hang, "scheduler", "r1", 100)), Catch::Contains("can only be killed"));
+  CHECK_THAT(refused(fault(ChaosFault::Kind::kill, "router", "r1")), Catch::Contains("no role 'router'"));
+  CHECK_THAT(refused(node_fault(ChaosFault::Kind::sigkill, "n7")), Catch::Contains("no node named 'n7'"));
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a killed scheduler is restarted; its requests finish with every token once", "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  check_fault_loses_nothing(l, fault(ChaosFault::Kind::kill, "scheduler", "r2"), "killed the scheduler of replica r2 on node n2");
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a killed cache is restarted; its requests recompute and finish with every token once",
+          "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  check_fault_loses_nothing(l, fault(ChaosFault::Kind::kill, "cache", "r2"), "killed the cache of replica r2");
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a killed shard is restarted; its requests recompute and finish with every token once",
+          "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  check_fault_loses_nothing(l, fault(ChaosFault::Kind::kill, "shard", "r2"), "killed shard rank 0 of replica r2 on node n2");
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a hung shard is found by supervision.hang_timeout and replaced; nothing is lost",
+          "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos("supervision: {hang_timeout: 1s}\n"));
+  const double seconds =
+      check_fault_loses_nothing(l, fault(ChaosFault::Kind::hang, "shard", "r2", 6000), "hung shard rank 0 of replica r2 for 6000 ms");
+  // Replaced at the timeout, not when the shard woke: the load ends well before the hang would.
+  INFO("the load ended " << seconds << " s after the fault");
+  CHECK(seconds < 5);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a slowed shard slows its replica's steps; nothing is lost", "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  check_fault_loses_nothing(l, fault(ChaosFault::Kind::slow, "shard", "r2", 1500, 20),
+                            "slowed shard rank 0 of replica r2 by 20 ms a step for 1500 ms");
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a node killed from the chaos endpoint: its requests finish on the other replica", "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  const pid_t victim = node_pid(l.config, "n2");
+  check_fault_loses_nothing(l, node_fault(ChaosFault::Kind::sigkill, "n2"), "killed the process of node n2");
+  CHECK(kill(victim, 0) != 0);  // gone
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("cluster: chaos: a node stopped from the chaos endpoint is declared down, continues by itself and rejoins",
+          "[cluster][chaos]") {
+  Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
+  check_fault_loses_nothing(l, node_fault(ChaosFault::Kind::sigstop, "n2", 4000), "stopped the process of node n2 for 4000 ms");
+  // It continues after 4 s, and is up again for the router.
+  bool back = false;
+  for (int i = 0; i < 100 && !back; ++i) {
+    const nlohmann::json s = status(l.ports[0]);
+    for (const auto& rep : s["replicas"])
+      if (rep["name"] == "r2" && rep["up"] == true) back = true;
+    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  CHECK(back);
+  l.process->stop(SIGTERM);
+}

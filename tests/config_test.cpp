@@ -88,6 +88,8 @@ supervision:
   max_restarts: 0
   window: 30s
   backoff: 250ms
+  hang_timeout: 3s
+chaos: enabled
 )";
 
 // to_yaml's text reads back to `c`, and prints the same again.
@@ -137,6 +139,8 @@ TEST_CASE("an empty document is the default config", "[config]") {
   CHECK(defaults.supervision.max_restarts == 5);
   CHECK(defaults.supervision.window == milliseconds(60'000));
   CHECK(defaults.supervision.backoff == milliseconds(100));
+  CHECK(defaults.supervision.hang_timeout == milliseconds(120'000));
+  CHECK_FALSE(defaults.chaos);
 }
 
 TEST_CASE("a section given empty takes its defaults", "[config]") {
@@ -193,6 +197,8 @@ TEST_CASE("every key of a full document", "[config]") {
   CHECK(c.supervision.max_restarts == 0);
   CHECK(c.supervision.window == milliseconds(30'000));
   CHECK(c.supervision.backoff == milliseconds(250));
+  CHECK(c.supervision.hang_timeout == milliseconds(3'000));
+  CHECK(c.chaos);
 }
 
 TEST_CASE("kv_cache_blocks instead of kv_cache_memory; every dtype and priority name", "[config]") {
@@ -306,6 +312,7 @@ TEST_CASE("a bad enum value lists the names allowed", "[config]") {
   check_error("q8_activations: int4", 1, "q8_activations", "f32, int8");
   check_error("kv_cache_dtype: int4", 1, "kv_cache_dtype", "auto, f32, f16, q8_0");
   check_error("priorities:\n  default: urgent\n", 2, "priorities.default", "interactive, normal, batch");
+  check_error("chaos: yes", 1, "chaos", "disabled, enabled");
 }
 
 TEST_CASE("kv_cache_memory and kv_cache_blocks together are an error at the later one", "[config]") {

@@ -126,6 +126,7 @@ ReplicaStats sample_stats() {
   m.step_us = 4'500'000;
   m.allreduce_us = 1'200'000;
   m.allreduce_calls = 14'400;
+  m.hung_shards = 2;
   return m;
 }
 
@@ -204,12 +205,24 @@ RouteQuery sample_route() {
 ModelInfo sample_model_info() { return ModelInfo{"llama-\xc3\xa9-7b", 32000, 4096}; }
 
 ClusterStatus sample_status() { return ClusterStatus{R"({"replicas":[{"name":"r0","up":true}],"routing":"prefix"})"}; }
+ChaosFault sample_fault() {
+  ChaosFault m;
+  m.kind = ChaosFault::Kind::slow;
+  m.role = "shard";
+  m.replica = "r2";
+  m.rank = 1;
+  m.node = "n\xc3\xa9";
+  m.duration_ms = 1500;
+  m.delay_ms = 20;
+  return m;
+}
+ChaosReply sample_chaos_reply() { return ChaosReply{"n2", 4242, "slowed shard rank 1 of replica r2"}; }
 
 std::vector<Message> every_kind() {
   return {sample_request(), sample_chunk(), sample_finished(), sample_error(),
           sample_cancel(),  sample_step(),  sample_step_result(), sample_stats(),
           sample_plan_request(), sample_plan(), sample_cached(), sample_shard_spec(),
-          sample_report(), sample_route(), sample_model_info(), sample_status()};
+          sample_report(), sample_route(), sample_model_info(), sample_status(), sample_fault(), sample_chaos_reply()};
 }
 
 // ---- field-by-field comparisons ----
@@ -316,6 +329,7 @@ void require_equal(const ReplicaStats& a, const ReplicaStats& b) {
   REQUIRE(a.shard_restarts == b.shard_restarts);
   REQUIRE(a.scheduler_restarts == b.scheduler_restarts);
   REQUIRE(a.cache_restarts == b.cache_restarts);
+  REQUIRE(a.hung_shards == b.hung_shards);
   REQUIRE(a.steps == b.steps);
   REQUIRE(a.step_us == b.step_us);
   REQUIRE(a.allreduce_us == b.allreduce_us);
@@ -420,6 +434,20 @@ void require_equal(const ModelInfo& a, const ModelInfo& b) {
 }
 
 void require_equal(const ClusterStatus& a, const ClusterStatus& b) { REQUIRE(a.json == b.json); }
+void require_equal(const ChaosFault& a, const ChaosFault& b) {
+  REQUIRE(a.kind == b.kind);
+  REQUIRE(a.role == b.role);
+  REQUIRE(a.replica == b.replica);
+  REQUIRE(a.rank == b.rank);
+  REQUIRE(a.node == b.node);
+  REQUIRE(a.duration_ms == b.duration_ms);
+  REQUIRE(a.delay_ms == b.delay_ms);
+}
+void require_equal(const ChaosReply& a, const ChaosReply& b) {
+  REQUIRE(a.node == b.node);
+  REQUIRE(a.pid == b.pid);
+  REQUIRE(a.message == b.message);
+}
 
 void require_equal(const Message& a, const Message& b) {
   REQUIRE(a.index() == b.index());
@@ -503,6 +531,13 @@ TEST_CASE("every message kind round-trips field by field", "[schema]") {
   require_equal(round_trip(sample_route()), sample_route());
   require_equal(round_trip(sample_model_info()), sample_model_info());
   require_equal(round_trip(sample_status()), sample_status());
+  require_equal(round_trip(sample_fault()), sample_fault());
+  require_equal(round_trip(sample_chaos_reply()), sample_chaos_reply());
+  for (auto kind : {ChaosFault::Kind::kill, ChaosFault::Kind::hang, ChaosFault::Kind::sigkill, ChaosFault::Kind::sigstop}) {
+    ChaosFault f = sample_fault();
+    f.kind = kind;
+    require_equal(round_trip(f), f);
+  }
 }
 
 TEST_CASE("default-constructed messages round-trip", "[schema]") {
@@ -521,6 +556,8 @@ TEST_CASE("default-constructed messages round-trip", "[schema]") {
   require_equal(round_trip(RouteQuery{}), RouteQuery{});
   require_equal(round_trip(ModelInfo{}), ModelInfo{});
   require_equal(round_trip(ClusterStatus{}), ClusterStatus{});
+  require_equal(round_trip(ChaosFault{}), ChaosFault{});
+  require_equal(round_trip(ChaosReply{}), ChaosReply{});
 
   // A ShardSpec needs a model path, a context and a KV cache size (the scheduler always resolves
   // them); with those three set, every other field keeps its default through the wire.
@@ -632,7 +669,8 @@ TEST_CASE("message_name names each kind", "[schema]") {
   const char* expected[] = {"GenerateRequest", "TokenChunk", "Finished", "ErrorReply",
                             "Cancel",          "Step",       "StepResult", "ReplicaStats",
                             "BlockPlanRequest", "BlockPlan", "CachedResponse", "ShardSpec",
-                            "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus"};
+                            "ReplicaReport", "RouteQuery", "ModelInfo", "ClusterStatus",
+                            "ChaosFault", "ChaosReply"};
   const auto all = every_kind();
   REQUIRE(all.size() == std::size(expected));
   REQUIRE(all.size() == std::variant_size_v<Message>);
@@ -807,7 +845,7 @@ TEST_CASE("ShardSpec validation", "[schema]") {
     rejects(ok, [kv](M& m) { m.kv_type = kv; }, "ShardSpec.kv_type");
 }
 
-TEST_CASE("ReplicaReport, RouteQuery, ModelInfo and ClusterStatus validation", "[schema]") {
+TEST_CASE("ReplicaReport, RouteQuery, ModelInfo, ClusterStatus and ChaosFault validation", "[schema]") {
   const ReplicaReport rep = sample_report();
   rejects(rep, [](ReplicaReport& m) { m.replica.assign(lim::kMaxNameBytes + 1, 'r'); }, "ReplicaReport.replica");
   rejects(rep, [](ReplicaReport& m) { m.waiting = -1; }, "ReplicaReport.waiting");
@@ -833,6 +871,14 @@ TEST_CASE("ReplicaReport, RouteQuery, ModelInfo and ClusterStatus validation", "
   rejects(info, [](ModelInfo& m) { m.max_context = (int32_t{1} << 24) + 1; }, "ModelInfo.max_context");
 
   require_rejected(ClusterStatus{std::string(lim::kMaxStatusBytes + 1, 'j')}, "ClusterStatus.json");
+
+  const ChaosFault f = sample_fault();
+  rejects(f, [](ChaosFault& m) { m.role = kHugeText; }, "ChaosFault.role");
+  rejects(f, [](ChaosFault& m) { m.replica = kHugeText; }, "ChaosFault.replica");
+  rejects(f, [](ChaosFault& m) { m.node = kHugeText; }, "ChaosFault.node");
+  rejects(f, [](ChaosFault& m) { m.rank = -1; }, "ChaosFault.rank");
+  rejects(f, [](ChaosFault& m) { m.kind = static_cast<ChaosFault::Kind>(9); }, "ChaosFault.kind");
+  rejects(sample_chaos_reply(), [](ChaosReply& m) { m.message = kHugeText; }, "ChaosReply.message");
 }
 
 TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {

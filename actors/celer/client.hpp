@@ -108,6 +108,9 @@ class Client {
 
   // The model the server serves: its name, vocabulary size and serving context length.
   std::variant<ModelInfo, ClientError> model_info(int64_t timeout_ms = 10'000);
+  // Injects a fault through the cluster node this client is connected to (docs/chaos.md):
+  // refused unless the cluster was started with `chaos: enabled`.
+  std::variant<ChaosReply, ClientError> inject_fault(const ChaosFault& fault, int64_t timeout_ms = 10'000);
 
   Stream stream(const std::string& prompt, const RequestOptions& options);
   Stream stream_tokens(std::vector<TokenId> prompt, const RequestOptions& options);

@@ -161,6 +161,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.max_context = serving_context(config, *card);
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;
+    ns.chaos = config.chaos;
     ns.on_drain = [&signals] { signals.wake(); };
     auto introductions = std::make_shared<PeerIntroductions>(plan.dialed_by);
     ns.on_peer = [introductions](const std::string& name, const caf::strong_actor_ptr& node) {

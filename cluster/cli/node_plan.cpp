@@ -132,6 +132,7 @@ RouterSetup router_setup(const ClusterConfig& config) {
   s.policy_name = routing_policy_name(config.routing.policy);
   s.routing.chain = route_chain(config.routing.policy);
   s.node_timeout = config.cluster.node_timeout;
+  s.chaos = config.chaos;
   for (const NodeConfig& n : config.nodes) s.nodes.push_back(n.name);
   const std::string router_node = config.router.node.empty() ? config.nodes.front().name : config.router.node;
   s.actors.push_back({"router", "", -1, router_node});
