@@ -214,6 +214,21 @@ std::variant<ChaosReply, ClientError> Client::inject_fault(const ChaosFault& fau
   return out;
 }
 
+std::variant<std::string, ClientError> Client::cluster_status(int64_t timeout_ms) {
+  caf::scoped_actor self{*impl_->sys};
+  std::variant<std::string, ClientError> out = ClientError{ErrorKind::unavailable, "no answer"};
+  self->request(caf::actor_cast<NodeActor>(impl_->server), std::chrono::milliseconds(std::max<int64_t>(1, timeout_ms)),
+                status_atom::value)
+      .receive(
+          [&](const WireMessage& wm) {
+            DecodeResult d = decode(wm);
+            if (d.message && std::holds_alternative<ClusterStatus>(*d.message)) out = std::get<ClusterStatus>(*d.message).json;
+            else out = ClientError{ErrorKind::internal, "malformed status: " + (d.message ? std::string(message_name(*d.message)) : d.error)};
+          },
+          [&](const caf::error& e) { out = ClientError{ErrorKind::unavailable, "no status: " + impl_->sys->render(e)}; });
+  return out;
+}
+
 Client::Stream Client::stream(const std::string& prompt, const RequestOptions& options) {
   GenerateRequest r = make_request(options);
   r.prompt_text = prompt;

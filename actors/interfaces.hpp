@@ -73,7 +73,8 @@ using ResumeSink = caf::typed_actor<caf::reacts_to<resume_atom, WireMessage, Sch
 
 using RequestActor = StreamSink::extend<caf::reacts_to<resume_atom, SchedulerActor, RequestId>,  // a scheduler took it
                                         caf::reacts_to<resume_atom, uint64_t>,                  // itself: takeover timer
-                                        caf::reacts_to<cancel_atom>>;                           // from its client
+                                        caf::reacts_to<cancel_atom>,                            // from its client
+                                        caf::reacts_to<enter_atom, caf::actor>>;                // its node: the replica it was handed to
 
 // What a client (the client library, a gateway, `celer bench`) talks to on a port: a node, or
 // the replica's supervisor of a one-process `celer serve`.

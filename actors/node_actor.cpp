@@ -137,6 +137,8 @@ void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequ
             // a re-routing resumes (the prompt now holds the tokens already sent).
             if (fresh) caf::send_as(request, replica, enter_atom::value, encode(*req));
             else caf::send_as(request, replica, resume_atom::value, encode(*req), dead);  // (a supervisor holds it while it restarts that one)
+            // The request actor watches that replica until its scheduler takes the request.
+            self->send(request, enter_atom::value, caf::actor_cast<caf::actor>(replica));
           },
           [=](const caf::error& e) {
             if (router != router_of(self)) {  // the router went down meanwhile: ask its standby

@@ -54,6 +54,17 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
       self->quit();
       return;
     }
+    if (!s.scheduler && dm.source == s.handed_to) {
+      // Handed to a replica that went down before its scheduler took the request: routed again.
+      s.handed_to = caf::actor_addr{};
+      GenerateRequest rest = s.original;
+      rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
+      rest.prompt_text.clear();
+      rest.max_tokens = s.original.max_tokens - s.sent;
+      s.base = s.sent;
+      if (s.supervisor && rest.max_tokens > 0) self->send(s.supervisor, resume_atom::value, encode(rest), SchedulerActor{});
+      return;
+    }
     if (!s.scheduler || dm.source != s.scheduler.address()) return;
     GenerateRequest rest = s.original;
     rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
@@ -154,10 +165,22 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
           self->quit();
         }
       },
+      [=](enter_atom, const caf::actor& replica) {
+        auto& s = self->state;
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != s.supervisor.address() || s.scheduler || !replica) return;
+        s.handed_to = replica.address();
+        self->monitor(replica);
+      },
       [=](resume_atom, const SchedulerActor& scheduler, RequestId id) {
         auto& s = self->state;
+        if (!scheduler || caf::actor_cast<caf::actor_addr>(self->current_sender()) != scheduler.address()) return;
+        // A second scheduler that took it (the replica it was first handed to, back from a
+        // stop after the request was routed again) runs it for nobody: stopped.
+        if (s.scheduler) {
+          if (scheduler != s.scheduler) self->send(scheduler, cancel_atom::value, id, static_cast<uint8_t>(FinishReason::cancelled));
+          return;
+        }
         // Taken over by the scheduler that says so, and only while it waits for one.
-        if (s.scheduler || !scheduler || caf::actor_cast<caf::actor_addr>(self->current_sender()) != scheduler.address()) return;
         s.scheduler = scheduler;
         s.id = id;
         ++s.takeovers;

@@ -56,6 +56,10 @@ struct RequestState {
   int64_t received_us = 0;  // when the replica received the request (StageTimes::received_us)
   RequestActor keep_alive;  // itself: see request_actor()
   uint64_t takeovers = 0;   // schedulers that took the request (over)
+  // The replica its node handed it to, while no scheduler has taken it: if that replica goes
+  // down first (its node died or stopped), the request is routed again rather than waiting out
+  // the takeover timeout.
+  caf::actor_addr handed_to;
   bool cancel_pending = false;  // cancelled while no scheduler held it
   static inline const char* name = "celer.request";
 };

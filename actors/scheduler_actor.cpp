@@ -589,6 +589,10 @@ void send_report(Self* self) {
   r.prefix_hits = s.prefix_hits;
   r.tokens_generated = s.tokens_generated;
   r.draining = s.stopping || s.draining;
+  r.scheduler_restarts = s.setup.scheduler_restarts;
+  r.shard_restarts = s.total_restarts;
+  r.cache_restarts = s.total_cache_restarts;
+  r.hung_shards = s.hung_shards;
   const WireMessage wire = encode(r);
   for (const RouterActor& router : s.setup.routers) self->send(router, report_atom::value, wire);
 }

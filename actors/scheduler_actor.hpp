@@ -58,6 +58,7 @@ struct ReplicaSetup {
   std::chrono::milliseconds restart_backoff{100};
   std::chrono::milliseconds step_timeout{120'000};  // supervision.hang_timeout: a longer step's shard counts as hung
   bool chaos = false;                 // `chaos: enabled`: faults to inject are taken (docs/chaos.md)
+  uint64_t scheduler_restarts = 0;    // set by the supervisor: schedulers of this replica restarted before this one
   // In a cluster (docs/cluster.md): the replica's name, the GGUF file as its nodes see it, the
   // node actors (actors/node_actor.hpp) that build its cache and each shard rank there (null /
   // empty: spawned in this process, as a one-process server does), and the router it reports

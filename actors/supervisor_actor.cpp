@@ -20,6 +20,7 @@ void pass_on(const SchedulerActor& scheduler, const StreamSink& sender, Supervis
 
 void spawn_scheduler(Self* self) {
   auto& st = self->state;
+  st.setup.scheduler_restarts = st.total_restarts;
   st.scheduler = self->spawn(scheduler_actor, st.setup, caf::actor_cast<SupervisorActor>(self));
   *st.scheduler_for_exit = st.scheduler;
   st.up = true;

@@ -98,6 +98,10 @@ std::string status_json(Self* self) {
       r["tokens_per_second"] = seen.tokens_per_second;
       r["cached_blocks"] = seen.cached_blocks;
       r["routed"] = seen.routed;
+      r["restarts"] = {{"scheduler", rep.scheduler_restarts},
+                       {"shard", rep.shard_restarts},
+                       {"cache", rep.cache_restarts},
+                       {"hung_shards", rep.hung_shards}};
     }
     j["replicas"].push_back(r);
   }

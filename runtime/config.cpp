@@ -873,6 +873,12 @@ ClusterConfig parse_config(const std::string& yaml_text, const std::string& sour
   return config;
 }
 
+std::optional<std::chrono::milliseconds> parse_duration(const std::string& text) {
+  uint64_t v = 0;
+  if (!parse_with_unit(text, kDurationUnits, &v) || v > uint64_t{INT64_MAX}) return std::nullopt;
+  return std::chrono::milliseconds(static_cast<int64_t>(v));
+}
+
 ClusterConfig load_config(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(ErrorCode::invalid_argument, path + ": cannot open config file: " + std::strerror(errno));

@@ -240,6 +240,10 @@ struct ClusterConfig {
   bool operator==(const ClusterConfig&) const = default;
 };
 
+// A duration as the config writes one ("250ms", "2s", "1m", or an integer of milliseconds);
+// nullopt when `text` is not one.
+std::optional<std::chrono::milliseconds> parse_duration(const std::string& text);
+
 // Reads the config file at `path`; a file that cannot be read is an error naming it.
 ClusterConfig load_config(const std::string& path);
 

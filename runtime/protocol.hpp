@@ -299,6 +299,10 @@ struct ReplicaReport {
   // sent only when it changed since the last report: `blocks_changed` says whether it did.
   bool blocks_changed = false;
   std::vector<uint64_t> cached_blocks;
+  // Restarts since the replica started (its supervisor's of the scheduler; the current
+  // scheduler's of its shard group and cache, and the groups replaced for a hang): what
+  // `celer chaos` watches to see a fault found.
+  uint64_t scheduler_restarts = 0, shard_restarts = 0, cache_restarts = 0, hung_shards = 0;
 };
 
 // The one routing message per request: what the router needs to pick a replica.

@@ -253,6 +253,10 @@ struct ReplicaReport {
   draining @9 :Bool;
   blocksChanged @10 :Bool;
   cachedBlocks @11 :List(UInt64);
+  schedulerRestarts @12 :UInt64;
+  shardRestarts @13 :UInt64;
+  cacheRestarts @14 :UInt64;
+  hungShards @15 :UInt64;
 }
 
 struct RouteQuery {

@@ -276,6 +276,10 @@ void put(cs::ReplicaReport::Builder b, const ReplicaReport& m) {
   b.setPrefixQueries(m.prefix_queries);
   b.setPrefixHits(m.prefix_hits);
   b.setTokensGenerated(m.tokens_generated);
+  b.setSchedulerRestarts(m.scheduler_restarts);
+  b.setShardRestarts(m.shard_restarts);
+  b.setCacheRestarts(m.cache_restarts);
+  b.setHungShards(m.hung_shards);
   b.setDraining(m.draining);
   b.setBlocksChanged(m.blocks_changed);
   if (!m.cached_blocks.empty())
@@ -778,6 +782,10 @@ ReplicaReport read(cs::ReplicaReport::Reader r) {
   m.prefix_queries = r.getPrefixQueries();
   m.prefix_hits = in_range<uint64_t>(r.getPrefixHits(), 0, m.prefix_queries, at, "prefix_hits");
   m.tokens_generated = r.getTokensGenerated();
+  m.scheduler_restarts = r.getSchedulerRestarts();
+  m.shard_restarts = r.getShardRestarts();
+  m.cache_restarts = r.getCacheRestarts();
+  m.hung_shards = r.getHungShards();
   m.draining = r.getDraining();
   m.blocks_changed = r.getBlocksChanged();
   m.cached_blocks = read_u64s(r.getCachedBlocks(), lim::kMaxCachedBlocks, at, "cached_blocks");

@@ -79,7 +79,9 @@ Launched launch(const std::string& example, const std::function<std::string(std:
   Launched l;
   std::string text = read_file(kExamples + "/" + example);
   if (edit) text = edit(text);
-  l.config = write_temp(example, with_fresh_ports(text, kModel, &l.ports));
+  std::string name = example;  // examples/chaos/cluster.yaml: chaos-cluster.yaml
+  std::replace(name.begin(), name.end(), '/', '-');
+  l.config = write_temp(name, with_fresh_ports(text, kModel, &l.ports));
   l.process = std::make_unique<CelerProcess>(CELER_BIN, std::vector<std::string>{"launch", l.config});
   const bool up = l.process->wait_for("celer: cluster ready", kUp);
   INFO(l.process->output());  // what it said by then (INFO takes its text when it runs)
@@ -1145,5 +1147,86 @@ TEST_CASE("cluster: chaos: a node stopped from the chaos endpoint is declared do
     if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   CHECK(back);
+  l.process->stop(SIGTERM);
+}
+
+// ---- celer chaos: a plan of faults beside a seeded load, and its report ----
+
+namespace {
+
+nlohmann::json run_chaos_plan(const Launched& l, const std::string& plan, int expected_exit = 0) {
+  const std::string report = write_temp("chaos-report.json", "");
+  const CelerRun r = run_celer(CELER_BIN,
+                               {"chaos", "--connect", "127.0.0.1:" + std::to_string(l.ports[0]), "--plan",
+                                kExamples + "/chaos/" + plan, "--report", report, "--num-prompts", "48", "--max-concurrency",
+                                "8", "--random-output-len", "300", "--seed", "5"},
+                               std::chrono::seconds(120));
+  INFO(r.output);
+  CHECK(r.exited(expected_exit));
+  return nlohmann::json::parse(read_file(report));
+}
+
+void check_nothing_lost(const nlohmann::json& report) {
+  INFO(report.dump(2));
+  CHECK(report["sent"] == 48);
+  CHECK(report["completed"] == 48);
+  CHECK(report["failed"].empty());
+  CHECK(report["lost"] == 0);
+  CHECK(report["duplicated_tokens"] == 0);
+  CHECK(report["missing_tokens"] == 0);
+  CHECK(report["unreferenced"] == 0);
+}
+
+}  // namespace
+
+TEST_CASE("celer chaos: a killed shard is found and recovered from; the report counts nothing lost against the reference",
+          "[cluster][chaos]") {
+  Launched l = launch("chaos/cluster.yaml");
+  const nlohmann::json report = run_chaos_plan(l, "kill-shard.yaml");
+  check_nothing_lost(report);
+  INFO(report.dump(2));
+  REQUIRE(report["faults"].size() == 1);
+  const auto& f = report["faults"][0];
+  CHECK(f["kind"] == "kill");
+  CHECK(f["target"] == "shard r2/0");
+  CHECK(f["taken"] == true);
+  REQUIRE(f["detected_ms"].is_number());
+  REQUIRE(f["recovered_ms"].is_number());
+  CHECK(f["detected_ms"].get<double>() >= f["start_ms"].get<double>());
+  CHECK(f["detected_ms"].get<double>() - f["start_ms"].get<double>() < 2000);
+  CHECK(f["recovered_ms"].get<double>() > f["detected_ms"].get<double>());
+  CHECK(report["outside_faults"]["ttft_ms"]["count"].get<int>() + report["inside_faults"]["ttft_ms"]["count"].get<int>() == 48);
+  double tokens = 0;
+  for (const auto& t : report["tokens_per_second"]) tokens += t.get<double>();
+  CHECK(tokens == 48 * 300);
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("celer chaos: a node stopped and continued is found down and recovered from; nothing lost", "[cluster][chaos]") {
+  Launched l = launch("chaos/cluster.yaml");
+  const nlohmann::json report = run_chaos_plan(l, "sigstop-node.yaml");
+  check_nothing_lost(report);
+  INFO(report.dump(2));
+  const auto& f = report["faults"][0];
+  CHECK(f["target"] == "node n2");
+  CHECK(f["end_ms"].get<double>() - f["start_ms"].get<double>() == 4000);
+  REQUIRE(f["detected_ms"].is_number());
+  CHECK(f["detected_ms"].get<double>() - f["start_ms"].get<double>() < 4000);  // node_timeout, 2 s, and a heartbeat
+  REQUIRE(f["recovered_ms"].is_number());
+  CHECK(f["recovered_ms"].get<double>() > f["end_ms"].get<double>());
+  l.process->stop(SIGTERM);
+}
+
+TEST_CASE("celer chaos: against a cluster without `chaos: enabled` every fault is refused and reported so", "[cluster][chaos]") {
+  Launched l = launch("chaos/cluster.yaml", [](std::string text) {
+    const size_t at = text.find("chaos: enabled\n");
+    return text.erase(at, std::string("chaos: enabled\n").size());
+  });
+  const nlohmann::json report = run_chaos_plan(l, "kill-cache.yaml");
+  check_nothing_lost(report);
+  const auto& f = report["faults"][0];
+  CHECK(f["taken"] == false);
+  CHECK_THAT(f["said"].get<std::string>(), Catch::Contains("chaos: enabled"));
+  CHECK(f["detected_ms"].is_null());
   l.process->stop(SIGTERM);
 }

@@ -189,6 +189,10 @@ ReplicaReport sample_report() {
   m.draining = true;
   m.blocks_changed = true;
   m.cached_blocks = {0, 1, 0xffffffffffffffffull, 0x0123456789abcdefull};
+  m.scheduler_restarts = 1;
+  m.shard_restarts = 2;
+  m.cache_restarts = 3;
+  m.hung_shards = 4;
   return m;
 }
 
@@ -417,6 +421,10 @@ void require_equal(const ReplicaReport& a, const ReplicaReport& b) {
   REQUIRE(a.draining == b.draining);
   REQUIRE(a.blocks_changed == b.blocks_changed);
   REQUIRE(a.cached_blocks == b.cached_blocks);
+  REQUIRE(a.scheduler_restarts == b.scheduler_restarts);
+  REQUIRE(a.shard_restarts == b.shard_restarts);
+  REQUIRE(a.cache_restarts == b.cache_restarts);
+  REQUIRE(a.hung_shards == b.hung_shards);
 }
 
 void require_equal(const RouteQuery& a, const RouteQuery& b) {

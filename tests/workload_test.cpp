@@ -8,6 +8,7 @@
 #include <limits>
 #include <set>
 
+#include "runtime/chaos_plan.hpp"
 #include "runtime/error.hpp"
 
 using namespace celer;
@@ -362,4 +363,72 @@ TEST_CASE("summary: latencies, throughput, hit rate, failures, per-turn TTFT", "
     CHECK(none.ttft.mean == 0);
     CHECK(none.prefix_cache_hit_rate == 0);
   }
+}
+
+// ---- celer chaos: the plan, and streams held against their reference ----
+
+TEST_CASE("chaos plan: faults read in order of `at`, each kind's target checked", "[chaos]") {
+  const auto plan = celer::chaos::parse_plan(R"(
+faults:
+  - {kind: sigstop, node: n2, at: 3s, duration: 2s}
+  - {kind: kill, role: shard, replica: r2, rank: 1, at: 500ms}
+  - {kind: slow, role: shard, replica: r1, at: 1s, duration: 4s, delay: 20ms}
+)",
+                                             "plan.yaml");
+  REQUIRE(plan.size() == 3);
+  CHECK(plan[0].at == std::chrono::milliseconds(500));
+  CHECK(plan[0].fault.kind == celer::ChaosFault::Kind::kill);
+  CHECK(plan[0].fault.rank == 1);
+  CHECK(plan[0].target() == "shard r2/1");
+  CHECK(plan[1].fault.delay_ms == 20);
+  CHECK(plan[1].fault.duration_ms == 4000);
+  CHECK(plan[2].target() == "node n2");
+  CHECK(plan[2].fault.duration_ms == 2000);
+
+  auto error_of = [](const std::string& yaml) {
+    try {
+      celer::chaos::parse_plan(yaml, "p.yaml");
+    } catch (const celer::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using Catch::Contains;
+  CHECK_THAT(error_of("faults: []"), Contains("at least one fault"));
+  CHECK_THAT(error_of("fault: []"), Contains("fault: unknown key"));
+  CHECK_THAT(error_of("faults: [{kind: explode, at: 1s}]"), Contains("faults[0]: kind: must be kill"));
+  CHECK_THAT(error_of("faults: [{kind: kill, role: shard, replica: r1}]"), Contains("at: when to fire it"));
+  CHECK_THAT(error_of("faults: [{kind: hang, role: shard, replica: r1, at: 1s}]"), Contains("hang needs duration"));
+  CHECK_THAT(error_of("faults: [{kind: slow, role: shard, replica: r1, at: 1s, duration: 1s}]"), Contains("slow needs delay"));
+  CHECK_THAT(error_of("faults: [{kind: sigkill, at: 1s}]"), Contains("sigkill needs node"));
+  CHECK_THAT(error_of("faults: [{kind: sigkill, node: n1, replica: r1, at: 1s}]"), Contains("give node, not role or replica"));
+  CHECK_THAT(error_of("faults: [{kind: kill, replica: r1, at: 1s}]"), Contains("kill needs role"));
+  CHECK_THAT(error_of("faults: [{kind: kill, role: cache, replica: r1, at: soon}]"), Contains("at: must be a duration"));
+  CHECK_THAT(error_of("faults: [{kind: kill, role: cache, replica: r1, at: 1s, colour: red}]"),
+             Contains("faults[0]: colour: unknown key"));
+  CHECK_THAT(error_of("faults: [{kind: kill, role: shard, replica: r1, rank: -2, at: 1s}]"), Contains("rank: must be 0 or more"));
+  CHECK_THAT(error_of("faults: [\n"), Contains("p.yaml:"));
+}
+
+TEST_CASE("chaos: a stream's repeats, skips and changed tokens against its reference", "[chaos]") {
+  celer::chaos::StreamTrace t;
+  t.add(0, {5, 6, 7});
+  t.add(2, {7, 8});  // index 2 again (a resume that re-sent it), then 3
+  t.add(5, {10});    // index 4 never came
+  CHECK(t.duplicated == 1);
+  CHECK(t.skipped == 1);
+  CHECK(t.tokens == std::vector<celer::TokenId>{5, 6, 7, 8, -1, 10});
+  const auto c = celer::chaos::check_tokens(t, {5, 6, 7, 8, 9, 10});
+  CHECK(c.missing == 1);     // index 4
+  CHECK(c.duplicated == 1);  // the repeat
+  const auto longer = celer::chaos::check_tokens(t, {5, 6, 7});
+  CHECK(longer.missing == 0);
+  CHECK(longer.duplicated == 1 + 3);  // past the reference's end
+  const auto changed = celer::chaos::check_tokens(t, {5, 9, 7, 8, 9, 10, 11});
+  CHECK(changed.missing == 3);  // index 1 differs, 4 never came, 6 never sent
+  celer::chaos::StreamTrace clean;
+  clean.add(0, {1, 2});
+  clean.add(2, {3});
+  CHECK(celer::chaos::check_tokens(clean, {1, 2, 3}).missing == 0);
+  CHECK(celer::chaos::check_tokens(clean, {1, 2, 3}).duplicated == 0);
 }

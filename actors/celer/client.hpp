@@ -111,6 +111,9 @@ class Client {
   // Injects a fault through the cluster node this client is connected to (docs/chaos.md):
   // refused unless the cluster was started with `chaos: enabled`.
   std::variant<ChaosReply, ClientError> inject_fault(const ChaosFault& fault, int64_t timeout_ms = 10'000);
+  // A cluster's status as `celer status --json` prints it (docs/cluster.md), from the router
+  // through the node this client is connected to.
+  std::variant<std::string, ClientError> cluster_status(int64_t timeout_ms = 10'000);
 
   Stream stream(const std::string& prompt, const RequestOptions& options);
   Stream stream_tokens(std::vector<TokenId> prompt, const RequestOptions& options);

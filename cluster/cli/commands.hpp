@@ -41,6 +41,7 @@ Command add_perplexity(CLI::App& app);
 Command add_bench_model(CLI::App& app);
 Command add_serve(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_chaos(CLI::App& app);
 Command add_node(CLI::App& app);
 Command add_launch(CLI::App& app);
 Command add_status(CLI::App& app);

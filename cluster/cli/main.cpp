@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   add(celer::cli::add_bench_model);
   add(celer::cli::add_serve);
   add(celer::cli::add_bench);
+  add(celer::cli::add_chaos);
   add(celer::cli::add_node);
   add(celer::cli::add_launch);
   add(celer::cli::add_status);
