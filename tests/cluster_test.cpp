@@ -1196,6 +1196,8 @@ TEST_CASE("celer chaos: a killed shard is found and recovered from; the report c
   CHECK(f["detected_ms"].get<double>() - f["start_ms"].get<double>() < 2000);
   CHECK(f["recovered_ms"].get<double>() > f["detected_ms"].get<double>());
   CHECK(report["outside_faults"]["ttft_ms"]["count"].get<int>() + report["inside_faults"]["ttft_ms"]["count"].get<int>() == 48);
+  CHECK(report["affected"]["requests"] == report["inside_faults"]["ttft_ms"]["count"]);
+  CHECK(report["affected"]["extra_e2el_ms"]["count"] == report["affected"]["requests"]);
   double tokens = 0;
   for (const auto& t : report["tokens_per_second"]) tokens += t.get<double>();
   CHECK(tokens == 48 * 300);

@@ -335,12 +335,21 @@ int run_chaos(ChaosArgs& a) {
     return false;
   };
   std::vector<double> ttft[2], itl[2], e2el[2];
+  // The affected requests (inside a window) against their own fault-free run: what the faults
+  // cost them.
+  std::vector<double> extra_ttft, extra_e2el;
   std::vector<double> per_second(static_cast<size_t>(std::ceil(duration_ms / 1000)) + 1, 0);
-  for (const Outcome& o : load.outcomes) {
+  for (size_t j = 0; j < load.outcomes.size(); ++j) {
+    const Outcome& o = load.outcomes[j];
     if (!o.ok || o.token_ms.empty()) continue;
     const bool inside = in_window(o.send_ms) || in_window(o.end_ms);
     ttft[inside].push_back(o.token_ms.front() - o.send_ms);
     e2el[inside].push_back(o.end_ms - o.send_ms);
+    const Outcome& ref = reference.outcomes[j];
+    if (inside && ref.ok && !ref.token_ms.empty()) {
+      extra_ttft.push_back((o.token_ms.front() - o.send_ms) - (ref.token_ms.front() - ref.send_ms));
+      extra_e2el.push_back((o.end_ms - o.send_ms) - (ref.end_ms - ref.send_ms));
+    }
     for (size_t i = 1; i < o.token_ms.size(); ++i) itl[in_window(o.token_ms[i])].push_back(o.token_ms[i] - o.token_ms[i - 1]);
     for (double t : o.token_ms) per_second[std::min(per_second.size() - 1, static_cast<size_t>(t / 1000))] += 1;
   }
@@ -370,6 +379,9 @@ int run_chaos(ChaosArgs& a) {
   }
   report["inside_faults"] = {{"ttft_ms", percentiles(ttft[1])}, {"itl_ms", percentiles(itl[1])}, {"e2el_ms", percentiles(e2el[1])}};
   report["outside_faults"] = {{"ttft_ms", percentiles(ttft[0])}, {"itl_ms", percentiles(itl[0])}, {"e2el_ms", percentiles(e2el[0])}};
+  report["affected"] = {{"requests", extra_ttft.size()},
+                        {"extra_ttft_ms", percentiles(extra_ttft)},
+                        {"extra_e2el_ms", percentiles(extra_e2el)}};
   report["tokens_per_second"] = per_second;
   const std::string text = report.dump(2);
   if (!a.report.empty()) {
