@@ -54,18 +54,12 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
       self->quit();
       return;
     }
-    if (!s.scheduler && dm.source == s.handed_to) {
-      // Handed to a replica that went down before its scheduler took the request: routed again.
-      s.handed_to = caf::actor_addr{};
-      GenerateRequest rest = s.original;
-      rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
-      rest.prompt_text.clear();
-      rest.max_tokens = s.original.max_tokens - s.sent;
-      s.base = s.sent;
-      if (s.supervisor && rest.max_tokens > 0) self->send(s.supervisor, resume_atom::value, encode(rest), SchedulerActor{});
-      return;
-    }
-    if (!s.scheduler || dm.source != s.scheduler.address()) return;
+    // Its scheduler died, or the replica it was handed to went down before a scheduler took
+    // it (its node died or stopped): either way the rest of the request is routed again.
+    const bool scheduler_died = s.scheduler && dm.source == s.scheduler.address();
+    const bool handed_to_died = !s.scheduler && dm.source == s.handed_to;
+    if (!scheduler_died && !handed_to_died) return;
+    s.handed_to = caf::actor_addr{};
     GenerateRequest rest = s.original;
     rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
     rest.prompt_text.clear();
