@@ -34,6 +34,19 @@ std::string write_config(const TempDir& dir, const std::string& yaml) {
   return path;
 }
 
+// A random Llama (celer make-model, stories260K's vocabulary, a 4096-token context) in `dir`.
+std::string make_random_llama(const TempDir& dir, const std::string& name, int dim, int layers, int heads, int ffn,
+                              const std::string& type) {
+  const std::string path = dir.path() + "/" + name;
+  const CelerRun made = run_celer(CELER_BIN,
+                                  {"make-model", "--arch", "llama", "--dim", std::to_string(dim), "--layers", std::to_string(layers),
+                                   "--heads", std::to_string(heads), "--kv-heads", std::to_string(heads), "--ffn",
+                                   std::to_string(ffn), "--context", "4096", "--vocab", kModel, "--type", type, path},
+                                  60s);
+  REQUIRE(made.exited(0));
+  return path;
+}
+
 int connect_to(uint16_t port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -154,12 +167,7 @@ TEST_CASE("serve: SIGTERM with live streams stops within the grace period; every
   // A random 30M-parameter model: slow enough here that 20 streams of 600 tokens are all still
   // running when the signal comes.
   TempDir dir;
-  const std::string model = dir.path() + "/slow.gguf";
-  CelerRun made = run_celer(CELER_BIN,
-                            {"make-model", "--arch", "llama", "--dim", "512", "--layers", "8", "--heads", "8", "--kv-heads",
-                             "8", "--ffn", "1536", "--context", "4096", "--vocab", kModel, "--type", "f32", model},
-                            60s);
-  REQUIRE(made.exited(0));
+  const std::string model = make_random_llama(dir, "slow.gguf", 512, 8, 8, 1536, "f32");
   // All 20 streams run at once (batch and KV blocks for each).
   const std::string config = write_config(dir, "model: " + model + "\nmax_batch_size: 32\nkv_cache_blocks: 1024\n");
   ServeProcess server(CELER_BIN, {"--config", config, "--http-port", "0"});
@@ -295,12 +303,7 @@ TEST_CASE("serve: a stream with an ITL objective keeps its gaps within it while 
   // A random 5M-parameter model on one thread: a decode step takes a few milliseconds, a
   // 1000-token prompt in one step a hundred or more.
   TempDir dir;
-  const std::string model = dir.path() + "/m.gguf";
-  CelerRun made = run_celer(CELER_BIN,
-                            {"make-model", "--arch", "llama", "--dim", "256", "--layers", "6", "--heads", "4", "--kv-heads",
-                             "4", "--ffn", "768", "--context", "4096", "--vocab", kModel, "--type", "q8_0", model},
-                            60s);
-  REQUIRE(made.exited(0));
+  const std::string model = make_random_llama(dir, "m.gguf", 256, 6, 4, 768, "q8_0");
   const std::string base = "model: " + model + "\nmax_batch_size: 8\nmax_batch_tokens: 1024\nthreads: 1\nkv_cache_blocks: 1024\n";
   const int32_t n_vocab = 512;
 

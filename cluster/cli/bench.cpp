@@ -64,16 +64,6 @@ struct BenchArgs {
   int32_t context = 0;            // the served model's context (with --connect)
 };
 
-// A positive number of requests per second, or inf (also "infinity").
-double parse_rate(const std::string& s) {
-  char* end = nullptr;
-  const double r = std::strtod(s.c_str(), &end);
-  if (s.empty() || *end != '\0' || std::isnan(r) || r <= 0)
-    throw Error(ErrorCode::invalid_argument,
-                "--request-rate must be a positive number of requests/s or inf, not '" + s + "'");
-  return r;
-}
-
 std::string rate_text(double rate) {
   if (std::isinf(rate)) return "inf";
   char buf[32];
@@ -456,6 +446,16 @@ int run_bench(BenchArgs& a) {
 }
 
 }  // namespace
+
+// A positive number of requests per second, or inf (also "infinity").
+double parse_rate(const std::string& s) {
+  char* end = nullptr;
+  const double r = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != '\0' || std::isnan(r) || r <= 0)
+    throw Error(ErrorCode::invalid_argument,
+                "--request-rate must be a positive number of requests/s or inf, not '" + s + "'");
+  return r;
+}
 
 Command add_bench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();

@@ -211,6 +211,7 @@ nlohmann::json percentiles(const std::vector<double>& ms) {
 
 int run_chaos(ChaosArgs& a) {
   const std::vector<chaos::PlannedFault> plan = chaos::load_plan(a.plan);
+  const double rate = parse_rate(a.request_rate);  // refused before anything is sent
   const auto kind = wl::parse_dataset(a.dataset);
   if (!kind || *kind == wl::DatasetKind::multi_turn)
     throw Error(ErrorCode::invalid_argument, "--dataset must be random or shared-prefix, not '" + a.dataset + "'");
@@ -225,9 +226,6 @@ int run_chaos(ChaosArgs& a) {
     throw Error(ErrorCode::invalid_argument, "--vocab-size " + std::to_string(a.data.vocab_size) + " is larger than the model's " +
                                                  std::to_string(model.n_vocab));
   const wl::Dataset data = wl::make_dataset(a.data);
-  char* end = nullptr;
-  const double rate = a.request_rate == "inf" ? INFINITY : std::strtod(a.request_rate.c_str(), &end);
-  if (!(rate > 0) || (end && *end)) throw Error(ErrorCode::invalid_argument, "--request-rate must be a positive number or inf");
   const std::vector<double> arrivals = wl::arrival_times(data.jobs.size(), rate, a.data.seed);
   RequestOptions options;
   options.sampling.temperature = 0;  // greedy: the reference run must give the same tokens

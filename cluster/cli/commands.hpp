@@ -33,6 +33,8 @@ inline std::optional<TensorType> parse_kv_type(const std::string& s) {
 
 // --connect HOST:PORT -> host and port; Error(invalid_argument) naming the text otherwise.
 std::pair<std::string, uint16_t> parse_host_port(const std::string& text);
+// --request-rate: a positive number of requests per second, or inf (also "infinity").
+double parse_rate(const std::string& text);
 
 Command add_generate(CLI::App& app);
 Command add_make_model(CLI::App& app);
