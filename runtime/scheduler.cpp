@@ -201,7 +201,10 @@ int32_t Scheduler::compute_budget(int64_t now_ms) {
   const int32_t room = cap - decode.tokens;
   if (!prompt || tightest_itl_ms_ == 0 || room <= 0) return cap;
 
-  int32_t p = step_times_.max_new_tokens(decode, prompt->n_computed, tightest_itl_ms_ * 1000.0 * kItlHeadroom, room);
+  // Aimed short of the objective by the headroom (the time around a step) and by how much
+  // longer than predicted the recent sized steps ran.
+  const double aim = kItlHeadroom / step_times_.slow_ratio();
+  int32_t p = step_times_.max_new_tokens(decode, prompt->n_computed, tightest_itl_ms_ * 1000.0 * aim, room);
   // Chunks grow at most twofold a step past what the model has seen, so that a fit that has
   // forgotten what prefill costs learns it again with a small step rather than a long one.
   p = std::min(p, std::max(kMinPrefillTokens, 2 * step_times_.largest_chunk_seen()));
@@ -212,7 +215,7 @@ int32_t Scheduler::compute_budget(int64_t now_ms) {
   const int32_t prompt_left = left(*prompt);
   if (po.ttft_ms > 0 && prompt->request.priority < tight && prompt->times.first_token_us == 0) {
     // Aimed a little early: the model's error and the time between steps.
-    const double time_left_us = static_cast<double>(prompt->admitted_ms + po.ttft_ms - now_ms) * 1000.0 * kItlHeadroom;
+    const double time_left_us = static_cast<double>(prompt->admitted_ms + po.ttft_ms - now_ms) * 1000.0 * aim;
     auto eta_us = [&](int32_t q) { return prefill_us(decode, prompt_left, prompt->n_computed, q); };
     if (p == 0 || eta_us(p) > time_left_us) {
       int32_t lo = std::max(p, 1), hi = std::max(lo, std::min(room, prompt_left));

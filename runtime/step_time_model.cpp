@@ -17,6 +17,7 @@ std::array<double, 4> StepTimeModel::features(const StepShape& s) {
 
 void StepTimeModel::observe(const StepShape& shape, double step_us) {
   if (shape.rows == 0 || !(step_us > 0)) return;
+  record_error(shape, step_us);
   const Sample sample{features(shape), step_us};
   if (window_.size() < kWindow) window_.push_back(sample);
   else window_[next_] = sample;
@@ -53,6 +54,27 @@ void StepTimeModel::fit() {
     }
   }
   for (int i = 0; i < n; ++i) coef_[static_cast<size_t>(i)] = a[i][n] / a[i][i];
+}
+
+void StepTimeModel::record_error(const StepShape& shape, double step_us) {
+  // Decode-only steps are most of the window, so the fit predicts them well by construction;
+  // the steps whose error matters are the ones the budget sized.
+  if (!ready() || shape.tokens <= shape.rows) return;
+  const double predicted = predict_us(shape);
+  if (!(predicted > 0)) return;
+  const double ratio = step_us / predicted;
+  if (errors_.size() < kErrorWindow) errors_.push_back(ratio);
+  else errors_[next_error_] = ratio;
+  next_error_ = (next_error_ + 1) % kErrorWindow;
+  if (errors_.size() < kMinErrorSamples) return;
+  std::array<double, kErrorWindow> sorted{};
+  std::copy(errors_.begin(), errors_.end(), sorted.begin());
+  const auto end = sorted.begin() + static_cast<std::ptrdiff_t>(errors_.size());
+  const auto at = sorted.begin() + static_cast<std::ptrdiff_t>((errors_.size() * 9) / 10);
+  std::nth_element(sorted.begin(), at, end);
+  // Capped: a fit that has just learnt what prefill costs again (after a long decode-only
+  // stretch) can be off several times over for a step or two, and is not that far off after.
+  slow_ratio_ = std::clamp(*at, 1.0, 2.0);
 }
 
 int32_t StepTimeModel::largest_chunk_seen() const {

@@ -59,10 +59,18 @@ class StepTimeModel {
   // decode-only steps the ridge has shrunk it toward zero), so the budget grows chunks toward
   // what it predicts rather than jumping there.
   int32_t largest_chunk_seen() const;
+  // How much longer than predicted a step that carried prefill ran: the 90th percentile of
+  // actual / predicted over the last kErrorWindow such steps, at least 1 (1 until
+  // kMinErrorSamples are in). The budget divides its target by it, so that on a machine whose
+  // steps vary (another tenant, a noisy neighbour) nine steps in ten still land within it.
+  double slow_ratio() const { return slow_ratio_; }
+  static constexpr size_t kErrorWindow = 16;
+  static constexpr size_t kMinErrorSamples = 8;
 
  private:
   static std::array<double, 4> features(const StepShape& s);
   void fit();
+  void record_error(const StepShape& shape, double step_us);
 
   struct Sample {
     std::array<double, 4> x;
@@ -72,6 +80,9 @@ class StepTimeModel {
   size_t next_ = 0;
   size_t n_seen_ = 0;
   std::array<double, 4> coef_{};
+  std::vector<double> errors_;  // a ring of kErrorWindow ratios, actual / predicted
+  size_t next_error_ = 0;
+  double slow_ratio_ = 1.0;
 };
 
 }  // namespace celer
