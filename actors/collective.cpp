@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "runtime/error.hpp"
+#include "schema/codec.hpp"
 
 namespace celer {
 
@@ -67,6 +68,12 @@ EndpointActor::behavior_type endpoint_actor(EndpointActor::stateful_pointer<Endp
         }
         if (part.rank < 0 || part.rank >= inbox->size || part.rank == rank || part.call == 0) {
           inbox->abort("a partial sum from an invalid rank " + std::to_string(part.rank));
+          return;
+        }
+        if (part.check != wire_checksum(part.bytes.data(), part.bytes.size())) {
+          // Summed, it would change this rank's numbers without a trace: the step fails instead.
+          inbox->abort("rank " + std::to_string(part.rank) + "'s partial sum of call " + std::to_string(part.call) +
+                       " arrived corrupted (its checksum does not match)");
           return;
         }
         {
@@ -148,8 +155,9 @@ void NetworkAllReduce::sum(float* data, int64_t n) {
   // Sent from this rank's endpoint (what peers accept); the last peer gets the part itself, so
   // that with two ranks the bytes are written once and moved, not copied.
   {
-    ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes)};
+    ReducePart part{call, rank_, std::vector<uint8_t>(n_bytes), 0};
     std::memcpy(part.bytes.data(), data, n_bytes);
+    part.check = wire_checksum(part.bytes.data(), n_bytes);
     const int last = rank_ == size_ - 1 ? size_ - 2 : size_ - 1;
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;

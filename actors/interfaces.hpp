@@ -54,6 +54,9 @@ using SchedulerActor = caf::typed_actor<
     caf::reacts_to<enter_atom, WireMessage>,              // a routed request, from its request actor
     caf::reacts_to<resume_atom, WireMessage>,             // the rest of a request whose scheduler died
     caf::reacts_to<cancel_atom, RequestId, uint8_t>,      // from a request actor
+    // A request actor whose stream went quiet: the index after the last token sent for that id
+    // (-1: not held here, e.g. it ended and the end was lost on the way).
+    caf::replies_to<progress_atom, RequestId>::with<int32_t>,
     caf::reacts_to<kick_atom>,                            // itself: build the next step
     caf::reacts_to<report_atom>,                          // itself: report timer
     caf::replies_to<drain_atom>::with<bool>,              // this node: take nothing new
@@ -73,6 +76,8 @@ using ResumeSink = caf::typed_actor<caf::reacts_to<resume_atom, WireMessage, Sch
 
 using RequestActor = StreamSink::extend<caf::reacts_to<resume_atom, SchedulerActor, RequestId>,  // a scheduler took it
                                         caf::reacts_to<resume_atom, uint64_t>,                  // itself: takeover timer
+                                        caf::reacts_to<progress_atom, uint64_t>,                // itself: stream watchdog
+                                        caf::reacts_to<stop_atom>,                              // itself: its deadline passed
                                         caf::reacts_to<cancel_atom>,                            // from its client
                                         caf::reacts_to<enter_atom, caf::actor>>;                // its node: the replica it was handed to
 

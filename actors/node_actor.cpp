@@ -15,6 +15,7 @@
 #include "actors/request_actor.hpp"
 #include "actors/shard_actor.hpp"
 #include "actors/wire.hpp"
+#include "runtime/chaos_plan.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/error.hpp"
 #include "runtime/kv_block_manager.hpp"
@@ -97,8 +98,27 @@ caf::result<WireMessage> chaos_fault(Self* self, const WireMessage& wm) {
         .then([=](const WireMessage& reply) mutable { rp.deliver(reply); }, [=](caf::error& e) mutable { rp.deliver(std::move(e)); });
     return rp;
   }
+  if (f.on_wire()) {
+    const std::string& me = st.setup.name;
+    if (f.on_link() && f.node != me && f.peer != me) return refuse("this is node " + me + ", not " + f.node + " or " + f.peer);
+    if (!st.setup.inject_link_fault) return refuse("node " + me + " has no transport to inject wire faults into");
+    static constexpr LinkFault::Kind kKinds[] = {LinkFault::Kind::drop, LinkFault::Kind::delay, LinkFault::Kind::duplicate,
+                                                 LinkFault::Kind::corrupt, LinkFault::Kind::partition};
+    LinkFault lf;
+    lf.kind = kKinds[static_cast<int>(f.kind) - static_cast<int>(ChaosFault::Kind::drop)];
+    lf.probability = f.on_link() ? f.probability : 1.0;
+    lf.delay = std::chrono::milliseconds(f.delay_ms);
+    lf.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(f.duration_ms);
+    // A link's fault acts on what this end receives from the other end; a partition, at the
+    // node cut off, on what it receives from every node, and elsewhere on what comes from it.
+    const std::string from = f.on_link() ? (f.node == me ? f.peer : f.node) : (f.node == me ? kEveryPeer : f.node);
+    st.setup.inject_link_fault(from, lf);
+    const std::string what = f.on_link() ? std::string(chaos::kind_name(f.kind)) + " on the link " + f.node + "-" + f.peer
+                                         : "partition of node " + f.node;
+    return encode(ChaosReply{me, static_cast<int32_t>(getpid()), what + " for " + std::to_string(f.duration_ms) + " ms"});
+  }
   if (f.kind != ChaosFault::Kind::sigkill && f.kind != ChaosFault::Kind::sigstop)
-    return refuse("a node carries out signals to its process; actor faults go to their replica");
+    return refuse("a node carries out signals to its process and wire faults; actor faults go to their replica");
   if (f.node != st.setup.name) return refuse("this is node " + st.setup.name + ", not " + f.node);
   const bool stop = f.kind == ChaosFault::Kind::sigstop;
   signal_self(stop ? SIGSTOP : SIGKILL, f.duration_ms);
@@ -111,7 +131,7 @@ caf::result<WireMessage> chaos_fault(Self* self, const WireMessage& wm) {
 // here) had sent it: the replica's scheduler then streams to the request actor. `avoid`: the
 // replica that just lost the request, tried only when no other is up.
 void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequest> req, const std::string& avoid,
-           bool fresh, SchedulerActor dead = {}) {
+           bool fresh, SchedulerActor dead = {}, int attempt = 0) {
   RouteQuery q;
   q.session_id = req->session_id;
   q.prompt_tokens = static_cast<int32_t>(req->prompt_tokens.size());
@@ -142,11 +162,17 @@ void route(Self* self, const RequestActor& request, std::shared_ptr<GenerateRequ
           },
           [=](const caf::error& e) {
             if (router != router_of(self)) {  // the router went down meanwhile: ask its standby
-              route(self, request, req, avoid, fresh, dead);
+              route(self, request, req, avoid, fresh, dead, attempt);
               return;
             }
             if (!avoid.empty()) {
-              route(self, request, req, "", fresh, dead);
+              route(self, request, req, "", fresh, dead, attempt);
+              return;
+            }
+            // No answer from a router that is up: the query or its answer may have been lost on
+            // the way (the router answers at once, with a replica or with why there is none).
+            if (e == caf::sec::request_timeout && attempt < kRouteAttempts - 1) {
+              route(self, request, req, avoid, fresh, dead, attempt + 1);
               return;
             }
             fail("no replica took the request: " + failure_text(self->system(), e));
@@ -301,6 +327,7 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
           ++st.malformed;
           return;
         }
+        if (!dead) ++st.rerouted_after_loss;
         auto it = st.serving.find(request.address());
         const std::string previous = it != st.serving.end() ? it->second : "";
         route(self, request, std::make_shared<GenerateRequest>(std::move(std::get<GenerateRequest>(*d.message))), previous,
@@ -341,10 +368,20 @@ NodeActor::behavior_type node_actor(Self* self, NodeSetup setup) {
                     rp.deliver(status);
                     return;
                   }
-                  j["entry"] = {{"node", self->state.setup.name},
-                                {"chaos", self->state.setup.chaos},
-                                {"chaos_refused", self->state.chaos_refused},
-                                {"malformed_messages", self->state.malformed}};
+                  const NodeState& st = self->state;
+                  j["entry"] = {{"node", st.setup.name},
+                                {"chaos", st.setup.chaos},
+                                {"chaos_refused", st.chaos_refused},
+                                {"malformed_messages", st.malformed},
+                                {"rerouted_after_loss", st.rerouted_after_loss}};
+                  if (st.setup.transport_stats) {
+                    const TransportStats t = st.setup.transport_stats();
+                    j["entry"]["refused_messages"] = t.refused_messages;
+                    j["entry"]["chaos_frames"] = {{"dropped", t.chaos_dropped},
+                                                  {"delayed", t.chaos_delayed},
+                                                  {"duplicated", t.chaos_duplicated},
+                                                  {"corrupted", t.chaos_corrupted}};
+                  }
                   rp.deliver(encode(ClusterStatus{j.dump()}));
                 },
                 [=](caf::error& e) mutable { rp.deliver(std::move(e)); });

@@ -46,6 +46,7 @@
 #include <caf/all.hpp>
 
 #include "actors/interfaces.hpp"
+#include "actors/transport.hpp"
 #include "runtime/conversation_memory.hpp"
 #include "runtime/model.hpp"
 #include "runtime/model_card.hpp"
@@ -66,6 +67,11 @@ struct NodeSetup {
   RouterActor local_router;   // the router (or standby) running on this node, for router_atom
   std::chrono::milliseconds heartbeat_interval{500};  // how often the router hears from this node
   bool chaos = false;  // `chaos: enabled`: faults to inject are taken (docs/chaos.md)
+  // Injects a wire-layer fault on what this node receives from node `peer` (kEveryPeer: from
+  // every node): the process's transport (actors/transport.hpp). Null: wire faults are refused.
+  std::function<void(const std::string& peer, const LinkFault& fault)> inject_link_fault;
+  // The process's transport counters, for status (null: none shown).
+  std::function<TransportStats()> transport_stats;
   // Called (on an actor thread) when a `celer drain` names this node: the process drains and
   // leaves as on SIGTERM.
   std::function<void()> on_drain;
@@ -91,6 +97,9 @@ struct NodeState {
   uint64_t route_failures = 0;
   uint64_t malformed = 0;
   uint64_t chaos_refused = 0;  // faults to inject refused (no `chaos: enabled`, or malformed)
+  // Requests of this node routed again with no scheduler dead: a message of theirs was lost on
+  // the way (no takeover in time, a gap in the stream, a quiet stream whose scheduler sent more).
+  uint64_t rerouted_after_loss = 0;
   static inline const char* name = "celer.node";
 };
 
@@ -99,5 +108,6 @@ NodeActor::behavior_type node_actor(NodeActor::stateful_pointer<NodeState> self,
 // How long the entry waits for the router's answer before it tells the client no replica took
 // the request.
 constexpr auto kRouteTimeout = std::chrono::seconds(5);
+constexpr int kRouteAttempts = 3;  // queries a request makes of a router that does not answer
 
 }  // namespace celer

@@ -14,9 +14,70 @@ size_t stop_reach(const std::vector<std::string>& stop) {
   return n == 0 ? 0 : n - 1;
 }
 
-// Waits for a scheduler to take the request (over): a bounded wait.
-void await_scheduler(RequestActor::stateful_pointer<RequestState> self) {
-  self->delayed_send(self, kTakeoverTimeout, resume_atom::value, self->state.takeovers);
+using Self = RequestActor::stateful_pointer<RequestState>;
+
+// Waits for a scheduler to take the request (over): a bounded wait, routed again now and then.
+void await_scheduler(Self self) {
+  if (self->state.waiting_since_us == 0) self->state.waiting_since_us = unix_us();
+  self->delayed_send(self, kTakeoverRetry, resume_atom::value, self->state.takeovers);
+}
+
+// The stream watchdog, for a scheduler on another node: comes back after kStreamCheck with the
+// count of events seen now.
+void watch_stream(Self self) {
+  const auto& s = self->state;
+  if (s.scheduler && s.scheduler.node() != self->node())
+    self->delayed_send(self, kStreamCheck, progress_atom::value, s.events);
+}
+
+// Routes the rest of the request again: the prompt followed by every token already sent, for
+// the tokens still to come. `dead`: the scheduler that died (its supervisor holds the request
+// for its successor), or null when none did (the request, or a message of its stream, was lost
+// on the way). With nothing left to generate, the stream ends here.
+void route_rest(Self self, const SchedulerActor& dead) {
+  auto& s = self->state;
+  s.handed_to = caf::actor_addr{};
+  GenerateRequest rest = s.original;
+  rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
+  rest.prompt_text.clear();
+  rest.max_tokens = s.original.max_tokens - s.sent;
+  if (!s.supervisor || rest.max_tokens <= 0 || s.stopped) {
+    // Nothing to resume on (or nothing left to generate): end the stream here.
+    if (rest.max_tokens <= 0 || s.stopped) {
+      Finished fin{s.client_id, s.stopped ? FinishReason::stop : FinishReason::length,
+                   static_cast<int32_t>(s.original.prompt_tokens.size()), s.sent, 0, {}};
+      fin.times.received_us = s.received_us;
+      fin.times.finished_us = unix_us();
+      self->send(s.client, event_atom::value, encode(fin));
+    } else {
+      self->send(s.client, event_atom::value,
+                 encode(ErrorReply{s.client_id, ErrorKind::unavailable, "the replica's scheduler stopped"}));
+    }
+    self->quit();
+    return;
+  }
+  s.base = s.sent;
+  // Names the scheduler that died: the supervisor may hear of its death after this message.
+  self->send(s.supervisor, resume_atom::value, encode(rest), dead);
+  if (s.scheduler && s.scheduler != dead) self->demonitor(s.scheduler.address());
+  s.scheduler = nullptr;
+  await_scheduler(self);
+}
+
+// The stream from a live scheduler lost a message: its sequence there is cancelled (a cancel
+// that is lost too leaves it running for nobody; its chunks are refused by id) and the rest is
+// routed again.
+void stream_lost(Self self) {
+  auto& s = self->state;
+  self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
+  route_rest(self, SchedulerActor{});
+}
+
+RequestId event_id(const Message& m) {
+  if (auto* c = std::get_if<TokenChunk>(&m)) return c->id;
+  if (auto* f = std::get_if<Finished>(&m)) return f->id;
+  if (auto* e = std::get_if<ErrorReply>(&m)) return e->id;
+  return 0;
 }
 
 }  // namespace
@@ -44,6 +105,12 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
   self->monitor(st.client);
   if (st.scheduler) self->monitor(st.scheduler);
   else await_scheduler(self);  // a cluster's entry: a replica takes it over first
+  watch_stream(self);
+  // The scheduler holding the request fails it at its deadline; this is the backstop for a
+  // request that no scheduler holds then (or one that stopped answering), a moment later.
+  if (st.original.deadline_ms > 0)
+    self->delayed_send(self, std::chrono::milliseconds(std::max<int64_t>(0, st.original.deadline_ms - unix_us() / 1000)) + kDeadlineGrace,
+                       stop_atom::value);
   // An empty first chunk names this actor to the client at once, so a client that leaves (or
   // cancels) while the request still waits or prefills can cancel it then, not at its first token.
   self->send(st.client, event_atom::value, encode(TokenChunk{st.client_id, 0, {}, {}, {}}));
@@ -59,31 +126,7 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
     const bool scheduler_died = s.scheduler && dm.source == s.scheduler.address();
     const bool handed_to_died = !s.scheduler && dm.source == s.handed_to;
     if (!scheduler_died && !handed_to_died) return;
-    s.handed_to = caf::actor_addr{};
-    GenerateRequest rest = s.original;
-    rest.prompt_tokens.insert(rest.prompt_tokens.end(), s.generated.begin(), s.generated.end());
-    rest.prompt_text.clear();
-    rest.max_tokens = s.original.max_tokens - s.sent;
-    if (!s.supervisor || rest.max_tokens <= 0 || s.stopped) {
-      // Nothing to resume on (or nothing left to generate): end the stream here.
-      if (rest.max_tokens <= 0 || s.stopped) {
-        Finished fin{s.client_id, s.stopped ? FinishReason::stop : FinishReason::length,
-                     static_cast<int32_t>(s.original.prompt_tokens.size()), s.sent, 0, {}};
-        fin.times.received_us = s.received_us;
-        fin.times.finished_us = unix_us();
-        self->send(s.client, event_atom::value, encode(fin));
-      } else {
-        self->send(s.client, event_atom::value,
-                   encode(ErrorReply{s.client_id, ErrorKind::unavailable, "the replica's scheduler stopped"}));
-      }
-      self->quit();
-      return;
-    }
-    s.base = s.sent;
-    // Names the scheduler that died: the supervisor may hear of its death after this message.
-    self->send(s.supervisor, resume_atom::value, encode(rest), s.scheduler);
-    s.scheduler = nullptr;
-    await_scheduler(self);
+    route_rest(self, s.scheduler);
   });
 
   // Sends text (and tokens) to the client, cutting at a stop string. Returns true at a stop.
@@ -117,11 +160,23 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
         // Its stream comes from the scheduler that holds it, or an error from its node or
         // supervisor: nobody else writes into a client's stream.
         const caf::actor_addr from = caf::actor_cast<caf::actor_addr>(self->current_sender());
-        if (from != s.scheduler.address() && from != s.supervisor.address()) return;
+        const bool from_scheduler = s.scheduler && from == s.scheduler.address();
+        if (!from_scheduler && from != s.supervisor.address()) return;
         DecodeResult d = decode(wm);
-        if (!d.message) return;  // the scheduler is trusted to send well-formed events
+        if (!d.message) return;  // malformed or corrupted (counted by decode): a gap, if it was a chunk
+        if (from_scheduler && event_id(*d.message) != s.id) {
+          // A sequence of this request that the scheduler should not be running (one resumed
+          // after a lost message, or taken twice from a duplicated entry): stopped there.
+          self->send(s.scheduler, cancel_atom::value, event_id(*d.message), static_cast<uint8_t>(FinishReason::cancelled));
+          return;
+        }
+        if (from_scheduler) ++s.events;
         if (auto* chunk = std::get_if<TokenChunk>(&*d.message)) {
           if (s.stopped) return;
+          if (from_scheduler && s.base + chunk->first_index > s.sent) {
+            stream_lost(self);  // it skips tokens: a chunk before it was lost
+            return;
+          }
           std::vector<TokenId> fresh;
           std::vector<TokenLogprob> logprobs;
           std::string text;
@@ -169,28 +224,84 @@ RequestActor::behavior_type request_actor(RequestActor::stateful_pointer<Request
         auto& s = self->state;
         if (!scheduler || caf::actor_cast<caf::actor_addr>(self->current_sender()) != scheduler.address()) return;
         // A second scheduler that took it (the replica it was first handed to, back from a
-        // stop after the request was routed again) runs it for nobody: stopped.
+        // stop after the request was routed again; or one it was routed to again when the
+        // first took long), or the same one taking it twice (a duplicated entry), runs it for
+        // nobody: stopped. (The same takeover twice, a duplicated message, changes nothing.)
         if (s.scheduler) {
-          if (scheduler != s.scheduler) self->send(scheduler, cancel_atom::value, id, static_cast<uint8_t>(FinishReason::cancelled));
+          if (scheduler != s.scheduler || id != s.id)
+            self->send(scheduler, cancel_atom::value, id, static_cast<uint8_t>(FinishReason::cancelled));
           return;
         }
         // Taken over by the scheduler that says so, and only while it waits for one.
         s.scheduler = scheduler;
         s.id = id;
+        s.events = 0;
+        s.unanswered_checks = 0;
+        s.waiting_since_us = 0;
         ++s.takeovers;
         self->monitor(scheduler);
+        watch_stream(self);
         if (s.cancel_pending) self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
       },
       [=](resume_atom, uint64_t takeovers) {
-        // Nobody took the request over in time (its replica and every other one are gone).
+        // Nobody took the request over yet: routed again (the request, or the message that it
+        // was taken, may have been lost), until kTakeoverTimeout (its replica and every other
+        // one are gone).
         auto& s = self->state;
         if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;  // its own timer only
         if (s.scheduler || takeovers != s.takeovers) return;
+        if (unix_us() - s.waiting_since_us < std::chrono::duration_cast<std::chrono::microseconds>(kTakeoverTimeout).count()) {
+          if (s.handed_to) self->demonitor(s.handed_to);
+          route_rest(self, SchedulerActor{});
+          return;
+        }
         self->send(s.client, event_atom::value,
                    encode(ErrorReply{s.client_id, ErrorKind::unavailable,
                                      "no replica took the request over within " +
                                          std::to_string(std::chrono::duration_cast<std::chrono::seconds>(kTakeoverTimeout).count()) + " s"}));
         self->quit();
+      },
+      [=](stop_atom) {
+        auto& s = self->state;
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address()) return;  // its own timer only
+        if (s.scheduler) self->send(s.scheduler, cancel_atom::value, s.id, static_cast<uint8_t>(FinishReason::cancelled));
+        self->send(s.client, event_atom::value,
+                   encode(ErrorReply{s.client_id, ErrorKind::deadline_exceeded,
+                                     "the deadline passed after " + std::to_string(s.sent) + " tokens, " +
+                                         (s.scheduler ? "its scheduler no longer sending" : "no scheduler holding the request")}));
+        self->quit();
+      },
+      [=](progress_atom, uint64_t seen) {
+        // The stream watchdog: a quiet stream's scheduler is asked how far it is.
+        auto& s = self->state;
+        if (caf::actor_cast<caf::actor_addr>(self->current_sender()) != self->address() || !s.scheduler) return;
+        if (s.events != seen) {
+          watch_stream(self);
+          return;
+        }
+        const SchedulerActor asked = s.scheduler;
+        const RequestId id = s.id;
+        self->request(asked, kStreamCheck, progress_atom::value, id)
+            .then(
+                [=](int32_t next) {
+                  auto& s = self->state;
+                  if (s.scheduler != asked || s.id != id) return;  // moved on meanwhile
+                  s.unanswered_checks = 0;
+                  // Not held there (it ended, and the end was lost), or it sent tokens that
+                  // never came (after a stop string, later tokens are not taken): lost on the way.
+                  const bool lost = next < 0 || (!s.stopped && s.base + next > s.sent);
+                  if (lost) stream_lost(self);
+                  else watch_stream(self);
+                },
+                [=](caf::error&) {
+                  // No answer: lost too, or the scheduler is busy (asked again later); after
+                  // kStreamChecks in a row the stream counts as lost (its takeover may have
+                  // named the wrong actor, which will never answer).
+                  auto& s = self->state;
+                  if (s.scheduler != asked || s.id != id) return;
+                  if (++s.unanswered_checks >= kStreamChecks) stream_lost(self);
+                  else watch_stream(self);
+                });
       },
       [=](cancel_atom) {
         auto& s = self->state;

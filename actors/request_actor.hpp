@@ -7,6 +7,11 @@
 // If its scheduler dies, the request actor asks the replica's supervisor to resume it on the
 // new scheduler: the prompt followed by every token already sent, for the tokens still to come.
 // Sampling depends only on (seed, position), so the continuation produces the same tokens.
+// The same path serves a stream that lost a message on its way from a scheduler on another node
+// (a link that drops, docs/chaos.md): a chunk that skips an index, or a quiet stream whose
+// scheduler says it sent more (or no longer holds the request: its end was lost), cancels the
+// sequence there and routes the rest again. A request no scheduler took within
+// kTakeoverRetry (its entry was lost) is routed again, until kTakeoverTimeout.
 //
 // Messages in:  (event_atom, WireMessage{TokenChunk | Finished | ErrorReply}) from the scheduler
 //               (resume_atom, scheduler, id) from a new scheduler that took the request over
@@ -34,8 +39,16 @@
 namespace celer {
 
 // How long a request waits for a scheduler to take it over after its own died (or, at a
-// cluster's entry, to take it at all) before it fails.
+// cluster's entry, to take it at all) before it fails; and how often meanwhile it is routed
+// again (the message that carried it, or the one that says it was taken, may have been lost).
 constexpr auto kTakeoverTimeout = std::chrono::seconds(30);
+constexpr auto kTakeoverRetry = std::chrono::seconds(5);
+// How long a stream from a scheduler on another node may stay quiet before its scheduler is
+// asked how far it is (and how long the answer may take).
+constexpr auto kStreamCheck = std::chrono::seconds(2);
+constexpr int kStreamChecks = 3;  // unanswered in a row: the stream counts as lost
+// How long past its deadline a request actor fails a request that its scheduler has not.
+constexpr auto kDeadlineGrace = std::chrono::seconds(1);
 
 struct RequestState {
   StreamSink client;
@@ -56,6 +69,9 @@ struct RequestState {
   int64_t received_us = 0;  // when the replica received the request (StageTimes::received_us)
   RequestActor keep_alive;  // itself: see request_actor()
   uint64_t takeovers = 0;   // schedulers that took the request (over)
+  int64_t waiting_since_us = 0;  // when the current wait for a takeover began (0: not waiting)
+  uint64_t events = 0;      // events taken from the current scheduler (the stream watchdog's clock)
+  int unanswered_checks = 0;  // the watchdog's questions in a row that got no answer
   // The replica its node handed it to, while no scheduler has taken it: if that replica goes
   // down first (its node died or stopped), the request is routed again rather than waiting out
   // the takeover timeout.

@@ -40,6 +40,7 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
       case SchedulerEvent::Kind::token: {
         ++st.tokens_generated;
         if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
+        st.next_index[e.id] = e.index + 1;
         TokenChunk chunk{e.id, e.index, {e.token}, {}, {}};
         if (e.has_logprob) chunk.logprobs.push_back(e.logprob);
         self->send(it->second, event_atom::value, encode(chunk));
@@ -56,12 +57,14 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
         st.produced.erase(e.id);
         self->send(it->second, event_atom::value, encode(e.finished));
         st.requests.erase(it);
+        st.next_index.erase(e.id);
         break;
       case SchedulerEvent::Kind::error:
         st.cacheable.erase(e.id);
         st.produced.erase(e.id);
         self->send(it->second, event_atom::value, encode(e.error));
         st.requests.erase(it);
+        st.next_index.erase(e.id);
         break;
     }
   }
@@ -722,6 +725,13 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         }
         self->state.scheduler->cancel(id, why);
         run_step(self);
+      },
+      [=](progress_atom, RequestId id) -> int32_t {
+        auto it = self->state.requests.find(id);
+        if (it == self->state.requests.end() || it->second.address() != caf::actor_cast<caf::actor_addr>(self->current_sender()))
+          return -1;
+        auto next = self->state.next_index.find(id);
+        return next == self->state.next_index.end() ? 0 : next->second;
       },
       [=](kick_atom) { run_step(self); },
       [=](report_atom) {

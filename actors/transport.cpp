@@ -22,7 +22,14 @@
 #include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <random>
 #include <set>
+#include <thread>
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
@@ -38,17 +45,123 @@
 #include <openssl/ssl.h>
 
 #include "runtime/error.hpp"
+#include "schema/codec.hpp"
 
 namespace celer {
 
 namespace io = caf::io;
 namespace net = caf::io::network;
 
+// What a wire-layer fault does to the frame being read (LinkFault).
+enum class Fate : uint8_t { deliver, drop, duplicate, corrupt, delay };
+
+// The wire-layer faults of one process and the thread that ends their delays. Shared by its
+// connections; Transport's destructor stops it (a delay that has not ended delivers nothing
+// after that: the actor system is going).
+class LinkChaos {
+ public:
+  ~LinkChaos() { stop(); }
+
+  void inject(const std::string& peer, const LinkFault& fault) {
+    std::lock_guard<std::mutex> lock(mu_);
+    faults_[peer] = fault;
+    active_.store(true);
+  }
+
+  // The fate of a frame of operation `op` from `peer`; `delay` is set for Fate::delay.
+  Fate fate(const std::string& peer, io::basp::message_type op, std::chrono::milliseconds& delay) {
+    if (peer.empty() || !active_.load(std::memory_order_relaxed)) return Fate::deliver;
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = faults_.begin(); it != faults_.end();) it = it->second.until <= now ? faults_.erase(it) : std::next(it);
+    if (faults_.empty()) {
+      active_.store(false);
+      return Fate::deliver;
+    }
+    auto it = faults_.find(peer);
+    if (it == faults_.end()) it = faults_.find(kEveryPeer);
+    if (it == faults_.end()) return Fate::deliver;
+    const LinkFault& f = it->second;
+    if (f.kind == LinkFault::Kind::partition) return Fate::drop;
+    using io::basp::message_type;
+    if (op != message_type::direct_message && op != message_type::routed_message) return Fate::deliver;
+    if (std::uniform_real_distribution<double>(0, 1)(rng_) >= f.probability) return Fate::deliver;
+    switch (f.kind) {
+      case LinkFault::Kind::drop: return Fate::drop;
+      case LinkFault::Kind::duplicate: return Fate::duplicate;
+      case LinkFault::Kind::corrupt: return Fate::corrupt;
+      case LinkFault::Kind::delay: delay = f.delay; return Fate::delay;
+      case LinkFault::Kind::partition: break;
+    }
+    return Fate::drop;
+  }
+
+  // A number in [0, n), from the same generator.
+  size_t pick(size_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::uniform_int_distribution<size_t>(0, n - 1)(rng_);
+  }
+
+  // Runs `then` on the timer thread at `when` (it posts to the multiplexer); false once stopped.
+  bool at(std::chrono::steady_clock::time_point when, std::function<void()> then) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return false;
+    timers_.emplace(when, std::move(then));
+    if (!timer_.joinable()) timer_ = std::thread([this] { run_timers(); });
+    wake_.notify_all();
+    return true;
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopped_ = true;
+      timers_.clear();  // (each holds a connection: let them go)
+    }
+    wake_.notify_all();
+    if (timer_.joinable() && timer_.get_id() != std::this_thread::get_id()) timer_.join();
+    else if (timer_.joinable()) timer_.detach();
+  }
+
+  std::atomic<uint64_t> dropped{0}, delayed{0}, duplicated{0}, corrupted{0};
+
+ private:
+  void run_timers() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopped_) {
+      if (timers_.empty()) {
+        wake_.wait(lock);
+        continue;
+      }
+      const auto next = timers_.begin()->first;
+      if (std::chrono::steady_clock::now() < next) {
+        wake_.wait_until(lock, next);
+        continue;
+      }
+      std::function<void()> then = std::move(timers_.begin()->second);
+      timers_.erase(timers_.begin());
+      lock.unlock();
+      then();
+      lock.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::atomic<bool> active_{false};
+  std::map<std::string, LinkFault> faults_;
+  std::mt19937_64 rng_{std::random_device{}()};
+  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>> timers_;
+  std::thread timer_;
+  bool stopped_ = false;
+};
+
 struct Transport::Guard {
   TransportLimits limits;
   std::atomic<uint64_t> accepted{0}, bad_preamble{0}, bad_token{0}, malformed{0}, oversized{0}, over_budget{0},
       tls_refused{0};
   std::atomic<uint64_t> buffered{0};
+  LinkChaos chaos;
 
   // Takes n bytes of the shared budget for large payloads, if that many are left.
   bool reserve(uint64_t n) {
@@ -63,20 +176,39 @@ struct Transport::Guard {
 
 namespace {
 
-// The preamble: magic and version (8 bytes), the token's length (1), zeros (7), the token
-// zero-padded to 64 bytes. Fixed-size, so the guard reads exactly this much before deciding.
-constexpr char kMagic[8] = {'C', 'E', 'L', 'E', 'R', 'T', 'P', '1'};
-constexpr size_t kPreambleSize = 16 + kMaxTransportToken;
+// The preamble: magic and version (8 bytes), the token's length (1), the node name's length
+// (1), zeros (6), the token zero-padded to 64 bytes, the connecting node's name zero-padded to
+// 64 bytes (none for a client). Fixed-size, so the guard reads exactly this much before deciding.
+constexpr char kMagic[8] = {'C', 'E', 'L', 'E', 'R', 'T', 'P', '2'};
+constexpr size_t kNameOffset = 16 + kMaxTransportToken;
+constexpr size_t kPreambleSize = kNameOffset + kMaxTransportName;
 
 // Payloads up to this size are read without asking the budget: BASP headers, handshakes,
 // requests and token chunks are all far smaller.
 constexpr uint64_t kUnbudgeted = 64 * 1024;
 
-std::array<char, kPreambleSize> make_preamble(const std::string& token) {
+// Where the data of a BASP payload starts that carries one of celer's own types: past the end
+// of the last type name "celer.*" CAF wrote ahead of the data (n: none found).
+size_t data_start(const char* p, size_t n) {
+  static constexpr char kPrefix[] = "celer.";
+  const size_t k = sizeof(kPrefix) - 1;
+  size_t last = n;
+  for (size_t i = 0; i + k <= n; ++i)
+    if (std::memcmp(p + i, kPrefix, k) == 0) last = i;
+  if (last == n) return n;
+  size_t end = last + k;
+  auto in_name = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == ':' || c == '<' || c == '>'; };
+  while (end < n && in_name(p[end])) ++end;
+  return end;
+}
+
+std::array<char, kPreambleSize> make_preamble(const std::string& token, const std::string& name) {
   std::array<char, kPreambleSize> p{};
   std::memcpy(p.data(), kMagic, sizeof(kMagic));
   p[8] = static_cast<char>(token.size());
+  p[9] = static_cast<char>(name.size());
   std::memcpy(p.data() + 16, token.data(), token.size());
+  std::memcpy(p.data() + kNameOffset, name.data(), name.size());
   return p;
 }
 
@@ -85,13 +217,21 @@ enum class PreambleCheck { ok, not_celer, wrong_token };
 PreambleCheck check_preamble(const char* p, const std::string& token) {
   if (std::memcmp(p, kMagic, sizeof(kMagic)) != 0) return PreambleCheck::not_celer;
   const auto length = static_cast<unsigned char>(p[8]);
-  for (int i = 9; i < 16; ++i)
+  const auto name_length = static_cast<unsigned char>(p[9]);
+  for (int i = 10; i < 16; ++i)
     if (p[i] != 0) return PreambleCheck::not_celer;
-  if (length > kMaxTransportToken) return PreambleCheck::not_celer;
+  if (length > kMaxTransportToken || name_length > kMaxTransportName) return PreambleCheck::not_celer;
+  // A node name as the config allows them (A-Z, a-z, 0-9, _ and -), then zeros.
+  for (size_t i = kNameOffset; i < kPreambleSize; ++i) {
+    const auto ch = static_cast<unsigned char>(p[i]);
+    const bool in_name = i < kNameOffset + name_length;
+    if (in_name ? !(std::isalnum(ch) || ch == '_' || ch == '-') : ch != 0) return PreambleCheck::not_celer;
+  }
   // Compared in full whatever the first difference, so timing tells nothing about the token.
-  const auto expected = make_preamble(token);
+  const auto expected = make_preamble(token, "");
   unsigned char diff = 0;
-  for (size_t i = 8; i < kPreambleSize; ++i) diff |= static_cast<unsigned char>(p[i] ^ expected[i]);
+  diff |= static_cast<unsigned char>(p[8] ^ expected[8]);
+  for (size_t i = 16; i < kNameOffset; ++i) diff |= static_cast<unsigned char>(p[i] ^ expected[i]);
   return diff == 0 ? PreambleCheck::ok : PreambleCheck::wrong_token;
 }
 
@@ -175,19 +315,23 @@ class TlsPolicy {
 template <class Policy>
 class GuardedScribe final : public io::scribe {
  public:
+  // `peer`: the node dialed (connecting), or "" (accepting: the preamble names it).
   template <class... PolicyArgs>
   GuardedScribe(net::default_multiplexer& mx, net::native_socket fd, std::shared_ptr<Transport::Guard> guard,
-                bool accepting, PolicyArgs&&... policy_args)
+                bool accepting, std::string peer, PolicyArgs&&... policy_args)
       : io::scribe(net::conn_hdl_from_socket(fd)),
         stream_(mx, fd, std::forward<PolicyArgs>(policy_args)...),
         guard_(std::move(guard)),
         accepting_(accepting),
-        awaiting_preamble_(accepting) {}
+        awaiting_preamble_(accepting),
+        peer_(std::move(peer)) {}
 
   ~GuardedScribe() override { release(); }
 
   void configure_read(io::receive_policy::config config) override {
-    if (refused_) return;
+    // While frames that a fault held or copied are handed to BASP, the socket's reads stay as
+    // the guard set them: BASP's requests then describe the replayed frame, not the socket.
+    if (refused_ || replaying_) return;
     if (awaiting_preamble_) {
       // BASP's first read waits until the peer has shown it is one of ours: the magic first,
       // so that a stranger's first 8 bytes already close it, then the rest.
@@ -229,6 +373,7 @@ class GuardedScribe final : public io::scribe {
         case PreambleCheck::wrong_token: refuse(guard_->bad_token); return true;
         case PreambleCheck::ok: break;
       }
+      peer_.assign(preamble_.data() + kNameOffset, static_cast<unsigned char>(preamble_[9]));
       ++guard_->accepted;
       awaiting_preamble_ = false;
       configure_read(requested_);
@@ -236,24 +381,75 @@ class GuardedScribe final : public io::scribe {
       return true;
     }
     // BASP reads a header, then its payload when it has one: the same framing, followed here.
+    const char* bytes = static_cast<const char*>(buf);
     if (!awaiting_payload_) {
-      if (n != io::basp::header_size || !header_allowed(static_cast<const char*>(buf), accepting_, handshaken_)) {
+      if (n != io::basp::header_size || !header_allowed(bytes, accepting_, handshaken_)) {
         refuse(guard_->malformed);
         return true;
       }
+      const auto op = static_cast<io::basp::message_type>(bytes[0]);
+      const uint64_t len = big_endian(bytes + 4, 4);
+      std::chrono::milliseconds delay{0};
+      fate_ = guard_->chaos.fate(peer_, op, delay);
+      awaiting_payload_ = len > 0;
+      if (fate_ == Fate::drop) {
+        // Read past it here: BASP never hears of it (nor of a handshake it would have made).
+        ++guard_->chaos.dropped;
+        return read_own(len);
+      }
       handshaken_ = true;
-      awaiting_payload_ = big_endian(static_cast<const char*>(buf) + 4, 4) > 0;
+      if (fate_ == Fate::delay || !held_.empty()) {
+        // Held, and everything behind it on this connection, in order.
+        auto due = std::chrono::steady_clock::now() + delay;
+        if (!held_.empty()) due = std::max(due, held_.back().due);
+        held_.push_back(HeldFrame{std::vector<char>(bytes, bytes + n), len == 0, fate_ == Fate::duplicate, due});
+        if (fate_ == Fate::delay) ++guard_->chaos.delayed;
+        if (fate_ == Fate::duplicate) ++guard_->chaos.duplicated;
+        fate_ = Fate::deliver;
+        read_own(len);
+        if (len == 0) deliver_due(ctx);
+        return true;
+      }
+      if (fate_ == Fate::duplicate) header_.assign(bytes, bytes + n);
     } else {
       awaiting_payload_ = false;
+      if (!held_.empty() && !held_.back().complete) {
+        held_.back().bytes.insert(held_.back().bytes.end(), bytes, bytes + n);
+        held_.back().complete = true;
+        read_own(0);
+        deliver_due(ctx);
+        return true;
+      }
+      if (fate_ == Fate::drop) return read_own(0);
+      if (fate_ == Fate::corrupt) {
+        // One byte of the message's data changed (a Cap'n Proto message or its checksum, which
+        // schema/codec.hpp refuses; a partial sum, which the all-reduce refuses; an id or a
+        // handle, which the actors check), never CAF's type information ahead of it, which CAF
+        // 0.17 trusts (a changed type number can make a message into an exit message):
+        // corruption there is what TLS's integrity check is for. The data follows the last of
+        // celer's type names; a message with none (atoms and strings only) passes unchanged.
+        if (const size_t from = data_start(bytes, n); from < n) {
+          stream_.rd_buf()[from + guard_->chaos.pick(n - from)] ^= static_cast<char>(1 + guard_->chaos.pick(255));
+          ++guard_->chaos.corrupted;
+        }
+      }
+    }
+    std::vector<char> copy;
+    if (fate_ == Fate::duplicate && !awaiting_payload_) {  // (an actor message always has a payload)
+      copy = header_;
+      copy.insert(copy.end(), bytes, bytes + n);
+      ++guard_->chaos.duplicated;
     }
     const uint64_t held = reserved_;  // reserved for this read (one made while BASP reads the header is not)
-    const bool ok = io::scribe::consume(ctx, buf, n);
+    bool ok = io::scribe::consume(ctx, buf, n);
     if (held > 0) {
       // The large payload has been delivered: give its memory back now, not when the
       // connection closes (a vector keeps its capacity when it shrinks).
       release();
       std::vector<char>().swap(stream_.rd_buf());
     }
+    if (!copy.empty()) ok = replay(ctx, copy) && ok;
+    if (!awaiting_payload_) fate_ = Fate::deliver;
     return ok;
   }
 
@@ -283,7 +479,7 @@ class GuardedScribe final : public io::scribe {
     stream_.start(this);
     if (!accepting_) {
       // The connecting end speaks first: the accepting end says nothing until it has read this.
-      const auto preamble = make_preamble(guard_->limits.token);
+      const auto preamble = make_preamble(guard_->limits.token, guard_->limits.node_name);
       std::vector<char>& out = stream_.wr_buf();
       out.insert(out.begin(), preamble.begin(), preamble.end());
       stream_.flush(this);
@@ -296,6 +492,61 @@ class GuardedScribe final : public io::scribe {
   void release() {
     if (reserved_ > 0) guard_->release(reserved_);
     reserved_ = 0;
+  }
+
+  // The next read of a frame BASP is not told about: its payload of len bytes, or (0) the next
+  // header. Not budgeted (only wire-layer faults read this way), but never over the limit.
+  bool read_own(uint64_t len) {
+    if (len > guard_->limits.max_message_bytes) {
+      refuse(guard_->oversized);
+      return true;
+    }
+    stream_.configure_read(io::receive_policy::exactly(len > 0 ? len : io::basp::header_size));
+    return true;
+  }
+
+  // Hands BASP one whole frame (header and payload) that is not what the socket just read,
+  // keeping the socket's read buffer (which may hold part of the next frame) as it was.
+  bool replay(caf::execution_unit* ctx, const std::vector<char>& frame) {
+    std::vector<char> keep;
+    keep.swap(stream_.rd_buf());
+    replaying_ = true;
+    bool ok = true;
+    for (size_t at = 0; ok && at < frame.size();) {
+      const size_t part = at == 0 ? std::min(frame.size(), io::basp::header_size) : frame.size() - at;
+      stream_.rd_buf().assign(frame.begin() + static_cast<std::ptrdiff_t>(at), frame.begin() + static_cast<std::ptrdiff_t>(at + part));
+      ok = io::scribe::consume(ctx, stream_.rd_buf().data(), part);
+      at += part;
+    }
+    replaying_ = false;
+    keep.swap(stream_.rd_buf());
+    return ok;
+  }
+
+  // Delivers the held frames whose delay has ended, in order; asks the timer to come back for
+  // the next one.
+  void deliver_due(caf::execution_unit* ctx) {
+    const auto now = std::chrono::steady_clock::now();
+    while (!held_.empty() && held_.front().complete && held_.front().due <= now && !detached()) {
+      HeldFrame f = std::move(held_.front());
+      held_.pop_front();
+      replay(ctx, f.bytes);
+      if (f.twice) replay(ctx, f.bytes);
+    }
+    if (held_.empty() || !held_.front().complete || detached() || timer_set_) return;
+    timer_set_ = true;
+    caf::intrusive_ptr<GuardedScribe> self{this};
+    const bool timed = guard_->chaos.at(held_.front().due, [self] {
+      self->stream_.backend().post([self] {
+        self->timer_set_ = false;
+        if (!self->detached()) self->deliver_due(&self->stream_.backend());
+      });
+    });
+    if (!timed) {  // the transport is stopping: nothing waits any more
+      timer_set_ = false;
+      for (auto& f : held_) f.due = now;
+      deliver_due(ctx);
+    }
   }
 
   // Counts the refusal and closes the connection: reads stop growing the buffer now, and the
@@ -324,6 +575,21 @@ class GuardedScribe final : public io::scribe {
   bool refused_ = false;
   uint64_t reserved_ = 0;
   io::receive_policy::config requested_ = io::receive_policy::exactly(io::basp::header_size);
+  // Wire-layer faults (LinkFault): the peer node's name ("" for a client, which none applies
+  // to), the fate of the frame being read, its header when it is to be delivered twice, and the
+  // frames held by a delay (with everything behind them).
+  std::string peer_;
+  Fate fate_ = Fate::deliver;
+  std::vector<char> header_;
+  struct HeldFrame {
+    std::vector<char> bytes;  // header, then payload
+    bool complete;
+    bool twice;
+    std::chrono::steady_clock::time_point due;
+  };
+  std::deque<HeldFrame> held_;
+  bool replaying_ = false;
+  bool timer_set_ = false;
 };
 
 // A TLS session on a socket (nonblocking from here on), its handshake begun; nullptr when none
@@ -375,9 +641,9 @@ class GuardedDoorman final : public net::doorman_impl {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // tokens leave at once
     io::scribe_ptr scribe;
     if (!guard_->limits.tls.enabled()) {
-      scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(mx, fd, guard_, true);
+      scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(mx, fd, guard_, true, std::string());
     } else if (auto session = start_tls(parent()->system(), fd, true)) {
-      scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(mx, fd, guard_, true, std::move(session), guard_, true);
+      scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(mx, fd, guard_, true, std::string(), std::move(session), guard_, true);
     } else {
       ++guard_->tls_refused;
       net::close_socket(fd);
@@ -541,6 +807,9 @@ Transport::Transport(caf::actor_system& sys, TransportLimits limits) : sys_(sys)
   if (limits.token.size() > kMaxTransportToken)
     throw Error(ErrorCode::invalid_argument, "the transport token is " + std::to_string(limits.token.size()) +
                                                  " bytes; at most " + std::to_string(kMaxTransportToken) + " are allowed");
+  if (limits.node_name.size() > kMaxTransportName)
+    throw Error(ErrorCode::invalid_argument, "the node name '" + limits.node_name + "' is " + std::to_string(limits.node_name.size()) +
+                                                 " bytes; at most " + std::to_string(kMaxTransportName) + " are allowed");
   if (limits.tls.enabled()) {
     // The TLS sessions read their files from the actor system's config (configure_tls).
     const caf::actor_system_config& cfg = sys.config();
@@ -551,7 +820,9 @@ Transport::Transport(caf::actor_system& sys, TransportLimits limits) : sys_(sys)
   guard_->limits = std::move(limits);
 }
 
-Transport::~Transport() = default;
+Transport::~Transport() { guard_->chaos.stop(); }
+
+void Transport::inject(const std::string& peer, const LinkFault& fault) { guard_->chaos.inject(peer, fault); }
 
 const TransportLimits& Transport::limits() const { return guard_->limits; }
 
@@ -568,6 +839,11 @@ TransportStats Transport::stats() const {
   s.max_message_bytes = guard_->limits.max_message_bytes;
   s.max_buffered_bytes = guard_->limits.max_buffered_bytes;
   s.buffered_bytes = guard_->buffered;
+  s.chaos_dropped = guard_->chaos.dropped;
+  s.chaos_delayed = guard_->chaos.delayed;
+  s.chaos_duplicated = guard_->chaos.duplicated;
+  s.chaos_corrupted = guard_->chaos.corrupted;
+  s.refused_messages = decode_failures();
   return s;
 }
 
@@ -606,7 +882,7 @@ uint16_t Transport::publish_actor(caf::strong_actor_ptr whom, std::set<std::stri
 }
 
 caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t port, std::chrono::milliseconds timeout,
-                                               const std::set<std::string>& interface) {
+                                               const std::set<std::string>& interface, const std::string& peer) {
   const std::string where = host + ":" + std::to_string(port);
   // One deadline for the TCP connect, the TLS handshake and the celer handshake together.
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -619,7 +895,7 @@ caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t
   if (fd < 0) throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
   io::scribe_ptr scribe;
   if (!guard_->limits.tls.enabled()) {
-    scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(multiplexer(sys_), fd, guard_, false);
+    scribe = caf::make_counted<GuardedScribe<TcpPolicy>>(multiplexer(sys_), fd, guard_, false, peer);
   } else {
     auto session = start_tls(sys_, fd, false);
     why = session ? finish_tls_handshake(*session, fd, deadline)
@@ -628,8 +904,8 @@ caf::strong_actor_ptr Transport::connect_actor(const std::string& host, uint16_t
       ::close(fd);
       throw Error(ErrorCode::unavailable, "cannot connect to celer at " + where + ": " + why);
     }
-    scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(multiplexer(sys_), fd, guard_, false, std::move(session), guard_,
-                                                         false);
+    scribe = caf::make_counted<GuardedScribe<TlsPolicy>>(multiplexer(sys_), fd, guard_, false, peer, std::move(session),
+                                                         guard_, false);
   }
   caf::scoped_actor self{sys_};
   caf::strong_actor_ptr server;

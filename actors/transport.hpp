@@ -41,6 +41,10 @@ struct TransportLimits {
   uint64_t max_message_bytes = uint64_t{8} << 20;    // one message's payload
   uint64_t max_buffered_bytes = uint64_t{64} << 20;  // all large payloads being received at once
   std::string token;  // the shared secret a connection presents first ("" on both ends: none)
+  // This end's node name, presented in the preamble of each connection it opens, so that the
+  // node it dials knows which peer the connection is ("" for a client). Wire-layer faults
+  // name links by it (LinkFault).
+  std::string node_name;
   // Mutual TLS under the preamble: both ends need it, and the actor system must have been made
   // with configure_tls for the same files.
   TlsConfig tls;
@@ -59,8 +63,31 @@ void configure_tls(caf::actor_system_config& cfg, const TlsConfig& tls);
 // own, gets its files).
 TlsConfig tls_from_environment(TlsConfig base = {});
 
-// The longest token a preamble carries.
+// The longest token a preamble carries, and the longest node name.
 constexpr size_t kMaxTransportToken = 64;
+constexpr size_t kMaxTransportName = 64;
+
+// A wire-layer fault (docs/chaos.md, `celer chaos`): what this end does, until `until`, to the
+// frames it receives from one peer node. A fault on the link between two nodes is injected at
+// both of them, so it acts in both directions.
+//  drop, duplicate, corrupt: each actor message (a BASP direct or routed message) is, with
+//    `probability`, thrown away, delivered twice, or delivered with one byte of its data
+//    changed (a message that carries one of celer's types: past CAF's type information, which
+//    CAF trusts); CAF's own frames (handshakes, heartbeats, monitors, down messages) pass.
+//  delay: each actor message is, with `probability`, held for `delay`, and every frame behind it
+//    on the connection waits too (a TCP link keeps its order): a slow link.
+//  partition: every frame is thrown away, CAF's too, so heartbeats stop and CAF closes the
+//    connection after middleman.connection-timeout, and a new one never completes its
+//    handshake until the fault ends: the node is cut off.
+struct LinkFault {
+  enum class Kind : uint8_t { drop, delay, duplicate, corrupt, partition };
+  Kind kind = Kind::drop;
+  double probability = 1;
+  std::chrono::milliseconds delay{0};
+  std::chrono::steady_clock::time_point until;
+};
+// The peer a LinkFault for every node's link names.
+inline const std::string kEveryPeer = "*";
 
 // True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost).
 bool is_loopback_host(const std::string& host);
@@ -88,10 +115,15 @@ class Transport {
   // Connects to the actor published at host:port within `timeout`, whose interface must
   // include Handle's. Throws Error(unavailable) naming the address and the reason (refused, no
   // answer, wrong token, not a celer port, another interface).
+  // `peer`: the name of the node dialed, when it is one (what its link faults name).
   template <class Handle>
-  Handle connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout) {
-    return caf::actor_cast<Handle>(connect_actor(host, port, timeout, sys_.message_types<Handle>()));
+  Handle connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout, const std::string& peer = "") {
+    return caf::actor_cast<Handle>(connect_actor(host, port, timeout, sys_.message_types<Handle>(), peer));
   }
+
+  // From now until fault.until, the frames that arrive from node `peer` (kEveryPeer: from
+  // every node, not from clients) meet `fault`; it replaces the one that peer had.
+  void inject(const std::string& peer, const LinkFault& fault);
 
   const TransportLimits& limits() const;
   TransportStats stats() const;
@@ -101,7 +133,7 @@ class Transport {
  private:
   uint16_t publish_actor(caf::strong_actor_ptr whom, std::set<std::string> interface, const std::string& host, uint16_t port);
   caf::strong_actor_ptr connect_actor(const std::string& host, uint16_t port, std::chrono::milliseconds timeout,
-                                      const std::set<std::string>& interface);
+                                      const std::set<std::string>& interface, const std::string& peer);
 
   caf::actor_system& sys_;
   std::shared_ptr<Guard> guard_;

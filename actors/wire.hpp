@@ -39,6 +39,7 @@ using peers_atom = caf::atom_constant<caf::atom("peers")>;        // scheduler -
 using peer_atom = caf::atom_constant<caf::atom("peer")>;          // node -> node it dialed: (its name)
 using chaos_atom = caf::atom_constant<caf::atom("chaos")>;        // client -> node -> router -> target: ChaosFault (docs/chaos.md)
 using drain_atom = caf::atom_constant<caf::atom("drain")>;        // client -> node: stop taking requests, then leave
+using progress_atom = caf::atom_constant<caf::atom("progress")>;  // request -> scheduler: how far its stream is
 
 // Whether the message being handled came from an actor on this node. The operations that stop or
 // restart a replica's actors are its own business: a client (or any peer that reaches a
@@ -50,7 +51,7 @@ inline bool sent_from_this_node(caf::local_actor* self) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, WireMessage& x) {
-  return f(caf::meta::type_name("celer.WireMessage"), x.words);
+  return f(caf::meta::type_name("celer.WireMessage"), x.words, x.check);
 }
 
 // One tensor-parallel rank's partial sum of one all-reduce call (actors/collective.hpp): the
@@ -60,11 +61,12 @@ struct ReducePart {
   uint64_t call = 0;  // 1, 2, ...: the sender's sum() count since the group was connected
   int32_t rank = 0;
   std::vector<uint8_t> bytes;  // n floats in the machine's byte order
+  uint64_t check = 0;          // wire_checksum of bytes (see WireMessage)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReducePart& x) {
-  return f(caf::meta::type_name("celer.ReducePart"), x.call, x.rank, x.bytes);
+  return f(caf::meta::type_name("celer.ReducePart"), x.call, x.rank, x.bytes, x.check);
 }
 
 }  // namespace celer

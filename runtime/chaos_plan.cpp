@@ -22,15 +22,18 @@ struct KindName {
 };
 constexpr KindName kKinds[] = {{"kill", ChaosFault::Kind::kill},       {"hang", ChaosFault::Kind::hang},
                                {"slow", ChaosFault::Kind::slow},       {"sigkill", ChaosFault::Kind::sigkill},
-                               {"sigstop", ChaosFault::Kind::sigstop}};
+                               {"sigstop", ChaosFault::Kind::sigstop}, {"drop", ChaosFault::Kind::drop},
+                               {"delay", ChaosFault::Kind::delay},     {"duplicate", ChaosFault::Kind::duplicate},
+                               {"corrupt", ChaosFault::Kind::corrupt}, {"partition", ChaosFault::Kind::partition}};
 
 PlannedFault read_fault(const YAML::Node& n, const std::string& where) {
   auto fail = [&](const std::string& why) { throw Error(ErrorCode::invalid_argument, where + ": " + why); };
   if (!n.IsMap()) fail("must be a map of kind, at and the fault's target");
-  static const std::set<std::string> kKeys = {"kind", "at", "role", "replica", "rank", "node", "duration", "delay"};
+  static const std::set<std::string> kKeys = {"kind", "at", "role", "replica", "rank", "node", "peer", "probability", "duration", "delay"};
   for (const auto& kv : n) {
     const std::string key = kv.first.as<std::string>();
-    if (!kKeys.count(key)) fail(key + ": unknown key (kind, at, role, replica, rank, node, duration, delay)");
+    if (!kKeys.count(key))
+      fail(key + ": unknown key (kind, at, role, replica, rank, node, peer, probability, duration, delay)");
     if (!kv.second.IsScalar()) fail(key + ": must be a single value");
   }
   auto text = [&](const char* key) { return n[key] ? n[key].as<std::string>() : std::string(); };
@@ -43,7 +46,8 @@ PlannedFault read_fault(const YAML::Node& n, const std::string& where) {
   PlannedFault p;
   const std::string kind = text("kind");
   const auto* k = std::find_if(std::begin(kKinds), std::end(kKinds), [&](const KindName& x) { return kind == x.name; });
-  if (k == std::end(kKinds)) fail("kind: must be kill, hang, slow, sigkill or sigstop; got '" + kind + "'");
+  if (k == std::end(kKinds))
+    fail("kind: must be kill, hang, slow, sigkill, sigstop, drop, delay, duplicate, corrupt or partition; got '" + kind + "'");
   ChaosFault& f = p.fault;
   f.kind = k->kind;
   if (!n["at"]) fail("at: when to fire it, from the start of the load, is missing");
@@ -51,6 +55,15 @@ PlannedFault read_fault(const YAML::Node& n, const std::string& where) {
   f.role = text("role");
   f.replica = text("replica");
   f.node = text("node");
+  f.peer = text("peer");
+  if (n["probability"]) {
+    try {
+      f.probability = n["probability"].as<double>();
+    } catch (const YAML::Exception&) {
+      fail("probability: must be a number in (0, 1]; got '" + text("probability") + "'");
+    }
+    if (!(f.probability > 0 && f.probability <= 1)) fail("probability: must be in (0, 1]; got '" + text("probability") + "'");
+  }
   if (n["rank"]) {
     try {
       f.rank = n["rank"].as<int32_t>();
@@ -63,8 +76,16 @@ PlannedFault read_fault(const YAML::Node& n, const std::string& where) {
   if (dur.count() > UINT32_MAX || delay.count() > UINT32_MAX) fail("duration and delay must be under 49 days");
   f.duration_ms = static_cast<uint32_t>(dur.count());
   f.delay_ms = static_cast<uint32_t>(delay.count());
-  const bool on_node = f.kind == ChaosFault::Kind::sigkill || f.kind == ChaosFault::Kind::sigstop;
-  if (on_node) {
+  const bool on_node = f.kind == ChaosFault::Kind::sigkill || f.kind == ChaosFault::Kind::sigstop || f.kind == ChaosFault::Kind::partition;
+  if (!f.on_link() && (!f.peer.empty() || n["probability"])) fail(kind + " takes no peer or probability (the link faults do)");
+  if (f.on_link()) {
+    if (f.node.empty() || f.peer.empty()) fail(kind + " acts on the link between two nodes: give node and peer");
+    if (f.node == f.peer) fail(kind + ": node and peer are both '" + f.node + "'; a link joins two nodes");
+    if (!f.role.empty() || !f.replica.empty()) fail(kind + " acts on a link: give node and peer, not role or replica");
+    if (!n["probability"]) fail(kind + " needs probability (each actor message's chance, in (0, 1])");
+    if (f.duration_ms == 0) fail(kind + " needs duration");
+    if (f.kind == ChaosFault::Kind::delay && f.delay_ms == 0) fail("delay needs delay (how long a message is held)");
+  } else if (on_node) {
     if (f.node.empty()) fail(kind + " needs node");
     if (!f.role.empty() || !f.replica.empty()) fail(kind + " acts on a node's process: give node, not role or replica");
   } else {
@@ -72,7 +93,8 @@ PlannedFault read_fault(const YAML::Node& n, const std::string& where) {
     if (f.role.empty()) fail(kind + " needs role (scheduler, cache or shard)");
     if (!f.node.empty()) fail(kind + " acts on a replica's actor: give role and replica, not node");
   }
-  if ((f.kind == ChaosFault::Kind::hang || f.kind == ChaosFault::Kind::slow || f.kind == ChaosFault::Kind::sigstop) &&
+  if ((f.kind == ChaosFault::Kind::hang || f.kind == ChaosFault::Kind::slow || f.kind == ChaosFault::Kind::sigstop ||
+       f.kind == ChaosFault::Kind::partition) &&
       f.duration_ms == 0)
     fail(kind + " needs duration");
   if (f.kind == ChaosFault::Kind::slow && f.delay_ms == 0) fail("slow needs delay (added to every step)");
@@ -88,7 +110,10 @@ const char* kind_name(ChaosFault::Kind kind) {
 }
 
 std::string PlannedFault::target() const {
-  if (fault.kind == ChaosFault::Kind::sigkill || fault.kind == ChaosFault::Kind::sigstop) return "node " + fault.node;
+  if (fault.kind == ChaosFault::Kind::sigkill || fault.kind == ChaosFault::Kind::sigstop ||
+      fault.kind == ChaosFault::Kind::partition)
+    return "node " + fault.node;
+  if (fault.on_link()) return "link " + fault.node + "-" + fault.peer;
   std::string t = fault.role + " " + fault.replica;
   if (fault.role == "shard") t += "/" + std::to_string(fault.rank);
   return t;

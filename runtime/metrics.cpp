@@ -164,6 +164,15 @@ std::string ServingMetrics::render(const std::optional<ReplicaStats>& replica,
     append(out, "celer_transport_refused_total{reason=\"oversized\"} %" PRIu64 "\n", t.oversized);
     append(out, "celer_transport_refused_total{reason=\"over_budget\"} %" PRIu64 "\n", t.over_budget);
     append(out, "celer_transport_refused_total{reason=\"tls\"} %" PRIu64 "\n", t.tls_refused);
+    header(out, "celer_messages_refused_total", "counter",
+           "Messages this process refused to read: malformed, corrupted on their way, or out of range.");
+    append(out, "celer_messages_refused_total %" PRIu64 "\n", t.refused_messages);
+    header(out, "celer_transport_chaos_frames_total", "counter",
+           "Frames received that a wire-layer fault (celer chaos) dropped, delayed, duplicated or corrupted.");
+    append(out, "celer_transport_chaos_frames_total{action=\"dropped\"} %" PRIu64 "\n", t.chaos_dropped);
+    append(out, "celer_transport_chaos_frames_total{action=\"delayed\"} %" PRIu64 "\n", t.chaos_delayed);
+    append(out, "celer_transport_chaos_frames_total{action=\"duplicated\"} %" PRIu64 "\n", t.chaos_duplicated);
+    append(out, "celer_transport_chaos_frames_total{action=\"corrupted\"} %" PRIu64 "\n", t.chaos_corrupted);
     header(out, "celer_transport_tls", "gauge", "1 when the port speaks mutual TLS.");
     append(out, "celer_transport_tls %d\n", t.tls ? 1 : 0);
     header(out, "celer_transport_buffered_bytes", "gauge", "Bytes held now for large messages being received.");

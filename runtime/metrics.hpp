@@ -49,6 +49,10 @@ struct TransportStats {
   uint64_t max_message_bytes = 0;
   uint64_t max_buffered_bytes = 0;
   uint64_t buffered_bytes = 0;  // large payloads being received now
+  // Frames that wire-layer faults (`celer chaos`, docs/chaos.md) acted on.
+  uint64_t chaos_dropped = 0, chaos_delayed = 0, chaos_duplicated = 0, chaos_corrupted = 0;
+  // Messages this process refused to read (malformed, corrupted, out of range: schema/codec.hpp).
+  uint64_t refused_messages = 0;
 };
 
 // How a request ended, as counted by celer_requests_total{outcome=...}.

@@ -330,14 +330,19 @@ struct ClusterStatus {
 // A fault to inject (docs/chaos.md): refused by a cluster whose config does not say
 // `chaos: enabled`.
 struct ChaosFault {
-  enum class Kind : uint8_t { kill, hang, slow, sigkill, sigstop };
+  // kill .. sigstop act on an actor or a process; drop .. partition on the wire (docs/chaos.md).
+  enum class Kind : uint8_t { kill, hang, slow, sigkill, sigstop, drop, delay, duplicate, corrupt, partition };
   Kind kind = Kind::kill;
   std::string role;     // kill: scheduler, cache or shard; hang, slow: shard
   std::string replica;
   int32_t rank = 0;     // a shard's tensor-parallel rank
-  std::string node;     // sigkill, sigstop
-  uint32_t duration_ms = 0;  // hang, slow, sigstop
-  uint32_t delay_ms = 0;     // slow: added to every step
+  std::string node;     // sigkill, sigstop, partition; drop .. corrupt: one end of the link
+  std::string peer;     // drop .. corrupt: the other end of the link
+  double probability = 0;    // drop .. corrupt: each actor message's chance, 0 < p <= 1
+  uint32_t duration_ms = 0;  // hang, slow, sigstop, and every wire fault
+  uint32_t delay_ms = 0;     // slow: added to every step; delay: how long a message is held
+  bool on_wire() const { return kind >= Kind::drop; }
+  bool on_link() const { return on_wire() && kind != Kind::partition; }
 };
 
 struct ChaosReply {

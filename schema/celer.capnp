@@ -287,13 +287,20 @@ struct ChaosFault {
     slow @2;      # the shard rank adds delayMs to every step for durationMs
     sigkill @3;   # the process of node `node` is killed
     sigstop @4;   # the process of node `node` is stopped for durationMs, then continued
+    drop @5;      # wire layer, link node-peer: each actor message lost with `probability`
+    delay @6;     # wire layer, link node-peer: each actor message held delayMs with `probability`
+    duplicate @7; # wire layer, link node-peer: each actor message delivered twice with `probability`
+    corrupt @8;   # wire layer, link node-peer: one byte of each actor message changed with `probability`
+    partition @9; # wire layer: every frame between node `node` and every other node lost
   }
   role @1 :Text;       # kill: scheduler, cache or shard; hang, slow: shard
   replica @2 :Text;
   rank @3 :Int32;      # shard: its tensor-parallel rank
-  node @4 :Text;       # sigkill, sigstop
+  node @4 :Text;       # sigkill, sigstop, partition; one end of a link
   durationMs @5 :UInt32;
   delayMs @6 :UInt32;
+  peer @7 :Text;       # the other end of a link
+  probability @8 :Float64;  # drop, delay, duplicate, corrupt: 0 < p <= 1
 }
 
 struct ChaosReply {

@@ -11,6 +11,7 @@
 #include <kj/io.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -316,6 +317,8 @@ void put(cs::ChaosFault::Builder b, const ChaosFault& m) {
   put_text(m.node, [&](auto t) { b.setNode(t); });
   b.setDurationMs(m.duration_ms);
   b.setDelayMs(m.delay_ms);
+  put_text(m.peer, [&](auto t) { b.setPeer(t); });
+  b.setProbability(m.probability);
 }
 
 void put(cs::ChaosReply::Builder b, const ChaosReply& m) {
@@ -824,7 +827,7 @@ ChaosFault read(cs::ChaosFault::Reader r) {
   const At at{"ChaosFault"};
   ChaosFault m;
   const auto kind = static_cast<uint16_t>(r.getKind());
-  if (kind > static_cast<uint16_t>(ChaosFault::Kind::sigstop))
+  if (kind > static_cast<uint16_t>(ChaosFault::Kind::partition))
     throw Error(ErrorCode::invalid_argument, "ChaosFault.kind: unknown kind " + std::to_string(kind));
   m.kind = static_cast<ChaosFault::Kind>(kind);
   m.role = read_text(r.getRole(), at, "role");
@@ -833,6 +836,10 @@ ChaosFault read(cs::ChaosFault::Reader r) {
   m.node = read_text(r.getNode(), at, "node");
   m.duration_ms = r.getDurationMs();
   m.delay_ms = r.getDelayMs();
+  m.peer = read_text(r.getPeer(), at, "peer");
+  m.probability = r.getProbability();
+  if (!(m.probability >= 0 && m.probability <= 1))
+    throw Error(ErrorCode::invalid_argument, "ChaosFault.probability: must be within 0..1");
   return m;
 }
 
@@ -892,6 +899,7 @@ WireMessage encode(const Message& m) {
     kj::ArrayOutputStream stream(
         kj::arrayPtr(reinterpret_cast<kj::byte*>(out.words.data()), out.words.size() * sizeof(uint64_t)));
     capnp::writeMessage(stream, segments);
+    out.check = wire_checksum(out.words.data(), out.words.size() * sizeof(uint64_t));
     return out;
   } catch (const kj::Exception& e) {
     throw Error(ErrorCode::invalid_argument,
@@ -932,7 +940,42 @@ DecodeResult decode(const uint64_t* words, size_t n_words) {
   }
 }
 
-DecodeResult decode(const WireMessage& m) { return decode(m.words.data(), m.words.size()); }
+uint64_t wire_checksum(const void* data, size_t n_bytes) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint64_t h = 0x243F6A8885A308D3ull ^ n_bytes;
+  auto mix = [&](uint64_t w) {
+    h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
+  };
+  size_t i = 0;
+  for (; i + 8 <= n_bytes; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    mix(w);
+  }
+  if (i < n_bytes) {
+    uint64_t w = 0;
+    std::memcpy(&w, p + i, n_bytes - i);
+    mix(w);
+  }
+  return h == 0 ? 1 : h;
+}
+
+namespace {
+std::atomic<uint64_t> g_decode_failures{0};
+}
+
+uint64_t decode_failures() { return g_decode_failures.load(std::memory_order_relaxed); }
+
+DecodeResult decode(const WireMessage& m) {
+  if (m.check != 0 && m.check != wire_checksum(m.words.data(), m.words.size() * sizeof(uint64_t))) {
+    g_decode_failures.fetch_add(1, std::memory_order_relaxed);
+    return failure("the message's checksum does not match its content: it was corrupted on its way");
+  }
+  DecodeResult d = decode(m.words.data(), m.words.size());
+  if (!d.message) g_decode_failures.fetch_add(1, std::memory_order_relaxed);
+  return d;
+}
 
 DecodeResult decode_bytes(const uint8_t* data, size_t n_bytes) {
   if (n_bytes % sizeof(uint64_t) != 0)

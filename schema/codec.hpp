@@ -20,10 +20,23 @@ namespace celer {
 
 // A Cap'n Proto message as flat 8-byte words (the standard stream framing: segment table, then
 // segments): what travels inside a CAF message. Plain words, so it is memcpy-able and a received
-// copy is 8-byte aligned.
+// copy is 8-byte aligned. `check` is encode()'s wire_checksum of the words, which decode()
+// verifies: a message changed on its way (a byte flipped in a buffer, or by `celer chaos`'s
+// corrupt fault) is refused as corrupted rather than read as other valid content. 0: made by
+// hand (tests), not checked.
 struct WireMessage {
   std::vector<uint64_t> words;
+  uint64_t check = 0;
 };
+
+// A 64-bit checksum in which every change of a single 8-byte word, anywhere, changes the result
+// (each step is a bijection of the running value and of the word); never 0. Not a MAC: the
+// cluster secret and TLS are what keep strangers out (docs/security.md).
+uint64_t wire_checksum(const void* data, size_t n_bytes);
+
+// Messages decode() refused since the process started (malformed, corrupted, out of range):
+// bad input from the network is counted (TransportStats, /metrics), never fatal.
+uint64_t decode_failures();
 
 using Message = std::variant<GenerateRequest, TokenChunk, Finished, ErrorReply, Cancel, Step, StepResult,
                              ReplicaStats, BlockPlanRequest, BlockPlan, CachedResponse, ShardSpec, ReplicaReport,

@@ -75,12 +75,15 @@ void send_bytes(int fd, const std::string& bytes) {
   }
 }
 
-// celer's preamble (transport.cpp): magic, token length, zeros, the token padded to 64 bytes.
-std::string preamble(const std::string& token = "") {
-  std::string p = "CELERTP1";
+// celer's preamble (transport.cpp): magic, token length, name length, zeros, the token padded
+// to 64 bytes, the connecting node's name padded to 64 bytes.
+std::string preamble(const std::string& token = "", const std::string& name = "") {
+  std::string p = "CELERTP2";
   p += static_cast<char>(token.size());
-  p += std::string(7, '\0');
+  p += static_cast<char>(name.size());
+  p += std::string(6, '\0');
   p += token + std::string(64 - token.size(), '\0');
+  p += name + std::string(64 - name.size(), '\0');
   return p;
 }
 
@@ -225,7 +228,7 @@ class Relay {
     });
     // The preamble at once (the server answers it with its handshake, which the client awaits
     // before it sends its own), then the client's handshake, then the injection.
-    std::string pre(80, '\0'), hdr(32, '\0');
+    std::string pre(144, '\0'), hdr(32, '\0');
     if (read_exactly(client, pre.data(), pre.size())) {
       send_bytes(server, pre);
       if (read_exactly(client, hdr.data(), hdr.size())) {

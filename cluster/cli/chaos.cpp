@@ -129,6 +129,7 @@ struct Sample {
   };
   std::map<std::string, Replica> replicas;
   std::map<std::string, std::vector<std::string>> schedulers_on;  // node -> replicas scheduled there
+  uint64_t rerouted_after_loss = 0;  // the entry's requests routed again after a lost message
 };
 
 Sample sample_of(const std::string& json, double at_ms) {
@@ -142,6 +143,7 @@ Sample sample_of(const std::string& json, double at_ms) {
     s.replicas[r.value("name", "")] = {r.value("up", false), r.value("tokens_generated", uint64_t{0}), r.value("restarts", nlohmann::json())};
   for (const auto& a : j.value("actors", nlohmann::json::array()))
     if (a.value("role", "") == "scheduler") s.schedulers_on[a.value("node", "")].push_back(a.value("replica", ""));
+  s.rerouted_after_loss = j.value("entry", nlohmann::json::object()).value("rerouted_after_loss", uint64_t{0});
   return s;
 }
 
@@ -155,16 +157,34 @@ struct FiredFault {
 
 // When the samples show `f` found and recovered from. A replica's fault is found when its
 // restart counters change or it goes down, and recovered from once it is up and has generated
-// since; a node's when the node goes down, and once it and the replicas scheduled on it are up
-// and generating again. A slowed shard is no failure: it is neither found nor recovered.
+// since; a node's (a kill, a stop, a partition) when the node goes down, and once it and the
+// replicas scheduled on it are up and generating again. A link's fault that loses messages
+// (drop, corrupt) is found when the entry first routes a request again after a lost message,
+// and recovered from at the last such reroute that the fault caused (seen before the fault
+// ended, or within the 3 s after). A slowed shard, a slow link and a duplicating one are no
+// failure: celer has nothing to find, and they are neither found nor recovered.
 void judge(FiredFault& f, const std::vector<Sample>& samples) {
   const ChaosFault& c = f.planned.fault;
-  if (!f.taken || c.kind == ChaosFault::Kind::slow) return;
-  const bool on_node = c.kind == ChaosFault::Kind::sigkill || c.kind == ChaosFault::Kind::sigstop;
+  if (!f.taken || c.kind == ChaosFault::Kind::slow || c.kind == ChaosFault::Kind::delay ||
+      c.kind == ChaosFault::Kind::duplicate)
+    return;
+  const bool on_node = c.kind == ChaosFault::Kind::sigkill || c.kind == ChaosFault::Kind::sigstop ||
+                       c.kind == ChaosFault::Kind::partition;
   const Sample* before = nullptr;
   for (const Sample& s : samples)
     if (s.answered && s.at_ms <= f.start_ms) before = &s;
   if (!before) return;
+  if (c.on_link()) {
+    uint64_t last = before->rerouted_after_loss;
+    for (const Sample& s : samples) {
+      if (!s.answered || s.at_ms <= f.start_ms || s.at_ms > f.end_ms + 3000) continue;
+      if (s.rerouted_after_loss == last) continue;
+      last = s.rerouted_after_loss;
+      if (!f.detected_ms) f.detected_ms = s.at_ms;
+      f.recovered_ms = s.at_ms;
+    }
+    return;
+  }
   std::vector<std::string> replicas;
   if (on_node) {
     auto it = before->schedulers_on.find(c.node);
@@ -256,7 +276,7 @@ int run_chaos(ChaosArgs& a) {
         f.said = std::get<ClientError>(reply).message;
       }
       const bool lasts = plan[i].fault.kind == ChaosFault::Kind::hang || plan[i].fault.kind == ChaosFault::Kind::slow ||
-                         plan[i].fault.kind == ChaosFault::Kind::sigstop;
+                         plan[i].fault.kind == ChaosFault::Kind::sigstop || plan[i].fault.on_wire();
       f.end_ms = f.start_ms + (lasts ? plan[i].fault.duration_ms : 0);
       ++n_fired;
     }

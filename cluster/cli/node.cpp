@@ -141,6 +141,7 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
   try {
     TransportLimits limits;
     limits.token = plan.secret;
+    limits.node_name = me.name;
     limits.tls = plan.tls;
     limits.max_message_bytes = config.listen.max_message_bytes;
     limits.max_buffered_bytes = config.listen.max_buffered_bytes;
@@ -162,6 +163,9 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
     ns.shard_threads = plan.shard_threads;
     ns.heartbeat_interval = config.cluster.heartbeat_interval;
     ns.chaos = config.chaos;
+    Transport* transport = running.transport.get();
+    ns.inject_link_fault = [transport](const std::string& peer, const LinkFault& fault) { transport->inject(peer, fault); };
+    ns.transport_stats = [transport] { return transport->stats(); };
     ns.on_drain = [&signals] { signals.wake(); };
     auto introductions = std::make_shared<PeerIntroductions>(plan.dialed_by);
     ns.on_peer = [introductions](const std::string& name, const caf::strong_actor_ptr& node) {
@@ -213,7 +217,6 @@ int run(const ClusterConfig& config, const NodePlan& plan, StopSignals& signals)
       go.http.request_timeout = me.http->request_timeout;
       go.http.idle_timeout = me.http->idle_timeout;
       go.stage_log = me.http->stage_log;
-      Transport* transport = running.transport.get();
       go.transport_stats = [transport] { return transport->stats(); };
       running.gateway = std::make_unique<Gateway>(sys, running.node, card, config.model, serving_context(config, *card), go);
       const uint16_t http_port = running.gateway->start();

@@ -38,7 +38,7 @@ PeerDialer::PeerDialer(Transport& transport, NodeActor self, std::string my_name
 PeerDialer::~PeerDialer() { stop(); }
 
 NodeActor PeerDialer::connect(const Link& link) {
-  NodeActor node = transport_.connect<NodeActor>(link.peer.host, link.peer.port, std::chrono::seconds(2));
+  NodeActor node = transport_.connect<NodeActor>(link.peer.host, link.peer.port, std::chrono::seconds(2), link.peer.name);
   link.lost->store(false);
   // The proxy dies with its connection (the peer's process ended, or CAF's heartbeats stopped
   // coming): then the keeper dials again.
