@@ -4,8 +4,9 @@
 // setting that bounds it. celer therefore opens its ports and its outgoing connections itself and
 // hands CAF's BASP broker connections that are guarded:
 //
-// - A connection first presents a fixed 80-byte preamble (magic, version, a shared token) before
-//   any BASP byte is read; a peer that is not celer, or has the wrong token, is closed at once.
+// - A connection first presents a fixed 144-byte preamble (magic, version, a shared token, the
+//   dialing node's name) before any BASP byte is read; a peer that is not celer, or has the
+//   wrong token, is closed at once.
 // - A message whose payload is larger than max_message_bytes closes its connection at once;
 //   nothing of that size is allocated.
 // - Payloads over 64 KiB are counted against max_buffered_bytes, shared by every connection of

@@ -462,11 +462,20 @@ TEST_CASE("a network all-reduce sums call after call and refuses a peer's stale,
     CHECK(xa == xb);
     check_after(a, b);
   };
-  // A part from rank 1's endpoint for a call rank 0 has summed already, or one far ahead of it:
-  // rank 0's next sum fails and says which.
-  for (const auto& [call, why] : {std::pair<uint64_t, const char*>{50, "after it was summed"}, {60, "too far ahead"}}) {
+  // A part as rank 1 would send it: its checksum over its bytes.
+  auto part = [&](uint64_t call) {
+    ReducePart p{call, 1, std::vector<uint8_t>(4 * n), 0};
+    p.check = wire_checksum(p.bytes.data(), p.bytes.size());
+    return p;
+  };
+  // A part from rank 1's endpoint for a call rank 0 has summed already, or one far ahead of it,
+  // or one whose bytes changed on the way: rank 0's next sum fails and says which.
+  for (const auto& [call, why] : {std::pair<uint64_t, const char*>{50, "after it was summed"}, {60, "too far ahead"},
+                                  {0, "arrived corrupted"}}) {
     run([&, call = call, why = why](NetworkAllReduce& a, NetworkAllReduce& b) {
-      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, ReducePart{call, 1, std::vector<uint8_t>(4 * n)});
+      ReducePart p = part(call == 0 ? 51 : call);
+      if (call == 0) p.bytes[7] ^= 0x10;
+      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, std::move(p));
       std::vector<float> x(n);
       CHECK_THROWS_WITH(a.sum(x.data(), n), Catch::Contains(why));
     });
@@ -474,7 +483,7 @@ TEST_CASE("a network all-reduce sums call after call and refuses a peer's stale,
   // The same call's part twice.
   run([&](NetworkAllReduce& a, NetworkAllReduce& b) {
     for (int k = 0; k < 2; ++k)
-      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, ReducePart{51, 1, std::vector<uint8_t>(4 * n)});
+      caf::send_as(b.endpoint(), a.endpoint(), reduce_atom::value, part(51));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     std::vector<float> x(n);
     CHECK_THROWS_WITH(a.sum(x.data(), n), Catch::Contains("twice"));

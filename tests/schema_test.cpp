@@ -218,6 +218,8 @@ ChaosFault sample_fault() {
   m.node = "n\xc3\xa9";
   m.duration_ms = 1500;
   m.delay_ms = 20;
+  m.peer = "front";
+  m.probability = 0.25;
   return m;
 }
 ChaosReply sample_chaos_reply() { return ChaosReply{"n2", 4242, "slowed shard rank 1 of replica r2"}; }
@@ -450,6 +452,8 @@ void require_equal(const ChaosFault& a, const ChaosFault& b) {
   REQUIRE(a.node == b.node);
   REQUIRE(a.duration_ms == b.duration_ms);
   REQUIRE(a.delay_ms == b.delay_ms);
+  REQUIRE(a.peer == b.peer);
+  REQUIRE(a.probability == b.probability);
 }
 void require_equal(const ChaosReply& a, const ChaosReply& b) {
   REQUIRE(a.node == b.node);
@@ -885,7 +889,10 @@ TEST_CASE("ReplicaReport, RouteQuery, ModelInfo, ClusterStatus and ChaosFault va
   rejects(f, [](ChaosFault& m) { m.replica = kHugeText; }, "ChaosFault.replica");
   rejects(f, [](ChaosFault& m) { m.node = kHugeText; }, "ChaosFault.node");
   rejects(f, [](ChaosFault& m) { m.rank = -1; }, "ChaosFault.rank");
-  rejects(f, [](ChaosFault& m) { m.kind = static_cast<ChaosFault::Kind>(9); }, "ChaosFault.kind");
+  rejects(f, [](ChaosFault& m) { m.kind = static_cast<ChaosFault::Kind>(10); }, "ChaosFault.kind");
+  rejects(f, [](ChaosFault& m) { m.peer = kHugeText; }, "ChaosFault.peer");
+  rejects(f, [](ChaosFault& m) { m.probability = 1.5; }, "ChaosFault.probability");
+  rejects(f, [](ChaosFault& m) { m.probability = -0.1; }, "ChaosFault.probability");
   rejects(sample_chaos_reply(), [](ChaosReply& m) { m.message = kHugeText; }, "ChaosReply.message");
 }
 
@@ -914,6 +921,8 @@ TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
     REQUIRE(w.words[0] >> 32 == w.words.size() - 1);
     const uint64_t unknown = std::variant_size_v<Message>;  // one past the last union member
     w.words[2] = (w.words[2] & ~(uint64_t{0xffff} << 16)) | (unknown << 16);
+    require_rejected(decode(w), "corrupted on its way");  // changed after encode(): the checksum says so
+    w.check = 0;  // as if made by hand: the field checks see it
     require_rejected(decode(w), "unknown message kind " + std::to_string(unknown));
   }
   SECTION("a null or absent body reads as the defaults") {
@@ -980,7 +989,25 @@ TEST_CASE("envelope: version, kind and framing are checked", "[schema]") {
   SECTION("trailing words after the message are rejected") {
     WireMessage w = encode(Message{sample_chunk()});
     w.words.push_back(0);
+    w.check = wire_checksum(w.words.data(), w.words.size() * sizeof(uint64_t));
     require_rejected(decode(w), "after the end");
+  }
+  SECTION("a message changed after encode() is refused by its checksum, whichever word changed, and counted") {
+    const WireMessage good = encode(Message{sample_chunk()});
+    REQUIRE(good.check != 0);
+    const uint64_t before = decode_failures();
+    for (size_t i = 0; i < good.words.size(); ++i) {
+      for (int bit : {0, 17, 63}) {
+        WireMessage w = good;
+        w.words[i] ^= uint64_t{1} << bit;
+        require_rejected(decode(w), "checksum");
+      }
+    }
+    WireMessage w = good;
+    w.check ^= 1;
+    require_rejected(decode(w), "checksum");
+    CHECK(decode_failures() == before + 3 * good.words.size() + 1);
+    CHECK(decode(good).message.has_value());
   }
   SECTION("empty buffers are rejected") {
     require_rejected(decode(nullptr, 0), "empty");

@@ -368,6 +368,23 @@ TEST_CASE("transport: a token gates the port; a port beyond loopback needs one",
   CHECK(answer.empty());
   close(fd);
   CHECK(metric(server.process->http_port(), "celer_transport_refused_total{reason=\"bad_token\"}") == 3);
+  // The node name a dialing node presents: a config's name is taken, anything else closes the
+  // connection before BASP (the name bytes must be [A-Za-z0-9_-] and zeros after them).
+  for (const std::string& bad : {std::string("n\x01"), std::string("a b"), std::string("\xc3\xa9")}) {
+    const int fd2 = connect_to(server.port());
+    send_bytes(fd2, preamble("s3cret-token", bad));
+    CHECK(closed_within(fd2, 2s));
+    close(fd2);
+  }
+  {
+    const int fd2 = connect_to(server.port());
+    std::string p = preamble("s3cret-token", "n2");
+    p[9] = 1;  // says one byte of name, and has two
+    send_bytes(fd2, p);
+    CHECK(closed_within(fd2, 2s));
+    close(fd2);
+  }
+  CHECK(metric(server.process->http_port(), "celer_transport_refused_total{reason=\"bad_preamble\"}") == 4);
 
   // Listening beyond loopback without a token is refused before anything starts.
   CelerRun open = run_celer(CELER_BIN,

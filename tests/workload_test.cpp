@@ -410,6 +410,57 @@ faults:
   CHECK_THAT(error_of("faults: [\n"), Contains("p.yaml:"));
 }
 
+TEST_CASE("chaos plan: the wire-layer faults name a link (node and peer) or a node, with a probability and a duration",
+          "[chaos]") {
+  const auto plan = celer::chaos::parse_plan(R"(
+faults:
+  - {kind: drop, node: front, peer: n2, probability: 0.1, at: 1s, duration: 2s}
+  - {kind: delay, node: n1, peer: n2, probability: 0.5, delay: 100ms, at: 2s, duration: 1s}
+  - {kind: duplicate, node: front, peer: n1, probability: 1, at: 3s, duration: 1s}
+  - {kind: corrupt, node: front, peer: n2, probability: 0.01, at: 4s, duration: 1s}
+  - {kind: partition, node: n2, at: 5s, duration: 4s}
+)",
+                                             "plan.yaml");
+  REQUIRE(plan.size() == 5);
+  CHECK(plan[0].fault.kind == celer::ChaosFault::Kind::drop);
+  CHECK(plan[0].fault.probability == 0.1);
+  CHECK(plan[0].fault.on_link());
+  CHECK(plan[0].target() == "link front-n2");
+  CHECK(plan[1].fault.delay_ms == 100);
+  CHECK(plan[2].fault.kind == celer::ChaosFault::Kind::duplicate);
+  CHECK(plan[3].fault.kind == celer::ChaosFault::Kind::corrupt);
+  CHECK(plan[4].fault.kind == celer::ChaosFault::Kind::partition);
+  CHECK(plan[4].fault.on_wire());
+  CHECK_FALSE(plan[4].fault.on_link());
+  CHECK(plan[4].target() == "node n2");
+  CHECK(plan[4].fault.duration_ms == 4000);
+
+  auto error_of = [](const std::string& yaml) {
+    try {
+      celer::chaos::parse_plan(yaml, "p.yaml");
+    } catch (const celer::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using Catch::Contains;
+  CHECK_THAT(error_of("faults: [{kind: drop, node: a, probability: 0.1, at: 1s, duration: 1s}]"), Contains("give node and peer"));
+  CHECK_THAT(error_of("faults: [{kind: drop, node: a, peer: a, probability: 0.1, at: 1s, duration: 1s}]"),
+             Contains("a link joins two nodes"));
+  CHECK_THAT(error_of("faults: [{kind: drop, node: a, peer: b, at: 1s, duration: 1s}]"), Contains("drop needs probability"));
+  CHECK_THAT(error_of("faults: [{kind: drop, node: a, peer: b, probability: 0, at: 1s, duration: 1s}]"),
+             Contains("probability: must be in (0, 1]"));
+  CHECK_THAT(error_of("faults: [{kind: drop, node: a, peer: b, probability: often, at: 1s, duration: 1s}]"),
+             Contains("probability: must be a number"));
+  CHECK_THAT(error_of("faults: [{kind: corrupt, node: a, peer: b, probability: 0.5, at: 1s}]"), Contains("corrupt needs duration"));
+  CHECK_THAT(error_of("faults: [{kind: delay, node: a, peer: b, probability: 0.5, at: 1s, duration: 1s}]"),
+             Contains("delay needs delay"));
+  CHECK_THAT(error_of("faults: [{kind: partition, node: a, at: 1s}]"), Contains("partition needs duration"));
+  CHECK_THAT(error_of("faults: [{kind: partition, node: a, peer: b, at: 1s, duration: 1s}]"), Contains("takes no peer or probability"));
+  CHECK_THAT(error_of("faults: [{kind: kill, role: shard, replica: r1, probability: 0.5, at: 1s}]"),
+             Contains("takes no peer or probability"));
+}
+
 TEST_CASE("chaos: a stream's repeats, skips and changed tokens against its reference", "[chaos]") {
   celer::chaos::StreamTrace t;
   t.add(0, {5, 6, 7});
