@@ -138,10 +138,12 @@ class LinkChaos {
         wake_.wait_until(lock, next);
         continue;
       }
-      std::function<void()> then = std::move(timers_.begin()->second);
-      timers_.erase(timers_.begin());
-      lock.unlock();
-      then();
+      {
+        std::function<void()> then = std::move(timers_.begin()->second);
+        timers_.erase(timers_.begin());
+        lock.unlock();
+        then();
+      }  // (what it held goes before the lock is taken again)
       lock.lock();
     }
   }

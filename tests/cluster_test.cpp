@@ -1152,14 +1152,7 @@ TEST_CASE("cluster: chaos: a node stopped from the chaos endpoint is declared do
   Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
   check_fault_loses_nothing(l, node_fault(ChaosFault::Kind::sigstop, "n2", 4000), "stopped the process of node n2 for 4000 ms");
   // It continues after 4 s, and is up again for the router.
-  bool back = false;
-  for (int i = 0; i < 100 && !back; ++i) {
-    const nlohmann::json s = status(l.ports[0]);
-    for (const auto& rep : s["replicas"])
-      if (rep["name"] == "r2" && rep["up"] == true) back = true;
-    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  CHECK(back);
+  CHECK(status_becomes(l.ports[0], [](const nlohmann::json& s) { return replica_up(s, "r2"); }, std::chrono::seconds(20)));
   l.process->stop(SIGTERM);
 }
 
@@ -1217,14 +1210,16 @@ TEST_CASE("cluster: chaos: a node partitioned at the wire layer is declared down
   Launched l = launch("cluster-3node-2replicas.yaml", with_chaos());
   check_fault_loses_nothing(l, node_fault(ChaosFault::Kind::partition, "n2", 4000), "partition of node n2 for 4000 ms");
   CHECK(front_chaos_frames(l, "dropped") > 0);
-  bool back = false;
-  for (int i = 0; i < 150 && !back; ++i) {
-    const nlohmann::json s = status(l.ports[0]);
-    for (const auto& rep : s["replicas"])
-      if (rep["name"] == "r2" && rep["up"] == true) back = true;
-    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  CHECK(back);
+  // Its replica, and the node itself, are up again for the router.
+  CHECK(status_becomes(
+      l.ports[0],
+      [](const nlohmann::json& s) {
+        bool node_up = false;
+        for (const auto& n : s["nodes"])
+          if (n["name"] == "n2") node_up = n["up"] == true;
+        return node_up && replica_up(s, "r2");
+      },
+      std::chrono::seconds(30)));
   l.process->stop(SIGTERM);
 }
 

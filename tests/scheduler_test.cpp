@@ -527,6 +527,16 @@ struct FakeMachine {
   }
 };
 
+// 16 sequences, `max_batch_tokens` a step, and an ITL objective of itl_ms for every class.
+SchedulerConfig slo_config(int32_t max_batch_tokens, int64_t itl_ms) {
+  SchedulerConfig c;
+  c.max_batch_size = 16;
+  c.max_batch_tokens = max_batch_tokens;
+  c.max_context = 4096;
+  for (Objective& o : c.slo) o.itl_ms = itl_ms;
+  return c;
+}
+
 GenerateRequest slo_request(RequestId id, int n_prompt, int max_tokens, Priority p = Priority::normal) {
   GenerateRequest r;
   r.id = id;
@@ -635,11 +645,7 @@ TEST_CASE("picked ITL objective: the smallest chunk that keeps 90% of the step t
 TEST_CASE("step budget: decoding streams keep within their ITL objective while long prompts arrive, and the prompts progress",
           "[slo]") {
   FakeMachine m;
-  SchedulerConfig c;
-  c.max_batch_size = 16;
-  c.max_batch_tokens = 512;
-  c.max_context = 4096;
-  for (Objective& o : c.slo) o.itl_ms = 60;  // the fixed budget's steps would take ~230 ms
+  SchedulerConfig c = slo_config(512, 60);  // the fixed budget's steps would take ~230 ms
   KvBlockManager blocks(2048, false);
   Scheduler s(c, blocks, nullptr);
   int64_t now_ms = 1'000'000;
@@ -689,11 +695,7 @@ TEST_CASE("step budget: decoding streams keep within their ITL objective while l
 TEST_CASE("step budget: on a machine where one step in four runs a third longer, nine in ten sized steps stay within the objective",
           "[slo]") {
   FakeMachine m;
-  SchedulerConfig c;
-  c.max_batch_size = 16;
-  c.max_batch_tokens = 512;
-  c.max_context = 4096;
-  for (Objective& o : c.slo) o.itl_ms = 60;
+  SchedulerConfig c = slo_config(512, 60);
   KvBlockManager blocks(2048, false);
   Scheduler s(c, blocks, nullptr);
   int64_t now_ms = 1'000'000;
@@ -730,11 +732,7 @@ TEST_CASE("step budget: on a machine where one step in four runs a third longer,
 TEST_CASE("step budget: after a window of decode-only steps, a long prompt's chunks grow back to the objective's size",
           "[slo]") {
   FakeMachine m;
-  SchedulerConfig c;
-  c.max_batch_size = 16;
-  c.max_batch_tokens = 1024;
-  c.max_context = 4096;
-  for (Objective& o : c.slo) o.itl_ms = 100;
+  SchedulerConfig c = slo_config(1024, 100);
   KvBlockManager blocks(2048, false);
   Scheduler s(c, blocks, nullptr);
   int64_t now_ms = 1'000'000;

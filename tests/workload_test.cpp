@@ -367,6 +367,20 @@ TEST_CASE("summary: latencies, throughput, hit rate, failures, per-turn TTFT", "
 
 // ---- celer chaos: the plan, and streams held against their reference ----
 
+namespace {
+
+// The error parse_plan gives for a plan, or "no error".
+std::string plan_error(const std::string& yaml) {
+  try {
+    celer::chaos::parse_plan(yaml, "p.yaml");
+  } catch (const celer::Error& e) {
+    return std::string(e.what());
+  }
+  return std::string("no error");
+}
+
+}  // namespace
+
 TEST_CASE("chaos plan: faults read in order of `at`, each kind's target checked", "[chaos]") {
   const auto plan = celer::chaos::parse_plan(R"(
 faults:
@@ -385,14 +399,7 @@ faults:
   CHECK(plan[2].target() == "node n2");
   CHECK(plan[2].fault.duration_ms == 2000);
 
-  auto error_of = [](const std::string& yaml) {
-    try {
-      celer::chaos::parse_plan(yaml, "p.yaml");
-    } catch (const celer::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto error_of = plan_error;
   using Catch::Contains;
   CHECK_THAT(error_of("faults: []"), Contains("at least one fault"));
   CHECK_THAT(error_of("fault: []"), Contains("fault: unknown key"));
@@ -435,14 +442,7 @@ faults:
   CHECK(plan[4].target() == "node n2");
   CHECK(plan[4].fault.duration_ms == 4000);
 
-  auto error_of = [](const std::string& yaml) {
-    try {
-      celer::chaos::parse_plan(yaml, "p.yaml");
-    } catch (const celer::Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  const auto error_of = plan_error;
   using Catch::Contains;
   CHECK_THAT(error_of("faults: [{kind: drop, node: a, probability: 0.1, at: 1s, duration: 1s}]"), Contains("give node and peer"));
   CHECK_THAT(error_of("faults: [{kind: drop, node: a, peer: a, probability: 0.1, at: 1s, duration: 1s}]"),
