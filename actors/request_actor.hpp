@@ -42,7 +42,7 @@ namespace celer {
 // cluster's entry, to take it at all) before it fails; and how often meanwhile it is routed
 // again (the message that carried it, or the one that says it was taken, may have been lost).
 constexpr auto kTakeoverTimeout = std::chrono::seconds(30);
-constexpr auto kTakeoverRetry = std::chrono::seconds(5);
+constexpr auto kTakeoverRetry = std::chrono::seconds(2);
 // How long a stream from a scheduler on another node may stay quiet before its scheduler is
 // asked how far it is (and how long the answer may take).
 constexpr auto kStreamCheck = std::chrono::seconds(2);
