@@ -40,7 +40,6 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
       case SchedulerEvent::Kind::token: {
         ++st.tokens_generated;
         if (st.cacheable.count(e.id)) st.produced[e.id].push_back(e.token);
-        st.next_index[e.id] = e.index + 1;
         TokenChunk chunk{e.id, e.index, {e.token}, {}, {}};
         if (e.has_logprob) chunk.logprobs.push_back(e.logprob);
         self->send(it->second, event_atom::value, encode(chunk));
@@ -57,14 +56,12 @@ void dispatch(Self* self, const std::vector<SchedulerEvent>& events) {
         st.produced.erase(e.id);
         self->send(it->second, event_atom::value, encode(e.finished));
         st.requests.erase(it);
-        st.next_index.erase(e.id);
         break;
       case SchedulerEvent::Kind::error:
         st.cacheable.erase(e.id);
         st.produced.erase(e.id);
         self->send(it->second, event_atom::value, encode(e.error));
         st.requests.erase(it);
-        st.next_index.erase(e.id);
         break;
     }
   }
@@ -730,8 +727,8 @@ SchedulerActor::behavior_type scheduler_actor(Self* self, ReplicaSetup setup, Su
         auto it = self->state.requests.find(id);
         if (it == self->state.requests.end() || it->second.address() != caf::actor_cast<caf::actor_addr>(self->current_sender()))
           return -1;
-        auto next = self->state.next_index.find(id);
-        return next == self->state.next_index.end() ? 0 : next->second;
+        // (One being looked up in the response cache, or streamed from it, has none here yet.)
+        return self->state.scheduler->generated_tokens(id).value_or(0);
       },
       [=](kick_atom) { run_step(self); },
       [=](report_atom) {

@@ -103,7 +103,6 @@ struct SchedulerActorState {
   bool report_scheduled = false;
   std::shared_ptr<std::vector<ShardActor>> shard_for_exit = std::make_shared<std::vector<ShardActor>>();  // stopped with the scheduler
   std::unordered_map<RequestId, RequestActor> requests;
-  std::unordered_map<RequestId, int32_t> next_index;  // of the requests here: after the last token sent
   std::unordered_map<RequestId, GenerateRequest> cacheable;  // requests whose answer goes to the response cache
   std::unordered_map<RequestId, std::vector<TokenId>> produced;
   // Requests whose response-cache lookup is on its way, and whether a cancel came meanwhile.

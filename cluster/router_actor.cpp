@@ -1,7 +1,6 @@
 #include "cluster/router_actor.hpp"
 
 #include <algorithm>
-#include <functional>
 #include <memory>
 #include <optional>
 
@@ -111,6 +110,29 @@ std::string status_json(Self* self) {
     j["replicas"].push_back(r);
   }
   return j.dump();
+}
+
+// Carries out a wire fault (the chaos handler) at `nodes[i..]` in turn, each once the one
+// before has answered; delivers the first refusal or failure, else what node `named` did.
+void fault_in_turn(Self* self, caf::typed_response_promise<WireMessage> rp, const WireMessage& wm,
+                   std::shared_ptr<const std::vector<std::pair<std::string, NodeActor>>> nodes, size_t i,
+                   const std::string& named, std::optional<WireMessage> done) {
+  const std::string name = (*nodes)[i].first;
+  self->request((*nodes)[i].second, std::chrono::seconds(5), chaos_atom::value, wm)
+      .then(
+          [=](const WireMessage& reply) mutable {
+            DecodeResult r = decode(reply);
+            if (!r.message || !std::holds_alternative<ChaosReply>(*r.message)) {
+              rp.deliver(reply);
+              return;
+            }
+            if (name == named || !done) done = reply;
+            if (i + 1 < nodes->size()) fault_in_turn(self, rp, wm, nodes, i + 1, named, done);
+            else rp.deliver(*done);
+          },
+          [=](caf::error& e) mutable {
+            rp.deliver(encode(ErrorReply{0, ErrorKind::unavailable, "chaos: node " + name + " did not answer: " + to_string(e)}));
+          });
 }
 
 }  // namespace
@@ -264,67 +286,30 @@ RouterActor::behavior_type router_actor(Self* self, RouterSetup setup) {
         };
         auto failed = [=](caf::error& e) mutable { rp.deliver(std::move(e)); };
         if (f.on_wire()) {
-          // Carried out at both ends of the link, or (a partition) at every node: each drops,
-          // holds or changes what it receives from the other. Every node named must be up.
+          // Carried out at both ends of the link, or (a partition) at every node that is up (one
+          // that is down is cut off already): each drops, holds or changes what it receives from
+          // the other. The nodes it names must be up.
           auto up = [&](const std::string& name) {
             auto it = st.nodes.find(name);
             return it != st.nodes.end() && it->second.actor && it->second.up;
           };
-          std::vector<std::string> at;
-          if (f.on_link()) at = {f.node, f.peer};
-          else
-            for (const auto& [name, node] : st.nodes)
-              if (name == f.node || up(name)) at.push_back(name);  // (a node that is down is cut off already)
-          for (const std::string& name : at)
+          std::vector<std::string> named{f.node};
+          if (f.on_link()) named.push_back(f.peer);
+          for (const std::string& name : named)
             if (!up(name)) {
               rp.deliver(refuse("no node named '" + name + "' is up"));
               return rp;
             }
-          if (at.empty()) {
-            rp.deliver(refuse("no node named '" + f.node + "' is up"));
-            return rp;
-          }
+          auto at = std::make_shared<std::vector<std::pair<std::string, NodeActor>>>();
+          for (const auto& [name, node] : st.nodes)
+            if (f.on_link() ? name == f.node || name == f.peer : up(name)) at->emplace_back(name, node.actor);
           // One node after another, this node's last and (a partition) the node cut off first:
-          // each answer must come back before a node that would drop it has the fault. The reply
-          // is the first error, or what the named node did.
-          std::stable_sort(at.begin(), at.end(), [&](const std::string& a, const std::string& b) {
-            auto rank = [&](const std::string& n) { return st.nodes.at(n).actor.node() == self->node() ? 2 : n == f.node ? 0 : 1; };
+          // each answer must come back before a node that would drop it has the fault.
+          std::stable_sort(at->begin(), at->end(), [&](const auto& a, const auto& b) {
+            auto rank = [&](const auto& n) { return n.second.node() == self->node() ? 2 : n.first == f.node ? 0 : 1; };
             return rank(a) < rank(b);
           });
-          struct Chain {
-            std::vector<std::pair<std::string, NodeActor>> left;
-            std::optional<WireMessage> done;
-          };
-          auto chain = std::make_shared<Chain>();
-          for (const std::string& name : at) chain->left.emplace_back(name, st.nodes.at(name).actor);
-          std::reverse(chain->left.begin(), chain->left.end());  // taken from the back
-          auto next = std::make_shared<std::function<void()>>();
-          *next = [=]() mutable {
-            const auto [name, actor] = chain->left.back();
-            chain->left.pop_back();
-            self->request(actor, std::chrono::seconds(5), chaos_atom::value, wm)
-                .then(
-                    [=](const WireMessage& reply) mutable {
-                      DecodeResult r = decode(reply);
-                      if (!r.message || !std::holds_alternative<ChaosReply>(*r.message)) {
-                        rp.deliver(reply);
-                        *next = nullptr;
-                        return;
-                      }
-                      if (name == f.node || !chain->done) chain->done = reply;
-                      if (!chain->left.empty()) {
-                        (*next)();
-                        return;
-                      }
-                      rp.deliver(*chain->done);
-                      *next = nullptr;  // (the function holds itself)
-                    },
-                    [=](caf::error& e) mutable {
-                      rp.deliver(encode(ErrorReply{0, ErrorKind::unavailable, "chaos: node " + name + " did not answer: " + to_string(e)}));
-                      *next = nullptr;
-                    });
-          };
-          (*next)();
+          fault_in_turn(self, rp, wm, at, 0, f.node, std::nullopt);
           return rp;
         }
         if (f.kind == ChaosFault::Kind::sigkill || f.kind == ChaosFault::Kind::sigstop) {

@@ -35,6 +35,12 @@ int32_t Scheduler::n_waiting() const {
   return n;
 }
 
+std::optional<int32_t> Scheduler::generated_tokens(RequestId id) const {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return std::nullopt;
+  return static_cast<int32_t>(it->second.tokens.size()) - it->second.n_prompt;
+}
+
 int64_t Scheduler::outstanding_tokens() const {
   int64_t n = 0;
   for (const auto& [id, s] : seqs_) {

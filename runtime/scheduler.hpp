@@ -136,6 +136,9 @@ class Scheduler {
   // The work still ahead, in tokens: prompt positions not yet computed plus tokens still to
   // generate (up to max_tokens), over every request. What load-aware routing compares.
   int64_t outstanding_tokens() const;
+  // The tokens a request held here has generated (each was an event), or nullopt when none of
+  // that id is held.
+  std::optional<int32_t> generated_tokens(RequestId id) const;
   uint64_t n_local_plans() const { return local_plans_; }  // steps planned without the cache
   // Counts reset_kv() calls: a plan asked for before a reset must not be applied after it.
   uint64_t kv_epoch() const { return kv_epoch_; }

@@ -1098,6 +1098,8 @@ TEST_CASE("cluster: chaos: a target that does not exist is named in the refusal"
   CHECK_THAT(refused(fault(ChaosFault::Kind::hang, "scheduler", "r1", 100)), Catch::Contains("can only be killed"));
   CHECK_THAT(refused(fault(ChaosFault::Kind::kill, "router", "r1")), Catch::Contains("no role 'router'"));
   CHECK_THAT(refused(node_fault(ChaosFault::Kind::sigkill, "n7")), Catch::Contains("no node named 'n7'"));
+  CHECK_THAT(refused(node_fault(ChaosFault::Kind::partition, "n7", 1000)), Catch::Contains("no node named 'n7'"));
+  CHECK_THAT(refused(link_fault(ChaosFault::Kind::drop, "front", "n7", 0.5, 1000)), Catch::Contains("no node named 'n7'"));
   l.process->stop(SIGTERM);
 }
 
