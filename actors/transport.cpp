@@ -328,7 +328,10 @@ class GuardedScribe final : public io::scribe {
         awaiting_preamble_(accepting),
         peer_(std::move(peer)) {}
 
-  ~GuardedScribe() override { release(); }
+  ~GuardedScribe() override {
+    release();
+    drop_held();
+  }
 
   void configure_read(io::receive_policy::config config) override {
     // While frames that a fault held or copied are handed to BASP, the socket's reads stay as
@@ -404,6 +407,7 @@ class GuardedScribe final : public io::scribe {
         // Held, and everything behind it on this connection, in order.
         auto due = std::chrono::steady_clock::now() + delay;
         if (!held_.empty()) due = std::max(due, held_.back().due);
+        if (!hold(n)) return true;
         held_.push_back(HeldFrame{std::vector<char>(bytes, bytes + n), len == 0, fate_ == Fate::duplicate, due});
         if (fate_ == Fate::delay) ++guard_->chaos.delayed;
         if (fate_ == Fate::duplicate) ++guard_->chaos.duplicated;
@@ -416,13 +420,19 @@ class GuardedScribe final : public io::scribe {
     } else {
       awaiting_payload_ = false;
       if (!held_.empty() && !held_.back().complete) {
+        const bool large = end_own_payload();
+        if (!hold(n)) return true;
         held_.back().bytes.insert(held_.back().bytes.end(), bytes, bytes + n);
         held_.back().complete = true;
+        if (large) std::vector<char>().swap(stream_.rd_buf());
         read_own(0);
         deliver_due(ctx);
         return true;
       }
-      if (fate_ == Fate::drop) return read_own(0);
+      if (fate_ == Fate::drop) {
+        if (end_own_payload()) std::vector<char>().swap(stream_.rd_buf());
+        return read_own(0);
+      }
       if (fate_ == Fate::corrupt) {
         // One byte of the message's data changed (a Cap'n Proto message or its checksum, which
         // schema/codec.hpp refuses; a partial sum, which the all-reduce refuses; an id or a
@@ -496,15 +506,49 @@ class GuardedScribe final : public io::scribe {
     reserved_ = 0;
   }
 
-  // The next read of a frame BASP is not told about: its payload of len bytes, or (0) the next
-  // header. Not budgeted (only wire-layer faults read this way), but never over the limit.
+  // The connection ends: what a delay held is not delivered, and its budget is given back.
+  void drop_held() {
+    if (held_bytes_ > 0) guard_->release(held_bytes_);
+    held_bytes_ = 0;
+    held_.clear();
+  }
+
+  // Frames a delay holds count against max_buffered_bytes like large payloads: past it the
+  // connection is closed (over_budget), as it would be for a peer that never finishes one.
+  bool hold(uint64_t n) {
+    if (!guard_->reserve(n)) {
+      refuse(guard_->over_budget);
+      return false;
+    }
+    held_bytes_ += n;
+    return true;
+  }
+
+  // The next read of a frame BASP is not told about (a wire fault drops or holds it): its
+  // payload of len bytes, or (0) the next header. Checked and budgeted as configure_read does
+  // BASP's reads.
   bool read_own(uint64_t len) {
     if (len > guard_->limits.max_message_bytes) {
       refuse(guard_->oversized);
       return true;
     }
+    if (len > kUnbudgeted) {
+      if (!guard_->reserve(len)) {
+        refuse(guard_->over_budget);
+        return true;
+      }
+      reserved_ += len;
+    }
     stream_.configure_read(io::receive_policy::exactly(len > 0 ? len : io::basp::header_size));
     return true;
+  }
+
+  // A payload read by read_own has arrived: its budget is given back. True when it was a large
+  // one, whose buffer the caller frees once it is done with the bytes.
+  bool end_own_payload() {
+    const bool large = reserved_ > 0;
+    release();
+    return large;
   }
 
   // Hands BASP one whole frame (header and payload) that is not what the socket just read,
@@ -532,6 +576,8 @@ class GuardedScribe final : public io::scribe {
     while (!held_.empty() && held_.front().complete && held_.front().due <= now && !detached()) {
       HeldFrame f = std::move(held_.front());
       held_.pop_front();
+      guard_->release(f.bytes.size());
+      held_bytes_ -= f.bytes.size();
       replay(ctx, f.bytes);
       if (f.twice) replay(ctx, f.bytes);
     }
@@ -557,6 +603,7 @@ class GuardedScribe final : public io::scribe {
     ++counter;
     refused_ = true;
     release();
+    drop_held();
     read_next(io::receive_policy::at_most(1024));
     ::shutdown(stream_.fd(), SHUT_RDWR);
     caf::intrusive_ptr<GuardedScribe> self{this};
@@ -590,6 +637,7 @@ class GuardedScribe final : public io::scribe {
     std::chrono::steady_clock::time_point due;
   };
   std::deque<HeldFrame> held_;
+  uint64_t held_bytes_ = 0;  // of held_, taken from the shared budget
   bool replaying_ = false;
   bool timer_set_ = false;
 };
